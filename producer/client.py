@@ -1,0 +1,156 @@
+"""``EmbeddingClient``: texts in, vectors out, through the cache first and the queue second."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from celery import Celery
+
+from producer import keys
+from producer.backend import backend_errors, connect
+from producer.codec import truncate
+from producer.contract import TASK_EMBED, make_celery, make_payload
+from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
+from producer.inflight import MissResolver
+from producer.settings import Settings
+from producer.validation import validate_options, validate_texts
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingClient:
+    """Embeds texts with one model through embq's cache and workers; safe to share across threads.
+
+    ``redis_url`` serves as broker and cache unless ``broker_url``/``cache_url``
+    say otherwise; when it is None, the ``EMBQ_*`` environment decides.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        model: str | None = None,
+        broker_url: str | None = None,
+        cache_url: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        base = settings or Settings.from_env()
+        if redis_url is not None:
+            base = base.with_overrides(redis_url=redis_url, broker_url="", cache_url="")
+        self.settings = base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
+        self.model = self.settings.model
+        self.queue = keys.queue_name(self.model)
+        self._cache = connect(self.settings.cache)
+        self._celery: Celery | None = None
+        self._lock = threading.Lock()
+
+    def embed(
+        self,
+        texts: Any,
+        *,
+        dim: int | None = None,
+        instruction: str = "",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
+
+        ``dim`` serves a Matryoshka prefix of the stored full vector, re-normalised.
+        ``instruction`` is the model's query instruction; it is part of the cache key.
+        ``timeout`` (seconds) bounds the wait for workers; None waits as long as
+        the work is alive (claims are renewed, lost ones are taken over).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        settings = self.settings
+        items = validate_texts(texts, settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, settings.max_text_bytes)
+        digests = [
+            keys.text_digest(self.model, settings.cache_namespace, instruction, text) for text in items
+        ]
+        unique = dict(zip(digests, items))
+        with backend_errors("cache", settings.cache):
+            resolver = MissResolver(
+                self._cache, unique, lambda ds: self._send(instruction, [unique[d] for d in ds]),
+                settings.lease_seconds, self.queue,
+            )
+            with backend_errors("broker", settings.broker):
+                resolver.run(deadline)
+        if resolver.pending:
+            missing = sum(1 for d in digests if d in resolver.pending)
+            raise EmbqTimeoutError(
+                f"{missing} of {len(items)} texts still missing after {timeout}s; "
+                f"are workers consuming queue {self.queue!r}? Their work is not lost: "
+                f"a later call collects what they finish.",
+                missing=missing,
+                total=len(items),
+            )
+        return self._assemble(digests, resolver, dim)
+
+    def _assemble(self, digests: list[str], resolver: MissResolver, dim: int | None) -> np.ndarray:
+        full = next((v.shape[0] for v in resolver.vectors.values()), 0)
+        if dim is not None and full and dim > full:
+            raise InvalidInputError(f"dim={dim} exceeds the model's dimension {full} ({self.model})")
+        matrix = np.full((len(digests), full), np.nan, dtype=np.float32)
+        failures: dict[int, str] = {}
+        for row, d in enumerate(digests):
+            vector = resolver.vectors.get(d)
+            if vector is not None:
+                matrix[row] = vector
+            else:
+                failures[row] = resolver.failures.get(d, "no vector")
+        result = truncate(matrix, dim) if full else matrix.reshape(len(digests), dim or 0)
+        if failures:
+            first = min(failures)
+            raise ItemFailedError(
+                f"{len(failures)} of {len(digests)} texts failed; item {first}: {failures[first]}. "
+                "The other rows are in .vectors and cached.",
+                failures,
+                result,
+            )
+        return result
+
+    def _send(self, instruction: str, texts: list[str]) -> None:
+        """Enqueue texts as tasks bounded by the task text and character budgets."""
+        app = self._app()
+        batches: list[list[str]] = []
+        current: list[str] = []
+        chars = 0
+        for text in texts:
+            if current and (len(current) >= self.settings.task_max_texts or chars + len(text) > self.settings.task_max_chars):
+                batches.append(current)
+                current, chars = [], 0
+            current.append(text)
+            chars += len(text)
+        if current:
+            batches.append(current)
+        with app.producer_or_acquire() as producer:
+            for batch in batches:
+                app.send_task(
+                    TASK_EMBED,
+                    args=[make_payload(self.settings, instruction, batch)],
+                    queue=self.queue,
+                    producer=producer,
+                )
+        log.debug("sent %d texts in %d tasks to %s", len(texts), len(batches), self.queue)
+
+    def _app(self) -> Celery:
+        with self._lock:
+            if self._celery is None:
+                self._celery = make_celery(self.settings)
+            return self._celery
+
+    def close(self) -> None:
+        """Release connections; the client must not be used afterwards."""
+        self._cache.close()
+        if self._celery is not None:
+            self._celery.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,96 @@
+"""Cache values: a tiny header and the raw vector, never pickle.
+
+Layout (little-endian): ``b"EQ"``, version byte, dtype code byte, ``uint32`` dim,
+then ``dim`` floats. The header makes a value self-describing, so a reader can
+reject a value of the wrong size or kind without knowing the model; anything
+that does not check out reads as a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"EQ"
+VERSION = 1
+HEADER = struct.Struct("<2sBBI")
+DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
+DTYPE_CODES: dict[str, int] = {"float32": 1, "float16": 2}
+
+
+def pack(vector: np.ndarray, dtype: str = "float32") -> bytes:
+    """Encode one full-dimension vector; ``float16`` halves the memory at ~1e-3 precision."""
+    code = DTYPE_CODES[dtype]
+    flat = np.ascontiguousarray(vector, dtype=DTYPES[code]).reshape(-1)
+    return HEADER.pack(MAGIC, VERSION, code, flat.shape[0]) + flat.tobytes()
+
+
+def header_of(value: bytes) -> tuple[int, int] | None:
+    """``(dtype code, dim)`` if ``value`` is a well-formed cache value, else None."""
+    if len(value) < HEADER.size:
+        return None
+    magic, version, code, dim = HEADER.unpack_from(value)
+    dtype = DTYPES.get(code)
+    if magic != MAGIC or version != VERSION or dtype is None or dim == 0:
+        return None
+    if len(value) != HEADER.size + dim * dtype.itemsize:
+        return None
+    return code, dim
+
+
+def unpack(value: bytes | None) -> np.ndarray | None:
+    """One value to a float32 vector; None for a miss or an invalid value."""
+    matrix, valid = unpack_many([value])
+    return matrix[0] if valid[0] else None
+
+
+def unpack_many(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode many values at once: ``(float32 matrix, valid mask)``.
+
+    Rows whose value is missing, malformed, of a dimension other than the
+    majority's, or not finite are invalid (zeros in the matrix). Values of one
+    layout are decoded with a single ``frombuffer`` over their concatenation.
+    """
+    headers = [header_of(v) if v is not None else None for v in values]
+    dims = Counter(h[1] for h in headers if h is not None)
+    valid = np.zeros(len(values), dtype=bool)
+    if not dims:
+        _log_invalid(values, headers, valid)
+        return np.zeros((len(values), 0), dtype=np.float32), valid
+    dim = dims.most_common(1)[0][0]
+    matrix = np.zeros((len(values), dim), dtype=np.float32)
+    for code, dtype in DTYPES.items():
+        rows = [i for i, h in enumerate(headers) if h == (code, dim)]
+        if not rows:
+            continue
+        width = (HEADER.size + dim * dtype.itemsize) // dtype.itemsize
+        skip = HEADER.size // dtype.itemsize
+        flat = np.frombuffer(b"".join(values[i] for i in rows), dtype=dtype)  # type: ignore[misc]
+        matrix[rows] = flat.reshape(len(rows), width)[:, skip:]
+        valid[rows] = True
+    finite = np.isfinite(matrix).all(axis=1)
+    valid &= finite
+    _log_invalid(values, headers, valid)
+    return matrix, valid
+
+
+def _log_invalid(values: Sequence[bytes | None], headers: list, valid: np.ndarray) -> None:
+    bad = sum(1 for v, ok in zip(values, valid) if v is not None and not ok)
+    if bad:
+        log.warning("ignored %d invalid cache value(s) (wrong size, layout or non-finite); they will be recomputed", bad)
+
+
+def truncate(matrix: np.ndarray, dim: int | None) -> np.ndarray:
+    """Matryoshka read: keep the first ``dim`` components and L2-normalise again."""
+    if dim is None or dim == matrix.shape[1]:
+        return matrix
+    head = np.array(matrix[:, :dim], dtype=np.float32)
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    np.divide(head, norms, out=head, where=norms > 0)
+    return head

@@ -1,0 +1,87 @@
+"""What travels between producers and workers: the Celery app settings, task name and payload."""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import msgpack
+from celery import Celery
+
+from producer.keys import queue_name
+from producer.settings import Settings
+
+#: The one task embq sends: embed a batch of texts into the cache.
+TASK_EMBED = "embq.embed"
+#: Bumped when the payload changes shape; workers refuse versions they do not know.
+PAYLOAD_VERSION = 1
+
+
+class EmbedPayload(TypedDict):
+    """The single argument of ``TASK_EMBED``: plain msgpack-able data, never objects."""
+
+    v: int
+    model: str
+    namespace: str
+    instruction: str
+    texts: list[str]
+
+
+def make_payload(settings: Settings, instruction: str, texts: list[str]) -> EmbedPayload:
+    return {
+        "v": PAYLOAD_VERSION,
+        "model": settings.model,
+        "namespace": settings.cache_namespace,
+        "instruction": instruction,
+        "texts": texts,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings both sides must share; the worker adds its own on top."""
+    transport = {
+        # Unacknowledged late-ack messages come back after this long: it must
+        # exceed the longest batch, and be the same wherever Celery reads it.
+        "visibility_timeout": settings.visibility_timeout,
+    }
+    return {
+        "broker_url": settings.broker,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        # No pickle anywhere: a pickled message is refused, not executed.
+        "task_serializer": "msgpack",
+        "accept_content": ["msgpack", "json"],
+        "result_accept_content": ["msgpack", "json"],
+        "event_serializer": "json",
+        # Vectors travel through the cache, not through Celery results.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # At-least-once: ack after the vectors are written; a worker that dies
+        # mid-batch leaves its messages to be redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Small prefetch keeps the queue length true for autoscalers (KEDA
+        # counts only messages nobody has prefetched).
+        "worker_prefetch_multiplier": 1,
+        # Task events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": queue_name(settings.model),
+        "task_routes": {TASK_EMBED: {"queue": queue_name(settings.model)}},
+    }
+
+
+def make_celery(settings: Settings, main: str = "embq") -> Celery:
+    """A Celery app configured for ``settings.model``; it does not connect until used."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def pack_notice(done: list[str], failed: dict[str, str]) -> bytes:
+    """What a worker pushes to a waiting producer's reply list: digests done and failed."""
+    return msgpack.packb({"done": done, "failed": failed}, use_bin_type=True)
+
+
+def unpack_notice(raw: bytes) -> tuple[list[str], dict[str, str]]:
+    notice = msgpack.unpackb(raw, raw=False)
+    return list(notice.get("done", ())), dict(notice.get("failed", {}))

@@ -1,0 +1,219 @@
+"""Turning cache misses into vectors without computing any text twice.
+
+For each missing text a producer (1) registers as a watcher, (2) claims an
+in-flight marker with ``SET NX`` and a lease, (3) reads the cache again, then
+sends only the texts it claimed and are still missing. Texts claimed by someone
+else are waited for. Workers write the vector *before* they clear the marker and
+read the watchers in one transaction, so a watcher either gets a notice or finds
+the vector on its second read: no wakeup is lost, and no producer polls.
+
+The claimer renews its leases while it waits; if it dies, its markers expire and
+the producers still waiting take the texts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import redis
+
+from producer import keys
+from producer.codec import unpack_many
+from producer.contract import unpack_notice
+
+log = logging.getLogger(__name__)
+
+#: Keys per pipeline or script call, to bound the size of one Redis round trip.
+CHUNK = 2000
+#: How often a producer that waits with no progress says so in the log.
+STALL_LOG_SECONDS = 60.0
+#: A text whose vector vanishes right after its notice is retried this often.
+MAX_ATTEMPTS = 3
+
+RENEW_SCRIPT = """
+-- KEYS: in-flight markers; ARGV[1]: the claim token, ARGV[2]: lease in ms.
+-- Renews only the markers this producer still owns.
+local renewed = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+
+def chunks(items: list[str], size: int = CHUNK) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class MissResolver:
+    """Gets the vectors of one call's cache misses; one instance per call."""
+
+    def __init__(
+        self,
+        cache: redis.Redis,
+        texts: dict[str, str],
+        send: Callable[[list[str]], None],
+        lease_seconds: float,
+        queue: str,
+    ) -> None:
+        self.cache = cache
+        self.texts = texts  # digest -> text, for every miss of the call
+        self.send = send  # sends texts (by digest) to the workers
+        self.lease_ms = max(1, int(lease_seconds * 1000))
+        self.tick = lease_seconds / 4
+        self.queue = queue
+        self.token = uuid.uuid4().hex
+        self.reply = keys.reply_key(self.token)
+        self.pending: set[str] = set(texts)
+        self.ours: set[str] = set()
+        self.attempts: dict[str, int] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        self.failures: dict[str, str] = {}
+        self._renew = cache.register_script(RENEW_SCRIPT)
+
+    def run(self, deadline: float | None) -> None:
+        """Resolve until nothing is pending or ``deadline`` (monotonic) passes."""
+        try:
+            self._take(list(self.texts))
+            last_progress = last_tick = time.monotonic()
+            while self.pending:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return
+                wait = self.tick - (now - last_tick)
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                before = len(self.pending)
+                if wait > 0:
+                    self._receive(wait)
+                if time.monotonic() - last_tick >= self.tick:
+                    self._on_tick()
+                    last_tick = time.monotonic()
+                if len(self.pending) < before:
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress >= STALL_LOG_SECONDS:
+                    log.warning(
+                        "%d texts still pending with no progress for %.0fs: is a worker consuming queue %r?",
+                        len(self.pending), time.monotonic() - last_progress, self.queue,
+                    )
+                    last_progress = time.monotonic()
+        finally:
+            self.cache.delete(self.reply)
+
+    def _take(self, digests: list[str]) -> None:
+        """Watch, claim, read again, and send what this producer now owns."""
+        watch_ttl = 2 * self.lease_ms
+        claimed: list[str] = []
+        for part in chunks(digests):
+            pipe = self.cache.pipeline(transaction=False)
+            for d in part:
+                pipe.sadd(keys.watch_key(d), self.reply)
+                pipe.pexpire(keys.watch_key(d), watch_ttl)
+            for d in part:
+                pipe.set(keys.inflight_key(d), self.token, nx=True, px=self.lease_ms)
+            replies = pipe.execute()[2 * len(part) :]
+            claimed += [d for d, ok in zip(part, replies) if ok]
+        self.ours.update(claimed)
+        found = self._read(digests)
+        if found & set(claimed):
+            self._release(sorted(found & set(claimed)))
+        to_send = [d for d in claimed if d in self.pending]
+        for d in to_send:
+            self.attempts[d] = self.attempts.get(d, 0) + 1
+        if to_send:
+            self.send(to_send)
+
+    def _read(self, digests: list[str]) -> set[str]:
+        """Read vectors from the cache; those found are resolved. Returns the found digests."""
+        found: set[str] = set()
+        for part in chunks(digests):
+            values = self.cache.mget([keys.vector_key(d) for d in part])
+            matrix, valid = unpack_many(values)
+            for d, row, ok in zip(part, matrix, valid):
+                if ok and d in self.pending:
+                    self.vectors[d] = row
+                    self.pending.discard(d)
+                    found.add(d)
+        return found
+
+    def _release(self, digests: list[str]) -> None:
+        self.cache.delete(*(keys.inflight_key(d) for d in digests))
+        self.ours.difference_update(digests)
+
+    def _receive(self, wait: float) -> None:
+        """Block for the next notice, then drain whatever else has arrived."""
+        first = self.cache.blpop([self.reply], timeout=wait)
+        if first is not None:
+            self._handle([first[1]])
+
+    def _drain(self) -> None:
+        """Handle the notices already waiting, without blocking."""
+        self._handle([])
+
+    def _handle(self, raw: list[bytes]) -> None:
+        while True:
+            more = self.cache.lpop(self.reply, 256)
+            if not more:
+                break
+            raw.extend(more)
+        done: list[str] = []
+        for item in raw:
+            ok, failed = unpack_notice(item)
+            done.extend(d for d in ok if d in self.pending)
+            for d, reason in failed.items():
+                if d in self.pending:
+                    self.failures[d] = reason
+                    self.pending.discard(d)
+        if not done:
+            return
+        found = self._read(done)
+        vanished = [d for d in done if d not in found and d in self.pending]
+        if vanished:
+            self._retry(vanished, "its vector was not in the cache after the worker wrote it")
+
+    def _retry(self, digests: list[str], why: str) -> None:
+        retry = []
+        for d in digests:
+            if self.attempts.get(d, 0) >= MAX_ATTEMPTS:
+                self.failures[d] = f"gave up after {MAX_ATTEMPTS} attempts: {why} (is the cache Redis out of memory?)"
+                self.pending.discard(d)
+            else:
+                retry.append(d)
+        if retry:
+            log.warning("retrying %d texts: %s", len(retry), why)
+            self.ours.difference_update(retry)
+            self._take(retry)
+
+    def _on_tick(self) -> None:
+        """Renew what we hold, keep our watches alive, take over texts whose claimer vanished."""
+        ours = [d for d in self.ours if d in self.pending]
+        for part in chunks(ours):
+            self._renew(keys=[keys.inflight_key(d) for d in part], args=[self.token, self.lease_ms])
+        pending = list(self.pending)
+        for part in chunks(pending):
+            pipe = self.cache.pipeline(transaction=False)
+            for d in part:
+                pipe.pexpire(keys.watch_key(d), 2 * self.lease_ms)
+            pipe.execute()
+        self.cache.pexpire(self.reply, 2 * self.lease_ms)
+        theirs = [d for d in pending if d not in self.ours]
+        orphaned: list[str] = []
+        for part in chunks(theirs):
+            pipe = self.cache.pipeline(transaction=False)
+            for d in part:
+                pipe.exists(keys.inflight_key(d))
+            orphaned += [d for d, exists in zip(part, pipe.execute()) if not exists]
+        if orphaned:
+            self._drain()  # a notice may explain why the marker is gone
+            orphaned = [d for d in orphaned if d in self.pending]
+        if orphaned:
+            log.info("taking over %d texts whose claim expired", len(orphaned))
+            self._take(orphaned)

@@ -1,0 +1,74 @@
+"""Every Redis key embq touches, built by pure functions. Producers and workers import this module.
+
+=========================  ==========  ===================  =====================  ======================
+key                        type        TTL                  written by             read by
+=========================  ==========  ===================  =====================  ======================
+``embq:v:{digest}``        string      ``cache_ttl``        worker (SET EX)        producers (MGET)
+``embq:inflight:{digest}`` string      ``lease_seconds``,   producer that claims   producers (SET NX);
+                                       renewed by it        it (SET NX PX)         worker DELs it
+``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (SMEMBERS, DEL)
+                                                            the text (SADD)
+``embq:reply:{call_id}``   list        2 x lease, renewed   worker (RPUSH notices) its producer (BLPOP)
+``embq:stats:{model}``     hash        7 days, renewed      worker (HINCRBY)       ``embq status``, tests
+``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
+=========================  ==========  ===================  =====================  ======================
+
+``digest`` is the hex blake2b-256 of everything that changes a vector: model id,
+cache namespace, instruction and the exact text, each length-prefixed so that no
+two different tuples frame to the same bytes. Nothing is stripped or
+lower-cased: "a b" and "a  b" are different texts with different vectors.
+
+The cache keys live in the cache Redis; the queue list lives in the broker
+Redis. Only cache-side keys carry a TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+PREFIX = "embq"
+VECTOR = f"{PREFIX}:v:"
+INFLIGHT = f"{PREFIX}:inflight:"
+WATCH = f"{PREFIX}:watch:"
+REPLY = f"{PREFIX}:reply:"
+STATS = f"{PREFIX}:stats:"
+QUEUE_PREFIX = f"{PREFIX}."
+
+#: Seconds the worker's statistics hash lives after its last update.
+STATS_TTL = 7 * 24 * 3600
+
+
+def text_digest(model: str, namespace: str, instruction: str, text: str) -> str:
+    """Hex digest identifying one vector. ``text`` must already be valid UTF-8."""
+    h = hashlib.blake2b(digest_size=32, person=b"embq-key-v1")
+    for part in (model, namespace, instruction, text):
+        data = part.encode("utf-8")
+        h.update(struct.pack("<Q", len(data)))
+        h.update(data)
+    return h.hexdigest()
+
+
+def vector_key(digest: str) -> str:
+    return VECTOR + digest
+
+
+def inflight_key(digest: str) -> str:
+    return INFLIGHT + digest
+
+
+def watch_key(digest: str) -> str:
+    return WATCH + digest
+
+
+def reply_key(call_id: str) -> str:
+    return REPLY + call_id
+
+
+def stats_key(model: str) -> str:
+    return STATS + model
+
+
+def queue_name(model: str) -> str:
+    """One Celery queue (one Redis list) per model, so workers never take another model's work."""
+    return QUEUE_PREFIX + model

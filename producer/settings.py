@@ -1,0 +1,116 @@
+"""Settings both sides share, read from the environment once, at the edge.
+
+Every knob is here with its default and how to tune it, so a user can read the
+whole configuration in one place. Library code receives a ``Settings`` object
+and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
+
+from producer.errors import ConfigurationError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What producers and workers must agree on."""
+
+    #: One Redis for broker and cache; ``broker_url``/``cache_url`` override it.
+    redis_url: str = DEFAULT_REDIS_URL
+    #: Broker Redis. In production: ``noeviction``, persistence on.
+    broker_url: str | None = None
+    #: Cache Redis. In production: an LRU policy with a memory cap.
+    cache_url: str | None = None
+    #: Model id; it names the queue and enters every cache key.
+    model: str = DEFAULT_MODEL
+    #: Seconds a vector stays cached. Longer saves GPU time, costs Redis memory.
+    cache_ttl: int = 30 * 24 * 3600
+    #: Enters every cache key: change it to invalidate the whole cache at once.
+    cache_namespace: str = "v1"
+    #: Seconds before an unacknowledged batch of a dead worker is redelivered.
+    #: Must exceed the longest batch a worker can take, or live batches are
+    #: delivered twice.
+    visibility_timeout: int = 3600
+    #: Seconds an in-flight marker lives without renewal. The producer that
+    #: claimed a text renews it while it waits; if that producer dies, others
+    #: take the text over after at most this long.
+    lease_seconds: float = 60.0
+    #: Largest accepted text, in UTF-8 bytes. Far above any model context;
+    #: it only stops accidents (a whole file passed as one text).
+    max_text_bytes: int = 1 << 20
+    #: Producer-side task size: at most this many texts ...
+    task_max_texts: int = 256
+    #: ... and at most this many characters per task. Smaller tasks spread
+    #: better over workers; larger ones cost less broker traffic.
+    task_max_chars: int = 128 * 1024
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def cache(self) -> str:
+        return self.cache_url or self.redis_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``EMBQ_*`` variables; explicit ``overrides`` win over the environment."""
+        env = os.environ if environ is None else environ
+        values = read_env(cls, env, ENV_NAMES)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+ENV_NAMES: dict[str, str] = {
+    "redis_url": "EMBQ_REDIS_URL",
+    "broker_url": "EMBQ_BROKER_URL",
+    "cache_url": "EMBQ_CACHE_URL",
+    "model": "EMBQ_MODEL",
+    "cache_ttl": "EMBQ_CACHE_TTL",
+    "cache_namespace": "EMBQ_CACHE_NAMESPACE",
+    "visibility_timeout": "EMBQ_VISIBILITY_TIMEOUT",
+    "lease_seconds": "EMBQ_LEASE_SECONDS",
+    "max_text_bytes": "EMBQ_MAX_TEXT_BYTES",
+    "task_max_texts": "EMBQ_TASK_MAX_TEXTS",
+    "task_max_chars": "EMBQ_TASK_MAX_CHARS",
+}
+
+
+def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, Any]:
+    """Parse the variables of ``names`` into the types of ``cls``'s fields."""
+    parsers: dict[str, Callable[[str], Any]] = {"int": _positive(int), "float": _positive(float)}
+    values: dict[str, Any] = {}
+    for field in fields(cls):
+        name = names.get(field.name)
+        raw = env.get(name, "").strip() if name else ""
+        if not raw:
+            continue
+        type_name = str(field.type).split("|")[0].strip()
+        parse = parsers.get(type_name, str)
+        try:
+            values[field.name] = parse(raw)
+        except ValueError as e:
+            raise ConfigurationError(f"{name}={raw!r}: {e}") from e
+    return values
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not value > 0:  # type: ignore[operator]
+            raise ValueError("must be a positive number")
+        return value
+
+    return parse

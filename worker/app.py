@@ -1,0 +1,142 @@
+"""The worker's Celery app: one engine per process, loaded before the first task is taken.
+
+Tasks run on Celery's thread pool inside the one process that holds the
+engine; a prefork pool would fork a copy of the model per child (and SGLang
+cannot start inside a daemonic child at all), so it is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from producer.backend import connect, redact
+from producer.contract import TASK_EMBED, make_celery
+from producer.errors import ConfigurationError
+from producer.keys import queue_name
+from worker.batcher import Batcher
+from worker.engines import Engine, create_engine
+from worker.settings import WorkerSettings
+from worker.tasks import run_embed
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker whose engine or settings keep it from starting.
+EXIT_START_FAILED = 3
+#: Eviction policies that may drop queue keys when broker and cache share a Redis.
+UNSAFE_EVICTION = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
+
+
+class Runtime:
+    """What one worker process holds: its engine, its batcher and its cache connection."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.cache: redis.Redis = connect(settings.shared.cache)
+
+    def start(self) -> None:
+        """Load the engine once; idempotent, so a second ``worker_init`` is harmless."""
+        if self.engine is not None:
+            return
+        s = self.settings
+        check_eviction_policy(s)
+        log.info("loading engine %s for model %s", s.engine, s.shared.model)
+        engine = create_engine(s.engine, s.shared.model, **s.engine_options())
+        engine.load()
+        self.engine = engine
+        self.batcher = Batcher(
+            engine, max_tokens=s.batch_tokens, max_texts=s.batch_max_texts, max_wait=s.batch_wait_ms / 1000
+        )
+        self.batcher.start()
+        log.info("engine ready: dim=%d, consuming queue %s", engine.dim, queue_name(s.shared.model))
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop(timeout=60)
+        if self.engine is not None:
+            self.engine.close()
+        self.cache.close()
+
+    def embed(self, payload: Any) -> dict[str, int]:
+        if self.engine is None or self.batcher is None:
+            raise RuntimeError("engine not loaded: the worker took a task before worker_init ran")
+        return run_embed(payload, self.settings, self.engine, self.batcher, self.cache)
+
+
+def check_eviction_policy(settings: WorkerSettings) -> None:
+    """Warn when one Redis holds queue and cache and may evict the queue."""
+    shared = settings.shared
+    if shared.broker != shared.cache:
+        return
+    try:
+        policy = connect(shared.broker).config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.exceptions.RedisError as e:
+        log.info("could not read maxmemory-policy of %s (%s); make sure queue keys cannot be evicted",
+                 redact(shared.broker), e)
+        return
+    if policy in UNSAFE_EVICTION:
+        log.warning(
+            "broker and cache share Redis %s whose maxmemory-policy is %s: it can evict queued tasks. "
+            "Use noeviction or a volatile-* policy, or give the cache its own Redis (EMBQ_CACHE_URL).",
+            redact(shared.broker), policy,
+        )
+
+
+def check_pool(pool_cls: Any) -> None:
+    pool = pool_cls if isinstance(pool_cls, str) else f"{pool_cls.__module__}.{pool_cls.__name__}"
+    if not any(name in pool for name in ("thread", "solo")):
+        raise ConfigurationError(
+            f"embq workers host one engine per process and need --pool threads (got {pool}); "
+            "run one worker per GPU instead of a prefork pool"
+        )
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    """A Celery app that serves ``settings.shared.model`` with one engine in this process."""
+    app = make_celery(settings.shared, main="embq.worker")
+    app.conf.update(
+        worker_pool="threads",
+        worker_concurrency=settings.concurrency,
+        # A lost connection must not cancel tasks that late acks will redeliver anyway.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    runtime = Runtime(settings)
+    app.embq_runtime = runtime  # type: ignore[attr-defined]
+
+    @app.task(name=TASK_EMBED, bind=True, autoretry_for=(redis.exceptions.ConnectionError,),
+              retry_backoff=True, retry_backoff_max=60, max_retries=10)
+    def embed(self: Any, payload: Any) -> dict[str, int]:
+        return runtime.embed(payload)
+
+    def on_init(sender: Any, **_: Any) -> None:
+        # Celery logs and swallows exceptions from signal handlers; a worker
+        # without its engine must not consume, so it exits instead.
+        if sender.app is not app:
+            return
+        try:
+            check_pool(sender.pool_cls)
+            runtime.start()
+        except Exception:
+            log.critical("worker cannot start", exc_info=True)
+            raise SystemExit(EXIT_START_FAILED) from None
+
+    def on_ready(sender: Any, **_: Any) -> None:
+        if sender.app is app and settings.ready_file:
+            Path(settings.ready_file).write_text(f"{os.getpid()}\n")
+
+    def on_shutdown(sender: Any, **_: Any) -> None:
+        if settings.ready_file:
+            Path(settings.ready_file).unlink(missing_ok=True)
+        runtime.stop()
+
+    signals.worker_init.connect(on_init, weak=False)
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+    return app

@@ -1,0 +1,107 @@
+"""The ``embq`` command: ``worker``, ``embed``, ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from producer import EmbqError, Settings
+from producer.keys import queue_name
+from worker.engines import ENGINES
+
+log = logging.getLogger("embq")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        return run_worker(args)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "embed":
+            return run_embed(args)
+        return run_status()
+    except EmbqError as e:
+        log.error("%s", e)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embq", description="Redis-backed embedding queue.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="host one engine and drain its model's queue")
+    w.add_argument("--engine", choices=list(ENGINES), help="default: EMBQ_ENGINE or sentence-transformers")
+    w.add_argument("--model", help="default: EMBQ_MODEL or sentence-transformers/all-MiniLM-L6-v2")
+    w.add_argument("--concurrency", type=int, help="tasks held at once (threads)")
+    w.add_argument("--batch-tokens", type=int, help="estimated tokens per engine call")
+    w.add_argument("--batch-max-texts", type=int, help="texts per engine call")
+    w.add_argument("--batch-wait-ms", type=float, help="wait for more texts before calling an idle engine")
+    w.add_argument("--device", help="torch device for sentence-transformers (cpu, cuda, cuda:1)")
+    w.add_argument("--cache-dtype", choices=["float32", "float16"])
+    w.add_argument("--ready-file", help="created once the engine is loaded and the worker consumes")
+    w.add_argument("--hostname", help="Celery node name (default embq-ENGINE@HOST)")
+    w.add_argument("--loglevel", default="INFO")
+
+    e = sub.add_parser("embed", help="embed a file of texts into a .npy")
+    e.add_argument("input", type=Path, help="text file (one text per line) or .jsonl")
+    e.add_argument("-o", "--output", type=Path, help="default: INPUT with .npy suffix")
+    e.add_argument("--field", help="field of each .jsonl record (default: text)")
+    e.add_argument("--model", help="default: EMBQ_MODEL")
+    e.add_argument("--engine", choices=list(ENGINES), default="sentence-transformers",
+                   help="engine of the private worker, when no EMBQ_REDIS_URL is set")
+    e.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
+    e.add_argument("--instruction", default="", help="query instruction (part of the cache key)")
+    e.add_argument("--timeout", type=float, help="seconds to wait for each chunk")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("-q", "--quiet", action="store_true")
+
+    s = sub.add_parser("status", help="queue depths and worker counters")
+    s.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from worker.app import create_app
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings.from_env(
+        engine=args.engine, model=args.model, concurrency=args.concurrency, batch_tokens=args.batch_tokens,
+        batch_max_texts=args.batch_max_texts, batch_wait_ms=args.batch_wait_ms, device=args.device,
+        cache_dtype=args.cache_dtype, ready_file=args.ready_file,
+    )
+    app = create_app(settings)
+    app.worker_main([
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.concurrency}",
+        f"--queues={queue_name(settings.shared.model)}",
+        f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
+        f"--loglevel={args.loglevel}",
+        "--without-mingle",
+        "--without-gossip",
+    ])
+    return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from worker.embed_job import run_embed_file
+
+    return run_embed_file(
+        args.input, args.output or args.input.with_suffix(".npy"), field=args.field, model=args.model,
+        engine=args.engine, dim=args.dim, instruction=args.instruction, timeout=args.timeout,
+        progress=not args.no_progress,
+    )
+
+
+def run_status() -> int:
+    from worker.status import render_status
+
+    sys.stdout.write(render_status(Settings.from_env()))
+    return 0
