@@ -67,14 +67,15 @@ class EmbeddingClient:
         settings = self.settings
         items = validate_texts(texts, settings.max_text_bytes)
         validate_options(instruction, dim, timeout, settings.max_text_bytes)
-        digests = [
-            keys.text_digest(self.model, settings.cache_namespace, instruction, text) for text in items
-        ]
-        unique = dict(zip(digests, items))
+        digests = [keys.text_digest(self.model, settings.cache_namespace, instruction, text) for text in items]
+        unique = dict(zip(digests, items, strict=False))
         with backend_errors("cache", settings.cache):
             resolver = MissResolver(
-                self._cache, unique, lambda ds: self._send(instruction, [unique[d] for d in ds]),
-                settings.lease_seconds, self.queue,
+                self._cache,
+                unique,
+                lambda ds: self._send(instruction, [unique[d] for d in ds]),
+                settings.lease_seconds,
+                self.queue,
             )
             with backend_errors("broker", settings.broker):
                 resolver.run(deadline)
@@ -119,7 +120,9 @@ class EmbeddingClient:
         current: list[str] = []
         chars = 0
         for text in texts:
-            if current and (len(current) >= self.settings.task_max_texts or chars + len(text) > self.settings.task_max_chars):
+            if current and (
+                len(current) >= self.settings.task_max_texts or chars + len(text) > self.settings.task_max_chars
+            ):
                 batches.append(current)
                 current, chars = [], 0
             current.append(text)
@@ -153,4 +156,3 @@ class EmbeddingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -81,9 +81,11 @@ def unpack_many(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]
 
 
 def _log_invalid(values: Sequence[bytes | None], headers: list, valid: np.ndarray) -> None:
-    bad = sum(1 for v, ok in zip(values, valid) if v is not None and not ok)
+    bad = sum(1 for v, ok in zip(values, valid, strict=False) if v is not None and not ok)
     if bad:
-        log.warning("ignored %d invalid cache value(s) (wrong size, layout or non-finite); they will be recomputed", bad)
+        log.warning(
+            "ignored %d invalid cache value(s) (wrong size, layout or non-finite); they will be recomputed", bad
+        )
 
 
 def truncate(matrix: np.ndarray, dim: int | None) -> np.ndarray:

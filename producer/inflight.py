@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import numpy as np
 import redis
@@ -102,7 +103,9 @@ class MissResolver:
                 elif time.monotonic() - last_progress >= STALL_LOG_SECONDS:
                     log.warning(
                         "%d texts still pending with no progress for %.0fs: is a worker consuming queue %r?",
-                        len(self.pending), time.monotonic() - last_progress, self.queue,
+                        len(self.pending),
+                        time.monotonic() - last_progress,
+                        self.queue,
                     )
                     last_progress = time.monotonic()
         finally:
@@ -120,7 +123,7 @@ class MissResolver:
             for d in part:
                 pipe.set(keys.inflight_key(d), self.token, nx=True, px=self.lease_ms)
             replies = pipe.execute()[2 * len(part) :]
-            claimed += [d for d, ok in zip(part, replies) if ok]
+            claimed += [d for d, ok in zip(part, replies, strict=False) if ok]
         self.ours.update(claimed)
         found = self._read(digests)
         if found & set(claimed):
@@ -135,9 +138,9 @@ class MissResolver:
         """Read vectors from the cache; those found are resolved. Returns the found digests."""
         found: set[str] = set()
         for part in chunks(digests):
-            values = self.cache.mget([keys.vector_key(d) for d in part])
+            values = cast(list[bytes | None], self.cache.mget([keys.vector_key(d) for d in part]))
             matrix, valid = unpack_many(values)
-            for d, row, ok in zip(part, matrix, valid):
+            for d, row, ok in zip(part, matrix, valid, strict=False):
                 if ok and d in self.pending:
                     self.vectors[d] = row
                     self.pending.discard(d)
@@ -150,7 +153,7 @@ class MissResolver:
 
     def _receive(self, wait: float) -> None:
         """Block for the next notice, then drain whatever else has arrived."""
-        first = self.cache.blpop([self.reply], timeout=wait)
+        first = cast("tuple[bytes, bytes] | None", self.cache.blpop([self.reply], timeout=wait))
         if first is not None:
             self._handle([first[1]])
 
@@ -160,7 +163,7 @@ class MissResolver:
 
     def _handle(self, raw: list[bytes]) -> None:
         while True:
-            more = self.cache.lpop(self.reply, 256)
+            more = cast("list[bytes] | None", self.cache.lpop(self.reply, 256))
             if not more:
                 break
             raw.extend(more)
@@ -210,7 +213,7 @@ class MissResolver:
             pipe = self.cache.pipeline(transaction=False)
             for d in part:
                 pipe.exists(keys.inflight_key(d))
-            orphaned += [d for d, exists in zip(part, pipe.execute()) if not exists]
+            orphaned += [d for d, exists in zip(part, pipe.execute(), strict=False) if not exists]
         if orphaned:
             self._drain()  # a notice may explain why the marker is gone
             orphaned = [d for d in orphaned if d in self.pending]

@@ -78,14 +78,18 @@ def check_eviction_policy(settings: WorkerSettings) -> None:
     try:
         policy = connect(shared.broker).config_get("maxmemory-policy").get("maxmemory-policy")
     except redis.exceptions.RedisError as e:
-        log.info("could not read maxmemory-policy of %s (%s); make sure queue keys cannot be evicted",
-                 redact(shared.broker), e)
+        log.info(
+            "could not read maxmemory-policy of %s (%s); make sure queue keys cannot be evicted",
+            redact(shared.broker),
+            e,
+        )
         return
     if policy in UNSAFE_EVICTION:
         log.warning(
             "broker and cache share Redis %s whose maxmemory-policy is %s: it can evict queued tasks. "
             "Use noeviction or a volatile-* policy, or give the cache its own Redis (EMBQ_CACHE_URL).",
-            redact(shared.broker), policy,
+            redact(shared.broker),
+            policy,
         )
 
 
@@ -110,8 +114,14 @@ def create_app(settings: WorkerSettings) -> Celery:
     runtime = Runtime(settings)
     app.embq_runtime = runtime  # type: ignore[attr-defined]
 
-    @app.task(name=TASK_EMBED, bind=True, autoretry_for=(redis.exceptions.ConnectionError,),
-              retry_backoff=True, retry_backoff_max=60, max_retries=10)
+    @app.task(
+        name=TASK_EMBED,
+        bind=True,
+        autoretry_for=(redis.exceptions.ConnectionError,),
+        retry_backoff=True,
+        retry_backoff_max=60,
+        max_retries=10,
+    )
     def embed(self: Any, payload: Any) -> dict[str, int]:
         return runtime.embed(payload)
 

@@ -159,7 +159,7 @@ class Batcher:
             self._encode(batch[:half])
             self._encode(batch[half:])
             return
-        for item, vector in zip(batch, vectors):
+        for item, vector in zip(batch, vectors, strict=False):
             self._finish(item, vector, None)
 
     def _finish(self, item: Item, vector: np.ndarray | None, error: str | None) -> None:

@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", type=Path, help="default: INPUT with .npy suffix")
     e.add_argument("--field", help="field of each .jsonl record (default: text)")
     e.add_argument("--model", help="default: EMBQ_MODEL")
-    e.add_argument("--engine", choices=list(ENGINES), default="sentence-transformers",
-                   help="engine of the private worker, when no EMBQ_REDIS_URL is set")
+    e.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="sentence-transformers",
+        help="engine of the private worker, when no EMBQ_REDIS_URL is set",
+    )
     e.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     e.add_argument("--instruction", default="", help="query instruction (part of the cache key)")
     e.add_argument("--timeout", type=float, help="seconds to wait for each chunk")
@@ -72,21 +76,29 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings.from_env(
-        engine=args.engine, model=args.model, concurrency=args.concurrency, batch_tokens=args.batch_tokens,
-        batch_max_texts=args.batch_max_texts, batch_wait_ms=args.batch_wait_ms, device=args.device,
-        cache_dtype=args.cache_dtype, ready_file=args.ready_file,
+        engine=args.engine,
+        model=args.model,
+        concurrency=args.concurrency,
+        batch_tokens=args.batch_tokens,
+        batch_max_texts=args.batch_max_texts,
+        batch_wait_ms=args.batch_wait_ms,
+        device=args.device,
+        cache_dtype=args.cache_dtype,
+        ready_file=args.ready_file,
     )
     app = create_app(settings)
-    app.worker_main([
-        "worker",
-        "--pool=threads",
-        f"--concurrency={settings.concurrency}",
-        f"--queues={queue_name(settings.shared.model)}",
-        f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
-        f"--loglevel={args.loglevel}",
-        "--without-mingle",
-        "--without-gossip",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.concurrency}",
+            f"--queues={queue_name(settings.shared.model)}",
+            f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
+            f"--loglevel={args.loglevel}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
     return 0
 
 
@@ -94,8 +106,14 @@ def run_embed(args: argparse.Namespace) -> int:
     from worker.embed_job import run_embed_file
 
     return run_embed_file(
-        args.input, args.output or args.input.with_suffix(".npy"), field=args.field, model=args.model,
-        engine=args.engine, dim=args.dim, instruction=args.instruction, timeout=args.timeout,
+        args.input,
+        args.output or args.input.with_suffix(".npy"),
+        field=args.field,
+        model=args.model,
+        engine=args.engine,
+        dim=args.dim,
+        instruction=args.instruction,
+        timeout=args.timeout,
         progress=not args.no_progress,
     )
 

@@ -62,9 +62,10 @@ def embed_texts(
     """Embed ``texts`` in chunks with several calls in flight; rows in input order."""
     out: np.ndarray | None = None
     spans = [(start, min(start + CHUNK_TEXTS, len(texts))) for start in range(0, len(texts), CHUNK_TEXTS)]
-    with ThreadPoolExecutor(CALLS_IN_FLIGHT) as pool, tqdm(
-        total=len(texts), unit="text", file=sys.stderr, disable=not progress, mininterval=0.5
-    ) as bar:
+    with (
+        ThreadPoolExecutor(CALLS_IN_FLIGHT) as pool,
+        tqdm(total=len(texts), unit="text", file=sys.stderr, disable=not progress, mininterval=0.5) as bar,
+    ):
         futures = {
             pool.submit(client.embed, texts[a:b], dim=dim, instruction=instruction, timeout=timeout): (a, b)
             for a, b in spans

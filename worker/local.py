@@ -70,9 +70,20 @@ class LocalRedis:
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.dir), "--save", "", "--appendonly", "no",
-            "--maxmemory-policy", "noeviction", *self.extra_args,
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            *self.extra_args,
         ]
         if self.password:
             args += ["--requirepass", self.password]
@@ -125,9 +136,21 @@ class LocalWorker:
     def start(self, timeout: float = 120.0) -> LocalWorker:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--engine", self.engine, "--model", self.model,
-             "--ready-file", str(self.ready_file)],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "worker",
+                "--engine",
+                self.engine,
+                "--model",
+                self.model,
+                "--ready-file",
+                str(self.ready_file),
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         log.info("started worker pid=%d (%s, %s)", self.process.pid, self.engine, self.model)
 

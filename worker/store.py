@@ -45,7 +45,7 @@ def store_results(
     watchers_of = replies[len(values) : len(values) + 3 * len(digests)][1::3]
     done: dict[bytes, list[str]] = defaultdict(list)
     failed: dict[bytes, dict[str, str]] = defaultdict(dict)
-    for digest, watchers in zip(digests, watchers_of):
+    for digest, watchers in zip(digests, watchers_of, strict=False):
         for watcher in watchers:
             if digest in values:
                 done[watcher].append(digest)

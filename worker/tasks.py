@@ -65,7 +65,7 @@ def run_embed(
             good.append((digest, text))
     job = batcher.embed([engine.format_query(instruction, text) for _, text in good])
     values: dict[str, bytes] = {}
-    for index, ((digest, _), vector) in enumerate(zip(good, job.vectors)):
+    for index, ((digest, _), vector) in enumerate(zip(good, job.vectors, strict=False)):
         if vector is None:
             failures[digest] = job.errors.get(index, "failed")
         else:

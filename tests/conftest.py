@@ -1,0 +1,81 @@
+"""Real parts only: one ``redis-server`` per session and real worker processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from producer import EmbeddingClient, Settings
+from worker.local import LocalRedis, LocalWorker
+
+HASH_MODEL = "test/hash"
+
+# The tests pick their Redis themselves; settings of the calling shell must not leak in.
+for name in list(os.environ):
+    if name.startswith("EMBQ_"):
+        del os.environ[name]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedis) -> Iterator[str]:
+    """The session Redis, with every embq key and queue removed after each test."""
+    yield redis_server.url
+    client = redis.Redis.from_url(redis_server.url)
+    for pattern in ("embq:*", "embq.*"):
+        stale = list(client.scan_iter(match=pattern))
+        if stale:
+            client.delete(*stale)
+    client.close()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def hash_worker(redis_server: LocalRedis) -> Iterator[LocalWorker]:
+    """One warm hash-engine worker for the whole session."""
+    worker = LocalWorker(redis_server.url, engine="hash", model=HASH_MODEL)
+    with worker:
+        yield worker
+
+
+@pytest.fixture
+def start_worker(redis_url: str) -> Iterator[Callable[..., LocalWorker]]:
+    """Start extra workers inside a test; they are stopped after it."""
+    started: list[LocalWorker] = []
+
+    def start(model: str, engine: str = "hash", env: dict[str, str] | None = None) -> LocalWorker:
+        worker = LocalWorker(redis_url, engine=engine, model=model, env=env).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.cleanup()
+
+
+@pytest.fixture
+def make_client(redis_url: str) -> Iterator[Callable[..., EmbeddingClient]]:
+    clients: list[EmbeddingClient] = []
+
+    def make(model: str = HASH_MODEL, **settings: object) -> EmbeddingClient:
+        client = EmbeddingClient(settings=Settings(redis_url=redis_url, model=model, **settings))  # type: ignore[arg-type]
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

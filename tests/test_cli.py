@@ -1,0 +1,123 @@
+"""The ``embq`` command as a user runs it: embedded defaults, files in and out, plain Celery."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer import EmbeddingClient
+from tests.conftest import HASH_MODEL
+from worker.engines.hash import hash_vector
+from worker.local import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "sample.txt"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBQ_")}
+    return {**env, **extra}
+
+
+def embq(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.model
+def test_embed_on_embedded_defaults_matches_the_model_and_leaves_nothing_running(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from producer.settings import DEFAULT_MODEL
+    from worker.engines.sentence_transformers import resolve_model_path
+
+    out = tmp_path / "sample.npy"
+    done = embq("embed", str(SAMPLE), "-o", str(out), env=clean_env())
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in re.findall(r"started (?:redis-server|worker) pid=(\d+)", done.stderr)]
+    assert len(pids) == 2, done.stderr
+    assert not any(alive(pid) for pid in pids)
+    texts = SAMPLE.read_text(encoding="utf-8").splitlines()
+    vectors = np.load(out)
+    assert vectors.shape == (len(texts), 384) and vectors.dtype == np.float32
+    want = SentenceTransformer(resolve_model_path(DEFAULT_MODEL), device="cpu").encode(texts, normalize_embeddings=True)
+    assert (vectors * want).sum(axis=1).min() >= 0.999
+
+
+def test_embed_jsonl_with_a_running_redis_is_a_pure_producer(
+    tmp_path: Path, redis_url: str, hash_worker: object
+) -> None:
+    records = [{"id": i, "body": f"record {i}"} for i in range(30)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL=HASH_MODEL)
+    done = embq("embed", str(source), "-o", str(out), "--field", "body", "--dim", "64", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "started" not in done.stderr
+    full = np.stack([hash_vector(r["body"], 384) for r in records])
+    head = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(np.load(out), head, rtol=1e-6)
+
+
+def test_embed_names_the_bad_line_and_sends_nothing(tmp_path: Path, redis_url: str) -> None:
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"fine\n\xff\xfe broken utf-8\nfine too\n")
+    done = embq("embed", str(source), env=clean_env(EMBQ_REDIS_URL=redis_url))
+    assert done.returncode == 2
+    assert "line(s) 2" in done.stderr and "not valid UTF-8" in done.stderr
+
+
+def test_plain_celery_runs_the_worker(
+    tmp_path: Path, redis_url: str, make_client: Callable[..., EmbeddingClient]
+) -> None:
+    ready = tmp_path / "ready"
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/plain", EMBQ_ENGINE="hash", EMBQ_READY_FILE=str(ready))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: ready.exists() or process.poll() is not None, 60, "plain Celery worker")
+        assert process.poll() is None
+        out = make_client(model="test/plain").embed(["plain celery"], timeout=30)
+        np.testing.assert_array_equal(out[0], hash_vector("plain celery", 384))
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+    assert not ready.exists()
+
+
+def test_a_forking_pool_is_refused(redis_url: str) -> None:
+    # "prefork", Celery's CLI default, yields to the app's threads setting; "processes" names it explicitly.
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/prefork", EMBQ_ENGINE="hash")
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=processes"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3
+    assert "--pool threads" in done.stderr

@@ -1,0 +1,137 @@
+"""Key scheme, value codec and input validation: pure functions, no Redis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from producer import InvalidInputError
+from producer.codec import pack, truncate, unpack, unpack_many
+from producer.keys import text_digest
+from producer.validation import validate_options, validate_texts
+
+
+def test_digest_changes_with_every_part_and_keeps_the_exact_text() -> None:
+    base = text_digest("m", "v1", "", "a b")
+    variants = [
+        text_digest("m2", "v1", "", "a b"),
+        text_digest("m", "v2", "", "a b"),
+        text_digest("m", "v1", "q: ", "a b"),
+        text_digest("m", "v1", "", "a  b"),
+        text_digest("m", "v1", "", "A b"),
+        text_digest("m", "v1", "", " a b"),
+        text_digest("m", "v1", "", "a b\n"),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    assert text_digest("m", "v1", "", "a b") == base
+
+
+def test_digest_framing_is_unambiguous() -> None:
+    assert text_digest("m", "v1", "ab", "c") != text_digest("m", "v1", "a", "bc")
+
+
+def test_pack_roundtrip_float32_and_float16() -> None:
+    v = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    np.testing.assert_array_equal(unpack(pack(v)), v)
+    np.testing.assert_allclose(unpack(pack(v, "float16")), v, rtol=1e-3, atol=1e-3)
+    assert len(pack(v, "float16")) < len(pack(v))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, b"", b"garbage", pack(np.ones(8))[:-1], pack(np.ones(8)) + b"\0", pack(np.array([np.nan] * 4))],
+)
+def test_invalid_values_read_as_misses(value: bytes | None) -> None:
+    assert unpack(value) is None
+
+
+def test_unpack_many_rejects_a_minority_dimension() -> None:
+    a, b = pack(np.ones(8)), pack(np.ones(4))
+    matrix, valid = unpack_many([a, b, a, None])
+    assert valid.tolist() == [True, False, True, False]
+    assert matrix.shape == (4, 8)
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64))
+def test_pack_unpack_fuzz(values: list[float]) -> None:
+    v = np.array(values, dtype=np.float32)
+    np.testing.assert_array_equal(unpack(pack(v)), v)
+
+
+@given(st.binary(max_size=200))
+def test_unpack_never_raises_on_garbage(data: bytes) -> None:
+    result = unpack(data)
+    assert result is None or result.dtype == np.float32
+
+
+def test_truncate_renormalises() -> None:
+    m = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    t = truncate(m, 16)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(t, m[:, :16] / np.linalg.norm(m[:, :16], axis=1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (None, "NoneType"),
+        (7, "int"),
+        (b"bytes", "bytes"),
+        ("\ud800", "lone surrogate"),
+        ("x" * (64 << 20), "over the limit"),
+    ],
+)
+def test_bad_item_is_named_by_index(bad: object, words: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        validate_texts(["fine", bad, "also fine"], max_bytes=1 << 20)
+    assert info.value.index == 1
+    assert info.value.problems.keys() == {1}
+    assert "item 1" in str(info.value) and words in str(info.value)
+
+
+def test_every_bad_item_is_listed() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        validate_texts([None, "ok", 3, "ok", b"x"], max_bytes=100)
+    assert sorted(info.value.problems) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("texts", ["a single string", b"bytes", 42])
+def test_non_lists_are_refused(texts: object) -> None:
+    with pytest.raises(InvalidInputError, match="list of str"):
+        validate_texts(texts, max_bytes=100)
+
+
+def test_multibyte_text_counts_bytes() -> None:
+    with pytest.raises(InvalidInputError, match="UTF-8 bytes"):
+        validate_texts(["é" * 60], max_bytes=100)
+    assert validate_texts(["é" * 50], max_bytes=100) == ["é" * 50]
+
+
+@given(st.lists(st.one_of(st.text(), st.binary(), st.integers(), st.none()), max_size=20))
+def test_validation_fuzz_accepts_exactly_the_valid_strings(items: list[object]) -> None:
+    def ok(item: object) -> bool:
+        if not isinstance(item, str):
+            return False
+        try:
+            return len(item.encode("utf-8")) <= 64
+        except UnicodeEncodeError:
+            return False
+
+    bad = {i for i, item in enumerate(items) if not ok(item)}
+    if bad:
+        with pytest.raises(InvalidInputError) as info:
+            validate_texts(items, max_bytes=64)
+        assert set(info.value.problems) == bad
+    else:
+        assert validate_texts(items, max_bytes=64) == items
+
+
+@pytest.mark.parametrize(
+    "options", [{"dim": 0}, {"dim": -3}, {"dim": 2.5}, {"dim": True}, {"timeout": 0}, {"instruction": None}]
+)
+def test_bad_options_are_refused(options: dict[str, object]) -> None:
+    values = {"instruction": "", "dim": None, "timeout": None, **options}
+    with pytest.raises(InvalidInputError):
+        validate_options(values["instruction"], values["dim"], values["timeout"], max_bytes=100)

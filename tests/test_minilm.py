@@ -1,0 +1,54 @@
+"""The real model on the CPU, through the queue, against the model's own output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from producer import EmbeddingClient
+from producer.settings import DEFAULT_MODEL
+from worker.engines.sentence_transformers import resolve_model_path
+from worker.local import LocalWorker
+
+pytestmark = pytest.mark.model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Redis is an in-memory data structure store.",
+    "Embeddings map text to vectors so that similar meanings lie close together.",
+    "A GPU worker drains the queue in large batches.",
+    "",
+    "  leading and trailing spaces  ",
+    "Ünïcödé text, 中文, العربية, emoji 🚀",
+    "short",
+    " ".join(["a long text that will be truncated by the model's context"] * 60),
+] + [f"sentence number {i} about topic {i % 7}" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> object:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_model_path(DEFAULT_MODEL), device="cpu")
+
+
+def test_queue_vectors_equal_the_models_own(
+    start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], reference: object
+) -> None:
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers")
+    client = make_client(model=DEFAULT_MODEL)
+    out = client.embed(TEXTS, timeout=300)
+    want = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)  # type: ignore[attr-defined]
+    assert out.shape == (len(TEXTS), 384)
+    cosine = (out * want).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
+
+    query = client.embed(TEXTS[:3], instruction="query: ", timeout=300)
+    want_query = reference.encode(["query: " + t for t in TEXTS[:3]], normalize_embeddings=True)  # type: ignore[attr-defined]
+    assert (query * want_query).sum(axis=1).min() >= 0.999
+
+    small = client.embed(TEXTS, dim=128, timeout=300)
+    head = want[:, :128] / np.linalg.norm(want[:, :128], axis=1, keepdims=True)
+    assert (small * head).sum(axis=1).min() >= 0.999

@@ -1,0 +1,201 @@
+"""The whole flow through a real Redis and real hash-engine worker processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import redis
+
+from producer import EmbeddingClient, EmbqTimeoutError, InvalidInputError, ItemFailedError, keys
+from producer.codec import pack
+from tests.conftest import HASH_MODEL
+from worker.engines.hash import hash_vector
+from worker.local import LocalWorker
+
+pytestmark = pytest.mark.usefixtures("hash_worker")
+
+Client = Callable[..., EmbeddingClient]
+
+
+def expected(texts: list[str], instruction: str = "") -> np.ndarray:
+    return np.stack([hash_vector(instruction + t, 384) for t in texts])
+
+
+def stats(r: redis.Redis, model: str = HASH_MODEL) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall(keys.stats_key(model)).items()}
+
+
+def test_vectors_come_back_in_input_order(make_client: Client) -> None:
+    texts = [f"text number {i}" for i in range(300)]
+    out = make_client().embed(texts, timeout=60)
+    assert out.dtype == np.float32 and out.shape == (300, 384)
+    np.testing.assert_array_equal(out, expected(texts))
+
+
+def test_duplicates_inside_a_call_are_computed_once(make_client: Client, r: redis.Redis) -> None:
+    texts = ["same", "other", "same", "same", "other"]
+    out = make_client().embed(texts, timeout=60)
+    np.testing.assert_array_equal(out, expected(texts))
+    assert stats(r)["texts"] == 2
+
+
+def test_texts_differing_in_spaces_or_case_get_distinct_vectors(make_client: Client) -> None:
+    texts = ["a b", "a  b", "A b", " a b", "a b ", "a\tb"]
+    out = make_client().embed(texts, timeout=60)
+    np.testing.assert_array_equal(out, expected(texts))
+    assert len({row.tobytes() for row in out}) == len(texts)
+
+
+def test_instruction_is_applied_and_keyed(make_client: Client) -> None:
+    client = make_client()
+    plain = client.embed(["x"], timeout=60)
+    query = client.embed(["x"], instruction="query: ", timeout=60)
+    np.testing.assert_array_equal(query, expected(["x"], "query: "))
+    assert not np.array_equal(plain, query)
+
+
+def test_dim_truncates_and_renormalises_the_full_vector(make_client: Client, r: redis.Redis) -> None:
+    client = make_client()
+    texts = [f"matryoshka {i}" for i in range(20)]
+    full = client.embed(texts, timeout=60)
+    computed = stats(r)["texts"]
+    small = client.embed(texts, dim=32, timeout=60)
+    head = full[:, :32]
+    np.testing.assert_allclose(small, head / np.linalg.norm(head, axis=1, keepdims=True), rtol=1e-6)
+    assert small.shape == (20, 32)
+    assert stats(r)["texts"] == computed  # one computation serves every dimension
+    with pytest.raises(InvalidInputError, match="exceeds"):
+        client.embed(texts, dim=385, timeout=60)
+
+
+def test_empty_input(make_client: Client) -> None:
+    assert make_client().embed([], timeout=5).shape[0] == 0
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"bytes", "\ud800", "x" * (64 << 20)])
+def test_bad_input_is_refused_at_once_and_nothing_is_enqueued(make_client: Client, r: redis.Redis, bad: object) -> None:
+    client = make_client()
+    before = r.dbsize()
+    start = time.monotonic()
+    with pytest.raises(InvalidInputError) as info:
+        client.embed(["good", bad, "also good"], timeout=60)
+    assert time.monotonic() - start < 1.0
+    assert info.value.index == 1 and "item 1" in str(info.value)
+    assert r.dbsize() == before
+    np.testing.assert_array_equal(client.embed(["good", "also good"], timeout=60), expected(["good", "also good"]))
+
+
+def test_a_bare_string_is_never_iterated_as_characters(make_client: Client, r: redis.Redis) -> None:
+    with pytest.raises(InvalidInputError, match="wrap it in a list"):
+        make_client().embed("hello", timeout=5)
+    assert not list(r.scan_iter(match="embq:*"))
+
+
+def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: redis.Redis) -> None:
+    make_client().embed([f"ttl {i}" for i in range(50)], timeout=60)
+    with pytest.raises(EmbqTimeoutError):  # leaves a queued task for a model nobody serves
+        make_client(model="test/nobody").embed(["queued"], timeout=0.5)
+    vector_keys = list(r.scan_iter(match=keys.VECTOR + "*"))
+    assert len(vector_keys) == 50
+    cache_ttl = 30 * 24 * 3600
+    for key in r.scan_iter():
+        name = key.decode()
+        ttl = r.ttl(key)
+        if name.startswith(("_kombu", "unacked", keys.QUEUE_PREFIX)) and name != "unacked_mutex":
+            assert ttl == -1, f"broker key {name} must not expire (ttl {ttl})"
+        else:
+            assert ttl > 0, f"cache key {name} has no TTL"
+        if name.startswith(keys.VECTOR):
+            assert cache_ttl - 60 < ttl <= cache_ttl
+    assert r.llen(keys.queue_name("test/nobody")) == 1
+
+
+def test_timeout_says_how_many_items_are_missing(make_client: Client) -> None:
+    with pytest.raises(EmbqTimeoutError) as info:
+        make_client(model="test/nobody").embed(["a", "b", "a"], timeout=0.5)
+    assert info.value.missing == 3 and info.value.total == 3
+    assert "3 of 3" in str(info.value) and "embq.test/nobody" in str(info.value)
+
+
+def test_a_repeat_call_never_reaches_a_worker(
+    make_client: Client, start_worker: Callable[..., LocalWorker], r: redis.Redis
+) -> None:
+    model = "test/stopped"
+    worker = start_worker(model)
+    client = make_client(model=model)
+    texts = [f"repeat {i}" for i in range(200)]
+    first = client.embed(texts, timeout=60)
+    assert worker.stop() == 0
+    start = time.monotonic()
+    again = client.embed(texts, timeout=5)
+    assert time.monotonic() - start < 5
+    np.testing.assert_array_equal(first, again)
+    assert r.llen(keys.queue_name(model)) == 0
+    assert stats(r, model)["texts"] == 200
+
+
+def test_concurrent_producers_compute_each_text_exactly_once(make_client: Client, r: redis.Redis) -> None:
+    texts = [f"shared text {i}" for i in range(500)]
+    clients = [make_client() for _ in range(8)]
+    barrier = threading.Barrier(len(clients))
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def produce(n: int) -> None:
+        order = texts[n * 37 :] + texts[: n * 37]  # each producer starts somewhere else
+        barrier.wait()
+        try:
+            out = clients[n].embed(order, timeout=120)
+            results[n] = out[np.argsort([texts.index(t) for t in order])]
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    want = expected(texts)
+    for out in results.values():
+        np.testing.assert_array_equal(out, want)
+    assert stats(r)["texts"] == 500
+    assert not list(r.scan_iter(match=keys.INFLIGHT + "*"))
+    assert not list(r.scan_iter(match=keys.WATCH + "*"))
+
+
+def test_a_dead_producers_claim_is_taken_over_after_its_lease(make_client: Client, r: redis.Redis) -> None:
+    client = make_client(lease_seconds=1.0)
+    texts = ["orphan 1", "orphan 2"]
+    for text in texts:
+        digest = keys.text_digest(HASH_MODEL, "v1", "", text)
+        r.set(keys.inflight_key(digest), "a-producer-that-died", px=1000)
+    start = time.monotonic()
+    out = client.embed(texts, timeout=30)
+    assert 0.9 < time.monotonic() - start < 10
+    np.testing.assert_array_equal(out, expected(texts))
+
+
+def test_a_corrupted_cache_value_is_recomputed(make_client: Client, r: redis.Redis) -> None:
+    client = make_client()
+    digest = keys.text_digest(HASH_MODEL, "v1", "", "fragile")
+    r.set(keys.vector_key(digest), b"not a vector", ex=100)
+    np.testing.assert_array_equal(client.embed(["fragile"], timeout=60), expected(["fragile"]))
+    assert r.get(keys.vector_key(digest)) == pack(expected(["fragile"])[0])
+
+
+def test_a_text_the_worker_refuses_fails_alone(make_client: Client, start_worker: Callable[..., LocalWorker]) -> None:
+    model = "test/strict"
+    start_worker(model, env={"EMBQ_MAX_TEXT_BYTES": "100"})
+    texts = ["short", "x" * 500, "also short"]
+    with pytest.raises(ItemFailedError) as info:
+        make_client(model=model).embed(texts, timeout=60)
+    assert list(info.value.failures) == [1]
+    assert "over the limit" in info.value.failures[1] and "item 1" in str(info.value)
+    good = info.value.vectors
+    np.testing.assert_array_equal(good[[0, 2]], expected(["short", "also short"]))
+    assert np.isnan(good[1]).all()
