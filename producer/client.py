@@ -77,8 +77,7 @@ class EmbeddingClient:
                 settings.lease_seconds,
                 self.queue,
             )
-            with backend_errors("broker", settings.broker):
-                resolver.run(deadline)
+            resolver.run(deadline)
         if resolver.pending:
             missing = sum(1 for d in digests if d in resolver.pending)
             raise EmbqTimeoutError(
@@ -129,7 +128,7 @@ class EmbeddingClient:
             chars += len(text)
         if current:
             batches.append(current)
-        with app.producer_or_acquire() as producer:
+        with backend_errors("broker", self.settings.broker), app.producer_or_acquire() as producer:
             for batch in batches:
                 app.send_task(
                     TASK_EMBED,

@@ -78,7 +78,7 @@ def make_celery(settings: Settings, main: str = "embq") -> Celery:
 
 
 def pack_notice(done: list[str], failed: dict[str, str]) -> bytes:
-    """What a worker pushes to a waiting producer's reply list: digests done and failed."""
+    """What a worker adds to a waiting producer's reply stream: digests done and failed."""
     return msgpack.packb({"done": done, "failed": failed}, use_bin_type=True)
 
 

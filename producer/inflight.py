@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 CHUNK = 2000
 #: How often a producer that waits with no progress says so in the log.
 STALL_LOG_SECONDS = 60.0
+#: Longest single blocking read; below redis-py's default socket timeout (5 s).
+MAX_BLOCK = 2.0
+#: Notices fetched per read of the reply stream.
+NOTICES_PER_READ = 1024
 #: A text whose vector vanishes right after its notice is retried this often.
 MAX_ATTEMPTS = 3
 
@@ -47,6 +51,18 @@ for _, key in ipairs(KEYS) do
 end
 return renewed
 """
+
+
+def stream_entries(response: Any) -> list[tuple[Any, list[tuple[Any, dict[bytes, bytes]]]]]:
+    """XREAD's reply as ``[(stream, [(id, fields), ...])]``, whether RESP2 (list) or RESP3 (map)."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return [
+            (name, entries[0] if entries and isinstance(entries[0], list) else entries)
+            for name, entries in response.items()
+        ]
+    return [(name, entries) for name, entries in response]
 
 
 def chunks(items: list[str], size: int = CHUNK) -> Iterable[list[str]]:
@@ -79,10 +95,18 @@ class MissResolver:
         self.vectors: dict[str, np.ndarray] = {}
         self.failures: dict[str, str] = {}
         self._renew = cache.register_script(RENEW_SCRIPT)
+        self.last_id: Any = "0-0"
 
     def run(self, deadline: float | None) -> None:
         """Resolve until nothing is pending or ``deadline`` (monotonic) passes."""
         try:
+            # The reply stream exists for as long as this call waits: workers add
+            # with NOMKSTREAM, so a notice that comes after the call returned
+            # cannot leave an orphan key behind.
+            pipe = self.cache.pipeline(transaction=False)
+            pipe.xadd(self.reply, {"hello": b""})
+            pipe.pexpire(self.reply, 2 * self.lease_ms)
+            self.last_id = pipe.execute()[0]
             self._take(list(self.texts))
             last_progress = last_tick = time.monotonic()
             while self.pending:
@@ -109,6 +133,7 @@ class MissResolver:
                     )
                     last_progress = time.monotonic()
         finally:
+            self._unwatch(list(self.pending))
             self.cache.delete(self.reply)
 
     def _take(self, digests: list[str]) -> None:
@@ -128,11 +153,16 @@ class MissResolver:
         found = self._read(digests)
         if found & set(claimed):
             self._release(sorted(found & set(claimed)))
+        self._unwatch(sorted(found))  # no notice will come for what the second read found
         to_send = [d for d in claimed if d in self.pending]
         for d in to_send:
             self.attempts[d] = self.attempts.get(d, 0) + 1
         if to_send:
-            self.send(to_send)
+            try:
+                self.send(to_send)
+            except BaseException:
+                self._release(to_send)  # let other producers take them at once, not after the lease
+                raise
 
     def _read(self, digests: list[str]) -> set[str]:
         """Read vectors from the cache; those found are resolved. Returns the found digests."""
@@ -147,26 +177,36 @@ class MissResolver:
                     found.add(d)
         return found
 
+    def _unwatch(self, digests: list[str]) -> None:
+        for part in chunks(digests):
+            pipe = self.cache.pipeline(transaction=False)
+            for d in part:
+                pipe.srem(keys.watch_key(d), self.reply)
+            pipe.execute()
+
     def _release(self, digests: list[str]) -> None:
         self.cache.delete(*(keys.inflight_key(d) for d in digests))
         self.ours.difference_update(digests)
 
     def _receive(self, wait: float) -> None:
-        """Block for the next notice, then drain whatever else has arrived."""
-        first = cast("tuple[bytes, bytes] | None", self.cache.blpop([self.reply], timeout=wait))
-        if first is not None:
-            self._handle([first[1]])
+        """Block (at most ``MAX_BLOCK`` per round trip) for notices and handle them."""
+        block_ms = max(1, int(min(wait, MAX_BLOCK) * 1000))
+        self._handle(self.cache.xread({self.reply: self.last_id}, count=NOTICES_PER_READ, block=block_ms))
 
     def _drain(self) -> None:
         """Handle the notices already waiting, without blocking."""
-        self._handle([])
+        self._handle(self.cache.xread({self.reply: self.last_id}, count=NOTICES_PER_READ))
 
-    def _handle(self, raw: list[bytes]) -> None:
-        while True:
-            more = cast("list[bytes] | None", self.cache.lpop(self.reply, 256))
-            if not more:
-                break
-            raw.extend(more)
+    def _handle(self, response: Any) -> None:
+        raw: list[bytes] = []
+        for _stream, entries in stream_entries(response):
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                if b"n" in fields:
+                    raw.append(fields[b"n"])
+        if not raw:
+            return
+        self.cache.xtrim(self.reply, minid=self.last_id)  # read notices need no memory
         done: list[str] = []
         for item in raw:
             ok, failed = unpack_notice(item)

@@ -8,7 +8,9 @@ key                        type        TTL                  written by          
                                        renewed by it        it (SET NX PX)         worker DELs it
 ``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (SMEMBERS, DEL)
                                                             the text (SADD)
-``embq:reply:{call_id}``   list        2 x lease, renewed   worker (RPUSH notices) its producer (BLPOP)
+``embq:reply:{call_id}``   stream      2 x lease, renewed   its producer creates   its producer (XREAD
+                                                            it; workers XADD       BLOCK)
+                                                            NOMKSTREAM
 ``embq:stats:{model}``     hash        7 days, renewed      worker (HINCRBY)       ``embq status``, tests
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
 =========================  ==========  ===================  =====================  ======================

@@ -166,6 +166,7 @@ def test_concurrent_producers_compute_each_text_exactly_once(make_client: Client
     assert stats(r)["texts"] == 500
     assert not list(r.scan_iter(match=keys.INFLIGHT + "*"))
     assert not list(r.scan_iter(match=keys.WATCH + "*"))
+    assert not list(r.scan_iter(match=keys.REPLY + "*"))
 
 
 def test_a_dead_producers_claim_is_taken_over_after_its_lease(make_client: Client, r: redis.Redis) -> None:

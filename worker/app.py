@@ -14,12 +14,13 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from producer.backend import connect, redact
 from producer.contract import TASK_EMBED, make_celery
 from producer.errors import ConfigurationError
 from producer.keys import queue_name
-from worker.batcher import Batcher
+from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine, create_engine
 from worker.settings import WorkerSettings
 from worker.tasks import run_embed
@@ -117,13 +118,16 @@ def create_app(settings: WorkerSettings) -> Celery:
     @app.task(
         name=TASK_EMBED,
         bind=True,
-        autoretry_for=(redis.exceptions.ConnectionError,),
+        autoretry_for=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
         retry_backoff=True,
         retry_backoff_max=60,
         max_retries=10,
     )
     def embed(self: Any, payload: Any) -> dict[str, int]:
-        return runtime.embed(payload)
+        try:
+            return runtime.embed(payload)
+        except BatcherStopped as e:
+            raise Reject(str(e), requeue=True) from e
 
     def on_init(sender: Any, **_: Any) -> None:
         # Celery logs and swallows exceptions from signal handlers; a worker

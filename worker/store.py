@@ -15,10 +15,6 @@ import redis
 from producer import keys
 from producer.contract import pack_notice
 
-#: Seconds a reply list lives after a worker's last push to it; its producer
-#: deletes it sooner when it returns.
-REPLY_TTL = 3600
-
 
 def store_results(
     cache: redis.Redis,
@@ -55,7 +51,7 @@ def store_results(
         return 0
     pipe = cache.pipeline(transaction=False)
     for watcher in set(done) | set(failed):
-        pipe.rpush(watcher, pack_notice(done.get(watcher, []), failed.get(watcher, {})))
-        pipe.expire(watcher, REPLY_TTL)
+        # NOMKSTREAM: a producer that has already returned deleted its stream; recreating it would leak.
+        pipe.xadd(watcher, {"n": pack_notice(done.get(watcher, []), failed.get(watcher, {}))}, nomkstream=True)
     pipe.execute()
     return len(set(done) | set(failed))

@@ -11,7 +11,7 @@ from producer import keys
 from producer.codec import pack
 from producer.contract import PAYLOAD_VERSION
 from producer.validation import item_problem
-from worker.batcher import Batcher
+from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine
 from worker.settings import WorkerSettings
 from worker.store import store_results
@@ -63,14 +63,22 @@ def run_embed(
             failures[digest] = f"text {why}"
         else:
             good.append((digest, text))
-    job = batcher.embed([engine.format_query(instruction, text) for _, text in good])
-    values: dict[str, bytes] = {}
-    for index, ((digest, _), vector) in enumerate(zip(good, job.vectors, strict=False)):
-        if vector is None:
-            failures[digest] = job.errors.get(index, "failed")
-        else:
-            values[digest] = pack(vector, settings.cache_dtype)
-    store_results(cache, model, values, failures, settings.shared.cache_ttl)
+    try:
+        job = batcher.embed([engine.format_query(instruction, text) for _, text in good])
+        values: dict[str, bytes] = {}
+        for index, ((digest, _), vector) in enumerate(zip(good, job.vectors, strict=True)):
+            if vector is None:
+                failures[digest] = job.errors.get(index, "failed")
+            else:
+                values[digest] = pack(vector, settings.cache_dtype)
+        store_results(cache, model, values, failures, settings.shared.cache_ttl)
+    except (BatcherStopped, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        raise  # the message goes back to the queue or is retried: producers keep waiting
+    except Exception as e:
+        # No silent drops: whoever waits for these texts hears why they failed.
+        reason = f"worker error: {type(e).__name__}: {e}"
+        store_results(cache, model, {}, {d: reason for d, _ in good} | failures, settings.shared.cache_ttl)
+        raise
     if failures:
         log.warning("%d of %d texts failed in this task", len(failures), len(payload["texts"]))
     return {"embedded": len(values), "failed": len(failures)}
