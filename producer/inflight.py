@@ -99,6 +99,9 @@ class MissResolver:
 
     def run(self, deadline: float | None) -> None:
         """Resolve until nothing is pending or ``deadline`` (monotonic) passes."""
+        self._read(list(self.texts))  # (1) the cache: hits need no claim, no stream, no worker
+        if not self.pending:
+            return
         try:
             # The reply stream exists for as long as this call waits: workers add
             # with NOMKSTREAM, so a notice that comes after the call returned
@@ -107,7 +110,7 @@ class MissResolver:
             pipe.xadd(self.reply, {"hello": b""})
             pipe.pexpire(self.reply, 2 * self.lease_ms)
             self.last_id = pipe.execute()[0]
-            self._take(list(self.texts))
+            self._take([d for d in self.texts if d in self.pending])  # (2) claim, (3) send
             last_progress = last_tick = time.monotonic()
             while self.pending:
                 now = time.monotonic()
