@@ -90,7 +90,7 @@ ENV_NAMES: dict[str, str] = {
 
 def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, Any]:
     """Parse the variables of ``names`` into the types of ``cls``'s fields."""
-    parsers: dict[str, Callable[[str], Any]] = {"int": _positive(int), "float": _positive(float)}
+    parsers: dict[str, Callable[[str], Any]] = {"int": _positive(int), "float": _positive(float), "bool": _flag}
     values: dict[str, Any] = {}
     for field in fields(cls):
         name = names.get(field.name)
@@ -114,3 +114,12 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         return value
 
     return parse
+
+
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")

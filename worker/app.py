@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a worker whose engine or settings keep it from starting.
 EXIT_START_FAILED = 3
+#: Exit status of a worker whose engine died while serving (its tasks went back to the queue).
+EXIT_ENGINE_DEAD = 4
 #: Eviction policies that may drop queue keys when broker and cache share a Redis.
 UNSAFE_EVICTION = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
@@ -41,6 +44,8 @@ class Runtime:
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.cache: redis.Redis = connect(settings.shared.cache)
+        #: Why the engine died, once it has; the worker then stops and exits.
+        self.dead: str | None = None
 
     def start(self) -> None:
         """Load the engine once; idempotent, so a second ``worker_init`` is harmless."""
@@ -53,10 +58,22 @@ class Runtime:
         engine.load()
         self.engine = engine
         self.batcher = Batcher(
-            engine, max_tokens=s.batch_tokens, max_texts=s.batch_max_texts, max_wait=s.batch_wait_ms / 1000
+            engine,
+            max_tokens=s.batch_tokens,
+            max_texts=s.batch_max_texts,
+            max_wait=s.batch_wait_ms / 1000,
+            on_dead=self.on_engine_dead,
         )
         self.batcher.start()
         log.info("engine ready: dim=%d, consuming queue %s", engine.dim, queue_name(s.shared.model))
+
+    def on_engine_dead(self, reason: str) -> None:
+        """Never a worker that takes tasks it cannot serve: unready, warm shutdown, exit."""
+        self.dead = reason
+        if self.settings.ready_file:
+            Path(self.settings.ready_file).unlink(missing_ok=True)
+        log.critical("engine died (%s): stopping; its tasks return to the queue", reason)
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: stop consuming, finish, requeue
 
     def stop(self) -> None:
         if self.batcher is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from producer import EmbqError, Settings
 from producer.keys import queue_name
@@ -46,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", help="torch device for sentence-transformers (cpu, cuda, cuda:1)")
     w.add_argument("--cache-dtype", choices=["float32", "float16"])
     w.add_argument("--ready-file", help="created once the engine is loaded and the worker consumes")
+    w.add_argument("--dtype", help="weights dtype (auto, bfloat16, float16)")
+    w.add_argument("--trust-remote-code", action="store_true", default=None)
+    w.add_argument("--truncate", action="store_true", default=None, help="truncate texts over the context")
+    w.add_argument("--instruction-template", help="e.g. 'Instruct: {instruction}\\nQuery:{text}'")
+    w.add_argument("--engine-call-timeout", type=float, help="seconds before a silent engine is declared dead")
+    g = w.add_argument_group("sglang engine")
+    g.add_argument("--mem-fraction-static", type=float, help="GPU memory share for weights and KV cache")
+    g.add_argument("--max-running-requests", type=int)
+    g.add_argument("--chunked-prefill-size", type=int)
+    g.add_argument("--context-length", type=int)
+    g.add_argument("--tp-size", type=int, help="GPUs per engine (tensor parallel)")
+    g.add_argument("--load-format", help="auto, or dummy for random weights")
+    g.add_argument("--engine-inflight-calls", type=int, help="engine calls kept in flight")
+    g.add_argument("--sglang-args", help="other sglang.Engine keywords as a JSON object")
     w.add_argument("--hostname", help="Celery node name (default embq-ENGINE@HOST)")
     w.add_argument("--loglevel", default="INFO")
 
@@ -72,34 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.app import create_app
+    from worker.app import EXIT_ENGINE_DEAD, create_app
     from worker.settings import WorkerSettings
 
-    settings = WorkerSettings.from_env(
-        engine=args.engine,
-        model=args.model,
-        concurrency=args.concurrency,
-        batch_tokens=args.batch_tokens,
-        batch_max_texts=args.batch_max_texts,
-        batch_wait_ms=args.batch_wait_ms,
-        device=args.device,
-        cache_dtype=args.cache_dtype,
-        ready_file=args.ready_file,
-    )
+    names = {f.name for f in fields(WorkerSettings)} | {"model"}
+    settings = WorkerSettings.from_env(**{k: v for k, v in vars(args).items() if k in names})
     app = create_app(settings)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.concurrency}",
-            f"--queues={queue_name(settings.shared.model)}",
-            f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
-            f"--loglevel={args.loglevel}",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-    )
-    return 0
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.concurrency}",
+        f"--queues={queue_name(settings.shared.model)}",
+        f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
+        f"--loglevel={args.loglevel}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    try:
+        app.worker_main(argv)
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if app.embq_runtime.dead:  # type: ignore[attr-defined]
+        return EXIT_ENGINE_DEAD
+    return code if isinstance(code, int) else 1
 
 
 def run_embed(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,39 @@ class WorkerSettings:
     engine_batch_size: int = 32
     #: Width of the hash engine's vectors.
     hash_dim: int = 384
+    #: Weights dtype: ``auto`` takes the model's own (bfloat16 for Qwen3-Embedding).
+    dtype: str = "auto"
+    #: Let the engine run custom model code shipped with the checkpoint.
+    trust_remote_code: bool = False
+    #: Truncate texts longer than the model's context instead of failing them.
+    truncate: bool = False
+    #: How an instruction and a text become one prompt; None takes the engine's
+    #: own (``Instruct: {instruction}\nQuery:{text}`` for SGLang/Qwen3-Embedding).
+    instruction_template: str | None = None
+    #: Seconds one engine call may take before the engine is declared dead (the
+    #: worker then requeues its tasks and exits for its orchestrator to restart it).
+    engine_call_timeout: float = 600.0
+    #: SGLang: share of GPU memory for weights and KV cache. 0.85 suits
+    #: Qwen3-Embedding-4B (8 GB of bf16 weights) on one 80 GB GPU and leaves
+    #: room for activations; lower it if other processes share the GPU.
+    mem_fraction_static: float = 0.85
+    #: SGLang: requests it runs at once; embedding requests finish in one prefill,
+    #: so this bounds the texts per forward pass.
+    max_running_requests: int = 256
+    #: SGLang: tokens per prefill chunk; long texts are split into chunks of this size.
+    chunked_prefill_size: int = 8192
+    #: SGLang: context length; None takes the model's (32768 for Qwen3-Embedding).
+    #: Lower it to bound memory per request.
+    context_length: int | None = None
+    #: SGLang: GPUs one engine spans (tensor parallel). One worker per GPU is
+    #: the default and scales best for models that fit on one GPU.
+    tp_size: int = 1
+    #: SGLang: ``auto``, or ``dummy`` for random weights (smoke tests without a download).
+    load_format: str = "auto"
+    #: SGLang: engine calls kept in flight, so the GPU works while results are stored.
+    engine_inflight_calls: int = 2
+    #: SGLang: any other ``sglang.Engine`` keyword, as a JSON object.
+    sglang_args: str = ""
     #: Created once the engine is loaded and the worker consumes; removed at exit
     #: (readiness probes test for it).
     ready_file: str | None = None
@@ -47,6 +81,22 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.cache_dtype not in DTYPES:
             raise ConfigurationError(f"EMBQ_CACHE_DTYPE must be one of {DTYPES}, got {self.cache_dtype!r}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ConfigurationError(
+                f"EMBQ_MEM_FRACTION_STATIC must be between 0 and 1, got {self.mem_fraction_static}"
+            )
+        self.extra_sglang_args()  # fail at start, not at engine load
+
+    def extra_sglang_args(self) -> dict[str, Any]:
+        if not self.sglang_args:
+            return {}
+        try:
+            extra = json.loads(self.sglang_args)
+        except ValueError as e:
+            raise ConfigurationError(f"EMBQ_SGLANG_ARGS must be a JSON object: {e}") from e
+        if not isinstance(extra, dict):
+            raise ConfigurationError("EMBQ_SGLANG_ARGS must be a JSON object of sglang.Engine keywords")
+        return extra
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -58,7 +108,24 @@ class WorkerSettings:
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword options for ``create_engine``; each engine takes the ones it knows."""
-        return {"device": self.device, "batch_size": self.engine_batch_size, "dim": self.hash_dim}
+        return {
+            "device": self.device,
+            "batch_size": self.engine_batch_size,
+            "dim": self.hash_dim,
+            "dtype": self.dtype,
+            "trust_remote_code": self.trust_remote_code,
+            "truncate": self.truncate,
+            "instruction_template": self.instruction_template,
+            "call_timeout": self.engine_call_timeout,
+            "mem_fraction_static": self.mem_fraction_static,
+            "max_running_requests": self.max_running_requests,
+            "chunked_prefill_size": self.chunked_prefill_size,
+            "context_length": self.context_length,
+            "tp_size": self.tp_size,
+            "load_format": self.load_format,
+            "concurrent_calls": self.engine_inflight_calls,
+            "sglang_args": self.extra_sglang_args(),
+        }
 
 
 ENV_NAMES: dict[str, str] = {
@@ -72,4 +139,17 @@ ENV_NAMES: dict[str, str] = {
     "engine_batch_size": "EMBQ_ENGINE_BATCH_SIZE",
     "hash_dim": "EMBQ_HASH_DIM",
     "ready_file": "EMBQ_READY_FILE",
+    "dtype": "EMBQ_DTYPE",
+    "trust_remote_code": "EMBQ_TRUST_REMOTE_CODE",
+    "truncate": "EMBQ_TRUNCATE",
+    "instruction_template": "EMBQ_INSTRUCTION_TEMPLATE",
+    "engine_call_timeout": "EMBQ_ENGINE_CALL_TIMEOUT",
+    "mem_fraction_static": "EMBQ_MEM_FRACTION_STATIC",
+    "max_running_requests": "EMBQ_MAX_RUNNING_REQUESTS",
+    "chunked_prefill_size": "EMBQ_CHUNKED_PREFILL_SIZE",
+    "context_length": "EMBQ_CONTEXT_LENGTH",
+    "tp_size": "EMBQ_TP_SIZE",
+    "load_format": "EMBQ_LOAD_FORMAT",
+    "engine_inflight_calls": "EMBQ_ENGINE_INFLIGHT_CALLS",
+    "sglang_args": "EMBQ_SGLANG_ARGS",
 }

@@ -15,11 +15,20 @@ from producer.errors import ConfigurationError
 
 
 class Engine(Protocol):
-    """The surface the batcher needs. ``encode`` returns float32 ``(len(texts), dim)``, L2-normalised."""
+    """The surface the batcher needs. ``encode`` returns float32 ``(len(texts), dim)``, L2-normalised.
+
+    ``encode`` may raise ``EngineItemErrors`` to refuse some texts of a call,
+    ``EngineDead`` when the engine can serve no more, and anything else for a
+    failure the batcher isolates by splitting the call.
+    """
 
     name: str
     dim: int
     max_tokens: int
+    #: Engine calls the batcher keeps in flight at once: 1 for engines that run
+    #: in the caller's thread; 2 lets an engine with its own scheduler start on
+    #: the next call while the last one's results are written.
+    concurrent_calls: int
 
     def load(self) -> None: ...
 
@@ -27,7 +36,33 @@ class Engine(Protocol):
 
     def format_query(self, instruction: str, text: str) -> str: ...
 
+    def healthy(self) -> bool: ...
+
     def close(self) -> None: ...
+
+
+class EngineItemErrors(Exception):
+    """Raised by ``encode`` for texts it refuses (too long, say); the other texts of the call are fine."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        super().__init__(f"{len(errors)} texts refused: " + "; ".join(list(errors.values())[:3]))
+        self.errors = errors
+
+
+class EngineDead(Exception):
+    """Raised when the engine can serve no more: the worker stops taking work and exits."""
+
+
+def apply_instruction(template: str | None, instruction: str, text: str) -> str:
+    """The prompt for ``text``: no instruction leaves it alone; no template prefixes the instruction."""
+    if not instruction:
+        return text
+    return template.format(instruction=instruction, text=text) if template else instruction + text
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA/accelerator OOM, which a smaller call may avoid; torch is not imported for it."""
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
 
 
 #: Engine name -> "module:class". ``sglang`` hosts one SGLang engine per GPU.

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.engines import apply_instruction
+
 
 def hash_vector(text: str, dim: int) -> np.ndarray:
     """The unit vector the hash engine returns for ``text``."""
@@ -24,9 +26,13 @@ class HashEngine:
     """Any model name; ``dim`` sets the width. Instructions prefix the text, as for sentence-transformers."""
 
     name = "hash"
+    concurrent_calls = 1
 
-    def __init__(self, model: str, *, dim: int = 384, max_tokens: int = 8192, **_: Any) -> None:
+    def __init__(
+        self, model: str, *, dim: int = 384, max_tokens: int = 8192, instruction_template: str | None = None, **_: Any
+    ) -> None:
         self.model = model
+        self.instruction_template = instruction_template
         self.dim = dim
         self.max_tokens = max_tokens
 
@@ -40,7 +46,10 @@ class HashEngine:
         return out
 
     def format_query(self, instruction: str, text: str) -> str:
-        return instruction + text
+        return apply_instruction(self.instruction_template, instruction, text)
+
+    def healthy(self) -> bool:
+        return True
 
     def close(self) -> None:
         """Nothing to release."""

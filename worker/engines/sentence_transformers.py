@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from producer.errors import EngineError
+from worker.engines import apply_instruction
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SentenceTransformersEngine:
     """Instructions are prepended to the text, as sentence-transformers prompts are."""
 
     name = "sentence-transformers"
+    concurrent_calls = 1
 
     def __init__(
         self,
@@ -48,9 +50,11 @@ class SentenceTransformersEngine:
         batch_size: int = 32,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        instruction_template: str | None = None,
         **_: Any,
     ) -> None:
         self.model_id = model
+        self.instruction_template = instruction_template
         self.device = device
         #: Texts per forward pass inside one engine call: 32 suits a CPU, 128+ a GPU.
         self.batch_size = batch_size
@@ -69,7 +73,7 @@ class SentenceTransformersEngine:
             from sentence_transformers import SentenceTransformer
 
             kwargs: dict[str, Any] = {}
-            if self.dtype:
+            if self.dtype and self.dtype != "auto":
                 kwargs["torch_dtype"] = getattr(torch, self.dtype)
             self._model = SentenceTransformer(
                 path, device=self.device, trust_remote_code=self.trust_remote_code, model_kwargs=kwargs or None
@@ -93,7 +97,10 @@ class SentenceTransformersEngine:
         return np.asarray(vectors, dtype=np.float32)
 
     def format_query(self, instruction: str, text: str) -> str:
-        return instruction + text
+        return apply_instruction(self.instruction_template, instruction, text)
+
+    def healthy(self) -> bool:
+        return self._model is not None
 
     def close(self) -> None:
         self._model = None
