@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from worker.batcher import Batcher
+from worker.batcher import Batcher, BatcherStopped
+from worker.engines import EngineDead, EngineItemErrors
 from worker.engines.hash import HashEngine, hash_vector
 
 
@@ -98,3 +99,83 @@ def test_stop_finishes_what_is_queued(engine: ObservedEngine) -> None:
     jobs = run_concurrently(b, [[f"t{i}"] for i in range(8)])
     b.stop(timeout=10)
     assert all(job.done.is_set() and not job.errors for job in jobs)
+
+
+class FragileEngine(ObservedEngine):
+    """Runs out of memory above ``limit`` texts per call; dies on texts containing ``DEAD``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        if any("DEAD" in t for t in texts):
+            raise EngineDead("scheduler process exited")
+        if len(texts) > self.limit:
+            self.calls.append(list(texts))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().encode(texts)
+
+
+def test_out_of_memory_splits_the_call_until_it_fits() -> None:
+    engine = FragileEngine(limit=5)
+    b = Batcher(engine, max_tokens=100_000, max_texts=256, max_wait=0.0)
+    b.start()
+    try:
+        texts = [f"text {i}" for i in range(40)]
+        job = b.embed(texts)
+    finally:
+        b.stop(timeout=10)
+    assert not job.errors
+    for text, vector in zip(texts, job.vectors, strict=True):
+        np.testing.assert_array_equal(vector, hash_vector(text, 16))
+    assert max(len(c) for c in engine.calls if len(c) <= 5) <= 5
+
+
+def test_a_dead_engine_aborts_waiting_tasks_and_tells_the_worker() -> None:
+    deaths: list[str] = []
+    b = Batcher(FragileEngine(limit=100), max_tokens=100_000, max_texts=256, max_wait=0.0, on_dead=deaths.append)
+    b.start()
+    try:
+        with pytest.raises(BatcherStopped, match="scheduler process exited"):
+            b.embed(["fine", "DEAD"])
+        with pytest.raises(BatcherStopped):
+            b.embed(["after death"])
+    finally:
+        b.stop(timeout=10)
+    assert deaths == ["scheduler process exited"]
+
+
+def test_refused_items_fail_alone_without_bisection() -> None:
+    class Refusing(ObservedEngine):
+        def encode(self, texts: list[str]) -> np.ndarray:
+            too_long = {i: "text is too long" for i, t in enumerate(texts) if len(t) > 10}
+            if too_long:
+                self.calls.append(list(texts))
+                raise EngineItemErrors(too_long)
+            return super().encode(texts)
+
+    engine = Refusing()
+    b = Batcher(engine, max_tokens=100_000, max_texts=256, max_wait=0.0)
+    b.start()
+    try:
+        job = b.embed(["short", "x" * 50, "tiny"])
+    finally:
+        b.stop(timeout=10)
+    assert job.errors == {1: "text is too long"}
+    assert len(engine.calls) == 2  # the refused call, then the rest in one call
+
+
+def test_concurrent_runners_never_make_an_empty_call() -> None:
+    engine = ObservedEngine()
+    engine.concurrent_calls = 2
+    b = Batcher(engine, max_tokens=100_000, max_texts=8, max_wait=0.05)
+    b.start()
+    try:
+        jobs = run_concurrently(b, [[f"runner {i}", f"mate {i}"] for i in range(40)])
+    finally:
+        b.stop(timeout=10)
+    assert all(job.done.is_set() and not job.errors for job in jobs)
+    assert all(engine.calls) and sum(len(c) for c in engine.calls) == 80

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
 
 from producer.backend import connect, redact
@@ -46,6 +46,8 @@ class Runtime:
         self.cache: redis.Redis = connect(settings.shared.cache)
         #: Why the engine died, once it has; the worker then stops and exits.
         self.dead: str | None = None
+        #: The status the worker process must exit with, when not 0.
+        self.exit_code: int | None = None
 
     def start(self) -> None:
         """Load the engine once; idempotent, so a second ``worker_init`` is harmless."""
@@ -70,6 +72,7 @@ class Runtime:
     def on_engine_dead(self, reason: str) -> None:
         """Never a worker that takes tasks it cannot serve: unready, warm shutdown, exit."""
         self.dead = reason
+        self.exit_code = EXIT_ENGINE_DEAD
         if self.settings.ready_file:
             Path(self.settings.ready_file).unlink(missing_ok=True)
         log.critical("engine died (%s): stopping; its tasks return to the queue", reason)
@@ -111,6 +114,23 @@ def check_eviction_policy(settings: WorkerSettings) -> None:
         )
 
 
+def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
+    """A worker bootstep that loads the engine after logging is set up and before the consumer starts."""
+
+    class EngineStep(bootsteps.StartStopStep):
+        requires = ("celery.worker.components:Pool",)
+
+        def start(self, worker: Any) -> None:
+            try:
+                runtime.start()
+            except Exception:
+                log.critical("worker cannot start: its engine did not load", exc_info=True)
+                runtime.exit_code = EXIT_START_FAILED
+                raise SystemExit(EXIT_START_FAILED) from None
+
+    return EngineStep
+
+
 def check_pool(pool_cls: Any) -> None:
     pool = pool_cls if isinstance(pool_cls, str) else f"{pool_cls.__module__}.{pool_cls.__name__}"
     if not any(name in pool for name in ("thread", "solo")):
@@ -148,13 +168,12 @@ def create_app(settings: WorkerSettings) -> Celery:
 
     def on_init(sender: Any, **_: Any) -> None:
         # Celery logs and swallows exceptions from signal handlers; a worker
-        # without its engine must not consume, so it exits instead.
+        # that would fork copies of its engine must not start, so it exits.
         if sender.app is not app:
             return
         try:
             check_pool(sender.pool_cls)
-            runtime.start()
-        except Exception:
+        except ConfigurationError:
             log.critical("worker cannot start", exc_info=True)
             raise SystemExit(EXIT_START_FAILED) from None
 
@@ -167,6 +186,7 @@ def create_app(settings: WorkerSettings) -> Celery:
             Path(settings.ready_file).unlink(missing_ok=True)
         runtime.stop()
 
+    app.steps["worker"].add(engine_step(runtime))
     signals.worker_init.connect(on_init, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)

@@ -156,16 +156,19 @@ class Batcher:
 
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
-            while not self._queue:
-                if self._stopping or self.dead:
-                    return None
-                self._cond.wait()
-            deadline = self._queue[0].arrived + self.max_wait
-            while not self._full() and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while True:
+                while not self._queue:
+                    if self._stopping or self.dead:
+                        return None
+                    self._cond.wait()
+                deadline = self._queue[0].arrived + self.max_wait
+                while self._queue and not self._full() and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._queue:  # another runner may have taken everything while we waited
                     break
-                self._cond.wait(left)
             batch: list[Item] = []
             tokens = 0
             while self._queue and len(batch) < self.max_texts:
@@ -183,6 +186,8 @@ class Batcher:
 
     def _encode(self, batch: list[Item], oom_attempt: int = 0) -> None:
         """Encode ``batch``, isolating the texts that fail; raises ``EngineDead``."""
+        if not batch:
+            return
         try:
             vectors = self.engine.encode([item.text for item in batch])
             if vectors.shape != (len(batch), self.engine.dim) or not np.isfinite(vectors).all():

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.app import EXIT_ENGINE_DEAD, create_app
+    from worker.app import create_app
     from worker.settings import WorkerSettings
 
     names = {f.name for f in fields(WorkerSettings)} | {"model"}
@@ -109,9 +109,10 @@ def run_worker(args: argparse.Namespace) -> int:
         code: Any = 0
     except SystemExit as e:
         code = e.code
-    if app.embq_runtime.dead:  # type: ignore[attr-defined]
-        return EXIT_ENGINE_DEAD
-    return code if isinstance(code, int) else 1
+    runtime = app.embq_runtime  # type: ignore[attr-defined]
+    if runtime.exit_code is not None:  # Celery's CLI does not hand back the worker's exit status
+        return int(runtime.exit_code)
+    return code if isinstance(code, int) else (0 if code is None else 1)
 
 
 def run_embed(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import multiprocessing
 import threading
 from typing import Any
 
@@ -99,7 +100,7 @@ class SGLangEngine:
         self._loop_thread: threading.Thread | None = None
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
-        self._children: list[Any] = []
+        self._children: list[multiprocessing.process.BaseProcess] = []
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keywords for ``sglang.Engine``; unset options are left to SGLang's defaults."""
@@ -129,7 +130,7 @@ class SGLangEngine:
         manager = self._engine.tokenizer_manager
         self.max_tokens = int(manager.context_len)
         self._tokenizer = _own_copy(manager.tokenizer)
-        self._children = _children()
+        self._children = multiprocessing.active_children()  # SGLang's scheduler and detokenizer
         log.info("SGLang children: %s", [p.pid for p in self._children])
         probe = self._call(["embq warm-up"])
         self.dim = len(probe[0]["embedding"])
@@ -184,7 +185,7 @@ class SGLangEngine:
     def healthy(self) -> bool:
         if self._loop_thread is None or not self._loop_thread.is_alive():
             return False
-        return all(_alive(child) for child in self._children)
+        return all(child.is_alive() for child in self._children)
 
     def close(self) -> None:
         """Stop our loop first: SGLang's loop tasks kill the process if they fail while it runs."""
@@ -194,21 +195,6 @@ class SGLangEngine:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
-
-
-def _children() -> list[Any]:
-    try:
-        import psutil
-    except ImportError:
-        return []
-    return list(psutil.Process().children(recursive=False))
-
-
-def _alive(process: Any) -> bool:
-    try:
-        return bool(process.is_running() and process.status() != "zombie")
-    except Exception:  # psutil.NoSuchProcess and kin
-        return False
 
 
 def _own_copy(tokenizer: Any) -> Any:

@@ -1,0 +1,210 @@
+"""The SGLang engine host end to end: real Redis, real worker processes, the sglang 0.5.23 stand-in.
+
+The worker imports ``sglang`` from ``tests/standins`` (see its docstring for
+what it mirrors); everything else is the production code path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from producer import EmbeddingClient, ItemFailedError, keys
+from producer.settings import DEFAULT_MODEL
+from worker.engines.sentence_transformers import resolve_model_path
+from worker.engines.sglang import SGLangEngine
+from worker.local import LocalWorker, wait_until
+
+STANDINS = Path(__file__).parent / "standins"
+ROOT = Path(__file__).resolve().parent.parent
+#: A model directory with a real tokenizer and config; the stand-in reads both.
+MODEL = resolve_model_path(DEFAULT_MODEL)
+
+_spec = importlib.util.spec_from_file_location("sglang_standin", STANDINS / "sglang" / "__init__.py")
+assert _spec is not None and _spec.loader is not None
+standin: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(standin)
+
+Start = Callable[..., LocalWorker]
+Client = Callable[..., EmbeddingClient]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL)
+
+
+def expected(tokenizer: Any, prompts: list[str]) -> np.ndarray:
+    return np.stack([standin.standin_embedding(tokenizer(p)["input_ids"], 384) for p in prompts]).astype(np.float32)
+
+
+def sglang_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(STANDINS), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {"PYTHONPATH": path, "EMBQ_CONTEXT_LENGTH": "128", **extra}
+
+
+def alias(tmp_path: Path, name: str) -> str:
+    """Another model id (and so another queue) for the same model directory."""
+    link = tmp_path / name
+    link.symlink_to(MODEL, target_is_directory=True)
+    return str(link)
+
+
+def pids_in_log(worker: LocalWorker) -> list[int]:
+    found = re.search(r"SGLang children: \[([\d, ]*)\]", worker.log_path.read_text())
+    assert found, worker.log_tail()
+    return [int(p) for p in found.group(1).split(",") if p.strip()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_every_option_is_a_real_engine_keyword() -> None:
+    engine = SGLangEngine(
+        MODEL,
+        mem_fraction_static=0.8,
+        max_running_requests=128,
+        chunked_prefill_size=4096,
+        context_length=8192,
+        tp_size=2,
+        dtype="bfloat16",
+        load_format="dummy",
+        trust_remote_code=True,
+        truncate=True,
+        sglang_args={"random_seed": 7},
+    )
+    kwargs = engine.engine_kwargs()
+    assert kwargs["is_embedding"] is True and kwargs["allow_auto_truncate"] is True
+    assert set(kwargs) <= standin.FIELDS
+    with pytest.raises(TypeError, match="Unexpected keyword argument 'not_an_option'"):
+        standin.Engine(**kwargs, not_an_option=1)
+
+
+def test_an_unknown_engine_keyword_stops_the_worker_at_start(start_worker: Start) -> None:
+    with pytest.raises(Exception, match="exited with 3") as info:
+        start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_SGLANG_ARGS='{"not_an_option": 1}'))
+    assert "Unexpected keyword argument 'not_an_option'" in str(info.value)
+
+
+def test_vectors_instructions_dims_and_too_long_texts(
+    start_worker: Start, make_client: Client, tokenizer: Any, tmp_path: Path
+) -> None:
+    worker = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_MEM_FRACTION_STATIC="0.7"))
+    assert "'mem_fraction_static': 0.7" in worker.log_path.read_text()
+    assert "'is_embedding': True" in worker.log_path.read_text()
+    client = make_client(model=MODEL)
+    texts = [f"document number {i} about embeddings" for i in range(50)]
+    np.testing.assert_allclose(client.embed(texts, timeout=60), expected(tokenizer, texts), rtol=1e-5, atol=1e-6)
+
+    task = "Given a web search query, retrieve relevant passages"
+    query = client.embed(["what is redis"], instruction=task, timeout=60)
+    np.testing.assert_allclose(query, expected(tokenizer, [f"Instruct: {task}\nQuery:what is redis"]), atol=1e-6)
+
+    full = client.embed(texts[:5], timeout=60)
+    small = client.embed(texts[:5], dim=64, timeout=60)
+    head = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(small, head, rtol=1e-6)
+
+    long_text = "word " * 300
+    with pytest.raises(ItemFailedError) as info:
+        client.embed(["before", long_text, "after"], timeout=60)
+    assert list(info.value.failures) == [1]
+    assert "tokens, the model's context is 128 tokens" in info.value.failures[1]
+    np.testing.assert_allclose(info.value.vectors[[0, 2]], expected(tokenizer, ["before", "after"]), atol=1e-6)
+
+    truncating = alias(tmp_path, "truncating")
+    start_worker(truncating, engine="sglang", env=sglang_env(EMBQ_TRUNCATE="1"))
+    cut = make_client(model=truncating).embed([long_text], timeout=60)
+    ids = tokenizer(long_text)["input_ids"][:128]
+    np.testing.assert_allclose(cut[0], standin.standin_embedding(ids, 384), atol=1e-6)
+
+
+def test_a_poison_text_fails_alone_and_out_of_memory_splits(
+    start_worker: Start, make_client: Client, tokenizer: Any
+) -> None:
+    worker = start_worker(
+        MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_POISON="POISON", EMBQ_STANDIN_OOM_ABOVE="8")
+    )
+    texts = [f"mate {i}" for i in range(40)]
+    texts[17] = "a POISON text"
+    with pytest.raises(ItemFailedError) as info:
+        make_client(model=MODEL).embed(texts, timeout=60)
+    assert list(info.value.failures) == [17] and "poisoned input" in info.value.failures[17]
+    good = [i for i in range(40) if i != 17]
+    np.testing.assert_allclose(info.value.vectors[good], expected(tokenizer, [texts[i] for i in good]), atol=1e-6)
+    assert "out of memory" in worker.log_path.read_text()
+
+
+def test_a_silent_engine_makes_the_worker_requeue_and_exit(
+    start_worker: Start, make_client: Client, tokenizer: Any, r: redis.Redis
+) -> None:
+    stuck = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="2"))
+    children = pids_in_log(stuck)
+    texts = ["fine", "HANG until the worker gives up"]
+    result: dict[str, Any] = {}
+    producer = threading.Thread(target=lambda: result.update(out=make_client(model=MODEL).embed(texts, timeout=120)))
+    producer.start()
+    assert stuck.process is not None
+    wait_until(lambda: stuck.process.poll() is not None, 60, "the stuck worker to exit")
+    assert stuck.process.returncode == 4, stuck.log_tail()
+    assert not stuck.ready_file.exists()
+    assert not any(alive(pid) for pid in children)
+    assert r.llen(keys.queue_name(MODEL)) == 1  # the task went back to the queue
+    start_worker(MODEL, engine="sglang", env=sglang_env())
+    producer.join(60)
+    np.testing.assert_allclose(result["out"], expected(tokenizer, texts), atol=1e-6)
+
+
+def test_a_crashed_engine_takes_the_worker_down_and_its_batch_is_redelivered(
+    start_worker: Start, make_client: Client, tokenizer: Any
+) -> None:
+    doomed = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DIE="DIE", EMBQ_VISIBILITY_TIMEOUT="1"))
+    children = pids_in_log(doomed)
+    texts = ["survivor", "DIE here"]
+    result: dict[str, Any] = {}
+    producer = threading.Thread(target=lambda: result.update(out=make_client(model=MODEL).embed(texts, timeout=120)))
+    producer.start()
+    assert doomed.process is not None
+    wait_until(lambda: doomed.process.poll() is not None, 60, "the crashed worker to die")
+    assert "Received sigquit from a child process" in doomed.log_path.read_text()
+    assert not any(alive(pid) for pid in children)
+    start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_VISIBILITY_TIMEOUT="1"))
+    producer.join(60)
+    np.testing.assert_allclose(result["out"], expected(tokenizer, texts), atol=1e-6)
+
+
+def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
+    start_worker: Start, make_client: Client, tokenizer: Any, r: redis.Redis
+) -> None:
+    slow = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DELAY="2", EMBQ_CONCURRENCY="1"))
+    children = pids_in_log(slow)
+    texts = [f"slow {i}" for i in range(6)]
+    client = make_client(model=MODEL, task_max_texts=2)
+    result: dict[str, Any] = {}
+    producer = threading.Thread(target=lambda: result.update(out=client.embed(texts, timeout=120)))
+    producer.start()
+    queue = keys.queue_name(MODEL)
+    wait_until(lambda: r.llen(queue) == 2, 30, "the worker to take one task of three")
+    assert slow.stop(grace=30) == 0, slow.log_tail()
+    assert int(r.hget(keys.stats_key(MODEL), "texts") or 0) == 2  # the batch in flight was finished
+    assert r.llen(queue) == 2  # the rest went back, or was never taken
+    assert not any(alive(pid) for pid in children)
+    start_worker(MODEL, engine="sglang", env=sglang_env())
+    producer.join(60)
+    np.testing.assert_allclose(result["out"], expected(tokenizer, texts), atol=1e-6)
