@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import redis
 
@@ -17,6 +19,37 @@ HASH_MODEL = "test/hash"
 for name in list(os.environ):
     if name.startswith("EMBQ_"):
         del os.environ[name]
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of that PID exists (zombies of our own children count as gone once reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def embed_in_background(client: EmbeddingClient, texts: list[str], timeout: float = 120) -> Callable[[], np.ndarray]:
+    """Start ``client.embed`` in a thread; the returned function joins it and gives its result."""
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["out"] = client.embed(texts, timeout=timeout)
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> np.ndarray:
+        thread.join(timeout + 10)
+        if "error" in result:
+            raise result["error"]  # type: ignore[misc]
+        return result["out"]  # type: ignore[return-value]
+
+    return join
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from producer import EmbeddingClient
-from tests.conftest import HASH_MODEL
+from tests.conftest import HASH_MODEL, alive
 from worker.engines.hash import hash_vector
 from worker.local import wait_until
 
@@ -31,14 +31,6 @@ def embq(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.Co
     return subprocess.run(
         [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import redis
 
 from producer import EmbeddingClient, ItemFailedError, keys
 from producer.settings import DEFAULT_MODEL
+from tests.conftest import alive, embed_in_background
 from worker.engines.sentence_transformers import resolve_model_path
 from worker.engines.sglang import SGLangEngine
 from worker.local import LocalWorker, wait_until
@@ -65,14 +65,6 @@ def pids_in_log(worker: LocalWorker) -> list[int]:
     found = re.search(r"SGLang children: \[([\d, ]*)\]", worker.log_path.read_text())
     assert found, worker.log_tail()
     return [int(p) for p in found.group(1).split(",") if p.strip()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_every_option_is_a_real_engine_keyword() -> None:
@@ -157,9 +149,7 @@ def test_a_silent_engine_makes_the_worker_requeue_and_exit(
     stuck = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="2"))
     children = pids_in_log(stuck)
     texts = ["fine", "HANG until the worker gives up"]
-    result: dict[str, Any] = {}
-    producer = threading.Thread(target=lambda: result.update(out=make_client(model=MODEL).embed(texts, timeout=120)))
-    producer.start()
+    join = embed_in_background(make_client(model=MODEL), texts)
     assert stuck.process is not None
     wait_until(lambda: stuck.process.poll() is not None, 60, "the stuck worker to exit")
     assert stuck.process.returncode == 4, stuck.log_tail()
@@ -167,8 +157,7 @@ def test_a_silent_engine_makes_the_worker_requeue_and_exit(
     assert not any(alive(pid) for pid in children)
     assert r.llen(keys.queue_name(MODEL)) == 1  # the task went back to the queue
     start_worker(MODEL, engine="sglang", env=sglang_env())
-    producer.join(60)
-    np.testing.assert_allclose(result["out"], expected(tokenizer, texts), atol=1e-6)
+    np.testing.assert_allclose(join(), expected(tokenizer, texts), atol=1e-6)
 
 
 def test_a_crashed_engine_takes_the_worker_down_and_its_batch_is_redelivered(
@@ -177,16 +166,13 @@ def test_a_crashed_engine_takes_the_worker_down_and_its_batch_is_redelivered(
     doomed = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DIE="DIE", EMBQ_VISIBILITY_TIMEOUT="1"))
     children = pids_in_log(doomed)
     texts = ["survivor", "DIE here"]
-    result: dict[str, Any] = {}
-    producer = threading.Thread(target=lambda: result.update(out=make_client(model=MODEL).embed(texts, timeout=120)))
-    producer.start()
+    join = embed_in_background(make_client(model=MODEL), texts)
     assert doomed.process is not None
     wait_until(lambda: doomed.process.poll() is not None, 60, "the crashed worker to die")
     assert "Received sigquit from a child process" in doomed.log_path.read_text()
     assert not any(alive(pid) for pid in children)
     start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_VISIBILITY_TIMEOUT="1"))
-    producer.join(60)
-    np.testing.assert_allclose(result["out"], expected(tokenizer, texts), atol=1e-6)
+    np.testing.assert_allclose(join(), expected(tokenizer, texts), atol=1e-6)
 
 
 def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
@@ -196,9 +182,7 @@ def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
     children = pids_in_log(slow)
     texts = [f"slow {i}" for i in range(6)]
     client = make_client(model=MODEL, task_max_texts=2)
-    result: dict[str, Any] = {}
-    producer = threading.Thread(target=lambda: result.update(out=client.embed(texts, timeout=120)))
-    producer.start()
+    join = embed_in_background(client, texts)
     queue = keys.queue_name(MODEL)
     wait_until(lambda: r.llen(queue) == 2, 30, "the worker to take one task of three")
     assert slow.stop(grace=30) == 0, slow.log_tail()
@@ -206,5 +190,4 @@ def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
     assert r.llen(queue) == 2  # the rest went back, or was never taken
     assert not any(alive(pid) for pid in children)
     start_worker(MODEL, engine="sglang", env=sglang_env())
-    producer.join(60)
-    np.testing.assert_allclose(result["out"], expected(tokenizer, texts), atol=1e-6)
+    np.testing.assert_allclose(join(), expected(tokenizer, texts), atol=1e-6)
