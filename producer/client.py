@@ -105,7 +105,7 @@ class EmbeddingClient:
         if failures:
             first = min(failures)
             raise ItemFailedError(
-                f"{len(failures)} of {len(digests)} texts failed; item {first}: {failures[first]}. "
+                f"{len(failures)} of {len(digests)} texts failed; texts[{first}] (index {first}): {failures[first]}. "
                 "The other rows are in .vectors and cached.",
                 failures,
                 result,

@@ -13,8 +13,10 @@ class ConfigurationError(EmbqError):
     """Raised when a setting is missing, malformed or contradicts another one."""
 
 
-class InvalidInputError(EmbqError, ValueError):
+class InvalidInputError(EmbqError, ValueError, TypeError):
     """Raised before anything is enqueued when some input items cannot be embedded.
+
+    Also a ``ValueError`` and a ``TypeError``, so generic handlers of either catch it.
 
     ``problems`` maps every offending index to what is wrong with it, so a caller
     can drop exactly those items and resubmit the rest.

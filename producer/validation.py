@@ -46,7 +46,7 @@ def validate_texts(texts: Any, max_bytes: int) -> list[str]:
         if problem is not None:
             problems[index] = problem
     if problems:
-        shown = "; ".join(f"item {i} {p}" for i, p in list(problems.items())[:SHOWN_PROBLEMS])
+        shown = "; ".join(f"texts[{i}] (index {i}) {p}" for i, p in list(problems.items())[:SHOWN_PROBLEMS])
         more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
         raise InvalidInputError(
             f"{len(problems)} of {len(items)} texts cannot be embedded, nothing was sent: {shown}{more}",

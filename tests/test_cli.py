@@ -113,3 +113,14 @@ def test_a_forking_pool_is_refused(redis_url: str) -> None:
     )
     assert done.returncode == 3
     assert "--pool threads" in done.stderr
+
+
+def test_status_shows_queues_and_counters(
+    redis_url: str, hash_worker: object, make_client: Callable[..., EmbeddingClient]
+) -> None:
+    make_client().embed([f"status {i}" for i in range(7)], timeout=30)
+    done = embq("status", env=clean_env(EMBQ_REDIS_URL=redis_url))
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith(HASH_MODEL))
+    assert row.split()[-2:] == ["7", "0"]  # texts embedded, failed
+    assert "cache:" in done.stdout and "hit rate" in done.stdout

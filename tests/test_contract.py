@@ -88,7 +88,7 @@ def test_bad_item_is_named_by_index(bad: object, words: str) -> None:
         validate_texts(["fine", bad, "also fine"], max_bytes=1 << 20)
     assert info.value.index == 1
     assert info.value.problems.keys() == {1}
-    assert "item 1" in str(info.value) and words in str(info.value)
+    assert "index 1" in str(info.value) and words in str(info.value)
 
 
 def test_every_bad_item_is_listed() -> None:

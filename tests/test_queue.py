@@ -84,7 +84,7 @@ def test_bad_input_is_refused_at_once_and_nothing_is_enqueued(make_client: Clien
     with pytest.raises(InvalidInputError) as info:
         client.embed(["good", bad, "also good"], timeout=60)
     assert time.monotonic() - start < 1.0
-    assert info.value.index == 1 and "item 1" in str(info.value)
+    assert info.value.index == 1 and "index 1" in str(info.value)
     assert r.dbsize() == before
     np.testing.assert_array_equal(client.embed(["good", "also good"], timeout=60), expected(["good", "also good"]))
 
@@ -196,7 +196,7 @@ def test_a_text_the_worker_refuses_fails_alone(make_client: Client, start_worker
     with pytest.raises(ItemFailedError) as info:
         make_client(model=model).embed(texts, timeout=60)
     assert list(info.value.failures) == [1]
-    assert "over the limit" in info.value.failures[1] and "item 1" in str(info.value)
+    assert "over the limit" in info.value.failures[1] and "index 1" in str(info.value)
     good = info.value.vectors
     np.testing.assert_array_equal(good[[0, 2]], expected(["short", "also short"]))
     assert np.isnan(good[1]).all()
