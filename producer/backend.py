@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from kombu.exceptions import OperationalError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from producer.errors import BackendUnavailableError
 
@@ -25,9 +28,40 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
+T = TypeVar("T")
+
+#: Retries of a command whose connection failed, with exponential backoff capped
+#: at 2 s: a Redis restart or failover of up to ~10 s goes unnoticed by callers.
+RETRIES = 8
+
+
+class ConnectionRetry(Retry):
+    """Retries a lost connection, never a refused password: that one will not heal by waiting."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[[Exception], Any] | Callable[[Exception, int], Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, redis.exceptions.AuthenticationError):
+                return False
+            return is_retryable(error) if is_retryable else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def connect(url: str) -> redis.Redis:
     """A pooled client; it connects on first use. Binary replies: vectors are bytes."""
-    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=30,
+        socket_keepalive=True,
+        retry=ConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
 
 
 @contextmanager

@@ -134,6 +134,10 @@ class EmbeddingClient:
                     TASK_EMBED,
                     args=[make_payload(self.settings, instruction, batch)],
                     queue=self.queue,
+                    # The default exchange routes by list name alone: no binding
+                    # key in Redis that a restart could lose.
+                    exchange="",
+                    routing_key=self.queue,
                     producer=producer,
                 )
         log.debug("sent %d texts in %d tasks to %s", len(texts), len(batches), self.queue)

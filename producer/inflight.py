@@ -103,13 +103,7 @@ class MissResolver:
         if not self.pending:
             return
         try:
-            # The reply stream exists for as long as this call waits: workers add
-            # with NOMKSTREAM, so a notice that comes after the call returned
-            # cannot leave an orphan key behind.
-            pipe = self.cache.pipeline(transaction=False)
-            pipe.xadd(self.reply, {"hello": b""})
-            pipe.pexpire(self.reply, 2 * self.lease_ms)
-            self.last_id = pipe.execute()[0]
+            self._open_reply()
             self._take([d for d in self.texts if d in self.pending])  # (2) claim, (3) send
             last_progress = last_tick = time.monotonic()
             while self.pending:
@@ -138,6 +132,14 @@ class MissResolver:
         finally:
             self._unwatch(list(self.pending))
             self.cache.delete(self.reply)
+
+    def _open_reply(self) -> None:
+        """Create the reply stream; workers add with NOMKSTREAM, so a notice
+        that comes after this call returned cannot leave an orphan key behind."""
+        pipe = self.cache.pipeline(transaction=False)
+        pipe.xadd(self.reply, {"hello": b""})
+        pipe.pexpire(self.reply, 2 * self.lease_ms)
+        self.last_id = pipe.execute()[0]
 
     def _take(self, digests: list[str]) -> None:
         """Watch, claim, read again, and send what this producer now owns."""
@@ -239,27 +241,30 @@ class MissResolver:
             self._take(retry)
 
     def _on_tick(self) -> None:
-        """Renew what we hold, keep our watches alive, take over texts whose claimer vanished."""
+        """Renew what we hold, keep our keys alive, take over texts whose claim vanished.
+
+        A claim vanishes when its producer died (the lease expired) or when the
+        cache Redis lost its data (a restart without persistence, which also
+        loses queued tasks): either way, whoever still waits claims and sends again.
+        """
         ours = [d for d in self.ours if d in self.pending]
         for part in chunks(ours):
             self._renew(keys=[keys.inflight_key(d) for d in part], args=[self.token, self.lease_ms])
+        if not self.cache.pexpire(self.reply, 2 * self.lease_ms):
+            self._open_reply()
         pending = list(self.pending)
+        orphaned: list[str] = []
         for part in chunks(pending):
             pipe = self.cache.pipeline(transaction=False)
             for d in part:
                 pipe.pexpire(keys.watch_key(d), 2 * self.lease_ms)
-            pipe.execute()
-        self.cache.pexpire(self.reply, 2 * self.lease_ms)
-        theirs = [d for d in pending if d not in self.ours]
-        orphaned: list[str] = []
-        for part in chunks(theirs):
-            pipe = self.cache.pipeline(transaction=False)
-            for d in part:
                 pipe.exists(keys.inflight_key(d))
-            orphaned += [d for d, exists in zip(part, pipe.execute(), strict=False) if not exists]
+            replies = pipe.execute()
+            orphaned += [d for d, exists in zip(part, replies[1::2], strict=True) if not exists]
         if orphaned:
             self._drain()  # a notice may explain why the marker is gone
             orphaned = [d for d in orphaned if d in self.pending]
         if orphaned:
-            log.info("taking over %d texts whose claim expired", len(orphaned))
+            log.info("taking over %d texts whose claim vanished", len(orphaned))
+            self.ours.difference_update(orphaned)
             self._take(orphaned)

@@ -6,65 +6,21 @@ what it mirrors); everything else is the production code path.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
 from producer import EmbeddingClient, ItemFailedError, keys
-from producer.settings import DEFAULT_MODEL
 from tests.conftest import alive, embed_in_background
-from worker.engines.sentence_transformers import resolve_model_path
+from tests.sglang_support import MODEL, alias, expected, pids_in_log, sglang_env, standin, tokenizer
 from worker.engines.sglang import SGLangEngine
 from worker.local import LocalWorker, wait_until
 
-STANDINS = Path(__file__).parent / "standins"
-ROOT = Path(__file__).resolve().parent.parent
-#: A model directory with a real tokenizer and config; the stand-in reads both.
-MODEL = resolve_model_path(DEFAULT_MODEL)
-
-_spec = importlib.util.spec_from_file_location("sglang_standin", STANDINS / "sglang" / "__init__.py")
-assert _spec is not None and _spec.loader is not None
-standin: Any = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(standin)
-
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(MODEL)
-
-
-def expected(tokenizer: Any, prompts: list[str]) -> np.ndarray:
-    return np.stack([standin.standin_embedding(tokenizer(p)["input_ids"], 384) for p in prompts]).astype(np.float32)
-
-
-def sglang_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(STANDINS), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {"PYTHONPATH": path, "EMBQ_CONTEXT_LENGTH": "128", **extra}
-
-
-def alias(tmp_path: Path, name: str) -> str:
-    """Another model id (and so another queue) for the same model directory."""
-    link = tmp_path / name
-    link.symlink_to(MODEL, target_is_directory=True)
-    return str(link)
-
-
-def pids_in_log(worker: LocalWorker) -> list[int]:
-    found = re.search(r"SGLang children: \[([\d, ]*)\]", worker.log_path.read_text())
-    assert found, worker.log_tail()
-    return [int(p) for p in found.group(1).split(",") if p.strip()]
 
 
 def test_every_option_is_a_real_engine_keyword() -> None:
@@ -94,19 +50,17 @@ def test_an_unknown_engine_keyword_stops_the_worker_at_start(start_worker: Start
     assert "Unexpected keyword argument 'not_an_option'" in str(info.value)
 
 
-def test_vectors_instructions_dims_and_too_long_texts(
-    start_worker: Start, make_client: Client, tokenizer: Any, tmp_path: Path
-) -> None:
+def test_vectors_instructions_dims_and_too_long_texts(start_worker: Start, make_client: Client, tmp_path: Path) -> None:
     worker = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_MEM_FRACTION_STATIC="0.7"))
     assert "'mem_fraction_static': 0.7" in worker.log_path.read_text()
     assert "'is_embedding': True" in worker.log_path.read_text()
     client = make_client(model=MODEL)
     texts = [f"document number {i} about embeddings" for i in range(50)]
-    np.testing.assert_allclose(client.embed(texts, timeout=60), expected(tokenizer, texts), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(client.embed(texts, timeout=60), expected(texts), rtol=1e-5, atol=1e-6)
 
     task = "Given a web search query, retrieve relevant passages"
     query = client.embed(["what is redis"], instruction=task, timeout=60)
-    np.testing.assert_allclose(query, expected(tokenizer, [f"Instruct: {task}\nQuery:what is redis"]), atol=1e-6)
+    np.testing.assert_allclose(query, expected([f"Instruct: {task}\nQuery:what is redis"]), atol=1e-6)
 
     full = client.embed(texts[:5], timeout=60)
     small = client.embed(texts[:5], dim=64, timeout=60)
@@ -118,18 +72,16 @@ def test_vectors_instructions_dims_and_too_long_texts(
         client.embed(["before", long_text, "after"], timeout=60)
     assert list(info.value.failures) == [1]
     assert "tokens, the model's context is 128 tokens" in info.value.failures[1]
-    np.testing.assert_allclose(info.value.vectors[[0, 2]], expected(tokenizer, ["before", "after"]), atol=1e-6)
+    np.testing.assert_allclose(info.value.vectors[[0, 2]], expected(["before", "after"]), atol=1e-6)
 
     truncating = alias(tmp_path, "truncating")
     start_worker(truncating, engine="sglang", env=sglang_env(EMBQ_TRUNCATE="1"))
     cut = make_client(model=truncating).embed([long_text], timeout=60)
-    ids = tokenizer(long_text)["input_ids"][:128]
+    ids = tokenizer()(long_text)["input_ids"][:128]
     np.testing.assert_allclose(cut[0], standin.standin_embedding(ids, 384), atol=1e-6)
 
 
-def test_a_poison_text_fails_alone_and_out_of_memory_splits(
-    start_worker: Start, make_client: Client, tokenizer: Any
-) -> None:
+def test_a_poison_text_fails_alone_and_out_of_memory_splits(start_worker: Start, make_client: Client) -> None:
     worker = start_worker(
         MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_POISON="POISON", EMBQ_STANDIN_OOM_ABOVE="8")
     )
@@ -139,12 +91,12 @@ def test_a_poison_text_fails_alone_and_out_of_memory_splits(
         make_client(model=MODEL).embed(texts, timeout=60)
     assert list(info.value.failures) == [17] and "poisoned input" in info.value.failures[17]
     good = [i for i in range(40) if i != 17]
-    np.testing.assert_allclose(info.value.vectors[good], expected(tokenizer, [texts[i] for i in good]), atol=1e-6)
+    np.testing.assert_allclose(info.value.vectors[good], expected([texts[i] for i in good]), atol=1e-6)
     assert "out of memory" in worker.log_path.read_text()
 
 
 def test_a_silent_engine_makes_the_worker_requeue_and_exit(
-    start_worker: Start, make_client: Client, tokenizer: Any, r: redis.Redis
+    start_worker: Start, make_client: Client, r: redis.Redis
 ) -> None:
     stuck = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="2"))
     children = pids_in_log(stuck)
@@ -157,11 +109,11 @@ def test_a_silent_engine_makes_the_worker_requeue_and_exit(
     assert not any(alive(pid) for pid in children)
     assert r.llen(keys.queue_name(MODEL)) == 1  # the task went back to the queue
     start_worker(MODEL, engine="sglang", env=sglang_env())
-    np.testing.assert_allclose(join(), expected(tokenizer, texts), atol=1e-6)
+    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
 
 
 def test_a_crashed_engine_takes_the_worker_down_and_its_batch_is_redelivered(
-    start_worker: Start, make_client: Client, tokenizer: Any
+    start_worker: Start, make_client: Client
 ) -> None:
     doomed = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DIE="DIE", EMBQ_VISIBILITY_TIMEOUT="1"))
     children = pids_in_log(doomed)
@@ -172,11 +124,11 @@ def test_a_crashed_engine_takes_the_worker_down_and_its_batch_is_redelivered(
     assert "Received sigquit from a child process" in doomed.log_path.read_text()
     assert not any(alive(pid) for pid in children)
     start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_VISIBILITY_TIMEOUT="1"))
-    np.testing.assert_allclose(join(), expected(tokenizer, texts), atol=1e-6)
+    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
 
 
 def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
-    start_worker: Start, make_client: Client, tokenizer: Any, r: redis.Redis
+    start_worker: Start, make_client: Client, r: redis.Redis
 ) -> None:
     slow = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DELAY="2", EMBQ_CONCURRENCY="1"))
     children = pids_in_log(slow)
@@ -190,4 +142,4 @@ def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
     assert r.llen(queue) == 2  # the rest went back, or was never taken
     assert not any(alive(pid) for pid in children)
     start_worker(MODEL, engine="sglang", env=sglang_env())
-    np.testing.assert_allclose(join(), expected(tokenizer, texts), atol=1e-6)
+    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)

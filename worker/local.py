@@ -56,9 +56,9 @@ def wait_until(condition: object, timeout: float, what: str, interval: float = 0
 class LocalRedis:
     """A throwaway ``redis-server`` on a free loopback port, no persistence."""
 
-    def __init__(self, *extra_args: str, password: str | None = None) -> None:
+    def __init__(self, *extra_args: str, password: str | None = None, port: int | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="embq-redis-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.password = password
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None

@@ -84,6 +84,10 @@ def kill_process_tree(parent_pid: int, include_parent: bool = True) -> None:
 
 
 def _scheduler(ready: Any) -> None:
+    # Like SGLang's kill_itself_when_parent_died(): never outlive the engine's process.
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     ready.send("ready")
     while True:
         time.sleep(3600)

@@ -1,0 +1,164 @@
+"""Faults production meets, with real processes, real signals and real Redis restarts."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from producer import BackendUnavailableError, EmbeddingClient, Settings, keys
+from producer.contract import TASK_EMBED, make_celery
+from tests.conftest import embed_in_background
+from tests.sglang_support import MODEL, expected, sglang_env
+from worker.engines.hash import hash_vector
+from worker.local import LocalRedis, LocalWorker, wait_until
+
+Start = Callable[..., LocalWorker]
+Client = Callable[..., EmbeddingClient]
+
+
+def hashed(texts: list[str]) -> np.ndarray:
+    return np.stack([hash_vector(t, 384) for t in texts])
+
+
+def test_a_worker_killed_mid_batch_has_its_batch_redelivered(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    visibility = "2"
+    doomed = start_worker(
+        MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DELAY="60", EMBQ_VISIBILITY_TIMEOUT=visibility)
+    )
+    texts = [f"in flight {i}" for i in range(40)]
+    join = embed_in_background(make_client(model=MODEL, task_max_texts=10), texts)
+    wait_until(lambda: r.hlen("unacked") == 4, 30, "the worker to take all four tasks")
+    doomed.kill()  # SIGKILL in the middle of its engine call
+
+    def visible_again() -> bool:
+        scores = [score for _, score in r.zrange("unacked_index", 0, -1, withscores=True)]
+        return bool(scores) and max(scores) < time.time() - float(visibility)
+
+    wait_until(visible_again, 30, "the visibility timeout to pass")
+    start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_VISIBILITY_TIMEOUT=visibility))
+    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
+    assert int(r.hget(keys.stats_key(MODEL), "texts") or 0) == 40  # only the redelivered batch, once
+
+
+@pytest.fixture
+def restartable() -> Iterator[list[LocalRedis]]:
+    servers = [LocalRedis().start()]
+    yield servers
+    servers[-1].stop()
+
+
+def restart(servers: list[LocalRedis]) -> LocalRedis:
+    """Stop the Redis and start an empty one on the same port, as a restart without persistence does."""
+    port = servers[-1].port
+    servers[-1].stop()
+    servers.append(LocalRedis(port=port).start())
+    return servers[-1]
+
+
+def test_workers_and_producers_survive_a_redis_restart(restartable: list[LocalRedis]) -> None:
+    url = restartable[0].url
+    model = "test/restart"
+    with LocalWorker(url, engine="hash", model=model):
+        client = EmbeddingClient(settings=Settings(redis_url=url, model=model, lease_seconds=2.0))
+        before = [f"before {i}" for i in range(50)]
+        np.testing.assert_array_equal(client.embed(before, timeout=30), hashed(before))
+        restart(restartable)
+        texts = before + [f"after {i}" for i in range(50)]
+        np.testing.assert_array_equal(client.embed(texts, timeout=60), hashed(texts))
+        client.close()
+
+
+def test_a_producer_waiting_through_a_redis_restart_resends_what_was_lost(
+    restartable: list[LocalRedis],
+) -> None:
+    url = restartable[0].url
+    model = "test/lost-queue"
+    client = EmbeddingClient(settings=Settings(redis_url=url, model=model, lease_seconds=2.0))
+    texts = [f"queued {i}" for i in range(30)]
+    join = embed_in_background(client, texts, timeout=90)
+    broker = redis.Redis.from_url(url)
+    wait_until(lambda: broker.llen(keys.queue_name(model)) == 1, 30, "the task to be queued")
+    broker.close()
+    restart(restartable)  # the queued task and the claims are gone
+    with LocalWorker(url, engine="hash", model=model):
+        np.testing.assert_array_equal(join(), hashed(texts))
+    client.close()
+
+
+class Exploit:
+    """Unpickling this runs a command: what a pickled message could do to a worker that accepts pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_message_is_rejected_not_executed(
+    hash_worker: LocalWorker, redis_url: str, make_client: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "executed"
+    attacker = make_celery(Settings(redis_url=redis_url, model="test/hash"))
+    attacker.conf.update(task_serializer="pickle", accept_content=["pickle"])
+    queue = keys.queue_name("test/hash")
+    pickle.dumps(Exploit(marker))  # the payload is a valid pickle
+    attacker.send_task(TASK_EMBED, args=[Exploit(marker)], queue=queue, exchange="", routing_key=queue)
+    wait_until(lambda: "ContentDisallowed" in hash_worker.log_path.read_text(), 30, "the worker to refuse it")
+    assert not marker.exists()
+    np.testing.assert_array_equal(make_client().embed(["still serving"], timeout=30), hashed(["still serving"]))
+
+
+@pytest.mark.parametrize("user", [None, "embq-app"])
+def test_password_and_acl_user_are_supported_and_never_logged(user: str | None) -> None:
+    secret = "s3cret-Pa55word"
+    with LocalRedis(password=secret) as server:
+        url = server.url
+        if user is not None:
+            admin = redis.Redis.from_url(url)
+            admin.acl_setuser(
+                user, enabled=True, passwords=[f"+{secret}"], keys=["*"], channels=["*"], commands=["+@all"]
+            )
+            admin.close()
+            url = f"redis://{user}:{secret}@127.0.0.1:{server.port}/0"
+        with LocalWorker(url, engine="hash", model="test/auth") as worker:
+            client = EmbeddingClient(url, model="test/auth")
+            np.testing.assert_array_equal(client.embed(["guarded"], timeout=30), hashed(["guarded"]))
+            client.close()
+            log = worker.log_path.read_text()
+        assert secret not in log
+        with pytest.raises(BackendUnavailableError, match=r"invalid|WRONGPASS|auth") as info:
+            EmbeddingClient(f"redis://:wrong@127.0.0.1:{server.port}/0", model="test/auth").embed(["x"], timeout=5)
+        assert "wrong" not in str(info.value)
+
+
+def test_a_shared_redis_that_can_evict_the_queue_is_warned_about() -> None:
+    with LocalRedis("--maxmemory-policy", "allkeys-lru") as server:
+        with LocalWorker(server.url, engine="hash", model="test/evict") as worker:
+            assert "it can evict queued tasks" in worker.log_path.read_text()
+
+
+def test_broker_and_cache_in_two_redis() -> None:
+    with LocalRedis() as broker, LocalRedis() as cache:
+        env = {"EMBQ_BROKER_URL": broker.url, "EMBQ_CACHE_URL": cache.url}
+        with LocalWorker(broker.url, engine="hash", model="test/two", env=env):
+            client = EmbeddingClient(model="test/two", settings=Settings(broker_url=broker.url, cache_url=cache.url))
+            texts = [f"split {i}" for i in range(20)]
+            np.testing.assert_array_equal(client.embed(texts, timeout=30), hashed(texts))
+            client.close()
+        b, c = redis.Redis.from_url(broker.url), redis.Redis.from_url(cache.url)
+        assert not list(b.scan_iter(match=keys.VECTOR + "*"))
+        assert len(list(c.scan_iter(match=keys.VECTOR + "*"))) == 20
+        assert not list(c.scan_iter(match="_kombu*"))
+        b.close()
+        c.close()
