@@ -76,6 +76,7 @@ class EmbeddingClient:
                 lambda ds: self._send(instruction, [unique[d] for d in ds]),
                 settings.lease_seconds,
                 self.queue,
+                hold_seconds=settings.visibility_timeout,
             )
             resolver.run(deadline)
         if resolver.pending:

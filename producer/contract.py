@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import msgpack
 from celery import Celery
 
 from producer.keys import queue_name
-from producer.settings import Settings
+from producer.settings import TASK_TEXTS_LIMIT, Settings
 
 #: The one task embq sends: embed a batch of texts into the cache.
 TASK_EMBED = "embq.embed"
 #: Bumped when the payload changes shape; workers refuse versions they do not know.
 PAYLOAD_VERSION = 1
+#: Workers refuse tasks of more texts than this (they do not trust producers).
+MAX_TASK_TEXTS = TASK_TEXTS_LIMIT
 
 
 class EmbedPayload(TypedDict):
@@ -24,6 +26,8 @@ class EmbedPayload(TypedDict):
     namespace: str
     instruction: str
     texts: list[str]
+    #: Optional: embed each text in its own engine call (set on texts suspected of killing an engine).
+    alone: NotRequired[bool]
 
 
 def make_payload(settings: Settings, instruction: str, texts: list[str]) -> EmbedPayload:
@@ -42,6 +46,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Unacknowledged late-ack messages come back after this long: it must
         # exceed the longest batch, and be the same wherever Celery reads it.
         "visibility_timeout": settings.visibility_timeout,
+        # Workers look for such messages this often (kombu's default sweep is
+        # every 10 s x 10 = 100 s): a dead worker's batch is back within
+        # visibility_timeout plus at most 10 s.
+        "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout / 4)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": settings.broker,

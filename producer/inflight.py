@@ -80,11 +80,13 @@ class MissResolver:
         send: Callable[[list[str]], None],
         lease_seconds: float,
         queue: str,
+        hold_seconds: float = 0.0,
     ) -> None:
         self.cache = cache
         self.texts = texts  # digest -> text, for every miss of the call
         self.send = send  # sends texts (by digest) to the workers
         self.lease_ms = max(1, int(lease_seconds * 1000))
+        self.hold_ms = max(self.lease_ms, int(hold_seconds * 1000))
         self.tick = lease_seconds / 4
         self.queue = queue
         self.token = uuid.uuid4().hex
@@ -130,8 +132,17 @@ class MissResolver:
                     )
                     last_progress = time.monotonic()
         finally:
+            if self.pending:
+                self._hold_claims()
             self._unwatch(list(self.pending))
             self.cache.delete(self.reply)
+
+    def _hold_claims(self) -> None:
+        """Leaving with work queued (a timeout): keep our claims for as long as a
+        queued task may take, so that a retry waits for it instead of sending it again."""
+        ours = [d for d in self.ours if d in self.pending]
+        for part in chunks(ours):
+            self._renew(keys=[keys.inflight_key(d) for d in part], args=[self.token, self.hold_ms])
 
     def _open_reply(self) -> None:
         """Create the reply stream; workers add with NOMKSTREAM, so a notice
@@ -153,7 +164,14 @@ class MissResolver:
             for d in part:
                 pipe.set(keys.inflight_key(d), self.token, nx=True, px=self.lease_ms)
             replies = pipe.execute()[2 * len(part) :]
-            claimed += [d for d, ok in zip(part, replies, strict=False) if ok]
+            claimed += [d for d, ok in zip(part, replies, strict=True) if ok]
+            # A pipeline retried after a lost connection answers "not set" for the claims
+            # its first attempt made: the marker holding our token says they are ours.
+            refused = [d for d, ok in zip(part, replies, strict=True) if not ok]
+            if refused:
+                holders = self.cache.mget([keys.inflight_key(d) for d in refused])
+                token = self.token.encode()
+                claimed += [d for d, holder in zip(refused, holders, strict=True) if holder == token]
         self.ours.update(claimed)
         found = self._read(digests)
         if found & set(claimed):

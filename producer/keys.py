@@ -12,6 +12,9 @@ key                        type        TTL                  written by          
                                                             it; workers XADD       BLOCK)
                                                             NOMKSTREAM
 ``embq:stats:{model}``     hash        7 days, renewed      worker (HINCRBY)       ``embq status``, tests
+``embq:attempts:{task_id}`` hash       1 day                workers: starts, and   the worker that runs
+                                                            requeues of texts that the task (suspects of
+                                                            only waited            an engine death)
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
 =========================  ==========  ===================  =====================  ======================
 
@@ -37,8 +40,12 @@ REPLY = f"{PREFIX}:reply:"
 STATS = f"{PREFIX}:stats:"
 QUEUE_PREFIX = f"{PREFIX}."
 
+ATTEMPTS = f"{PREFIX}:attempts:"
+
 #: Seconds the worker's statistics hash lives after its last update.
 STATS_TTL = 7 * 24 * 3600
+#: Seconds a task's delivery count is remembered.
+ATTEMPTS_TTL = 24 * 3600
 
 
 def text_digest(model: str, namespace: str, instruction: str, text: str) -> str:
@@ -69,6 +76,10 @@ def reply_key(call_id: str) -> str:
 
 def stats_key(model: str) -> str:
     return STATS + model
+
+
+def attempts_key(task_id: str) -> str:
+    return ATTEMPTS + task_id
 
 
 def queue_name(model: str) -> str:

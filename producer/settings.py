@@ -16,6 +16,8 @@ from producer.errors import ConfigurationError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+#: Workers refuse tasks of more texts (``producer.contract.MAX_TASK_TEXTS``).
+TASK_TEXTS_LIMIT = 4096
 
 T = TypeVar("T")
 
@@ -52,6 +54,12 @@ class Settings:
     #: ... and at most this many characters per task. Smaller tasks spread
     #: better over workers; larger ones cost less broker traffic.
     task_max_chars: int = 128 * 1024
+
+    def __post_init__(self) -> None:
+        if self.task_max_texts > TASK_TEXTS_LIMIT:
+            raise ConfigurationError(
+                f"EMBQ_TASK_MAX_TEXTS={self.task_max_texts} exceeds {TASK_TEXTS_LIMIT}, the most a worker accepts"
+            )
 
     @property
     def broker(self) -> str:

@@ -30,26 +30,34 @@ def alive(pid: int) -> bool:
     return True
 
 
-def embed_in_background(client: EmbeddingClient, texts: list[str], timeout: float = 120) -> Callable[[], np.ndarray]:
-    """Start ``client.embed`` in a thread; the returned function joins it and gives its result."""
-    result: dict[str, object] = {}
+class Background:
+    """``client.embed`` running in a thread; call the object to join it and get the result."""
 
-    def run() -> None:
+    def __init__(self, client: EmbeddingClient, texts: list[str], timeout: float) -> None:
+        self.timeout = timeout
+        self.result: dict[str, object] = {}
+        self.thread = threading.Thread(target=self._run, args=(client, texts), daemon=True)
+        self.thread.start()
+
+    def _run(self, client: EmbeddingClient, texts: list[str]) -> None:
         try:
-            result["out"] = client.embed(texts, timeout=timeout)
+            self.result["out"] = client.embed(texts, timeout=self.timeout)
         except BaseException as e:
-            result["error"] = e
+            self.result["error"] = e
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    @property
+    def finished(self) -> bool:
+        return not self.thread.is_alive()
 
-    def join() -> np.ndarray:
-        thread.join(timeout + 10)
-        if "error" in result:
-            raise result["error"]  # type: ignore[misc]
-        return result["out"]  # type: ignore[return-value]
+    def __call__(self) -> np.ndarray:
+        self.thread.join(self.timeout + 10)
+        if "error" in self.result:
+            raise self.result["error"]  # type: ignore[misc]
+        return self.result["out"]  # type: ignore[return-value]
 
-    return join
+
+def embed_in_background(client: EmbeddingClient, texts: list[str], timeout: float = 120) -> Background:
+    return Background(client, texts, timeout)
 
 
 @pytest.fixture(scope="session")
@@ -90,10 +98,10 @@ def start_worker(redis_url: str) -> Iterator[Callable[..., LocalWorker]]:
     """Start extra workers inside a test; they are stopped after it."""
     started: list[LocalWorker] = []
 
-    def start(model: str, engine: str = "hash", env: dict[str, str] | None = None) -> LocalWorker:
-        worker = LocalWorker(redis_url, engine=engine, model=model, env=env).start()
+    def start(model: str, engine: str = "hash", env: dict[str, str] | None = None, wait: bool = True) -> LocalWorker:
+        worker = LocalWorker(redis_url, engine=engine, model=model, env=env)
         started.append(worker)
-        return worker
+        return worker.start(wait=wait)
 
     yield start
     for worker in started:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -179,3 +180,44 @@ def test_concurrent_runners_never_make_an_empty_call() -> None:
         b.stop(timeout=10)
     assert all(job.done.is_set() and not job.errors for job in jobs)
     assert all(engine.calls) and sum(len(c) for c in engine.calls) == 80
+
+
+def test_a_lone_text_runs_with_no_other_call_beside_it() -> None:
+    class Overlap(ObservedEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.concurrent_calls = 2
+            self.running = 0
+            self.suspects = 0
+            self.overlapped: list[str] = []
+            self.lock = threading.Lock()
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            suspect = any(t.startswith("suspect") for t in texts)
+            with self.lock:
+                self.running += 1
+                self.suspects += suspect
+                if self.running > 1 and self.suspects:
+                    self.overlapped.extend(texts)
+            try:
+                time.sleep(0.01)
+                return super().encode(texts)
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    self.suspects -= suspect
+
+    engine = Overlap()
+    b = Batcher(engine, max_tokens=100_000, max_texts=4, max_wait=0.0)
+    b.start()
+    try:
+        threads = [threading.Thread(target=b.embed, args=([f"plain {i}", f"other {i}"],)) for i in range(20)]
+        suspects = [threading.Thread(target=b.embed, args=([f"suspect {i}"], True)) for i in range(5)]
+        for t in threads + suspects:
+            t.start()
+        for t in threads + suspects:
+            t.join()
+    finally:
+        b.stop(timeout=10)
+    assert not engine.overlapped
+    assert all(len(call) == 1 for call in engine.calls if call[0].startswith("suspect"))

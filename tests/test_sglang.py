@@ -6,6 +6,7 @@ what it mirrors); everything else is the production code path.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import pytest
 import redis
 
 from producer import EmbeddingClient, ItemFailedError, keys
-from tests.conftest import alive, embed_in_background
+from tests.conftest import Background, alive, embed_in_background
 from tests.sglang_support import MODEL, alias, expected, pids_in_log, sglang_env, standin, tokenizer
 from worker.engines.sglang import SGLangEngine
 from worker.local import LocalWorker, wait_until
+from worker.tasks import MAX_ENGINE_DEATHS
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]
@@ -81,18 +83,46 @@ def test_vectors_instructions_dims_and_too_long_texts(start_worker: Start, make_
     np.testing.assert_allclose(cut[0], standin.standin_embedding(ids, 384), atol=1e-6)
 
 
-def test_a_poison_text_fails_alone_and_out_of_memory_splits(start_worker: Start, make_client: Client) -> None:
-    worker = start_worker(
-        MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_POISON="POISON", EMBQ_STANDIN_OOM_ABOVE="8")
-    )
-    texts = [f"mate {i}" for i in range(40)]
-    texts[17] = "a POISON text"
+def run_workers_until_done(start_worker: Start, background: Background, env: dict[str, str], most: int) -> int:
+    """Start workers one after another, as an orchestrator restarts them; returns how many died."""
+    deaths = 0
+    for _ in range(most):
+        worker = start_worker(MODEL, engine="sglang", env=env, wait=False)
+        assert worker.process is not None
+        process = worker.process
+
+        def ended(process: subprocess.Popen[bytes] = process) -> bool:
+            return background.finished or process.poll() is not None
+
+        wait_until(ended, 120, "the call or the worker to end")
+        if background.finished:
+            return deaths
+        assert process.returncode == 4, worker.log_tail()  # engine dead: tasks requeued, worker exits
+        deaths += 1
+    raise AssertionError(f"still not done after {most} workers")
+
+
+def test_a_text_that_crashes_the_engine_fails_alone(start_worker: Start, make_client: Client) -> None:
+    texts = [f"mate {i}" for i in range(12)]
+    texts[5] = "a POISON text"
+    background = embed_in_background(make_client(model=MODEL), texts, timeout=300)
+    env = sglang_env(EMBQ_STANDIN_POISON="POISON")
+    deaths = run_workers_until_done(start_worker, background, env, most=6)
+    # the batch once, then the text alone on each of its MAX_ENGINE_DEATHS deliveries
+    assert deaths == 1 + MAX_ENGINE_DEATHS
     with pytest.raises(ItemFailedError) as info:
-        make_client(model=MODEL).embed(texts, timeout=60)
-    assert list(info.value.failures) == [17] and "poisoned input" in info.value.failures[17]
-    good = [i for i in range(40) if i != 17]
+        background()
+    assert list(info.value.failures) == [5] and "engine died" in info.value.failures[5], info.value.failures
+    good = [i for i in range(12) if i != 5]
     np.testing.assert_allclose(info.value.vectors[good], expected([texts[i] for i in good]), atol=1e-6)
-    assert "out of memory" in worker.log_path.read_text()
+
+
+def test_a_batch_too_big_for_the_engine_succeeds_split(start_worker: Start, make_client: Client) -> None:
+    texts = [f"crowd {i}" for i in range(20)]
+    background = embed_in_background(make_client(model=MODEL), texts, timeout=300)
+    deaths = run_workers_until_done(start_worker, background, sglang_env(EMBQ_STANDIN_OOM_ABOVE="8"), most=4)
+    assert deaths == 1
+    np.testing.assert_allclose(background(), expected(texts), atol=1e-6)
 
 
 def test_a_silent_engine_makes_the_worker_requeue_and_exit(
@@ -112,18 +142,20 @@ def test_a_silent_engine_makes_the_worker_requeue_and_exit(
     np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
 
 
-def test_a_crashed_engine_takes_the_worker_down_and_its_batch_is_redelivered(
-    start_worker: Start, make_client: Client
+def test_a_crashed_engine_makes_the_worker_requeue_and_exit(
+    start_worker: Start, make_client: Client, r: redis.Redis
 ) -> None:
-    doomed = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DIE="DIE", EMBQ_VISIBILITY_TIMEOUT="1"))
+    doomed = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DIE="DIE"))
     children = pids_in_log(doomed)
     texts = ["survivor", "DIE here"]
     join = embed_in_background(make_client(model=MODEL), texts)
     assert doomed.process is not None
-    wait_until(lambda: doomed.process.poll() is not None, 60, "the crashed worker to die")
-    assert "Received sigquit from a child process" in doomed.log_path.read_text()
+    wait_until(lambda: doomed.process.poll() is not None, 60, "the crashed worker to exit")
+    assert doomed.process.returncode == 4, doomed.log_tail()
+    assert "an SGLang child process failed (SIGQUIT)" in doomed.log_path.read_text()
     assert not any(alive(pid) for pid in children)
-    start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_VISIBILITY_TIMEOUT="1"))
+    assert r.llen(keys.queue_name(MODEL)) == 1  # back in the queue at once, not after the visibility timeout
+    start_worker(MODEL, engine="sglang", env=sglang_env())
     np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
 
 

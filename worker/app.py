@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ import redis
 from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
 
+from producer import keys
 from producer.backend import connect, redact
-from producer.contract import TASK_EMBED, make_celery
+from producer.contract import TASK_EMBED, EmbedPayload, make_celery
 from producer.errors import ConfigurationError
 from producer.keys import queue_name
 from worker.batcher import Batcher, BatcherStopped
@@ -85,10 +87,32 @@ class Runtime:
             self.engine.close()
         self.cache.close()
 
-    def embed(self, payload: Any) -> dict[str, int]:
+    def embed(self, payload: Any, task_id: str, resend: Callable[[EmbedPayload], None]) -> dict[str, int]:
         if self.engine is None or self.batcher is None:
-            raise RuntimeError("engine not loaded: the worker took a task before worker_init ran")
-        return run_embed(payload, self.settings, self.engine, self.batcher, self.cache)
+            raise RuntimeError("engine not loaded: the worker took a task before its engine")
+        deaths = self.engine_deaths(task_id)
+        result = run_embed(
+            payload, self.settings, self.engine, self.batcher, self.cache, engine_deaths=deaths, resend=resend
+        )
+        self.cache.delete(keys.attempts_key(task_id))
+        return result
+
+    def engine_deaths(self, task_id: str) -> int:
+        """Earlier deliveries of this task that ended with its worker or engine dead while its texts
+        were in the engine: every start counts, except those we know ended with the texts only waiting."""
+        key = keys.attempts_key(task_id)
+        pipe = self.cache.pipeline(transaction=True)
+        pipe.hincrby(key, "starts", 1)
+        pipe.hget(key, "innocent")
+        pipe.expire(key, keys.ATTEMPTS_TTL)
+        starts, innocent, _ = pipe.execute()
+        return int(starts) - 1 - int(innocent or 0)
+
+    def requeue(self, task_id: str, stopped: BatcherStopped) -> Reject:
+        """Send a task back; a task whose texts were only waiting is not suspected of the death."""
+        if not stopped.in_engine:
+            self.cache.hincrby(keys.attempts_key(task_id), "innocent", 1)
+        return Reject(str(stopped), requeue=True)
 
 
 def check_eviction_policy(settings: WorkerSettings) -> None:
@@ -162,9 +186,14 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     def embed(self: Any, payload: Any) -> dict[str, int]:
         try:
-            return runtime.embed(payload)
+            return runtime.embed(payload, self.request.id, resend)
         except BatcherStopped as e:
-            raise Reject(str(e), requeue=True) from e
+            raise runtime.requeue(self.request.id, e) from e
+
+    queue = queue_name(settings.shared.model)
+
+    def resend(payload: EmbedPayload) -> None:
+        app.send_task(TASK_EMBED, args=[payload], queue=queue, exchange="", routing_key=queue)
 
     def on_init(sender: Any, **_: Any) -> None:
         # Celery logs and swallows exceptions from signal handlers; a worker

@@ -40,7 +40,15 @@ def estimate_tokens(text: str) -> int:
 
 
 class BatcherStopped(RuntimeError):
-    """Raised to a task whose texts were not embedded because the worker stops or its engine died."""
+    """Raised to a task whose texts were not embedded because the worker stops or its engine died.
+
+    ``in_engine`` tells whether its texts were inside the engine call that died
+    (they may be the cause) or only waiting for one (they are not).
+    """
+
+    def __init__(self, message: str, in_engine: bool = False) -> None:
+        super().__init__(message)
+        self.in_engine = in_engine
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Job:
     errors: dict[int, str] = field(default_factory=dict)
     remaining: int = field(init=False)
     aborted: str | None = None
+    aborted_in_engine: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -67,6 +76,7 @@ class Item:
     index: int
     tokens: int
     arrived: float
+    alone: bool = False
 
     @property
     def text(self) -> str:
@@ -97,6 +107,8 @@ class Batcher:
         self.texts_done = 0
         self.dead: str | None = None
         self._queue: deque[Item] = deque()
+        self._inflight: dict[int, list[Item]] = {}  # the batches runner threads are encoding
+        self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_tokens = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -118,10 +130,13 @@ class Batcher:
             if thread.is_alive():
                 thread.join(timeout)
 
-    def embed(self, texts: list[str]) -> Job:
+    def embed(self, texts: list[str], alone: bool = False) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
-        Raises ``BatcherStopped`` when the texts were not embedded and the task should be requeued.
+        ``alone`` gives each text an engine call of its own (texts suspected of
+        killing an engine must not take others down with them). Raises
+        ``BatcherStopped`` when the texts were not embedded and the task should
+        be requeued.
         """
         job = Job(texts)
         now = time.monotonic()
@@ -129,13 +144,13 @@ class Batcher:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
             for index, text in enumerate(texts):
-                item = Item(job, index, estimate_tokens(text), now)
+                item = Item(job, index, estimate_tokens(text), now, alone)
                 self._queue.append(item)
                 self._queued_tokens += item.tokens
             self._cond.notify_all()
         job.done.wait()
         if job.aborted:
-            raise BatcherStopped(job.aborted)
+            raise BatcherStopped(job.aborted, job.aborted_in_engine)
         return job
 
     def _run(self) -> None:
@@ -149,37 +164,53 @@ class Batcher:
             try:
                 self._encode(batch)
             except EngineDead as e:
-                self._die(str(e) or "engine died", batch)
+                self._die(str(e) or "engine died")
             except Exception as e:  # a bug here must not strand the waiting tasks
                 log.exception("batcher failed")
-                self._die(f"batcher failed: {type(e).__name__}: {e}", batch)
+                self._die(f"batcher failed: {type(e).__name__}: {e}")
+            finally:
+                with self._cond:
+                    del self._inflight[id(batch)]
+                    if batch[0].alone:
+                        self._exclusive = False
+                    self._cond.notify_all()
 
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
             while True:
-                while not self._queue:
-                    if self._stopping or self.dead:
+                while not self._queue or self._exclusive:
+                    if self.dead or (self._stopping and not self._queue):
                         return None
                     self._cond.wait()
+                if self._queue[0].alone:
+                    if self._inflight:  # a suspect text runs with no other call beside it
+                        self._cond.wait()
+                        continue
+                    self._exclusive = True
+                    return self._take(1)
                 deadline = self._queue[0].arrived + self.max_wait
                 while self._queue and not self._full() and not self._stopping:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                if self._queue:  # another runner may have taken everything while we waited
-                    break
-            batch: list[Item] = []
-            tokens = 0
-            while self._queue and len(batch) < self.max_texts:
-                item = self._queue[0]
-                if batch and tokens + item.tokens > self.max_tokens:
-                    break
-                self._queue.popleft()
-                self._queued_tokens -= item.tokens
-                tokens += item.tokens
-                batch.append(item)
-            return batch
+                if self._queue and not self._exclusive:  # another runner may have taken it all meanwhile
+                    return self._take(self.max_texts)
+
+    def _take(self, most: int) -> list[Item]:
+        """Pop the next call's items (lock held): FIFO, within the budgets, never past a lone item."""
+        batch: list[Item] = []
+        tokens = 0
+        while self._queue and len(batch) < most:
+            item = self._queue[0]
+            if batch and (item.alone or tokens + item.tokens > self.max_tokens):
+                break
+            self._queue.popleft()
+            self._queued_tokens -= item.tokens
+            tokens += item.tokens
+            batch.append(item)
+        self._inflight[id(batch)] = batch
+        return batch
 
     def _full(self) -> bool:
         return len(self._queue) >= self.max_texts or self._queued_tokens >= self.max_tokens
@@ -251,18 +282,22 @@ class Batcher:
             if job.remaining == 0:
                 job.done.set()
 
-    def _die(self, reason: str, batch: list[Item]) -> None:
-        """Abort every waiting task (their messages go back to the queue) and tell the worker."""
+    def _die(self, reason: str) -> None:
+        """Abort every waiting task, in any runner's call or queued (their messages go back
+        to the queue), and tell the worker."""
         log.critical("engine dead, aborting waiting tasks: %s", reason)
         with self._cond:
             first = self.dead is None
             self.dead = self.dead or reason
-            jobs = {id(item.job): item.job for item in [*batch, *self._queue]}
+            in_engine = {id(item.job) for batch in self._inflight.values() for item in batch}
+            items = [item for batch in self._inflight.values() for item in batch] + list(self._queue)
+            jobs = {id(item.job): item.job for item in items}
             self._queue.clear()
             self._queued_tokens = 0
-            for job in jobs.values():
+            for key, job in jobs.items():
                 if not job.done.is_set():
                     job.aborted = f"engine dead: {reason}"
+                    job.aborted_in_engine = key in in_engine
                     job.done.set()
             self._cond.notify_all()
         if first and self.on_dead is not None:

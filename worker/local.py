@@ -133,7 +133,8 @@ class LocalWorker:
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> LocalWorker:
+    def start(self, timeout: float = 120.0, wait: bool = True) -> LocalWorker:
+        """Start the process; with ``wait``, return once it is ready (raising if it exits first)."""
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [
@@ -153,6 +154,8 @@ class LocalWorker:
             stderr=subprocess.STDOUT,
         )
         log.info("started worker pid=%d (%s, %s)", self.process.pid, self.engine, self.model)
+        if not wait:
+            return self
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:

@@ -22,9 +22,12 @@ def store_results(
     values: dict[str, bytes],
     failures: dict[str, str],
     ttl: int,
+    cached: list[str] | None = None,
 ) -> int:
-    """Write ``values`` (digest -> packed vector), report ``failures``; returns notices sent."""
-    digests = list(values) + [d for d in failures if d not in values]
+    """Write ``values`` (digest -> packed vector), report ``failures`` and the ``cached``
+    digests that needed no work; returns the notices sent."""
+    done = list(values) + [d for d in cached or () if d not in values]
+    digests = done + [d for d in failures if d not in values]
     pipe = cache.pipeline(transaction=True)
     for digest, value in values.items():
         pipe.set(keys.vector_key(digest), value, ex=ttl)
@@ -39,19 +42,21 @@ def store_results(
     pipe.expire(stats, keys.STATS_TTL)
     replies = pipe.execute()
     watchers_of = replies[len(values) : len(values) + 3 * len(digests)][1::3]
-    done: dict[bytes, list[str]] = defaultdict(list)
-    failed: dict[bytes, dict[str, str]] = defaultdict(dict)
-    for digest, watchers in zip(digests, watchers_of, strict=False):
+    done_for: dict[bytes, list[str]] = defaultdict(list)
+    failed_for: dict[bytes, dict[str, str]] = defaultdict(dict)
+    for digest, watchers in zip(digests, watchers_of, strict=True):
         for watcher in watchers:
-            if digest in values:
-                done[watcher].append(digest)
+            if digest in failures and digest not in values:
+                failed_for[watcher][digest] = failures[digest]
             else:
-                failed[watcher][digest] = failures[digest]
-    if not done and not failed:
+                done_for[watcher].append(digest)
+    watchers = set(done_for) | set(failed_for)
+    if not watchers:
         return 0
     pipe = cache.pipeline(transaction=False)
-    for watcher in set(done) | set(failed):
+    for watcher in watchers:
+        notice = pack_notice(done_for.get(watcher, []), failed_for.get(watcher, {}))
         # NOMKSTREAM: a producer that has already returned deleted its stream; recreating it would leak.
-        pipe.xadd(watcher, {"n": pack_notice(done.get(watcher, []), failed.get(watcher, {}))}, nomkstream=True)
+        pipe.xadd(watcher, {"n": notice}, nomkstream=True)
     pipe.execute()
-    return len(set(done) | set(failed))
+    return len(watchers)

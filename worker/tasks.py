@@ -1,15 +1,24 @@
-"""The body of the ``embq.embed`` task: check, embed through the batcher, store, notify."""
+"""The body of the ``embq.embed`` task: check, skip what is cached, embed through the batcher, store, notify.
+
+A task whose texts were in the engine when it died comes back (requeued at
+once, or redelivered after the visibility timeout when the whole worker died)
+suspected: embedded together, its texts could kill the next engine too. So it
+is split into one task per text, each embedded in an engine call of its own
+with no other call beside it, and a text that has been in the engine at
+``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates succeed.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from producer import keys
-from producer.codec import pack
-from producer.contract import PAYLOAD_VERSION
+from producer.codec import pack, unpack_many
+from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload
 from producer.validation import item_problem
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine
@@ -18,8 +27,8 @@ from worker.store import store_results
 
 log = logging.getLogger(__name__)
 
-#: A worker does not trust a producer's message: at most this many texts per task.
-MAX_TASK_TEXTS = 4096
+#: Deliveries of a lone text during which engines died before it is failed as their cause.
+MAX_ENGINE_DEATHS = 2
 
 
 def payload_problem(payload: Any, model: str) -> str | None:
@@ -28,57 +37,101 @@ def payload_problem(payload: Any, model: str) -> str | None:
         return f"payload is {type(payload).__name__}, not a map"
     if payload.get("v") != PAYLOAD_VERSION:
         return f"payload version {payload.get('v')!r} is not {PAYLOAD_VERSION}; upgrade the older side"
-    if payload.get("model") != model:
-        return f"payload is for model {payload.get('model')!r}, this worker serves {model!r}"
+    for name in ("model", "namespace", "instruction"):
+        if not isinstance(payload.get(name), str):
+            return f"payload field {name!r} must be a str"
     texts = payload.get("texts")
     if not isinstance(texts, list) or len(texts) > MAX_TASK_TEXTS:
         return f"payload must hold a list of at most {MAX_TASK_TEXTS} texts"
-    for name in ("namespace", "instruction"):
-        if not isinstance(payload.get(name), str):
-            return f"payload field {name!r} must be a str"
+    if payload["model"] != model:
+        return f"payload is for model {payload['model']!r}, this worker serves {model!r}"
     return None
 
 
+def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
+    try:
+        return keys.text_digest(payload["model"], payload["namespace"], payload["instruction"], text)
+    except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
+        return None
+
+
 def run_embed(
-    payload: Any, settings: WorkerSettings, engine: Engine, batcher: Batcher, cache: redis.Redis
+    payload: Any,
+    settings: WorkerSettings,
+    engine: Engine,
+    batcher: Batcher,
+    cache: redis.Redis,
+    *,
+    engine_deaths: int = 0,
+    resend: Callable[[EmbedPayload], None] | None = None,
 ) -> dict[str, int]:
     """Embed one task's texts; every text ends as a cached vector or a reported failure."""
     model = settings.shared.model
+    ttl = settings.shared.cache_ttl
     problem = payload_problem(payload, model)
     if problem is not None:
-        log.error("rejected a task: %s", problem)
-        return {"embedded": 0, "failed": 0, "rejected": 1}
-    namespace, instruction = payload["namespace"], payload["instruction"]
+        return refuse(payload, problem, cache, model, ttl)
+    texts: list[Any] = payload["texts"]
+    if engine_deaths and len(texts) > 1 and resend is not None:
+        log.warning("a task of %d texts was running when an engine died; splitting it", len(texts))
+        for text in texts:
+            resend({**payload, "texts": [text], "alone": True})  # type: ignore[typeddict-item]
+        return {"embedded": 0, "failed": 0, "split": len(texts)}
+
     max_bytes = settings.shared.max_text_bytes
     failures: dict[str, str] = {}
     good: list[tuple[str, str]] = []  # (digest, text)
-    for text in payload["texts"]:
+    for text in texts:
+        digest = digest_or_none(payload, text)
         why = item_problem(text, max_bytes)
-        try:
-            digest = keys.text_digest(model, namespace, instruction, text)
-        except (AttributeError, UnicodeEncodeError):
+        if digest is None:
             log.error("dropped an item no producer can wait for: it %s", why)
-            continue
-        if why is not None:
+        elif why is not None:
             failures[digest] = f"text {why}"
+        elif engine_deaths >= MAX_ENGINE_DEATHS:
+            failures[digest] = f"the engine died {engine_deaths} times while embedding this text; it is refused"
         else:
             good.append((digest, text))
+
+    cached = cached_digests(cache, [d for d, _ in good])
+    todo = [(d, t) for d, t in good if d not in cached]
+    instruction = payload["instruction"]
     try:
-        job = batcher.embed([engine.format_query(instruction, text) for _, text in good])
+        alone = bool(payload.get("alone")) or engine_deaths > 0
+        job = batcher.embed([engine.format_query(instruction, text) for _, text in todo], alone=alone)
         values: dict[str, bytes] = {}
-        for index, ((digest, _), vector) in enumerate(zip(good, job.vectors, strict=True)):
+        for index, ((digest, _), vector) in enumerate(zip(todo, job.vectors, strict=True)):
             if vector is None:
                 failures[digest] = job.errors.get(index, "failed")
             else:
                 values[digest] = pack(vector, settings.cache_dtype)
-        store_results(cache, model, values, failures, settings.shared.cache_ttl)
+        store_results(cache, model, values, failures, ttl, cached=sorted(cached))
     except (BatcherStopped, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         raise  # the message goes back to the queue or is retried: producers keep waiting
     except Exception as e:
         # No silent drops: whoever waits for these texts hears why they failed.
         reason = f"worker error: {type(e).__name__}: {e}"
-        store_results(cache, model, {}, {d: reason for d, _ in good} | failures, settings.shared.cache_ttl)
+        store_results(cache, model, {}, {d: reason for d, _ in todo} | failures, ttl)
         raise
     if failures:
-        log.warning("%d of %d texts failed in this task", len(failures), len(payload["texts"]))
-    return {"embedded": len(values), "failed": len(failures)}
+        log.warning("%d of %d texts failed in this task", len(failures), len(texts))
+    return {"embedded": len(values), "cached": len(cached), "failed": len(failures)}
+
+
+def cached_digests(cache: redis.Redis, digests: list[str]) -> set[str]:
+    """Digests whose vector is already cached: a redelivered or repeated task costs no engine time."""
+    if not digests:
+        return set()
+    _, valid = unpack_many(cache.mget([keys.vector_key(d) for d in digests]))  # type: ignore[arg-type]
+    return {d for d, ok in zip(digests, valid, strict=True) if ok}
+
+
+def refuse(payload: Any, problem: str, cache: redis.Redis, model: str, ttl: int) -> dict[str, int]:
+    """A message this worker cannot serve: tell whoever waits for its texts, if they can be named."""
+    log.error("refused a task: %s", problem)
+    texts = payload.get("texts") if isinstance(payload, dict) else None
+    if not isinstance(texts, list):
+        return {"embedded": 0, "failed": 0, "refused": 1}
+    digests = [d for d in (digest_or_none(payload, t) for t in texts) if d is not None]
+    store_results(cache, model, {}, dict.fromkeys(digests, f"refused by the worker: {problem}"), ttl)
+    return {"embedded": 0, "failed": len(digests), "refused": 1}

@@ -8,9 +8,10 @@ Written against sglang 0.5.23, ``srt/entrypoints/engine.py`` and
   any process starts. It starts the scheduler and detokenizer as child
   processes, forces the ``spawn`` start method, and, on the main thread,
   installs a SIGQUIT handler that kills this whole process when a child fails
-  (a scheduler crash or CUDA OOM ends the worker; late acks redeliver its batch).
-  So the engine is created in the worker's main process, never in a daemonic
-  prefork child.
+  (its scheduler turns any exception, CUDA OOM included, into a SIGQUIT). We
+  pass ``custom_sigquit_handler`` instead: the engine is marked dead, calls in
+  flight are aborted, and the worker requeues its tasks and exits. The engine
+  is created in the worker's main process, never in a daemonic prefork child.
 - ``async_encode(prompt=list[str])`` returns one dict per prompt, in order:
   ``{"embedding": [...], "meta_info": {"prompt_tokens": ..., "finish_reason": ...}}``;
   an aborted request comes back without ``"embedding"``. A prompt of
@@ -101,10 +102,13 @@ class SGLangEngine:
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
         self._children: list[multiprocessing.process.BaseProcess] = []
+        self._dead: str | None = None
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        self._inflight_lock = threading.Lock()
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keywords for ``sglang.Engine``; unset options are left to SGLang's defaults."""
-        kwargs = {"model_path": self.model, "is_embedding": True}
+        kwargs: dict[str, Any] = {"model_path": self.model, "is_embedding": True}
         kwargs.update({k: v for k, v in self.options.items() if v is not None})
         kwargs.update(self.extra)
         return kwargs
@@ -120,6 +124,7 @@ class SGLangEngine:
             log.warning("SGLang is created off the main thread: it cannot install its child-failure handler")
         kwargs = self.engine_kwargs()
         log.info("starting SGLang engine: %s", kwargs)
+        kwargs["custom_sigquit_handler"] = self._on_child_failure
         try:
             self._engine = sglang.Engine(**kwargs)
         except TypeError as e:
@@ -128,7 +133,11 @@ class SGLangEngine:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="sglang-loop", daemon=True)
         self._loop_thread.start()
         manager = self._engine.tokenizer_manager
-        self.max_tokens = int(manager.context_len)
+        # The scheduler refuses prompts of max_req_input_len tokens or more (it can be
+        # below the context when the KV cache is small); the tokenizer manager refuses
+        # prompts of context_len tokens or more. The lower of the two is our limit.
+        limits = [manager.context_len, getattr(manager, "max_req_input_len", None)]
+        self.max_tokens = int(min(limit for limit in limits if limit))
         self._tokenizer = _own_copy(manager.tokenizer)
         self._children = multiprocessing.active_children()  # SGLang's scheduler and detokenizer
         log.info("SGLang children: %s", [p.pid for p in self._children])
@@ -152,15 +161,39 @@ class SGLangEngine:
         return np.divide(vectors, norms, out=vectors, where=norms > 0)
 
     def _call(self, texts: list[str]) -> list[dict[str, Any]]:
-        if self._loop is None or self._engine is None:
-            raise EngineDead("SGLang engine is not running")
+        if self._dead or self._loop is None or self._engine is None:
+            raise EngineDead(self._dead or "SGLang engine is not running")
         future = asyncio.run_coroutine_threadsafe(self._engine.async_encode(prompt=texts), self._loop)
+        with self._inflight_lock:
+            self._inflight.add(future)
         try:
             result = future.result(timeout=self.call_timeout)
         except concurrent.futures.TimeoutError as e:
             future.cancel()
             raise EngineDead(f"SGLang did not answer {len(texts)} texts within {self.call_timeout:.0f}s") from e
+        except concurrent.futures.CancelledError as e:
+            raise EngineDead(self._dead or "SGLang call cancelled") from e
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(future)
         return result if isinstance(result, list) else [result]
+
+    def _on_child_failure(self, signum: int, frame: Any) -> None:
+        """SGLang's children SIGQUIT us when they fail (a crash, a CUDA OOM in the scheduler).
+
+        Its own handler would SIGKILL this whole process, leaving the batch to the
+        visibility timeout; ours marks the engine dead so that the worker requeues
+        its tasks at once and exits for its orchestrator to restart it.
+        """
+        self._dead = "an SGLang child process failed (SIGQUIT): scheduler crash or out of memory"
+        threading.Thread(target=self._abort_inflight, name="sglang-abort", daemon=True).start()
+
+    def _abort_inflight(self) -> None:
+        log.critical("%s", self._dead)
+        with self._inflight_lock:
+            futures = list(self._inflight)
+        for future in futures:
+            future.cancel()
 
     def _refuse_too_long(self, texts: list[str]) -> None:
         """Fail texts of ``context_len`` tokens or more alone, as SGLang would fail their whole call."""
@@ -183,7 +216,7 @@ class SGLangEngine:
         return apply_instruction(self.instruction_template, instruction, text)
 
     def healthy(self) -> bool:
-        if self._loop_thread is None or not self._loop_thread.is_alive():
+        if self._dead or self._loop_thread is None or not self._loop_thread.is_alive():
             return False
         return all(child.is_alive() for child in self._children)
 

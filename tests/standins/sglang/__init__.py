@@ -32,11 +32,12 @@ changes the vector as it would on a real model.
 
 Faults for tests, read from the environment at each call:
 ``EMBQ_STANDIN_DELAY`` (seconds per call), ``EMBQ_STANDIN_POISON`` (a
-substring that makes the call raise ``RuntimeError``), ``EMBQ_STANDIN_OOM_ABOVE``
-(calls with more prompts raise torch's ``OutOfMemoryError``, as an engine on
-CUDA does in-process), ``EMBQ_STANDIN_HANG`` (a substring that makes the call
-never return), ``EMBQ_STANDIN_DIE`` (a substring that kills the scheduler
-child, as a crash or a CUDA OOM in SGLang's scheduler does).
+substring whose call makes the scheduler fail: SIGQUIT to this process, as
+SGLang's scheduler does on any exception), ``EMBQ_STANDIN_OOM_ABOVE`` (calls
+with more prompts fail the same way, as a CUDA OOM in the scheduler does),
+``EMBQ_STANDIN_HANG`` (a substring that makes the call never return),
+``EMBQ_STANDIN_DIE`` (a substring that kills the scheduler process; the
+watchdog then SIGQUITs this process).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class Engine:
         atexit.register(self.shutdown)
         mp.set_start_method("spawn", force=True)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGQUIT, self._launch_phase_sigquit_handler)
+            handler = kwargs.get("custom_sigquit_handler") or self._launch_phase_sigquit_handler
+            signal.signal(signal.SIGQUIT, handler)
         receive, send = mp.Pipe(duplex=False)
         self._scheduler = mp.Process(target=_scheduler, args=(send,))
         self._scheduler.start()
@@ -266,12 +268,14 @@ class Engine:
             await asyncio.Event().wait()  # the watchdog's SIGQUIT ends this process
         if env.get("EMBQ_STANDIN_HANG") and any(env["EMBQ_STANDIN_HANG"] in p for p in prompts):
             await asyncio.Event().wait()
-        if env.get("EMBQ_STANDIN_POISON") and any(env["EMBQ_STANDIN_POISON"] in p for p in prompts):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (poisoned input)")
-        if env.get("EMBQ_STANDIN_OOM_ABOVE") and len(prompts) > int(env["EMBQ_STANDIN_OOM_ABOVE"]):
-            import torch
-
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(prompts)} GiB.")
+        poisoned = env.get("EMBQ_STANDIN_POISON") and any(env["EMBQ_STANDIN_POISON"] in p for p in prompts)
+        too_big = env.get("EMBQ_STANDIN_OOM_ABOVE") and len(prompts) > int(env["EMBQ_STANDIN_OOM_ABOVE"])
+        if poisoned or too_big:
+            # SGLang's scheduler catches the CUDA error or OOM, logs "Scheduler hit an
+            # exception" and SIGQUITs its parent; the request itself never answers.
+            print("Scheduler hit an exception: CUDA error (stand-in)", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGQUIT)
+            await asyncio.Event().wait()
         if env.get("EMBQ_STANDIN_DELAY"):
             await asyncio.sleep(float(env["EMBQ_STANDIN_DELAY"]))
 

@@ -1,0 +1,118 @@
+"""Load: 200,000 texts (50% duplicates), 16 producer threads, 2 workers, one killed and restarted midway.
+
+Counts must be exact: every text answered with its own vector, each unique
+text computed once, plus at most the batches the killed worker held.
+Memory of producers and workers must stay flat. Run with ``-m soak``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import threading
+import time
+
+import msgpack
+import numpy as np
+import psutil
+import pytest
+import redis
+
+from producer import EmbeddingClient, Settings, keys
+from worker.engines.hash import hash_vector
+from worker.local import LocalRedis, LocalWorker, wait_until
+
+pytestmark = pytest.mark.soak
+
+MODEL = "test/soak"
+UNIQUE = 100_000
+PRODUCERS = 16
+CALL_TEXTS = 1000
+VISIBILITY = 5
+#: Resident memory a process may gain between the first quarter of the run and its end.
+FLAT_MB = 64
+
+
+def texts_held(r: redis.Redis) -> int:
+    """Texts in the messages workers hold unacknowledged: an upper bound on what a kill makes redo."""
+    held = 0
+    for raw in r.hvals("unacked"):
+        message = json.loads(raw)[0]
+        args = msgpack.unpackb(base64.b64decode(message["body"]))[0]
+        held += len(args[0]["texts"])
+    return held
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def test_soak() -> None:
+    rng = random.Random(7)
+    unique = [f"soak text {i} " + "word " * rng.randint(1, 40) for i in range(UNIQUE)]
+    requests = unique + unique
+    rng.shuffle(requests)
+    slices = [requests[n::PRODUCERS] for n in range(PRODUCERS)]
+    total_calls = sum(len(range(0, len(s), CALL_TEXTS)) for s in slices)
+    env = {"EMBQ_VISIBILITY_TIMEOUT": str(VISIBILITY)}
+
+    with LocalRedis() as server:
+        r = redis.Redis.from_url(server.url)
+        settings = Settings(redis_url=server.url, model=MODEL, visibility_timeout=VISIBILITY, lease_seconds=10.0)
+        steady = LocalWorker(server.url, engine="hash", model=MODEL, env=env).start()
+        doomed = LocalWorker(server.url, engine="hash", model=MODEL, env=env).start()
+        done_calls = 0
+        answered = 0
+        wrong: list[str] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def produce(texts: list[str]) -> None:
+            nonlocal done_calls, answered
+            client = EmbeddingClient(settings=settings)
+            try:
+                for start in range(0, len(texts), CALL_TEXTS):
+                    chunk = texts[start : start + CALL_TEXTS]
+                    out = client.embed(chunk, timeout=240)
+                    bad = [t for t, row in zip(chunk, out, strict=True) if not np.array_equal(row, hash_vector(t, 384))]
+                    with lock:
+                        done_calls += 1
+                        answered += len(chunk)
+                        wrong.extend(bad)
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                client.close()
+
+        started = time.monotonic()
+        me = psutil.Process().pid
+        threads = [threading.Thread(target=produce, args=(s,)) for s in slices]
+        for t in threads:
+            t.start()
+        wait_until(lambda: done_calls >= total_calls // 4 or errors, 240, "a quarter of the work")
+        assert steady.process is not None
+        early = {"producers": rss_mb(me), "worker": rss_mb(steady.process.pid)}
+        wait_until(lambda: done_calls >= total_calls * 2 // 5 or errors, 240, "two fifths of the work")
+        held = texts_held(r)
+        doomed.kill()
+        doomed.cleanup()
+        restarted = LocalWorker(server.url, engine="hash", model=MODEL, env=env).start()
+        for t in threads:
+            t.join(300)
+        elapsed = time.monotonic() - started
+        late = {"producers": rss_mb(me), "worker": rss_mb(steady.process.pid)}
+        computed = int(r.hget(keys.stats_key(MODEL), "texts") or 0)
+        restarted.cleanup()
+        steady.cleanup()
+        r.close()
+
+    assert not errors, errors[0]
+    assert answered == len(requests) and not wrong
+    assert UNIQUE <= computed <= UNIQUE + held, (computed, held)
+    for name in early:
+        assert late[name] - early[name] < FLAT_MB, (name, early[name], late[name])
+    print(
+        f"\nsoak: {len(requests)} texts in {elapsed:.1f}s ({len(requests) / elapsed:.0f}/s), "
+        f"{computed} computed ({computed - UNIQUE} redone, {held} held at the kill), rss {early} -> {late}"
+    )
