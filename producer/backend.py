@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -35,8 +36,18 @@ T = TypeVar("T")
 RETRIES = 8
 
 
+def will_not_heal(error: BaseException) -> bool:
+    """A refused password or an untrusted certificate: waiting and retrying cannot fix either."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, redis.exceptions.AuthenticationError | ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class ConnectionRetry(Retry):
-    """Retries a lost connection, never a refused password: that one will not heal by waiting."""
+    """Retries a lost connection, never one refused for good."""
 
     def call_with_retry(
         self,
@@ -46,7 +57,7 @@ class ConnectionRetry(Retry):
         with_failure_count: bool = False,
     ) -> T:
         def retryable(error: Exception) -> bool:
-            if isinstance(error, redis.exceptions.AuthenticationError):
+            if will_not_heal(error):
                 return False
             return is_retryable(error) if is_retryable else True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from celery import Celery
 
 from producer import keys
 from producer.backend import backend_errors, connect
+from producer.broker import BrokerView
 from producer.codec import truncate
 from producer.contract import TASK_EMBED, make_celery, make_payload
 from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
@@ -45,6 +47,8 @@ class EmbeddingClient:
         self.model = self.settings.model
         self.queue = keys.queue_name(self.model)
         self._cache = connect(self.settings.cache)
+        self._broker = self._cache if self.settings.broker == self.settings.cache else connect(self.settings.broker)
+        self._broker_view = BrokerView(self._broker, self.queue)
         self._celery: Celery | None = None
         self._lock = threading.Lock()
 
@@ -73,10 +77,11 @@ class EmbeddingClient:
             resolver = MissResolver(
                 self._cache,
                 unique,
-                lambda ds: self._send(instruction, [unique[d] for d in ds]),
+                lambda ds: self._send(instruction, ds, unique),
                 settings.lease_seconds,
                 self.queue,
                 hold_seconds=settings.visibility_timeout,
+                broker=self._broker_view,
             )
             resolver.run(deadline)
         if resolver.pending:
@@ -113,27 +118,32 @@ class EmbeddingClient:
             )
         return result
 
-    def _send(self, instruction: str, texts: list[str]) -> None:
-        """Enqueue texts as tasks bounded by the task text and character budgets."""
+    def _send(self, instruction: str, digests: list[str], texts: dict[str, str]) -> dict[str, list[str]]:
+        """Enqueue texts as tasks bounded by the task text and character budgets.
+
+        Returns the digests each task carries, by task id."""
         app = self._app()
         batches: list[list[str]] = []
         current: list[str] = []
         chars = 0
-        for text in texts:
+        for d in digests:
+            size = len(texts[d])
             if current and (
-                len(current) >= self.settings.task_max_texts or chars + len(text) > self.settings.task_max_chars
+                len(current) >= self.settings.task_max_texts or chars + size > self.settings.task_max_chars
             ):
                 batches.append(current)
                 current, chars = [], 0
-            current.append(text)
-            chars += len(text)
+            current.append(d)
+            chars += size
         if current:
             batches.append(current)
+        tasks = {uuid.uuid4().hex: batch for batch in batches}
         with backend_errors("broker", self.settings.broker), app.producer_or_acquire() as producer:
-            for batch in batches:
+            for task_id, batch in tasks.items():
                 app.send_task(
                     TASK_EMBED,
-                    args=[make_payload(self.settings, instruction, batch)],
+                    args=[make_payload(self.settings, instruction, [texts[d] for d in batch])],
+                    task_id=task_id,
                     queue=self.queue,
                     # The default exchange routes by list name alone: no binding
                     # key in Redis that a restart could lose.
@@ -141,7 +151,8 @@ class EmbeddingClient:
                     routing_key=self.queue,
                     producer=producer,
                 )
-        log.debug("sent %d texts in %d tasks to %s", len(texts), len(batches), self.queue)
+        log.debug("sent %d texts in %d tasks to %s", len(digests), len(tasks), self.queue)
+        return tasks
 
     def _app(self) -> Celery:
         with self._lock:
@@ -152,6 +163,7 @@ class EmbeddingClient:
     def close(self) -> None:
         """Release connections; the client must not be used afterwards."""
         self._cache.close()
+        self._broker.close()
         if self._celery is not None:
             self._celery.close()
 

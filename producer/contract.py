@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, NotRequired, TypedDict
+from urllib.parse import urlsplit
 
 import msgpack
 from celery import Celery
@@ -30,6 +32,17 @@ class EmbedPayload(TypedDict):
     alone: NotRequired[bool]
 
 
+def split_task_id(task_id: str, index: int) -> str:
+    """The id of part ``index`` of a task a worker splits: it keeps the id its producer
+    knows, so the producer can still find its task in the broker."""
+    return f"{task_id}/{index}"
+
+
+def root_task_id(task_id: str) -> str:
+    """The id the producer gave, for a task or any part split from it."""
+    return task_id.split("/", 1)[0]
+
+
 def make_payload(settings: Settings, instruction: str, texts: list[str]) -> EmbedPayload:
     return {
         "v": PAYLOAD_VERSION,
@@ -38,6 +51,16 @@ def make_payload(settings: Settings, instruction: str, texts: list[str]) -> Embe
         "instruction": instruction,
         "texts": texts,
     }
+
+
+def broker_tls(url: str) -> dict[str, Any] | None:
+    """TLS options for a ``rediss://`` broker that names none: verify the server, as
+    redis-py does for the cache, rather than kombu's default of not verifying it.
+    Options in the URL (``?ssl_ca_certs=...&ssl_cert_reqs=required``) take precedence."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_" in parts.query:
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -52,7 +75,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout / 4)),
         "unacked_restore_throttle": 1,
     }
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.broker,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
@@ -77,6 +100,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": queue_name(settings.model),
         "task_routes": {TASK_EMBED: {"queue": queue_name(settings.model)}},
     }
+    tls = broker_tls(settings.broker)
+    if tls is not None:
+        config["broker_use_ssl"] = tls
+    return config
 
 
 def make_celery(settings: Settings, main: str = "embq") -> Celery:

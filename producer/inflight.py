@@ -8,7 +8,8 @@ read the watchers in one transaction, so a watcher either gets a notice or finds
 the vector on its second read: no wakeup is lost, and no producer polls.
 
 The claimer renews its leases while it waits; if it dies, its markers expire and
-the producers still waiting take the texts over.
+the producers still waiting take the texts over. If the broker loses a task it
+sent (see ``producer.broker``), the claimer sends those texts again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import redis
 
 from producer import keys
+from producer.broker import BrokerView
 from producer.codec import unpack_many
 from producer.contract import unpack_notice
 
@@ -77,14 +79,16 @@ class MissResolver:
         self,
         cache: redis.Redis,
         texts: dict[str, str],
-        send: Callable[[list[str]], None],
+        send: Callable[[list[str]], dict[str, list[str]]],
         lease_seconds: float,
         queue: str,
         hold_seconds: float = 0.0,
+        broker: BrokerView | None = None,
     ) -> None:
         self.cache = cache
         self.texts = texts  # digest -> text, for every miss of the call
-        self.send = send  # sends texts (by digest) to the workers
+        self.send = send  # sends texts (by digest) to the workers; returns {task id: digests}
+        self.broker = broker
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.hold_ms = max(self.lease_ms, int(hold_seconds * 1000))
         self.tick = lease_seconds / 4
@@ -96,6 +100,8 @@ class MissResolver:
         self.attempts: dict[str, int] = {}
         self.vectors: dict[str, np.ndarray] = {}
         self.failures: dict[str, str] = {}
+        self.tasks: dict[str, list[str]] = {}  # tasks we sent whose texts we still wait for
+        self.suspects: set[str] = set()  # tasks the broker did not hold at the last tick
         self._renew = cache.register_script(RENEW_SCRIPT)
         self.last_id: Any = "0-0"
 
@@ -182,7 +188,7 @@ class MissResolver:
             self.attempts[d] = self.attempts.get(d, 0) + 1
         if to_send:
             try:
-                self.send(to_send)
+                self.tasks.update(self.send(to_send))
             except BaseException:
                 self._release(to_send)  # let other producers take them at once, not after the lease
                 raise
@@ -243,13 +249,16 @@ class MissResolver:
         found = self._read(done)
         vanished = [d for d in done if d not in found and d in self.pending]
         if vanished:
-            self._retry(vanished, "its vector was not in the cache after the worker wrote it")
+            self._retry(
+                vanished,
+                "its vector was not in the cache after the worker wrote it (is the cache Redis out of memory?)",
+            )
 
     def _retry(self, digests: list[str], why: str) -> None:
         retry = []
         for d in digests:
             if self.attempts.get(d, 0) >= MAX_ATTEMPTS:
-                self.failures[d] = f"gave up after {MAX_ATTEMPTS} attempts: {why} (is the cache Redis out of memory?)"
+                self.failures[d] = f"gave up after {MAX_ATTEMPTS} attempts: {why}"
                 self.pending.discard(d)
             else:
                 retry.append(d)
@@ -286,3 +295,30 @@ class MissResolver:
             log.info("taking over %d texts whose claim vanished", len(orphaned))
             self.ours.difference_update(orphaned)
             self._take(orphaned)
+        self._resend_lost()
+
+    def _awaited(self, task_id: str) -> list[str]:
+        return [d for d in self.tasks[task_id] if d in self.pending and d in self.ours]
+
+    def _resend_lost(self) -> None:
+        """Send again the texts of tasks the broker has held at neither of two ticks.
+
+        Two looks apart, because a task is briefly in neither place while a worker
+        moves it from the queue to its unacked hash; a task finished in the
+        meantime has left its notice, which is read before anything is resent.
+        """
+        self.tasks = {t: ds for t in self.tasks if (ds := self._awaited(t))}
+        held = self.broker.held(sorted(self.tasks)) if self.broker and self.tasks else None
+        if held is None:
+            self.suspects.clear()
+            return
+        missing = set(self.tasks) - held
+        if missing & self.suspects:
+            self._drain()
+        lost = [t for t in missing & self.suspects if self._awaited(t)]
+        self.suspects = missing - set(lost)
+        if lost:
+            digests = [d for t in lost for d in self._awaited(t)]
+            for t in lost:
+                del self.tasks[t]
+            self._retry(digests, "their task left the broker unanswered (lost, or failed by a worker: see its log)")

@@ -16,6 +16,8 @@ key                        type        TTL                  written by          
                                                             requeues of texts that the task (suspects of
                                                             only waited            an engine death)
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
+``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
+                                                            they took, not acked)  there for lost tasks
 =========================  ==========  ===================  =====================  ======================
 
 ``digest`` is the hex blake2b-256 of everything that changes a vector: model id,

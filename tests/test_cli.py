@@ -124,3 +124,62 @@ def test_status_shows_queues_and_counters(
     row = next(line for line in done.stdout.splitlines() if line.startswith(HASH_MODEL))
     assert row.split()[-2:] == ["7", "0"]  # texts embedded, failed
     assert "cache:" in done.stdout and "hit rate" in done.stdout
+
+
+def test_embed_writes_the_good_rows_when_some_texts_fail(
+    tmp_path: Path, redis_url: str, start_worker: Callable[..., object]
+) -> None:
+    start_worker("test/strict-cli", env={"EMBQ_MAX_TEXT_BYTES": "100"})
+    lines = ["first", "x" * 500, "third"]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/strict-cli")
+    done = embq("embed", str(source), "-o", str(out), env=env)
+    assert done.returncode == 1
+    assert f"{source}:2 failed" in done.stderr
+    vectors = np.load(out)
+    assert np.isnan(vectors[1]).all()
+    np.testing.assert_array_equal(vectors[[0, 2]], np.stack([hash_vector(t, 384) for t in ("first", "third")]))
+
+
+def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path) -> None:
+    from tests.sglang_support import MODEL, sglang_env
+
+    source = tmp_path / "in.txt"
+    source.write_text("a text\nthe engine HANGs on this one\n", encoding="utf-8")
+    log = tmp_path / "embed.log"
+    env = clean_env(**sglang_env(EMBQ_STANDIN_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="5"))
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "embed",
+                str(source),
+                "-o",
+                str(tmp_path / "o.npy"),
+                "--engine",
+                "sglang",
+                "--model",
+                MODEL,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+    def started() -> list[int]:
+        return [int(p) for p in re.findall(r"started (?:redis-server|worker) pid=(\d+)", log.read_text())]
+
+    try:
+        wait_until(lambda: len(started()) == 2 and "text/s" in log.read_text(), 60, "the job to start embedding")
+        process.terminate()
+        assert process.wait(60) == 128 + 15
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not any(alive(pid) for pid in started())

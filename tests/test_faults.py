@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import redis
 
-from producer import BackendUnavailableError, EmbeddingClient, Settings, keys
+from producer import BackendUnavailableError, EmbeddingClient, ItemFailedError, Settings, keys
 from producer.contract import TASK_EMBED, make_celery
 from tests.conftest import embed_in_background
 from tests.sglang_support import MODEL, expected, sglang_env
+from tests.tls_proxy import TlsProxy
 from worker.engines.hash import hash_vector
 from worker.local import LocalRedis, LocalWorker, wait_until
 
@@ -93,6 +94,55 @@ def test_a_producer_waiting_through_a_redis_restart_resends_what_was_lost(
     client.close()
 
 
+def test_a_task_the_broker_lost_is_sent_again_by_its_producer(
+    make_client: Client, start_worker: Start, r: redis.Redis
+) -> None:
+    """Kombu pops a message (BRPOP) before it records it as unacked: a worker
+    killed between the two loses the message. Deleting the queued task is that loss."""
+    model = "test/lost-task"
+    texts = [f"lost {i}" for i in range(30)]
+    join = embed_in_background(make_client(model=model, lease_seconds=2.0), texts, timeout=90)
+    wait_until(lambda: r.llen(keys.queue_name(model)) == 1, 30, "the task to be queued")
+    r.delete(keys.queue_name(model))
+    start_worker(model)
+    np.testing.assert_array_equal(join(), hashed(texts))
+    assert int(r.hget(keys.stats_key(model), "texts") or 0) == 30
+
+
+def test_a_task_that_keeps_vanishing_fails_instead_of_looping(make_client: Client, r: redis.Redis) -> None:
+    model = "test/vanishing"
+    queue = keys.queue_name(model)
+    join = embed_in_background(make_client(model=model, lease_seconds=1.0), ["never answered"], timeout=60)
+    for _ in range(3):  # each send of the task is lost
+        wait_until(lambda: r.llen(queue) == 1, 30, "the task to be queued")
+        r.delete(queue)
+    with pytest.raises(ItemFailedError, match="gave up after 3 attempts: their task left the broker unanswered"):
+        join()
+
+
+def test_a_broker_restart_alone_loses_no_task() -> None:
+    """Broker and cache apart: the claims survive in the cache, the queued task does not."""
+    with LocalRedis() as cache:
+        brokers = [LocalRedis().start()]
+        try:
+            settings = Settings(
+                broker_url=brokers[0].url, cache_url=cache.url, model="test/broker-restart", lease_seconds=2.0
+            )
+            client = EmbeddingClient(settings=settings)
+            texts = [f"broker restart {i}" for i in range(30)]
+            join = embed_in_background(client, texts, timeout=90)
+            broker = redis.Redis.from_url(brokers[0].url)
+            wait_until(lambda: broker.llen(keys.queue_name(settings.model)) == 1, 30, "the task to be queued")
+            broker.close()
+            restart(brokers)
+            env = {"EMBQ_BROKER_URL": brokers[-1].url, "EMBQ_CACHE_URL": cache.url}
+            with LocalWorker(brokers[-1].url, engine="hash", model=settings.model, env=env):
+                np.testing.assert_array_equal(join(), hashed(texts))
+            client.close()
+        finally:
+            brokers[-1].stop()
+
+
 class Exploit:
     """Unpickling this runs a command: what a pickled message could do to a worker that accepts pickle."""
 
@@ -140,6 +190,24 @@ def test_password_and_acl_user_are_supported_and_never_logged(user: str | None) 
         with pytest.raises(BackendUnavailableError, match=r"invalid|WRONGPASS|auth") as info:
             EmbeddingClient(f"redis://:wrong@127.0.0.1:{server.port}/0", model="test/auth").embed(["x"], timeout=5)
         assert "wrong" not in str(info.value)
+
+
+def test_tls_with_a_password_for_broker_and_cache(tmp_path: Path) -> None:
+    secret = "tls-Pa55word"
+    with LocalRedis(password=secret) as server, TlsProxy(server.port, tmp_path) as proxy:
+        url = f"rediss://:{secret}@localhost:{proxy.port}/0?ssl_ca_certs={proxy.ca_path}"
+        with LocalWorker(url, engine="hash", model="test/tls") as worker:
+            client = EmbeddingClient(url, model="test/tls")
+            texts = [f"over tls {i}" for i in range(20)]
+            np.testing.assert_array_equal(client.embed(texts, timeout=30), hashed(texts))
+            client.close()
+            log = worker.log_path.read_text()
+        assert secret not in log
+        assert "insecure" not in log.lower()
+        untrusted = EmbeddingClient(f"rediss://:{secret}@localhost:{proxy.port}/0", model="test/tls")
+        with pytest.raises(BackendUnavailableError, match="certificate verify failed") as info:
+            untrusted.embed(["x"], timeout=5)
+        assert secret not in str(info.value)
 
 
 def test_a_shared_redis_that_can_evict_the_queue_is_warned_about() -> None:

@@ -94,6 +94,7 @@ def test_soak() -> None:
         assert steady.process is not None
         early = {"producers": rss_mb(me), "worker": rss_mb(steady.process.pid)}
         wait_until(lambda: done_calls >= total_calls * 2 // 5 or errors, 240, "two fifths of the work")
+        wait_until(lambda: texts_held(r) > 0 or errors, 60, "the workers to hold tasks")
         held = texts_held(r)
         doomed.kill()
         doomed.cleanup()

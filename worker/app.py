@@ -20,7 +20,7 @@ from celery.exceptions import Reject
 
 from producer import keys
 from producer.backend import connect, redact
-from producer.contract import TASK_EMBED, EmbedPayload, make_celery
+from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
 from producer.errors import ConfigurationError
 from producer.keys import queue_name
 from worker.batcher import Batcher, BatcherStopped
@@ -87,12 +87,12 @@ class Runtime:
             self.engine.close()
         self.cache.close()
 
-    def embed(self, payload: Any, task_id: str, resend: Callable[[EmbedPayload], None]) -> dict[str, int]:
+    def embed(self, payload: Any, task_id: str, split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
         if self.engine is None or self.batcher is None:
             raise RuntimeError("engine not loaded: the worker took a task before its engine")
         deaths = self.engine_deaths(task_id)
         result = run_embed(
-            payload, self.settings, self.engine, self.batcher, self.cache, engine_deaths=deaths, resend=resend
+            payload, self.settings, self.engine, self.batcher, self.cache, engine_deaths=deaths, split=split
         )
         self.cache.delete(keys.attempts_key(task_id))
         return result
@@ -116,26 +116,37 @@ class Runtime:
 
 
 def check_eviction_policy(settings: WorkerSettings) -> None:
-    """Warn when one Redis holds queue and cache and may evict the queue."""
+    """Warn when the broker's Redis may evict queued tasks.
+
+    The broker must never evict. When it is also the cache (same URL, or two
+    URLs that reach the same server), an LRU policy that covers all keys can
+    drop queued tasks to make room for vectors.
+    """
     shared = settings.shared
-    if shared.broker != shared.cache:
-        return
+    broker = connect(shared.broker)
     try:
-        policy = connect(shared.broker).config_get("maxmemory-policy").get("maxmemory-policy")
+        policy = broker.config_get("maxmemory-policy").get("maxmemory-policy")
+        shared_server = shared.broker == shared.cache or same_server(broker, connect(shared.cache))
     except redis.exceptions.RedisError as e:
-        log.info(
-            "could not read maxmemory-policy of %s (%s); make sure queue keys cannot be evicted",
+        log.warning(
+            "could not read maxmemory-policy of the broker %s (%s): make sure it is noeviction",
             redact(shared.broker),
             e,
         )
         return
     if policy in UNSAFE_EVICTION:
         log.warning(
-            "broker and cache share Redis %s whose maxmemory-policy is %s: it can evict queued tasks. "
-            "Use noeviction or a volatile-* policy, or give the cache its own Redis (EMBQ_CACHE_URL).",
+            "the broker Redis %s has maxmemory-policy %s: it can evict queued tasks%s. "
+            "Use noeviction for the broker and give the cache its own Redis (EMBQ_CACHE_URL).",
             redact(shared.broker),
             policy,
+            " to make room for cached vectors" if shared_server else "",
         )
+
+
+def same_server(a: redis.Redis, b: redis.Redis) -> bool:
+    """Two connections to one Redis server (another database number or host alias)."""
+    return bool(a.info("server").get("run_id") == b.info("server").get("run_id"))
 
 
 def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
@@ -186,14 +197,15 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     def embed(self: Any, payload: Any) -> dict[str, int]:
         try:
-            return runtime.embed(payload, self.request.id, resend)
+            return runtime.embed(payload, self.request.id, lambda part, index: send_part(self.request.id, part, index))
         except BatcherStopped as e:
             raise runtime.requeue(self.request.id, e) from e
 
     queue = queue_name(settings.shared.model)
 
-    def resend(payload: EmbedPayload) -> None:
-        app.send_task(TASK_EMBED, args=[payload], queue=queue, exchange="", routing_key=queue)
+    def send_part(task_id: str, part: EmbedPayload, index: int) -> None:
+        part_id = split_task_id(task_id, index)
+        app.send_task(TASK_EMBED, args=[part], task_id=part_id, queue=queue, exchange="", routing_key=queue)
 
     def on_init(sender: Any, **_: Any) -> None:
         # Celery logs and swallows exceptions from signal handlers; a worker

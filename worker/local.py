@@ -98,8 +98,13 @@ class LocalRedis:
             except redis.exceptions.ConnectionError:
                 return False
 
-        wait_until(ready, timeout, f"redis-server on port {self.port}")
-        client.close()
+        try:
+            wait_until(ready, timeout, f"redis-server on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            client.close()
         log.info("started redis-server pid=%d on port %d", self.process.pid, self.port)
         return self
 
@@ -162,7 +167,11 @@ class LocalWorker:
                 raise EmbqError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
             return self.ready_file.exists()
 
-        wait_until(ready, timeout, f"worker {self.engine}/{self.model} to load its engine")
+        try:
+            wait_until(ready, timeout, f"worker {self.engine}/{self.model} to load its engine")
+        except BaseException:
+            self.stop(grace=10)  # never leave a half-started worker behind
+            raise
         return self
 
     def log_tail(self, lines: int = 30) -> str:

@@ -63,7 +63,7 @@ def run_embed(
     cache: redis.Redis,
     *,
     engine_deaths: int = 0,
-    resend: Callable[[EmbedPayload], None] | None = None,
+    split: Callable[[EmbedPayload, int], None] | None = None,
 ) -> dict[str, int]:
     """Embed one task's texts; every text ends as a cached vector or a reported failure."""
     model = settings.shared.model
@@ -72,10 +72,10 @@ def run_embed(
     if problem is not None:
         return refuse(payload, problem, cache, model, ttl)
     texts: list[Any] = payload["texts"]
-    if engine_deaths and len(texts) > 1 and resend is not None:
+    if engine_deaths and len(texts) > 1 and split is not None:
         log.warning("a task of %d texts was running when an engine died; splitting it", len(texts))
-        for text in texts:
-            resend({**payload, "texts": [text], "alone": True})  # type: ignore[typeddict-item]
+        for index, text in enumerate(texts):
+            split({**payload, "texts": [text], "alone": True}, index)  # type: ignore[typeddict-item]
         return {"embedded": 0, "failed": 0, "split": len(texts)}
 
     max_bytes = settings.shared.max_text_bytes
