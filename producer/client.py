@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from celery import Celery
 
-from producer import keys
+from producer import keys, metrics
 from producer.backend import backend_errors, connect
 from producer.broker import BrokerView
 from producer.codec import truncate
@@ -73,6 +73,7 @@ class EmbeddingClient:
         validate_options(instruction, dim, timeout, settings.max_text_bytes)
         digests = [keys.text_digest(self.model, settings.cache_namespace, instruction, text) for text in items]
         unique = dict(zip(digests, items, strict=False))
+        started = time.monotonic()
         with backend_errors("cache", settings.cache):
             resolver = MissResolver(
                 self._cache,
@@ -84,6 +85,7 @@ class EmbeddingClient:
                 broker=self._broker_view,
             )
             resolver.run(deadline)
+        self._count(resolver, time.monotonic() - started)
         if resolver.pending:
             missing = sum(1 for d in digests if d in resolver.pending)
             raise EmbqTimeoutError(
@@ -94,6 +96,15 @@ class EmbeddingClient:
                 total=len(items),
             )
         return self._assemble(digests, resolver, dim)
+
+    def _count(self, resolver: MissResolver, seconds: float) -> None:
+        misses = resolver.missed
+        metrics.CACHE_HITS.labels(self.model).inc(len(resolver.texts) - misses)
+        metrics.CACHE_MISSES.labels(self.model).inc(misses)
+        metrics.TEXTS_SENT.labels(self.model).inc(resolver.sent)
+        metrics.TEXTS_WAITED.labels(self.model).inc(resolver.waited)
+        if misses:
+            metrics.WAIT_SECONDS.labels(self.model).observe(seconds)
 
     def _assemble(self, digests: list[str], resolver: MissResolver, dim: int | None) -> np.ndarray:
         full = next((v.shape[0] for v in resolver.vectors.values()), 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any, NotRequired, TypedDict
 from urllib.parse import urlsplit
 
@@ -30,6 +31,8 @@ class EmbedPayload(TypedDict):
     texts: list[str]
     #: Optional: embed each text in its own engine call (set on texts suspected of killing an engine).
     alone: NotRequired[bool]
+    #: Optional: the producer's clock (Unix seconds) when it sent the task, for the queue-wait metric.
+    sent: NotRequired[float]
 
 
 def split_task_id(task_id: str, index: int) -> str:
@@ -50,6 +53,7 @@ def make_payload(settings: Settings, instruction: str, texts: list[str]) -> Embe
         "namespace": settings.cache_namespace,
         "instruction": instruction,
         "texts": texts,
+        "sent": time.time(),
     }
 
 

@@ -104,15 +104,20 @@ class MissResolver:
         self.suspects: set[str] = set()  # tasks the broker did not hold at the last tick
         self._renew = cache.register_script(RENEW_SCRIPT)
         self.last_id: Any = "0-0"
+        self.missed = 0  # texts the first cache read did not find
+        self.sent = 0  # texts sent to workers, resends included
+        self.waited = 0  # missing texts first claimed by another producer
 
     def run(self, deadline: float | None) -> None:
         """Resolve until nothing is pending or ``deadline`` (monotonic) passes."""
         self._read(list(self.texts))  # (1) the cache: hits need no claim, no stream, no worker
+        self.missed = len(self.pending)
         if not self.pending:
             return
         try:
             self._open_reply()
             self._take([d for d in self.texts if d in self.pending])  # (2) claim, (3) send
+            self.waited = len([d for d in self.pending if d not in self.ours])
             last_progress = last_tick = time.monotonic()
             while self.pending:
                 now = time.monotonic()
@@ -187,6 +192,7 @@ class MissResolver:
         for d in to_send:
             self.attempts[d] = self.attempts.get(d, 0) + 1
         if to_send:
+            self.sent += len(to_send)
             try:
                 self.tasks.update(self.send(to_send))
             except BaseException:

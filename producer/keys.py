@@ -15,6 +15,8 @@ key                        type        TTL                  written by          
 ``embq:attempts:{task_id}`` hash       1 day                workers: starts, and   the worker that runs
                                                             requeues of texts that the task (suspects of
                                                             only waited            an engine death)
+``embq:worker:{host:pid}`` hash        3 x heartbeat        the worker, every      ``embq status``
+                                                            10 s
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
@@ -43,11 +45,15 @@ STATS = f"{PREFIX}:stats:"
 QUEUE_PREFIX = f"{PREFIX}."
 
 ATTEMPTS = f"{PREFIX}:attempts:"
+WORKER = f"{PREFIX}:worker:"
 
 #: Seconds the worker's statistics hash lives after its last update.
 STATS_TTL = 7 * 24 * 3600
 #: Seconds a task's delivery count is remembered.
 ATTEMPTS_TTL = 24 * 3600
+#: Seconds between a worker's heartbeats, and how long one lasts without the next.
+HEARTBEAT_SECONDS = 10
+HEARTBEAT_TTL = 3 * HEARTBEAT_SECONDS
 
 
 def text_digest(model: str, namespace: str, instruction: str, text: str) -> str:
@@ -82,6 +88,10 @@ def stats_key(model: str) -> str:
 
 def attempts_key(task_id: str) -> str:
     return ATTEMPTS + task_id
+
+
+def worker_key(name: str) -> str:
+    return WORKER + name
 
 
 def queue_name(model: str) -> str:

@@ -97,7 +97,10 @@ ENV_NAMES: dict[str, str] = {
 
 
 def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, Any]:
-    """Parse the variables of ``names`` into the types of ``cls``'s fields."""
+    """Parse the variables of ``names`` into the types of ``cls``'s fields.
+
+    Numbers must be positive, or at least 0 for fields whose metadata says
+    ``zero_means`` (what 0 turns off)."""
     parsers: dict[str, Callable[[str], Any]] = {"int": _positive(int), "float": _positive(float), "bool": _flag}
     values: dict[str, Any] = {}
     for field in fields(cls):
@@ -107,6 +110,8 @@ def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dic
             continue
         type_name = str(field.type).split("|")[0].strip()
         parse = parsers.get(type_name, str)
+        if "zero_means" in field.metadata and type_name == "int":
+            parse = _non_negative_int
         try:
             values[field.name] = parse(raw)
         except ValueError as e:
@@ -122,6 +127,13 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         return value
 
     return parse
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
 
 
 def _flag(raw: str) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, Settings
+from producer import EmbeddingClient, Settings, keys
 from worker.local import LocalRedis, LocalWorker
 
 HASH_MODEL = "test/hash"
@@ -72,7 +72,7 @@ def redis_url(redis_server: LocalRedis) -> Iterator[str]:
     yield redis_server.url
     client = redis.Redis.from_url(redis_server.url)
     for pattern in ("embq:*", "embq.*"):
-        stale = list(client.scan_iter(match=pattern))
+        stale = [key for key in client.scan_iter(match=pattern) if not key.startswith(keys.WORKER.encode())]
         if stale:
             client.delete(*stale)
     client.close()

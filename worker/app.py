@@ -23,8 +23,10 @@ from producer.backend import connect, redact
 from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
 from producer.errors import ConfigurationError
 from producer.keys import queue_name
+from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine, create_engine
+from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
 from worker.tasks import run_embed
 
@@ -50,6 +52,7 @@ class Runtime:
         self.dead: str | None = None
         #: The status the worker process must exit with, when not 0.
         self.exit_code: int | None = None
+        self.heartbeat: Heartbeat | None = None
 
     def start(self) -> None:
         """Load the engine once; idempotent, so a second ``worker_init`` is harmless."""
@@ -69,22 +72,45 @@ class Runtime:
             on_dead=self.on_engine_dead,
         )
         self.batcher.start()
+        metrics.ENGINE_LOADED.set(1)
+        metrics.serve(s.metrics_port, s.shared.model, s.engine)
+        self.heartbeat = Heartbeat(self.cache, {"model": s.shared.model, "engine": s.engine}, self.progress)
+        self.heartbeat.start()
         log.info("engine ready: dim=%d, consuming queue %s", engine.dim, queue_name(s.shared.model))
+
+    def progress(self) -> dict[str, int]:
+        batcher = self.batcher
+        return {"texts": batcher.texts_done, "calls": batcher.calls} if batcher else {}
+
+    def set_ready(self, ready: bool) -> None:
+        metrics.READY.set(int(ready))
+        if self.heartbeat is not None:
+            self.heartbeat.set_ready(ready)
+        if not self.settings.ready_file:
+            return
+        if ready:
+            Path(self.settings.ready_file).write_text(f"{os.getpid()}\n")
+        else:
+            Path(self.settings.ready_file).unlink(missing_ok=True)
 
     def on_engine_dead(self, reason: str) -> None:
         """Never a worker that takes tasks it cannot serve: unready, warm shutdown, exit."""
         self.dead = reason
         self.exit_code = EXIT_ENGINE_DEAD
-        if self.settings.ready_file:
-            Path(self.settings.ready_file).unlink(missing_ok=True)
+        self.set_ready(False)
+        metrics.ENGINE_LOADED.set(0)
         log.critical("engine died (%s): stopping; its tasks return to the queue", reason)
         os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: stop consuming, finish, requeue
 
     def stop(self) -> None:
+        self.set_ready(False)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.batcher is not None:
             self.batcher.stop(timeout=60)
         if self.engine is not None:
             self.engine.close()
+            metrics.ENGINE_LOADED.set(0)
         self.cache.close()
 
     def embed(self, payload: Any, task_id: str, split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
@@ -219,12 +245,10 @@ def create_app(settings: WorkerSettings) -> Celery:
             raise SystemExit(EXIT_START_FAILED) from None
 
     def on_ready(sender: Any, **_: Any) -> None:
-        if sender.app is app and settings.ready_file:
-            Path(settings.ready_file).write_text(f"{os.getpid()}\n")
+        if sender.app is app:
+            runtime.set_ready(True)
 
     def on_shutdown(sender: Any, **_: Any) -> None:
-        if settings.ready_file:
-            Path(settings.ready_file).unlink(missing_ok=True)
         runtime.stop()
 
     app.steps["worker"].add(engine_step(runtime))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worker import metrics
 from worker.engines import Engine, EngineDead, EngineItemErrors, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,11 @@ class Batcher:
         """Encode ``batch``, isolating the texts that fail; raises ``EngineDead``."""
         if not batch:
             return
+        metrics.ENGINE_BATCH_TEXTS.observe(len(batch))
+        started = time.monotonic()
         try:
             vectors = self.engine.encode([item.text for item in batch])
+            metrics.ENGINE_SECONDS.observe(time.monotonic() - started)
             if vectors.shape != (len(batch), self.engine.dim) or not np.isfinite(vectors).all():
                 raise ValueError(f"engine returned shape {vectors.shape} or non-finite values for {len(batch)} texts")
         except EngineItemErrors as e:
@@ -249,10 +253,13 @@ class Batcher:
                 self._encode(batch[:half])
                 self._encode(batch[half:])
             return
+        if not self.engine.counts_tokens:
+            metrics.TOKENS_EMBEDDED.inc(sum(estimate_tokens(item.text) for item in batch))
         for item, vector in zip(batch, vectors, strict=True):
             self._finish(item, vector, None)
 
     def _on_out_of_memory(self, batch: list[Item], attempt: int, error: Exception) -> None:
+        metrics.ERRORS.labels(metrics.OUT_OF_MEMORY).inc()
         if len(batch) > 1:
             half = len(batch) // 2
             log.warning(
@@ -278,6 +285,7 @@ class Batcher:
             else:
                 job.vectors[item.index] = vector
                 self.texts_done += 1
+                metrics.TEXTS_EMBEDDED.inc()
             job.remaining -= 1
             if job.remaining == 0:
                 job.done.set()
@@ -300,5 +308,7 @@ class Batcher:
                     job.aborted_in_engine = key in in_engine
                     job.done.set()
             self._cond.notify_all()
+        if first:
+            metrics.ERRORS.labels(metrics.ENGINE_DEAD).inc()
         if first and self.on_dead is not None:
             self.on_dead(reason)

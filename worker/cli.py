@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "embed":
             return run_embed(args)
+        if args.command == "flower":
+            return run_flower(args)
         return run_status()
     except EmbqError as e:
         log.error("%s", e)
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", help="torch device for sentence-transformers (cpu, cuda, cuda:1)")
     w.add_argument("--cache-dtype", choices=["float32", "float16"])
     w.add_argument("--ready-file", help="created once the engine is loaded and the worker consumes")
+    w.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: none; default 9808)")
     w.add_argument("--dtype", help="weights dtype (auto, bfloat16, float16)")
     w.add_argument("--trust-remote-code", action="store_true", default=None)
     w.add_argument("--truncate", action="store_true", default=None, help="truncate texts over the context")
@@ -82,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("-q", "--quiet", action="store_true")
 
-    s = sub.add_parser("status", help="queue depths and worker counters")
+    s = sub.add_parser("status", help="queue depths, workers online, cache size and hit rate")
     s.add_argument("-q", "--quiet", action="store_true")
+
+    f = sub.add_parser("flower", help="Flower, the Celery dashboard, on embq's broker and settings")
+    f.add_argument("--port", type=int, default=5555)
+    f.add_argument("--address", default="0.0.0.0")
+    f.add_argument("flower_args", nargs=argparse.REMAINDER, help="more Flower options, e.g. --basic-auth=u:p")
+    f.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -129,6 +138,17 @@ def run_embed(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=not args.no_progress,
     )
+
+
+def run_flower(args: argparse.Namespace) -> int:
+    """Flower reads its own options from FLOWER_* variables too (FLOWER_BASIC_AUTH=user:password);
+    without auth its /api answers 401 unless FLOWER_UNAUTHENTICATED_API=true."""
+    from producer.contract import make_celery
+
+    app = make_celery(Settings.from_env())
+    argv = ["flower", f"--port={args.port}", f"--address={args.address}", *args.flower_args]
+    code = app.start(argv)
+    return code if isinstance(code, int) else 0
 
 
 def run_status() -> int:

@@ -131,7 +131,8 @@ class LocalWorker:
         self.log_path = self.dir / "worker.log"
         self.engine = engine
         self.model = model
-        self.env = {**os.environ, **(env or {}), "EMBQ_REDIS_URL": redis_url}
+        # A private worker serves no metrics unless asked: several may run on one host.
+        self.env = {**os.environ, "EMBQ_METRICS_PORT": "0", **(env or {}), "EMBQ_REDIS_URL": redis_url}
         for name in ("EMBQ_BROKER_URL", "EMBQ_CACHE_URL"):
             if env is None or name not in env:
                 self.env.pop(name, None)

@@ -77,6 +77,8 @@ class WorkerSettings:
     #: Created once the engine is loaded and the worker consumes; removed at exit
     #: (readiness probes test for it).
     ready_file: str | None = None
+    #: Port of the Prometheus metrics (``/metrics``); 0 serves none.
+    metrics_port: int = field(default=9808, metadata={"zero_means": "no metrics"})
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in DTYPES:
@@ -139,6 +141,7 @@ ENV_NAMES: dict[str, str] = {
     "engine_batch_size": "EMBQ_ENGINE_BATCH_SIZE",
     "hash_dim": "EMBQ_HASH_DIM",
     "ready_file": "EMBQ_READY_FILE",
+    "metrics_port": "EMBQ_METRICS_PORT",
     "dtype": "EMBQ_DTYPE",
     "trust_remote_code": "EMBQ_TRUST_REMOTE_CODE",
     "truncate": "EMBQ_TRUNCATE",

@@ -1,7 +1,8 @@
-"""``embq status``: queue depth per model and the workers' counters, in one screen."""
+"""``embq status``: queue depth per model, workers online, cache size and hit rate, in one screen."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
 from producer import keys
@@ -13,8 +14,16 @@ def _name(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+def _hashes(cache: Any, prefix: str) -> dict[str, dict[str, str]]:
+    """Every hash under ``prefix``, by the rest of its key; SCAN, never KEYS."""
+    found = {}
+    for key in cache.scan_iter(match=prefix + "*", _type="hash"):
+        found[_name(key)[len(prefix) :]] = {_name(k): _name(v) for k, v in cast(dict, cache.hgetall(key)).items()}
+    return found
+
+
 def render_status(settings: Settings) -> str:
-    """One screen of text; SCANs only embq's own queue and stats keys, never the vectors."""
+    """One screen of text; SCANs only embq's own queue, stats and worker keys, never the vectors."""
     broker, cache = connect(settings.broker), connect(settings.cache)
     with backend_errors("broker", settings.broker):
         queues = {
@@ -22,19 +31,28 @@ def render_status(settings: Settings) -> str:
             for key in broker.scan_iter(match=keys.QUEUE_PREFIX + "*", _type="list")
         }
     with backend_errors("cache", settings.cache):
-        stats = {
-            _name(key)[len(keys.STATS) :]: {_name(k): int(v) for k, v in cast(dict, cache.hgetall(key)).items()}
-            for key in cache.scan_iter(match=keys.STATS + "*")
-        }
+        stats = _hashes(cache, keys.STATS)
+        workers = _hashes(cache, keys.WORKER)
         info = cast(dict, cache.info("stats"))
         memory = cast(dict, cache.info("memory"))
         size = cast(int, cache.dbsize())
-    lines = [f"{'model':<48} {'queued':>10} {'tasks':>10} {'texts':>12} {'failed':>8}"]
-    for model in sorted(set(queues) | set(stats)):
+    online: dict[str, int] = {}
+    for worker in workers.values():
+        online[worker.get("model", "?")] = online.get(worker.get("model", "?"), 0) + 1
+    lines = [f"{'model':<48} {'queued':>8} {'workers':>8} {'tasks':>10} {'texts':>12} {'failed':>8}"]
+    for model in sorted(set(queues) | set(stats) | set(online)):
         s = stats.get(model, {})
         lines.append(
-            f"{model:<48} {queues.get(model, 0):>10} {s.get('tasks', 0):>10} "
-            f"{s.get('texts', 0):>12} {s.get('failed', 0):>8}"
+            f"{model:<48} {queues.get(model, 0):>8} {online.get(model, 0):>8} {s.get('tasks', '0'):>10} "
+            f"{s.get('texts', '0'):>12} {s.get('failed', '0'):>8}"
+        )
+    lines += ["", f"workers online: {len(workers)}"]
+    now = time.time()
+    for name, w in sorted(workers.items()):
+        up = now - float(w.get("started", now))
+        lines.append(
+            f"  {name:<32} {w.get('model', '?'):<40} {w.get('engine', '?'):<22} "
+            f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s"
         )
     hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
     rate = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
@@ -44,4 +62,6 @@ def render_status(settings: Settings) -> str:
         f"policy {memory.get('maxmemory_policy', '?')}, Redis hit rate {rate}",
         "",
     ]
+    broker.close()
+    cache.close()
     return "\n".join(lines)

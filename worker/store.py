@@ -14,6 +14,7 @@ import redis
 
 from producer import keys
 from producer.contract import pack_notice
+from worker import metrics
 
 
 def store_results(
@@ -41,6 +42,7 @@ def store_results(
     pipe.hincrby(stats, "tasks", 1)
     pipe.expire(stats, keys.STATS_TTL)
     replies = pipe.execute()
+    metrics.CACHE_WRITES.inc(len(values))
     watchers_of = replies[len(values) : len(values) + 3 * len(digests)][1::3]
     done_for: dict[bytes, list[str]] = defaultdict(list)
     failed_for: dict[bytes, dict[str, str]] = defaultdict(dict)

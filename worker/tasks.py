@@ -11,6 +11,7 @@ with no other call beside it, and a text that has been in the engine at
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from producer import keys
 from producer.codec import pack, unpack_many
 from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload
 from producer.validation import item_problem
+from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine
 from worker.settings import WorkerSettings
@@ -72,6 +74,9 @@ def run_embed(
     if problem is not None:
         return refuse(payload, problem, cache, model, ttl)
     texts: list[Any] = payload["texts"]
+    sent = payload.get("sent")
+    if isinstance(sent, int | float) and not isinstance(sent, bool):
+        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - sent))
     if engine_deaths and len(texts) > 1 and split is not None:
         log.warning("a task of %d texts was running when an engine died; splitting it", len(texts))
         for index, text in enumerate(texts):
@@ -95,6 +100,7 @@ def run_embed(
 
     cached = cached_digests(cache, [d for d, _ in good])
     todo = [(d, t) for d, t in good if d not in cached]
+    metrics.TEXTS_SKIPPED.inc(len(cached))
     instruction = payload["instruction"]
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
@@ -111,9 +117,11 @@ def run_embed(
     except Exception as e:
         # No silent drops: whoever waits for these texts hears why they failed.
         reason = f"worker error: {type(e).__name__}: {e}"
+        metrics.ERRORS.labels(metrics.WORKER).inc()
         store_results(cache, model, {}, {d: reason for d, _ in todo} | failures, ttl)
         raise
     if failures:
+        metrics.ERRORS.labels(metrics.ITEM).inc(len(failures))
         log.warning("%d of %d texts failed in this task", len(failures), len(texts))
     return {"embedded": len(values), "cached": len(cached), "failed": len(failures)}
 
@@ -129,6 +137,7 @@ def cached_digests(cache: redis.Redis, digests: list[str]) -> set[str]:
 def refuse(payload: Any, problem: str, cache: redis.Redis, model: str, ttl: int) -> dict[str, int]:
     """A message this worker cannot serve: tell whoever waits for its texts, if they can be named."""
     log.error("refused a task: %s", problem)
+    metrics.ERRORS.labels(metrics.REFUSED).inc()
     texts = payload.get("texts") if isinstance(payload, dict) else None
     if not isinstance(texts, list):
         return {"embedded": 0, "failed": 0, "refused": 1}

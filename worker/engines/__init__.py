@@ -29,6 +29,9 @@ class Engine(Protocol):
     #: in the caller's thread; 2 lets an engine with its own scheduler start on
     #: the next call while the last one's results are written.
     concurrent_calls: int
+    #: True when ``encode`` counts its real tokens into the metrics itself;
+    #: otherwise the batcher counts an estimate.
+    counts_tokens: bool
 
     def load(self) -> None: ...
 

@@ -27,6 +27,7 @@ class HashEngine:
 
     name = "hash"
     concurrent_calls = 1
+    counts_tokens = False
 
     def __init__(
         self, model: str, *, dim: int = 384, max_tokens: int = 8192, instruction_template: str | None = None, **_: Any

@@ -41,6 +41,7 @@ class SentenceTransformersEngine:
 
     name = "sentence-transformers"
     concurrent_calls = 1
+    counts_tokens = False
 
     def __init__(
         self,

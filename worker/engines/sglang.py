@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from producer.errors import EngineError
+from worker import metrics
 from worker.engines import EngineDead, EngineItemErrors, apply_instruction
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class SGLangEngine:
         self.instruction_template = instruction_template or QWEN3_INSTRUCTION
         self.call_timeout = call_timeout
         self.concurrent_calls = concurrent_calls
+        self.counts_tokens = True
         self.dim = 0
         self.max_tokens = 0
         self._engine: Any = None
@@ -156,6 +158,7 @@ class SGLangEngine:
         }
         if refused:
             raise EngineItemErrors(refused)
+        metrics.TOKENS_EMBEDDED.inc(sum(int(r.get("meta_info", {}).get("prompt_tokens", 0)) for r in results))
         vectors = np.asarray([r["embedding"] for r in results], dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # Qwen3 pools normalised; others may not
         return np.divide(vectors, norms, out=vectors, where=norms > 0)

@@ -1,0 +1,69 @@
+"""A worker's heartbeat in the cache Redis: what ``embq status`` lists as workers online.
+
+A hash per worker process with a short TTL, refreshed by a thread: a worker
+that dies drops off the list by itself within ``HEARTBEAT_TTL``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer import keys
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, cache: redis.Redis, fields: dict[str, str], progress: Callable[[], dict[str, int]]) -> None:
+        self.cache = cache
+        self.key = keys.worker_key(f"{socket.gethostname()}:{os.getpid()}")
+        self.fields = {**fields, "pid": str(os.getpid()), "started": f"{time.time():.0f}"}
+        self.progress = progress
+        self.ready = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def beat(self) -> None:
+        mapping: dict[Any, Any] = {
+            **self.fields,
+            **{k: str(v) for k, v in self.progress().items()},
+            "ready": str(int(self.ready)),
+        }
+        pipe = self.cache.pipeline(transaction=True)
+        pipe.hset(self.key, mapping=mapping)
+        pipe.expire(self.key, keys.HEARTBEAT_TTL)
+        pipe.execute()
+
+    def set_ready(self, ready: bool) -> None:
+        """Readiness shows in ``embq status`` at once, not at the next beat."""
+        self.ready = ready
+        try:
+            self.beat()
+        except redis.exceptions.RedisError as e:
+            log.debug("heartbeat failed: %s", e)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except redis.exceptions.RedisError as e:  # the cache is down: status shows us again once it is back
+                log.debug("heartbeat failed: %s", e)
+            self._stop.wait(keys.HEARTBEAT_SECONDS)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.cache.delete(self.key)
+        except redis.exceptions.RedisError:
+            pass  # it expires by itself

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one worker process, served on ``EMBQ_METRICS_PORT``.
+
+One engine per process, so the process is the unit: Prometheus adds the pod
+or host as target labels, and ``embq_worker_info`` names the model and engine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+log = logging.getLogger(__name__)
+
+#: Error kinds counted in ``embq_errors_total``.
+ITEM, OUT_OF_MEMORY, ENGINE_DEAD, REFUSED, WORKER = "item", "out_of_memory", "engine_dead", "refused", "worker"
+
+WORKER_INFO = Info("embq_worker", "Model and engine this worker serves")
+TEXTS_EMBEDDED = Counter("embq_texts_embedded", "Texts embedded by the engine")
+TOKENS_EMBEDDED = Counter(
+    "embq_tokens_embedded", "Tokens embedded: counted by the engine where it reports them, else characters / 4"
+)
+TEXTS_SKIPPED = Counter("embq_texts_already_cached", "Texts of a task found in the cache: no engine time spent")
+ENGINE_BATCH_TEXTS = Histogram(
+    "embq_engine_batch_texts", "Texts per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+)
+ENGINE_SECONDS = Histogram(
+    "embq_engine_seconds",
+    "Seconds per engine call",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "embq_queue_wait_seconds",
+    "Seconds from a producer sending a task to a worker starting it (clocks of two machines)",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+CACHE_WRITES = Counter("embq_cache_writes", "Vectors written to the cache")
+ERRORS = Counter("embq_errors", "Failures by kind", ["kind"])
+ENGINE_LOADED = Gauge("embq_engine_loaded", "1 once the engine is loaded, 0 after it died or shut down")
+READY = Gauge("embq_worker_ready", "1 while the worker consumes its queue with a loaded engine")
+
+for kind in (ITEM, OUT_OF_MEMORY, ENGINE_DEAD, REFUSED, WORKER):
+    ERRORS.labels(kind)  # every kind reads 0 before its first error, so rates work
+
+
+def serve(port: int, model: str, engine: str) -> None:
+    """Expose the metrics on ``port`` (0: not at all). A port that cannot be bound
+    costs the metrics, never the worker's work."""
+    WORKER_INFO.info({"model": model, "engine": engine})
+    if not port:
+        return
+    try:
+        start_http_server(port)
+    except OSError as e:
+        log.error("metrics not served: port %d: %s", port, e)
+        return
+    log.info("metrics on :%d/metrics", port)
