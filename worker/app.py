@@ -59,6 +59,9 @@ class Runtime:
         if self.engine is not None:
             return
         s = self.settings
+        # A ready file left by a killed predecessor (a restarted container keeps /tmp)
+        # must not pass the probes before this engine is loaded.
+        self.set_ready(False)
         check_eviction_policy(s)
         log.info("loading engine %s for model %s", s.engine, s.shared.model)
         engine = create_engine(s.engine, s.shared.model, **s.engine_options())

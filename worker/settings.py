@@ -23,7 +23,7 @@ class WorkerSettings:
     engine: str = "sentence-transformers"
     #: Tasks executed at once (Celery threads). Their texts are what the batcher
     #: can coalesce, so it bounds the batch size under many small producers.
-    concurrency: int = 16
+    concurrency: int = 64
     #: Estimated tokens (characters / 4) per engine call. Raise it on big GPUs
     #: until throughput stops growing; lower it if a call runs out of memory.
     batch_tokens: int = 16384

@@ -1,0 +1,698 @@
+"""Deployment files, validated offline.
+
+docker-compose.yml is checked against the Compose specification; every kustomize
+overlay under k8s/overlays is rendered with ``kubectl kustomize`` and what it renders
+is validated: built-in kinds against Kubernetes' own schemas (unknown fields refused),
+KEDA's objects against the CRD schemas in k8s/schemas. Then the settings embq relies
+on are checked in the files as they would be applied: a queue name, a probe path or
+an eviction policy that drifts from the code breaks production quietly, so it fails
+here instead.
+
+Needs ``kubectl`` (with its built-in kustomize) and the PyPI packages
+``check-jsonschema``, ``kubernetes-validate``, ``jsonschema`` and ``pyyaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from producer.keys import queue_name
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+K8S = ROOT / "k8s"
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+#: Overlays that run without a GPU.
+CPU_OVERLAYS = {"cpu-dev"}
+#: Oldest Kubernetes the manifests must work on (kubernetes-validate ships its schemas).
+K8S_VERSION = "1.30.0"
+NAMESPACE = "embq"
+READY_FILE = "/tmp/embq-ready"
+METRICS_PORT = 9808
+GPU_MODEL = "Qwen/Qwen3-Embedding-4B"
+CPU_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+GIB = 1024**3
+
+Doc = dict[str, Any]
+
+
+def require(module: str, package: str) -> ModuleType:
+    """Import a test dependency, or fail saying what to install (a skip would hide a gap)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"the Python package {package!r} is missing: pip install {package}", pytrace=False)
+
+
+def load_yaml(path: Path) -> Any:
+    return require("yaml", "pyyaml").safe_load(path.read_text())
+
+
+def project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def split_image(image: str) -> tuple[str, str | None]:
+    """(name, tag) of an image reference; the tag is None when the reference has none."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        return name.rsplit(":", 1)[0], last.split(":", 1)[1]
+    return name, None
+
+
+def assert_pinned(image: str) -> None:
+    """A floating tag lets two nodes run different code under one name."""
+    if "@sha256:" in image:
+        return
+    _, tag = split_image(image)
+    assert tag is not None, f"{image}: no tag (means latest)"
+    assert tag != "latest", f"{image}: latest"
+
+
+def embq_env_names() -> set[str]:
+    """Every EMBQ_* variable the code reads, so a deployment file cannot set a misspelt one."""
+    names: set[str] = set()
+    for path in [*ROOT.glob("producer/**/*.py"), *ROOT.glob("worker/**/*.py")]:
+        names.update(re.findall(r"\bEMBQ_[A-Z0-9_]+\b", path.read_text()))
+    return names
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def byte_value(value: str | int) -> int:
+    """Byte values such as ``16gb`` or ``512m``, as binary multiples (Compose and Redis both read ``gb`` so)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", value.strip().lower())
+    assert m, f"not a byte value: {value!r}"
+    return int(float(m.group(1)) * 1024 ** " kmg".index(m.group(2) or " "))
+
+
+def compose_seconds(value: str) -> float:
+    """Compose's durations (``600s``, ``5m``, ``1m30s``)."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@functools.cache
+def compose() -> Doc:
+    return load_yaml(COMPOSE)
+
+
+def service(name: str) -> Doc:
+    services = compose()["services"]
+    assert name in services, f"docker-compose.yml has no service {name!r}"
+    return services[name]
+
+
+def redis_args(svc: Doc) -> list[str]:
+    command = svc["command"]
+    assert isinstance(command, list), 'Redis command as a list, so that --save "" stays one empty argument'
+    assert command[0] == "redis-server"
+    return command[1:]
+
+
+def option(args: list[str], name: str) -> str:
+    """Value of ``--name value`` in a redis-server command line."""
+    assert f"--{name}" in args, f"redis-server without --{name}: {args}"
+    return args[args.index(f"--{name}") + 1]
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    require("check_jsonschema", "check-jsonschema")
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_broker_keeps_its_queue() -> None:
+    broker = service("broker")
+    args = redis_args(broker)
+    assert option(args, "maxmemory-policy") == "noeviction"
+    assert option(args, "appendonly") == "yes"
+    assert any(str(v).endswith(":/data") for v in broker["volumes"]), "the append-only file needs a volume"
+
+
+def test_compose_cache_is_a_bounded_lru() -> None:
+    args = redis_args(service("cache"))
+    assert option(args, "maxmemory-policy") == "allkeys-lru"
+    assert byte_value(option(args, "maxmemory")) > 0
+    assert option(args, "save") == "", "the cache is not persisted"
+
+
+@pytest.mark.parametrize("name", ["broker", "cache"])
+def test_compose_redis_health_is_a_ping(name: str) -> None:
+    svc = service(name)
+    assert svc["image"] == "redis:7.2"
+    assert "redis-cli ping" in " ".join(svc["healthcheck"]["test"])
+    assert "profiles" not in svc, f"{name} must start with every profile"
+
+
+@pytest.mark.parametrize(
+    ("name", "dockerfile", "model", "profile"),
+    [("worker-gpu", "worker/Dockerfile", GPU_MODEL, "gpu"), ("worker-cpu", "worker/Dockerfile.cpu", CPU_MODEL, "cpu")],
+)
+def test_compose_worker(name: str, dockerfile: str, model: str, profile: str) -> None:
+    svc = service(name)
+    assert svc["profiles"] == [profile], "a machine without a GPU must be able to leave the GPU worker out"
+    assert svc["build"]["dockerfile"] == dockerfile
+    assert (ROOT / dockerfile).is_file()
+    env = svc["environment"]
+    assert env["EMBQ_BROKER_URL"] == "redis://broker:6379/0"
+    assert env["EMBQ_CACHE_URL"] == "redis://cache:6379/0"
+    assert env["EMBQ_READY_FILE"] == READY_FILE
+    assert int(env["EMBQ_METRICS_PORT"]) == METRICS_PORT
+    assert str(METRICS_PORT) in [str(p) for p in svc["expose"]]
+    # --model on the command line wins over EMBQ_MODEL: both must name the same model.
+    assert svc["command"] == ["--model", env["EMBQ_MODEL"]]
+    assert model in env["EMBQ_MODEL"]
+    health = svc["healthcheck"]
+    assert health["test"] == ["CMD", "test", "-f", READY_FILE]
+    assert svc["init"] is True
+    assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+    for dependency in ("broker", "cache"):
+        assert svc["depends_on"][dependency]["condition"] == "service_healthy"
+    assert any(str(v).endswith(":/models") for v in svc["volumes"])
+
+
+def test_compose_gpu_worker_gets_a_gpu_shm_and_time() -> None:
+    svc = service("worker-gpu")
+    assert svc["environment"]["EMBQ_MODEL"] == "${EMBQ_MODEL:-" + GPU_MODEL + "}"
+    (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert device["count"] == 1
+    assert device["capabilities"] == ["gpu"]
+    assert byte_value(svc["shm_size"]) >= 16 * GIB, "SGLang needs 16 GiB of /dev/shm"
+    assert compose_seconds(svc["healthcheck"]["start_period"]) >= 600, "first start downloads and loads the weights"
+    assert compose_seconds(svc["stop_grace_period"]) >= 300, "warm shutdown finishes the batch in flight"
+
+
+def test_compose_flower() -> None:
+    svc = service("flower")
+    assert "profiles" not in svc
+    assert svc["build"]["dockerfile"] == "worker/Dockerfile.cpu"
+    assert svc["entrypoint"] == ["embq", "flower"]
+    assert svc["env_file"] == "deploy/flower.env"
+    assert svc["environment"]["EMBQ_BROKER_URL"] == "redis://broker:6379/0"
+    assert any(str(p).endswith(":5555") for p in svc["ports"])
+    assert "/healthcheck" in " ".join(svc["healthcheck"]["test"])
+    assert svc["depends_on"]["broker"]["condition"] == "service_healthy"
+    example = (ROOT / "deploy/flower.env.example").read_text()
+    assert re.search(r"^FLOWER_BASIC_AUTH=[^:\s]+:\S+$", example, re.M), "the example documents user:password"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "deploy/flower.env" in ignored, "the real env file holds a password"
+
+
+def test_compose_images_are_pinned() -> None:
+    version = project_version()
+    for name, svc in compose()["services"].items():
+        assert "image" in svc, f"{name}: name the image, or compose tags it latest"
+        assert_pinned(svc["image"])
+        if "build" in svc:
+            assert split_image(svc["image"])[1] == version, f"{name}: built images carry the project version"
+
+
+def test_compose_sets_only_variables_embq_reads() -> None:
+    known = embq_env_names()
+    for name, svc in compose()["services"].items():
+        for var in svc.get("environment", {}):
+            if var.startswith("EMBQ_"):
+                assert var in known, f"{name}: {var} is read nowhere in producer/ or worker/"
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+def dockerfile(path: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for raw in (ROOT / path).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def instruction(steps: list[tuple[str, str]], name: str) -> list[str]:
+    return [args for op, args in steps if op == name]
+
+
+def test_cpu_dockerfile() -> None:
+    steps = dockerfile("worker/Dockerfile.cpu")
+    args = " ".join(instruction(steps, "ARG"))
+    assert "python:3.11-slim" in args
+    assert instruction(steps, "USER") == ["10001"]
+    runs = instruction(steps, "RUN")
+    torch = next(i for i, r in enumerate(runs) if "torch==2.13.0" in r)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch]
+    embq = next(i for i, r in enumerate(runs) if ".[cpu,flower]" in r)
+    assert torch < embq, "torch from the CPU index first, or pip pulls the CUDA build"
+    assert "useradd --uid 10001" in runs[embq]
+    assert json.loads(instruction(steps, "ENTRYPOINT")[-1]) == ["embq", "worker", "--engine", "sentence-transformers"]
+    assert json.loads(instruction(steps, "CMD")[-1]) == ["--model", CPU_MODEL]
+    assert instruction(steps, "STOPSIGNAL") == ["SIGTERM"]
+
+
+@pytest.mark.parametrize("path", ["worker/Dockerfile", "worker/Dockerfile.cpu"])
+def test_dockerfile_health_is_the_ready_file(path: str) -> None:
+    steps = dockerfile(path)
+    env = " ".join(instruction(steps, "ENV"))
+    assert f"EMBQ_READY_FILE={READY_FILE}" in env
+    (health,) = instruction(steps, "HEALTHCHECK")
+    assert health.endswith(f"CMD test -f {READY_FILE}")
+    assert instruction(steps, "USER") == ["10001"], "the Kubernetes manifests run as uid 10001"
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+@functools.cache
+def render(target: str) -> tuple[Doc, ...]:
+    """What ``kubectl apply -k k8s/<target>`` would send."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not on PATH: install kubectl 1.27 or newer (kustomize v5 is built in)", pytrace=False)
+    result = subprocess.run([kubectl, "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{result.stderr}"
+    yaml = require("yaml", "pyyaml")
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def find(docs: tuple[Doc, ...], kind: str, name: str) -> Doc:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def of_kind(docs: tuple[Doc, ...], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """Kubernetes label selector semantics (matchLabels and matchExpressions)."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def pod_labels(workload: Doc) -> dict[str, str]:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def container(workload: Doc) -> Doc:
+    (c,) = workload["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(c: Doc) -> dict[str, Doc]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def secret_ref(c: Doc, var: str) -> tuple[str, str]:
+    ref = env_of(c)[var]["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def quantity(value: str | int) -> float:
+    """Kubernetes resource quantity (``16Gi``, ``500m``, ``2``) as a number."""
+    if isinstance(value, int | float):
+        return float(value)
+    suffixes = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "m": 1e-3}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(value))
+    assert m and (m.group(2) in suffixes or not m.group(2)), f"not a quantity: {value!r}"
+    return float(m.group(1)) * suffixes.get(m.group(2), 1)
+
+
+def closed(schema: Any) -> Any:
+    """The schema with unknown fields refused wherever it lists its properties, as the API
+    server's strict field validation does (it would otherwise prune them silently)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        if not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def keda_validators() -> dict[str, Any]:
+    jsonschema = require("jsonschema", "jsonschema")
+    validators = {}
+    for kind, file in [
+        ("ScaledObject", "keda-scaledobject.json"),
+        ("TriggerAuthentication", "keda-triggerauthentication.json"),
+    ]:
+        schema = closed(json.loads((K8S / "schemas" / file).read_text()))
+        validators[kind] = jsonschema.Draft202012Validator(schema)
+    return validators
+
+
+def validate(doc: Doc) -> None:
+    """Built-in kinds against Kubernetes' schemas, KEDA's against its CRDs; unknown fields refused."""
+    if doc["apiVersion"].startswith("keda.sh/"):
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        validator = keda_validators().get(doc["kind"])
+        assert validator is not None, f"no schema for KEDA kind {doc['kind']}"
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: " + "; ".join(errors)
+        return
+    # Built-in kinds: kubernetes-validate's strict schemas, those `kubernetes-validate --strict` uses.
+    kv = require("kubernetes_validate", "kubernetes-validate")
+    try:
+        kv.validate(doc, K8S_VERSION, strict=True)
+    except kv.ValidationError as e:
+        path = ".".join(map(str, e.path))
+        raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {e.message}") from None
+    except kv.SchemaNotFoundError:
+        raise AssertionError(f"{doc['apiVersion']} {doc['kind']} is not a Kubernetes {K8S_VERSION} kind") from None
+
+
+def worker_model(docs: tuple[Doc, ...]) -> str:
+    args = container(find(docs, "Deployment", "embq-worker"))["args"]
+    return args[args.index("--model") + 1]
+
+
+def test_expected_overlays_exist() -> None:
+    assert {"production", "scale-to-zero", "cpu-dev"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    for doc in docs:
+        validate(doc)
+        assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    assert {"ScaledObject", "TriggerAuthentication"} <= kinds
+
+
+def test_validators_refuse_unknown_fields() -> None:
+    """The validation above means something: a misspelt field fails, it is not dropped."""
+    docs = render("overlays/production")
+    deployment = copy.deepcopy(find(docs, "Deployment", "embq-worker"))
+    deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 600
+    with pytest.raises(AssertionError, match="terminationGracePeriod"):
+        validate(deployment)
+    scaled = copy.deepcopy(find(docs, "ScaledObject", "embq-worker"))
+    scaled["spec"]["minReplicas"] = 1
+    with pytest.raises(AssertionError):
+        validate(scaled)
+    scaled = copy.deepcopy(find(docs, "ScaledObject", "embq-worker"))
+    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 32  # trigger metadata are strings
+    with pytest.raises(AssertionError):
+        validate(scaled)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_pod(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    worker = find(docs, "Deployment", "embq-worker")
+    pod = worker["spec"]["template"]["spec"]
+    c = container(worker)
+    limits = c.get("resources", {}).get("limits", {})
+    if overlay in CPU_OVERLAYS:
+        assert "nvidia.com/gpu" not in json.dumps(pod), "a CPU pod must not wait for a GPU"
+        assert worker_model(docs) == CPU_MODEL
+    else:
+        assert int(limits["nvidia.com/gpu"]) == 1, "one engine per GPU"
+        assert worker_model(docs) == GPU_MODEL
+        assert "embq-gpu" in c["image"]
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    if overlay not in CPU_OVERLAYS:
+        assert quantity(shm["sizeLimit"]) >= 16 * GIB
+        assert quantity(limits["memory"]) > quantity(shm["sizeLimit"]), "/dev/shm counts against the memory limit"
+
+    security = c["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    pod_security = pod.get("securityContext", {})
+    assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True
+    assert security.get("runAsUser", pod_security.get("runAsUser")) == 10001
+    # The root filesystem is read-only: every path the worker writes is a volume.
+    env = env_of(c)
+    assert env["EMBQ_READY_FILE"]["value"] == READY_FILE
+    assert "/tmp" in mounts
+    assert env["HF_HOME"]["value"] in mounts
+
+    probe = {"exec": {"command": ["test", "-f", READY_FILE]}}
+    for name in ("readinessProbe", "startupProbe", "livenessProbe"):
+        assert c[name]["exec"] == probe["exec"], name
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model load takes minutes"
+    assert pod["terminationGracePeriodSeconds"] > 300, "warm shutdown finishes the batch in flight"
+    assert pod.get("shareProcessNamespace") is True, "something must reap the engine's orphaned children"
+
+    assert secret_ref(c, "EMBQ_BROKER_URL") == ("embq-redis", "broker-url")
+    assert secret_ref(c, "EMBQ_CACHE_URL") == ("embq-redis", "cache-url")
+    assert int(env["EMBQ_METRICS_PORT"]["value"]) == METRICS_PORT
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["metrics"] == METRICS_PORT
+    annotations = worker["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == METRICS_PORT
+    assert "replicas" not in worker["spec"], "KEDA owns the replica count; an apply must not reset it"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_password_in_manifests(overlay: str) -> None:
+    """Redis URLs and passwords come from Secrets; a generated dev Secret holds no password."""
+    docs = render(f"overlays/{overlay}")
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            assert not doc.get("stringData")
+            for key, value in doc.get("data", {}).items():
+                if key.endswith("-password"):
+                    assert value == "", f"{key} is written in a manifest"
+            continue
+        for text in re.findall(r"rediss?://[^\s\"']*", json.dumps(doc)):
+            assert "@" not in text, f"{doc['kind']}/{doc['metadata']['name']}: credentials in {text}"
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_variables_embq_reads(overlay: str) -> None:
+    known = embq_env_names()
+    for doc in render(f"overlays/{overlay}"):
+        for node in walk(doc):
+            if isinstance(node, dict) and isinstance(node.get("name"), str) and node["name"].startswith("EMBQ_"):
+                assert node["name"] in known, f"{node['name']} is read nowhere in producer/ or worker/"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned(overlay: str) -> None:
+    version = project_version()
+    for doc in render(f"overlays/{overlay}"):
+        for node in walk(doc):
+            if isinstance(node, dict) and isinstance(node.get("image"), str):
+                assert_pinned(node["image"])
+                name, tag = split_image(node["image"])
+                if name.rsplit("/", 1)[-1].startswith("embq-"):
+                    assert tag == version, f"{node['image']}: embq images carry the project version"
+    if overlay == "production":
+        worker = container(find(render(f"overlays/{overlay}"), "Deployment", "embq-worker"))
+        assert "/" in split_image(worker["image"])[0], "production pulls from a registry"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scaled_object_follows_the_queue(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    scaled = find(docs, "ScaledObject", "embq-worker")
+    spec = scaled["spec"]
+    target = spec["scaleTargetRef"]
+    assert target.get("kind", "Deployment") == "Deployment"
+    assert target.get("apiVersion", "apps/v1") == "apps/v1"
+    find(docs, "Deployment", target["name"])
+    assert target["name"] == "embq-worker"
+
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "redis"
+    meta = trigger["metadata"]
+    assert meta["listName"] == queue_name(worker_model(docs)), "KEDA must watch the list the workers consume"
+    assert meta["databaseIndex"] == "0"
+    assert int(meta["listLength"]) > 0
+    # KEDA connects from its own namespace: the broker's name must carry ours.
+    host, port = meta["address"].rsplit(":", 1)
+    assert host == f"embq-broker.{NAMESPACE}.svc"
+    broker = find(docs, "Service", "embq-broker")
+    assert int(port) in [p["port"] for p in broker["spec"]["ports"]]
+
+    auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert (ref["parameter"], ref["name"], ref["key"]) == ("password", "embq-redis", "broker-password")
+    assert secret_ref(container(find(docs, "StatefulSet", "embq-broker")), "REDIS_PASSWORD") == (
+        "embq-redis",
+        "broker-password",
+    ), "KEDA authenticates with the password the broker requires"
+
+    # KEDA's own bounds check: min <= max, and idle (when set) below min.
+    low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    assert low <= high
+    if "idleReplicaCount" in spec:
+        assert spec["idleReplicaCount"] < low
+    if overlay == "scale-to-zero":
+        assert low == 0
+    else:
+        assert low >= 1
+    if overlay == "production":
+        assert high == 8
+
+
+def test_base_renders_validates_and_keeps_one_worker() -> None:
+    docs = render("base")
+    for doc in docs:
+        validate(doc)
+    assert find(docs, "ScaledObject", "embq-worker")["spec"]["minReplicaCount"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    broker = find(docs, "StatefulSet", "embq-broker")
+    args = container(broker)["args"]
+    assert args[0] == "redis-server", "args, not command: the image's entrypoint still runs"
+    assert option(args[1:], "maxmemory-policy") == "noeviction"
+    assert option(args[1:], "appendonly") == "yes"
+    (claim,) = broker["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container(broker)["volumeMounts"]
+
+    cache = find(docs, "StatefulSet", "embq-cache")
+    args = container(cache)["args"]
+    assert option(args[1:], "maxmemory-policy") == "allkeys-lru"
+    assert byte_value(option(args[1:], "maxmemory")) > 0
+    assert option(args[1:], "save") == ""
+    assert option(args[1:], "appendonly") == "no"
+    assert "volumeClaimTemplates" not in cache["spec"]
+
+    for name, workload in [("embq-broker", broker), ("embq-cache", cache)]:
+        svc = find(docs, "Service", name)
+        assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(workload))
+        assert [p["port"] for p in svc["spec"]["ports"]] == [6379]
+        assert workload["spec"]["serviceName"] == name
+        c = container(workload)
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "redis-cli ping" in " ".join(c["readinessProbe"]["exec"]["command"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    worker = pod_labels(find(docs, "Deployment", "embq-worker"))
+    flower = pod_labels(find(docs, "Deployment", "embq-flower"))
+    producer = {"embq.io/producer": "true"}
+    stranger = {"app": "something-else"}
+    redis = {name: pod_labels(find(docs, "StatefulSet", name)) for name in ("embq-broker", "embq-cache")}
+
+    policy = find(docs, "NetworkPolicy", "embq-redis")
+    spec = policy["spec"]
+    assert all(selects(spec["podSelector"], labels) for labels in redis.values())
+    assert not selects(spec["podSelector"], worker)
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert [(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]] == [("TCP", 6379)]
+    peers = rule["from"]
+    assert all(set(p) == {"podSelector"} for p in peers), "same-namespace pods only"
+    assert [p["podSelector"] for p in peers] == [
+        {"matchLabels": {"app": "embq-worker"}},
+        {"matchLabels": producer},
+        {"matchLabels": {"app": "embq-flower"}},
+    ]
+    for labels in (worker, flower, producer):
+        assert any(selects(p["podSelector"], labels) for p in peers)
+    assert not any(selects(p["podSelector"], stranger) for p in peers)
+
+    # Every other policy on the Redis pods lets only KEDA's operator reach the broker.
+    for other in of_kind(docs, "NetworkPolicy"):
+        if other is policy:
+            continue
+        selector = other["spec"]["podSelector"]
+        assert not selects(selector, redis["embq-cache"])
+        assert selects(selector, redis["embq-broker"])
+        for extra in other["spec"]["ingress"]:
+            for peer in extra["from"]:
+                assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
+                assert peer["podSelector"] == {"matchLabels": {"app": "keda-operator"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_disruption_budget(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert selects(pdb["spec"]["selector"], pod_labels(find(docs, "Deployment", "embq-worker")))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_flower(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    flower = find(docs, "Deployment", "embq-flower")
+    c = container(flower)
+    assert c["command"] == ["embq", "flower"]
+    assert "args" not in c
+    assert secret_ref(c, "FLOWER_BASIC_AUTH") == ("embq-flower", "basic-auth")
+    assert secret_ref(c, "EMBQ_BROKER_URL") == ("embq-redis", "broker-url")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == 5555
+    probe = c["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/healthcheck"
+    assert probe["port"] in ("http", 5555)
+    svc = find(docs, "Service", "embq-flower")
+    assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(flower))
+    assert [p["port"] for p in svc["spec"]["ports"]] == [5555]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
