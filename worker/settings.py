@@ -37,8 +37,9 @@ class WorkerSettings:
     cache_dtype: str = "float32"
     #: Torch device for sentence-transformers (``cpu``, ``cuda``, ``cuda:1``); None picks.
     device: str | None = None
-    #: Texts per forward pass inside one sentence-transformers call.
-    engine_batch_size: int = 32
+    #: Texts per forward pass inside one sentence-transformers call; None picks
+    #: by device (see ``SentenceTransformersEngine``).
+    engine_batch_size: int | None = None
     #: Width of the hash engine's vectors.
     hash_dim: int = 384
     #: Weights dtype: ``auto`` takes the model's own (bfloat16 for Qwen3-Embedding).

@@ -36,6 +36,10 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+#: Texts per forward pass when none is set, by device.
+CPU_PASS, GPU_PASS = 8, 64
+
+
 class SentenceTransformersEngine:
     """Instructions are prepended to the text, as sentence-transformers prompts are."""
 
@@ -48,7 +52,7 @@ class SentenceTransformersEngine:
         model: str,
         *,
         device: str | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
         instruction_template: str | None = None,
@@ -57,7 +61,7 @@ class SentenceTransformersEngine:
         self.model_id = model
         self.instruction_template = instruction_template
         self.device = device
-        #: Texts per forward pass inside one engine call: 32 suits a CPU, 128+ a GPU.
+        #: Texts per forward pass inside one engine call; None picks by device at load.
         self.batch_size = batch_size
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
@@ -85,6 +89,13 @@ class SentenceTransformersEngine:
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.max_tokens = int(self._model.max_seq_length or 512)
+        if self.batch_size is None:
+            # Every text of a forward pass is padded to its longest. On a CPU, compute
+            # grows with padded tokens and small passes lose little parallelism: with
+            # MiniLM on 2 cores, calls of 26 mixed-length texts ran at 64 texts/s with
+            # passes of 8 and at 28 with passes of 32 (and 94 vs 89 for calls of 520).
+            # A GPU needs wide passes to be busy.
+            self.batch_size = CPU_PASS if self._model.device.type == "cpu" else GPU_PASS
         log.info("loaded %s on %s: dim=%d max_tokens=%d", self.model_id, self._model.device, self.dim, self.max_tokens)
 
     def encode(self, texts: list[str]) -> np.ndarray:

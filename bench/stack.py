@@ -1,0 +1,112 @@
+"""The processes a benchmark runs against: a private Redis, embq workers, a naive Celery worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.naive import QUEUE as NAIVE_QUEUE
+from bench.texts import MINILM
+from producer import EmbeddingClient, Settings, keys
+from worker.engines import Engine, create_engine
+from worker.local import LocalWorker, free_port, stop_process
+
+#: The model each engine serves in the benchmarks (the hash engine takes any name).
+MODELS = {"sentence-transformers": MINILM, "hash": "bench/hash"}
+
+
+class Worker:
+    """An embq worker with its metrics port, so that engine calls can be counted."""
+
+    def __init__(self, redis_url: str, engine: str, **env: str) -> None:
+        self.port = free_port()
+        self.model = MODELS[engine]
+        settings = {"EMBQ_METRICS_PORT": str(self.port), **env}
+        self.process = LocalWorker(redis_url, engine=engine, model=self.model, env=settings)
+
+    def engine_calls(self) -> tuple[float, float]:
+        """(engine calls, texts in them) so far."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+        samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+        return samples["embq_engine_batch_texts_count"], samples["embq_engine_batch_texts_sum"]
+
+
+@contextmanager
+def workers(redis_url: str, engine: str, count: int = 1, **env: str) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    try:
+        for _ in range(count):
+            worker = Worker(redis_url, engine, **env)
+            started.append(worker)
+            worker.process.start(timeout=300)
+        yield started
+    finally:
+        for worker in started:
+            worker.process.cleanup()
+
+
+def client(redis_url: str, engine: str, namespace: str | None = None) -> EmbeddingClient:
+    """A client on a cache namespace of its own unless given one: every run starts cold."""
+    return EmbeddingClient(
+        settings=Settings(
+            redis_url=redis_url, model=MODELS[engine], cache_namespace=namespace or f"bench-{uuid.uuid4().hex[:8]}"
+        )
+    )
+
+
+def computed(redis_url: str, engine: str) -> int:
+    """Texts the workers of ``engine``'s model have embedded so far (their stats hash)."""
+    r = redis.Redis.from_url(redis_url)
+    try:
+        return int(r.hget(keys.stats_key(MODELS[engine]), "texts") or 0)
+    finally:
+        r.close()
+
+
+def load_engine(engine: str) -> Engine:
+    loaded = create_engine(engine, MODELS[engine])
+    loaded.load()
+    return loaded
+
+
+@contextmanager
+def naive_worker(redis_url: str, engine: str, concurrency: int) -> Iterator[None]:
+    """The naive Celery worker, warmed up (engine loaded) before it is timed."""
+    log = Path(tempfile.mkdtemp(prefix="embq-bench-naive-")) / "worker.log"
+    env = {**os.environ, "EMBQ_REDIS_URL": redis_url, "EMBQ_ENGINE": engine, "EMBQ_MODEL": MODELS[engine]}
+    command = [sys.executable, "-m", "celery", "-A", "bench.naive", "worker", "--pool=threads"]
+    command += [
+        f"--concurrency={concurrency}",
+        f"--queues={NAIVE_QUEUE}",
+        "--loglevel=WARNING",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            from bench.naive import app, embed_one
+
+            app.conf.update(broker_url=redis_url, result_backend=redis_url)
+            embed_one.delay("warm-up").get(timeout=300)
+            yield
+        finally:
+            stop_process(process, grace=30)
+
+
+def naive_embed(texts: list[str]) -> np.ndarray:
+    from bench.naive import embed_one
+
+    results = [embed_one.delay(text) for text in texts]
+    return np.asarray([r.get(timeout=3600) for r in results], dtype=np.float32)
