@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
+import re
+import signal
 import threading
 import time
 
@@ -34,13 +37,36 @@ VISIBILITY = 5
 FLAT_MB = 64
 
 
-def texts_held(r: redis.Redis) -> int:
-    """Texts in the messages workers hold unacknowledged: an upper bound on what a kill makes redo."""
-    held = 0
+RECEIVED = re.compile(rb"Task embq\.embed\[([^\]]+)\] received")
+
+
+def held_by(worker: LocalWorker, r: redis.Redis) -> dict[str, int]:
+    """Texts by task id of the messages ``worker`` took (its log says so) and has not acknowledged."""
+    received = set(RECEIVED.findall(worker.log_path.read_bytes()))
+    held = {}
     for raw in r.hvals("unacked"):
         message = json.loads(raw)[0]
-        args = msgpack.unpackb(base64.b64decode(message["body"]))[0]
-        held += len(args[0]["texts"])
+        task_id = message["headers"]["id"]
+        if task_id.encode() in received:
+            args = msgpack.unpackb(base64.b64decode(message["body"]))[0]
+            held[task_id] = len(args[0]["texts"])
+    return held
+
+
+def freeze_holding(worker: LocalWorker, r: redis.Redis) -> dict[str, int]:
+    """Stop ``worker`` (SIGSTOP) at a moment it holds tasks, so that its kill surely loses a batch."""
+    assert worker.process is not None
+    pid = worker.process.pid
+    held: dict[str, int] = {}
+
+    def holding() -> bool:
+        os.kill(pid, signal.SIGSTOP)
+        held.update(held_by(worker, r))
+        if not held:
+            os.kill(pid, signal.SIGCONT)
+        return bool(held)
+
+    wait_until(holding, 60, "the doomed worker to hold tasks")
     return held
 
 
@@ -94,8 +120,7 @@ def test_soak() -> None:
         assert steady.process is not None
         early = {"producers": rss_mb(me), "worker": rss_mb(steady.process.pid)}
         wait_until(lambda: done_calls >= total_calls * 2 // 5 or errors, 240, "two fifths of the work")
-        wait_until(lambda: texts_held(r) > 0 or errors, 60, "the workers to hold tasks")
-        held = texts_held(r)
+        held = sum(freeze_holding(doomed, r).values())
         doomed.kill()
         doomed.cleanup()
         restarted = LocalWorker(server.url, engine="hash", model=MODEL, env=env).start()
@@ -110,6 +135,7 @@ def test_soak() -> None:
 
     assert not errors, errors[0]
     assert answered == len(requests) and not wrong
+    assert held > 0
     assert UNIQUE <= computed <= UNIQUE + held, (computed, held)
     for name in early:
         assert late[name] - early[name] < FLAT_MB, (name, early[name], late[name])
