@@ -71,7 +71,7 @@ class EmbeddingClient:
         settings = self.settings
         items = validate_texts(texts, settings.max_text_bytes)
         validate_options(instruction, dim, timeout, settings.max_text_bytes)
-        digests = [keys.text_digest(self.model, settings.cache_namespace, instruction, text) for text in items]
+        digests = keys.text_digests(self.model, settings.cache_namespace, instruction, items)
         unique = dict(zip(digests, items, strict=False))
         started = time.monotonic()
         with backend_errors("cache", settings.cache):

@@ -51,36 +51,40 @@ def unpack(value: bytes | None) -> np.ndarray | None:
 
 
 def unpack_many(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode many values at once: ``(float32 matrix, valid mask)``.
+    """Decode many values at once: ``(float32 matrix, valid mask)``; the matrix may be read-only.
 
     Rows whose value is missing, malformed, of a dimension other than the
-    majority's, or not finite are invalid (zeros in the matrix). Values of one
-    layout are decoded with a single ``frombuffer`` over their concatenation.
+    majority's, or not finite are invalid (their rows mean nothing). Values of one
+    layout (the usual MGET of hits) are decoded by one ``frombuffer`` over their
+    concatenation; a mix is copied row by row. Both beat a fancy-indexed
+    assignment, which cost 7 us a vector at dim 2560.
     """
     headers = [header_of(v) if v is not None else None for v in values]
     dims = Counter(h[1] for h in headers if h is not None)
     valid = np.zeros(len(values), dtype=bool)
     if not dims:
-        _log_invalid(values, headers, valid)
+        _log_invalid(values, valid)
         return np.zeros((len(values), 0), dtype=np.float32), valid
     dim = dims.most_common(1)[0][0]
-    matrix = np.zeros((len(values), dim), dtype=np.float32)
-    for code, dtype in DTYPES.items():
-        rows = [i for i, h in enumerate(headers) if h == (code, dim)]
-        if not rows:
-            continue
+    first = headers[0]
+    if first is not None and all(h == first for h in headers):
+        dtype = DTYPES[first[0]]
         width = (HEADER.size + dim * dtype.itemsize) // dtype.itemsize
-        skip = HEADER.size // dtype.itemsize
-        flat = np.frombuffer(b"".join(values[i] for i in rows), dtype=dtype)  # type: ignore[misc]
-        matrix[rows] = flat.reshape(len(rows), width)[:, skip:]
-        valid[rows] = True
-    finite = np.isfinite(matrix).all(axis=1)
-    valid &= finite
-    _log_invalid(values, headers, valid)
+        flat = np.frombuffer(b"".join(values), dtype=dtype)  # type: ignore[arg-type]
+        matrix = flat.reshape(len(values), width)[:, HEADER.size // dtype.itemsize :].astype(np.float32, copy=False)
+        valid[:] = True
+    else:
+        matrix = np.zeros((len(values), dim), dtype=np.float32)
+        for row, (value, header) in enumerate(zip(values, headers, strict=True)):
+            if header is not None and header[1] == dim:
+                matrix[row] = np.frombuffer(value, dtype=DTYPES[header[0]], offset=HEADER.size)  # type: ignore[arg-type]
+                valid[row] = True
+    valid &= np.isfinite(matrix).all(axis=1)
+    _log_invalid(values, valid)
     return matrix, valid
 
 
-def _log_invalid(values: Sequence[bytes | None], headers: list, valid: np.ndarray) -> None:
+def _log_invalid(values: Sequence[bytes | None], valid: np.ndarray) -> None:
     bad = sum(1 for v, ok in zip(values, valid, strict=False) if v is not None and not ok)
     if bad:
         log.warning(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable
 
 PREFIX = "embq"
 VECTOR = f"{PREFIX}:v:"
@@ -56,14 +57,27 @@ HEARTBEAT_SECONDS = 10
 HEARTBEAT_TTL = 3 * HEARTBEAT_SECONDS
 
 
+def _framed(part: str) -> bytes:
+    data = part.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+def text_digests(model: str, namespace: str, instruction: str, texts: Iterable[str]) -> list[str]:
+    """Hex digests identifying the vectors of ``texts`` (valid UTF-8) under one model,
+    namespace and instruction: the common prefix is hashed once, a copy per text."""
+    prefix = hashlib.blake2b(digest_size=32, person=b"embq-key-v1")
+    prefix.update(_framed(model) + _framed(namespace) + _framed(instruction))
+    digests = []
+    for text in texts:
+        h = prefix.copy()
+        h.update(_framed(text))
+        digests.append(h.hexdigest())
+    return digests
+
+
 def text_digest(model: str, namespace: str, instruction: str, text: str) -> str:
     """Hex digest identifying one vector. ``text`` must already be valid UTF-8."""
-    h = hashlib.blake2b(digest_size=32, person=b"embq-key-v1")
-    for part in (model, namespace, instruction, text):
-        data = part.encode("utf-8")
-        h.update(struct.pack("<Q", len(data)))
-        h.update(data)
-    return h.hexdigest()
+    return text_digests(model, namespace, instruction, [text])[0]
 
 
 def vector_key(digest: str) -> str:

@@ -154,7 +154,9 @@ def test_a_crashed_engine_makes_the_worker_requeue_and_exit(
     assert doomed.process.returncode == 4, doomed.log_tail()
     assert "an SGLang child process failed (SIGQUIT)" in doomed.log_path.read_text()
     assert not any(alive(pid) for pid in children)
-    assert r.llen(keys.queue_name(MODEL)) == 1  # back in the queue at once, not after the visibility timeout
+    # Back in the queue at once, not after the visibility timeout, and only once:
+    # the dying worker does not take it again.
+    assert r.llen(keys.queue_name(MODEL)) == 1, doomed.log_tail(80)
     start_worker(MODEL, engine="sglang", env=sglang_env())
     np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
 

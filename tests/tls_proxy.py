@@ -46,13 +46,26 @@ class TlsProxy:
                     await writer.drain()
             writer.close()
 
-        await asyncio.gather(pump(client_in, backend_out), pump(backend_in, client_out))
+        try:
+            await asyncio.gather(pump(client_in, backend_out), pump(backend_in, client_out))
+        finally:
+            client_out.close()
+            backend_out.close()
+
+    async def _shutdown(self) -> None:
+        """Close the listener and end the relays still open (clients' pooled connections)."""
+        if self._server is not None:
+            self._server.close()
+        relays = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def __enter__(self) -> TlsProxy:
         return self.start()

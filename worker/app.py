@@ -225,6 +225,11 @@ def create_app(settings: WorkerSettings) -> Celery:
         max_retries=10,
     )
     def embed(self: Any, payload: Any) -> dict[str, int]:
+        dead = runtime.dead or (runtime.batcher.dead if runtime.batcher else None)
+        if dead is not None:
+            # Taken between the engine's death and the consumer's stop (a task this worker
+            # has just requeued comes straight back): return it untouched and uncounted.
+            raise Reject(f"engine dead: {dead}", requeue=True)
         try:
             return runtime.embed(payload, self.request.id, lambda part, index: send_part(self.request.id, part, index))
         except BatcherStopped as e:
