@@ -47,7 +47,7 @@ def header_of(value: bytes) -> tuple[int, int] | None:
 def unpack(value: bytes | None) -> np.ndarray | None:
     """One value to a float32 vector; None for a miss or an invalid value."""
     matrix, valid = unpack_many([value])
-    return matrix[0] if valid[0] else None
+    return np.array(matrix[0]) if valid[0] else None  # a writable copy, not a view of the reply
 
 
 def unpack_many(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
