@@ -119,6 +119,10 @@ class Runtime:
     def embed(self, payload: Any, task_id: str, split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
         if self.engine is None or self.batcher is None:
             raise RuntimeError("engine not loaded: the worker took a task before its engine")
+        if self.batcher.dead:
+            # Taken between the engine's death and the consumer's stop (a task this worker
+            # has just requeued comes straight back): return it untouched and uncounted.
+            raise Reject(f"engine dead: {self.batcher.dead}", requeue=True)
         deaths = self.engine_deaths(task_id)
         result = run_embed(
             payload, self.settings, self.engine, self.batcher, self.cache, engine_deaths=deaths, split=split
@@ -225,11 +229,6 @@ def create_app(settings: WorkerSettings) -> Celery:
         max_retries=10,
     )
     def embed(self: Any, payload: Any) -> dict[str, int]:
-        dead = runtime.dead or (runtime.batcher.dead if runtime.batcher else None)
-        if dead is not None:
-            # Taken between the engine's death and the consumer's stop (a task this worker
-            # has just requeued comes straight back): return it untouched and uncounted.
-            raise Reject(f"engine dead: {dead}", requeue=True)
         try:
             return runtime.embed(payload, self.request.id, lambda part, index: send_part(self.request.id, part, index))
         except BatcherStopped as e:
