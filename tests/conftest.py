@@ -15,6 +15,8 @@ from worker.local import LocalRedis, LocalWorker
 
 HASH_MODEL = "test/hash"
 
+pytest_plugins = ["tests.sglang_support"]
+
 # The tests pick their Redis themselves; settings of the calling shell must not leak in.
 for name in list(os.environ):
     if name.startswith("EMBQ_"):
@@ -98,8 +100,14 @@ def start_worker(redis_url: str) -> Iterator[Callable[..., LocalWorker]]:
     """Start extra workers inside a test; they are stopped after it."""
     started: list[LocalWorker] = []
 
-    def start(model: str, engine: str = "hash", env: dict[str, str] | None = None, wait: bool = True) -> LocalWorker:
-        worker = LocalWorker(redis_url, engine=engine, model=model, env=env)
+    def start(
+        model: str,
+        engine: str = "hash",
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        python: str | None = None,
+    ) -> LocalWorker:
+        worker = LocalWorker(redis_url, engine=engine, model=model, env=env, python=python)
         started.append(worker)
         return worker.start(wait=wait)
 

@@ -1,54 +1,68 @@
-"""Helpers for tests that run workers on the sglang stand-in (``tests/standins/sglang``)."""
+"""The ``sglang`` fixture: workers that host the real ``sglang.Engine`` with a CPU scheduler process.
+
+Workers run with the Python of the SGLang test environment
+(``tests/sglang_cpu/environment.py``, built on first use) and the engine class
+``tests.sglang_cpu.engine:CpuSchedulerEngine``: SGLang's own code everywhere
+but the forward pass, which a tiny random-weight Qwen3 model does on the CPU.
+"""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import json
 import os
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pytest
 
-from producer.settings import DEFAULT_MODEL
-from worker.engines.sentence_transformers import resolve_model_path
+from tests.sglang_cpu import environment, model
 from worker.local import LocalWorker
 
-STANDINS = Path(__file__).parent / "standins"
-ROOT = Path(__file__).resolve().parent.parent
-#: A model directory with a real tokenizer and config; the stand-in reads both.
-MODEL = resolve_model_path(DEFAULT_MODEL)
-
-_spec = importlib.util.spec_from_file_location("sglang_standin", STANDINS / "sglang" / "__init__.py")
-assert _spec is not None and _spec.loader is not None
-standin: Any = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(standin)
+ROOT = environment.ROOT
+#: The context every test worker is started with (``EMBQ_CONTEXT_LENGTH``).
+CONTEXT = 128
+ENGINE_CLASS = "tests.sglang_cpu.engine:CpuSchedulerEngine"
 
 
-@functools.cache
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class SGLangCpu:
+    python: Path
+    model: Path
 
-    return AutoTokenizer.from_pretrained(MODEL)
+    def env(self, sglang_args: dict[str, object] | None = None, **extra: str) -> dict[str, str]:
+        """Environment of a worker that hosts ``CpuSchedulerEngine`` (SGLang's ``device`` is ``cpu``)."""
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        return {
+            "PYTHONPATH": path,
+            "EMBQ_SGLANG_ENGINE_CLASS": ENGINE_CLASS,
+            "EMBQ_SGLANG_ARGS": json.dumps({"device": "cpu", **(sglang_args or {})}),
+            "EMBQ_CONTEXT_LENGTH": str(CONTEXT),
+            **extra,
+        }
+
+    def expected(self, prompts: list[str]) -> np.ndarray:
+        return model.expected(self.model, prompts)
+
+    def token_ids(self, text: str) -> list[int]:
+        return model.token_ids(self.model, text)
+
+    def embed_ids(self, ids: list[int]) -> np.ndarray:
+        return model.embed_ids(self.model, ids)
+
+    def alias(self, tmp_path: Path, name: str) -> str:
+        """Another model id (and so another queue and key space) for the same model directory."""
+        link = tmp_path / name
+        link.symlink_to(self.model, target_is_directory=True)
+        return str(link)
 
 
-def expected(prompts: list[str]) -> np.ndarray:
-    """What the stand-in engine returns for these prompts."""
-    return np.stack([standin.standin_embedding(tokenizer()(p)["input_ids"], 384) for p in prompts]).astype(np.float32)
-
-
-def sglang_env(**extra: str) -> dict[str, str]:
-    """Environment of a worker that imports the stand-in as ``sglang``."""
-    path = os.pathsep.join([str(STANDINS), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {"PYTHONPATH": path, "EMBQ_CONTEXT_LENGTH": "128", **extra}
-
-
-def alias(tmp_path: Path, name: str) -> str:
-    """Another model id (and so another queue) for the same model directory."""
-    link = tmp_path / name
-    link.symlink_to(MODEL, target_is_directory=True)
-    return str(link)
+@pytest.fixture(scope="session")
+def sglang(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangCpu]:
+    python = environment.build()
+    yield SGLangCpu(python=python, model=model.build_model(tmp_path_factory.mktemp("tiny-qwen3")))
 
 
 def pids_in_log(worker: LocalWorker) -> list[int]:

@@ -15,6 +15,7 @@ import pytest
 
 from producer import EmbeddingClient
 from tests.conftest import HASH_MODEL, alive
+from tests.sglang_support import SGLangCpu
 from worker.engines.hash import hash_vector
 from worker.local import wait_until
 
@@ -146,17 +147,15 @@ def test_embed_writes_the_good_rows_when_some_texts_fail(
     np.testing.assert_array_equal(vectors[[0, 2]], np.stack([hash_vector(t, 384) for t in ("first", "third")]))
 
 
-def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path) -> None:
-    from tests.sglang_support import MODEL, sglang_env
-
+def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLangCpu) -> None:
     source = tmp_path / "in.txt"
     source.write_text("a text\nthe engine HANGs on this one\n", encoding="utf-8")
     log = tmp_path / "embed.log"
-    env = clean_env(**sglang_env(EMBQ_STANDIN_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="5"))
+    env = clean_env(**sglang.env(EMBQ_TEST_SCHEDULER_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="5"))
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
             [
-                sys.executable,
+                str(sglang.python),
                 "-m",
                 "worker",
                 "embed",
@@ -166,7 +165,7 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path) -> None:
                 "--engine",
                 "sglang",
                 "--model",
-                MODEL,
+                str(sglang.model),
             ],
             env=env,
             cwd=ROOT,

@@ -14,7 +14,7 @@ import redis
 from producer import BackendUnavailableError, EmbeddingClient, ItemFailedError, Settings, keys
 from producer.contract import TASK_EMBED, make_celery
 from tests.conftest import embed_in_background
-from tests.sglang_support import MODEL, expected, sglang_env
+from tests.sglang_support import SGLangCpu
 from tests.tls_proxy import TlsProxy
 from worker.engines.hash import hash_vector
 from worker.local import LocalRedis, LocalWorker, wait_until
@@ -28,14 +28,14 @@ def hashed(texts: list[str]) -> np.ndarray:
 
 
 def test_a_worker_killed_mid_batch_has_its_batch_redelivered(
-    start_worker: Start, make_client: Client, r: redis.Redis
+    start_worker: Start, make_client: Client, r: redis.Redis, sglang: SGLangCpu
 ) -> None:
     visibility = "2"
-    doomed = start_worker(
-        MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DELAY="60", EMBQ_VISIBILITY_TIMEOUT=visibility)
-    )
+    model, python = str(sglang.model), str(sglang.python)
+    env = sglang.env(EMBQ_TEST_SCHEDULER_DELAY="60", EMBQ_VISIBILITY_TIMEOUT=visibility)
+    doomed = start_worker(model, engine="sglang", env=env, python=python)
     texts = [f"in flight {i}" for i in range(40)]
-    join = embed_in_background(make_client(model=MODEL, task_max_texts=10), texts)
+    join = embed_in_background(make_client(model=model, task_max_texts=10), texts)
     wait_until(lambda: r.hlen("unacked") == 4, 30, "the worker to take all four tasks")
     doomed.kill()  # SIGKILL in the middle of its engine call
 
@@ -44,9 +44,9 @@ def test_a_worker_killed_mid_batch_has_its_batch_redelivered(
         return bool(scores) and max(scores) < time.time() - float(visibility)
 
     wait_until(visible_again, 30, "the visibility timeout to pass")
-    start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_VISIBILITY_TIMEOUT=visibility))
-    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
-    assert int(r.hget(keys.stats_key(MODEL), "texts") or 0) == 40  # only the redelivered batch, once
+    start_worker(model, engine="sglang", env=sglang.env(EMBQ_VISIBILITY_TIMEOUT=visibility), python=python)
+    np.testing.assert_allclose(join(), sglang.expected(texts), atol=1e-5)
+    assert int(r.hget(keys.stats_key(model), "texts") or 0) == 40  # only the redelivered batch, once
 
 
 @pytest.fixture

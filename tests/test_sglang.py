@@ -1,12 +1,21 @@
-"""The SGLang engine host end to end: real Redis, real worker processes, the sglang 0.5.23 stand-in.
+"""The SGLang engine host end to end, against the real sglang 0.5.23 package.
 
-The worker imports ``sglang`` from ``tests/standins`` (see its docstring for
-what it mirrors); everything else is the production code path.
+Workers run in the SGLang test environment and host the real ``sglang.Engine``
+whose scheduler process is the CPU one of ``tests/sglang_cpu/scheduler.py``:
+``ServerArgs`` validation, spawn and pickling, signal handlers, SGLang's logger
+setup, its tokenizer manager, detokenizer process, watchdog, context-length
+errors and ``shutdown`` are SGLang's own. Only the forward pass is ours (a tiny
+random-weight Qwen3 on the CPU), and faults are injected there. Everything
+outside the worker is real too: a real Redis, real worker processes.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,85 +25,141 @@ import redis
 
 from producer import EmbeddingClient, ItemFailedError, keys
 from tests.conftest import Background, alive, embed_in_background
-from tests.sglang_support import MODEL, alias, expected, pids_in_log, sglang_env, standin, tokenizer
-from worker.engines.sglang import SGLangEngine
+from tests.sglang_support import CONTEXT, SGLangCpu, pids_in_log
 from worker.local import LocalWorker, wait_until
 from worker.tasks import MAX_ENGINE_DEATHS
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]
 
+#: Run in the SGLang environment: the keywords a worker passes, through the real ServerArgs and pickle.
+SERVER_ARGS_CHECK = """
+import json, pickle, sys
+from sglang.srt.server_args import ServerArgs
+from worker.engines.sglang import SGLangEngine, on_child_failure
+options = json.loads(sys.argv[1])
+kwargs = SGLangEngine(sys.argv[2], **options).engine_kwargs()
+args = pickle.loads(pickle.dumps(ServerArgs(**kwargs)))
+assert args.custom_sigquit_handler is on_child_failure, args.custom_sigquit_handler
+try:
+    ServerArgs(**kwargs, not_an_option=1)
+except TypeError as e:
+    print(json.dumps({"fields": sorted(kwargs), "unknown": str(e), "truncate": args.allow_auto_truncate}))
+"""
 
-def test_every_option_is_a_real_engine_keyword() -> None:
-    engine = SGLangEngine(
-        MODEL,
-        mem_fraction_static=0.8,
-        max_running_requests=128,
-        chunked_prefill_size=4096,
-        context_length=8192,
-        tp_size=2,
-        dtype="bfloat16",
-        load_format="dummy",
-        trust_remote_code=True,
-        truncate=True,
-        sglang_args={"random_seed": 7},
+
+def test_the_keywords_a_worker_passes_make_a_serverargs_that_pickles(sglang: SGLangCpu) -> None:
+    options = {
+        "mem_fraction_static": 0.8,
+        "max_running_requests": 128,
+        "chunked_prefill_size": 4096,
+        "context_length": 8192,
+        "tp_size": 2,
+        "dtype": "bfloat16",
+        "load_format": "dummy",
+        "trust_remote_code": True,
+        "truncate": True,
+        "sglang_args": {"random_seed": 7},
+    }
+    done = subprocess.run(
+        [str(sglang.python), "-W", "ignore", "-c", SERVER_ARGS_CHECK, json.dumps(options), str(sglang.model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    kwargs = engine.engine_kwargs()
-    assert kwargs["is_embedding"] is True and kwargs["allow_auto_truncate"] is True
-    assert set(kwargs) <= standin.FIELDS
-    with pytest.raises(TypeError, match="Unexpected keyword argument 'not_an_option'"):
-        standin.Engine(**kwargs, not_an_option=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "custom_sigquit_handler" in found["fields"] and "enable_tokenizer_batch_encode" in found["fields"]
+    assert found["truncate"] is True
+    assert found["unknown"] == "Unexpected keyword argument 'not_an_option'"
 
 
-def test_an_unknown_engine_keyword_stops_the_worker_at_start(start_worker: Start) -> None:
+def test_without_sglang_the_worker_says_so_in_one_line_at_once(redis_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBQ_")} | {"EMBQ_REDIS_URL": redis_url}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "worker", "--engine", "sglang", "--model", "Qwen/Qwen3-Embedding-0.6B"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 10
+    assert done.returncode == 3
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "sglang" in lines[0] and "embq[sglang]" in lines[0] and "Traceback" not in lines[0]
+
+
+def start_sglang(start_worker: Start, sglang: SGLangCpu, model: str | None = None, **kwargs: object) -> LocalWorker:
+    env = kwargs.pop("env", None) or sglang.env()
+    return start_worker(model or str(sglang.model), engine="sglang", env=env, python=str(sglang.python), **kwargs)
+
+
+def test_an_unknown_engine_keyword_stops_the_worker_at_start(start_worker: Start, sglang: SGLangCpu) -> None:
     with pytest.raises(Exception, match="exited with 3") as info:
-        start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_SGLANG_ARGS='{"not_an_option": 1}'))
-    assert "Unexpected keyword argument 'not_an_option'" in str(info.value)
+        start_sglang(start_worker, sglang, env=sglang.env({"not_an_option": 1}))
+    assert "refused its options: Unexpected keyword argument 'not_an_option'" in str(info.value)
+    assert "Traceback" not in str(info.value)
 
 
-def test_vectors_instructions_dims_and_too_long_texts(start_worker: Start, make_client: Client, tmp_path: Path) -> None:
-    worker = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_MEM_FRACTION_STATIC="0.7"))
-    assert "'mem_fraction_static': 0.7" in worker.log_path.read_text()
-    assert "'is_embedding': True" in worker.log_path.read_text()
-    client = make_client(model=MODEL)
+def test_vectors_instructions_dims_and_long_texts(
+    start_worker: Start, make_client: Client, sglang: SGLangCpu, tmp_path: Path
+) -> None:
+    worker = start_sglang(start_worker, sglang, env=sglang.env(EMBQ_MEM_FRACTION_STATIC="0.7"))
+    log = worker.log_path.read_text()
+    assert "'mem_fraction_static': 0.7" in log and "'is_embedding': True" in log
+    # SGLang's configure_logger reset the root logger during the load: our lines after it survive.
+    assert "SGLang engine ready" in log and "engine ready: dim=64" in log
+    client = make_client(model=str(sglang.model))
     texts = [f"document number {i} about embeddings" for i in range(50)]
-    np.testing.assert_allclose(client.embed(texts, timeout=60), expected(texts), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(client.embed(texts, timeout=60), sglang.expected(texts), atol=1e-5)
 
     task = "Given a web search query, retrieve relevant passages"
     query = client.embed(["what is redis"], instruction=task, timeout=60)
-    np.testing.assert_allclose(query, expected([f"Instruct: {task}\nQuery:what is redis"]), atol=1e-6)
+    np.testing.assert_allclose(query, sglang.expected([f"Instruct: {task}\nQuery:what is redis"]), atol=1e-5)
 
     full = client.embed(texts[:5], timeout=60)
-    small = client.embed(texts[:5], dim=64, timeout=60)
-    head = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    small = client.embed(texts[:5], dim=16, timeout=60)
+    head = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
     np.testing.assert_allclose(small, head, rtol=1e-6)
 
+    # The scheduler takes fewer than max_req_input_len = CONTEXT - 6 tokens whole (TpModelWorker's formula).
+    limit = CONTEXT - 6
+    fits = " ".join(["word"] * (limit - 2))  # "word" and " word" are one token each, plus <|endoftext|>
+    over = fits + " word"
+    assert len(sglang.token_ids(fits)) == limit - 1 and len(sglang.token_ids(over)) == limit
     long_text = "word " * 300
     with pytest.raises(ItemFailedError) as info:
-        client.embed(["before", long_text, "after"], timeout=60)
-    assert list(info.value.failures) == [1]
-    assert "tokens, the model's context is 128 tokens" in info.value.failures[1]
-    np.testing.assert_allclose(info.value.vectors[[0, 2]], expected(["before", "after"]), atol=1e-6)
+        client.embed(["before", long_text, over, fits, "after"], timeout=60)
+    assert sorted(info.value.failures) == [1, 2]
+    tokens = len(sglang.token_ids(long_text))
+    refusal = f"the input ({tokens} tokens) is longer than this engine takes ({limit - 1} tokens)"
+    assert refusal in info.value.failures[1]
+    good = ["before", fits, "after"]
+    np.testing.assert_allclose(info.value.vectors[[0, 3, 4]], sglang.expected(good), atol=1e-5)
 
-    truncating = alias(tmp_path, "truncating")
-    start_worker(truncating, engine="sglang", env=sglang_env(EMBQ_TRUNCATE="1"))
+    # Truncation: the tokenizer manager cuts at the context, the scheduler at max_req_input_len.
+    truncating = sglang.alias(tmp_path, "truncating")
+    start_sglang(start_worker, sglang, model=truncating, env=sglang.env(EMBQ_TRUNCATE="1"))
     cut = make_client(model=truncating).embed([long_text], timeout=60)
-    ids = tokenizer()(long_text)["input_ids"][:128]
-    np.testing.assert_allclose(cut[0], standin.standin_embedding(ids, 384), atol=1e-6)
+    np.testing.assert_allclose(cut[0], sglang.embed_ids(sglang.token_ids(long_text)[:limit]), atol=1e-5)
 
 
-def run_workers_until_done(start_worker: Start, background: Background, env: dict[str, str], most: int) -> int:
+def run_workers_until_done(
+    start_worker: Start, sglang: SGLangCpu, background: Background, env: dict[str, str], most: int
+) -> int:
     """Start workers one after another, as an orchestrator restarts them; returns how many died."""
     deaths = 0
     for _ in range(most):
-        worker = start_worker(MODEL, engine="sglang", env=env, wait=False)
+        worker = start_sglang(start_worker, sglang, env=env, wait=False)
         assert worker.process is not None
         process = worker.process
 
         def ended(process: subprocess.Popen[bytes] = process) -> bool:
             return background.finished or process.poll() is not None
 
-        wait_until(ended, 120, "the call or the worker to end")
+        wait_until(ended, 180, "the call or the worker to end")
         if background.finished:
             return deaths
         assert process.returncode == 4, worker.log_tail()  # engine dead: tasks requeued, worker exits
@@ -102,78 +167,86 @@ def run_workers_until_done(start_worker: Start, background: Background, env: dic
     raise AssertionError(f"still not done after {most} workers")
 
 
-def test_a_text_that_crashes_the_engine_fails_alone(start_worker: Start, make_client: Client) -> None:
+def test_a_text_that_crashes_the_scheduler_fails_alone(
+    start_worker: Start, make_client: Client, sglang: SGLangCpu
+) -> None:
     texts = [f"mate {i}" for i in range(12)]
     texts[5] = "a POISON text"
-    background = embed_in_background(make_client(model=MODEL), texts, timeout=300)
-    env = sglang_env(EMBQ_STANDIN_POISON="POISON")
-    deaths = run_workers_until_done(start_worker, background, env, most=6)
+    background = embed_in_background(make_client(model=str(sglang.model)), texts, timeout=600)
+    env = sglang.env(EMBQ_TEST_SCHEDULER_POISON="POISON")
+    deaths = run_workers_until_done(start_worker, sglang, background, env, most=6)
     # the batch once, then the text alone on each of its MAX_ENGINE_DEATHS deliveries
     assert deaths == 1 + MAX_ENGINE_DEATHS
     with pytest.raises(ItemFailedError) as info:
         background()
     assert list(info.value.failures) == [5] and "engine died" in info.value.failures[5], info.value.failures
     good = [i for i in range(12) if i != 5]
-    np.testing.assert_allclose(info.value.vectors[good], expected([texts[i] for i in good]), atol=1e-6)
+    np.testing.assert_allclose(info.value.vectors[good], sglang.expected([texts[i] for i in good]), atol=1e-5)
 
 
-def test_a_batch_too_big_for_the_engine_succeeds_split(start_worker: Start, make_client: Client) -> None:
+def test_a_batch_that_runs_the_scheduler_out_of_memory_succeeds_split(
+    start_worker: Start, make_client: Client, sglang: SGLangCpu
+) -> None:
     texts = [f"crowd {i}" for i in range(20)]
-    background = embed_in_background(make_client(model=MODEL), texts, timeout=300)
-    deaths = run_workers_until_done(start_worker, background, sglang_env(EMBQ_STANDIN_OOM_ABOVE="8"), most=4)
-    assert deaths == 1
-    np.testing.assert_allclose(background(), expected(texts), atol=1e-6)
+    background = embed_in_background(make_client(model=str(sglang.model)), texts, timeout=600)
+    env = sglang.env(EMBQ_TEST_SCHEDULER_OOM_ABOVE="8")
+    assert run_workers_until_done(start_worker, sglang, background, env, most=4) == 1
+    np.testing.assert_allclose(background(), sglang.expected(texts), atol=1e-5)
 
 
 def test_a_silent_engine_makes_the_worker_requeue_and_exit(
-    start_worker: Start, make_client: Client, r: redis.Redis
+    start_worker: Start, make_client: Client, sglang: SGLangCpu, r: redis.Redis
 ) -> None:
-    stuck = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="2"))
+    env = sglang.env(EMBQ_TEST_SCHEDULER_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="2")
+    stuck = start_sglang(start_worker, sglang, env=env)
     children = pids_in_log(stuck)
     texts = ["fine", "HANG until the worker gives up"]
-    join = embed_in_background(make_client(model=MODEL), texts)
+    join = embed_in_background(make_client(model=str(sglang.model)), texts)
     assert stuck.process is not None
     wait_until(lambda: stuck.process.poll() is not None, 60, "the stuck worker to exit")
     assert stuck.process.returncode == 4, stuck.log_tail()
     assert not stuck.ready_file.exists()
     assert not any(alive(pid) for pid in children)
-    assert r.llen(keys.queue_name(MODEL)) == 1  # the task went back to the queue
-    start_worker(MODEL, engine="sglang", env=sglang_env())
-    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
+    assert r.llen(keys.queue_name(str(sglang.model))) == 1  # the task went back to the queue
+    start_sglang(start_worker, sglang)
+    np.testing.assert_allclose(join(), sglang.expected(texts), atol=1e-5)
 
 
-def test_a_crashed_engine_makes_the_worker_requeue_and_exit(
-    start_worker: Start, make_client: Client, r: redis.Redis
+def test_a_dead_scheduler_makes_the_worker_requeue_and_exit(
+    start_worker: Start, make_client: Client, sglang: SGLangCpu, r: redis.Redis
 ) -> None:
-    doomed = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DIE="DIE"))
+    doomed = start_sglang(start_worker, sglang, env=sglang.env(EMBQ_TEST_SCHEDULER_DIE="DIE"))
     children = pids_in_log(doomed)
     texts = ["survivor", "DIE here"]
-    join = embed_in_background(make_client(model=MODEL), texts)
+    join = embed_in_background(make_client(model=str(sglang.model)), texts)
     assert doomed.process is not None
     wait_until(lambda: doomed.process.poll() is not None, 60, "the crashed worker to exit")
     assert doomed.process.returncode == 4, doomed.log_tail()
-    assert "an SGLang child process failed (SIGQUIT)" in doomed.log_path.read_text()
+    log = doomed.log_path.read_text()
+    assert "crashed with exit code 1" in log  # SGLang's own watchdog noticed
+    assert "an SGLang child process failed (SIGQUIT)" in log  # and our handler, not SGLang's, took it
     assert not any(alive(pid) for pid in children)
     # Back in the queue at once, not after the visibility timeout, and only once:
     # the dying worker does not take it again.
-    assert r.llen(keys.queue_name(MODEL)) == 1, doomed.log_tail(80)
-    start_worker(MODEL, engine="sglang", env=sglang_env())
-    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
+    assert r.llen(keys.queue_name(str(sglang.model))) == 1, doomed.log_tail(80)
+    start_sglang(start_worker, sglang)
+    np.testing.assert_allclose(join(), sglang.expected(texts), atol=1e-5)
 
 
 def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
-    start_worker: Start, make_client: Client, r: redis.Redis
+    start_worker: Start, make_client: Client, sglang: SGLangCpu, r: redis.Redis
 ) -> None:
-    slow = start_worker(MODEL, engine="sglang", env=sglang_env(EMBQ_STANDIN_DELAY="2", EMBQ_CONCURRENCY="1"))
+    env = sglang.env(EMBQ_TEST_SCHEDULER_DELAY="2", EMBQ_CONCURRENCY="1")
+    slow = start_sglang(start_worker, sglang, env=env)
     children = pids_in_log(slow)
+    model = str(sglang.model)
     texts = [f"slow {i}" for i in range(6)]
-    client = make_client(model=MODEL, task_max_texts=2)
-    join = embed_in_background(client, texts)
-    queue = keys.queue_name(MODEL)
+    join = embed_in_background(make_client(model=model, task_max_texts=2), texts)
+    queue = keys.queue_name(model)
     wait_until(lambda: r.llen(queue) == 2, 30, "the worker to take one task of three")
     assert slow.stop(grace=30) == 0, slow.log_tail()
-    assert int(r.hget(keys.stats_key(MODEL), "texts") or 0) == 2  # the batch in flight was finished
+    assert int(r.hget(keys.stats_key(model), "texts") or 0) == 2  # the batch in flight was finished
     assert r.llen(queue) == 2  # the rest went back, or was never taken
     assert not any(alive(pid) for pid in children)
-    start_worker(MODEL, engine="sglang", env=sglang_env())
-    np.testing.assert_allclose(join(), expected(texts), atol=1e-6)
+    start_sglang(start_worker, sglang)
+    np.testing.assert_allclose(join(), sglang.expected(texts), atol=1e-5)

@@ -21,7 +21,7 @@ from celery.exceptions import Reject
 from producer import keys
 from producer.backend import connect, redact
 from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
-from producer.errors import ConfigurationError
+from producer.errors import ConfigurationError, EmbqError
 from producer.keys import queue_name
 from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
@@ -191,6 +191,10 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
         def start(self, worker: Any) -> None:
             try:
                 runtime.start()
+            except EmbqError as e:  # says what to do: no traceback
+                log.critical("worker cannot start: %s", e)
+                runtime.exit_code = EXIT_START_FAILED
+                raise SystemExit(EXIT_START_FAILED) from None
             except Exception:
                 log.critical("worker cannot start: its engine did not load", exc_info=True)
                 runtime.exit_code = EXIT_START_FAILED

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from producer import EmbqError, Settings
+from producer import ConfigurationError, EmbqError, Settings
 from producer.keys import queue_name
 from worker.engines import ENGINES
 
@@ -97,11 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.app import create_app
+    from worker.app import EXIT_START_FAILED, create_app
+    from worker.engines import missing_requirement
     from worker.settings import WorkerSettings
 
     names = {f.name for f in fields(WorkerSettings)} | {"model"}
-    settings = WorkerSettings.from_env(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        settings = WorkerSettings.from_env(**{k: v for k, v in vars(args).items() if k in names})
+        problem = missing_requirement(settings.engine)
+        if problem is not None:
+            raise ConfigurationError(problem)
+    except EmbqError as e:  # before Celery configures logging: one line, no traceback
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.critical("worker cannot start: %s", e)
+        return EXIT_START_FAILED
     app = create_app(settings)
     argv = [
         "worker",

@@ -125,8 +125,18 @@ class LocalRedis:
 class LocalWorker:
     """One ``embq worker`` process; ready once its engine is loaded and it consumes."""
 
-    def __init__(self, redis_url: str, *, engine: str, model: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        engine: str,
+        model: str,
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="embq-worker-"))
+        #: The interpreter that runs the worker: this one unless another environment hosts the engine.
+        self.python = python or sys.executable
         self.ready_file = self.dir / "ready"
         self.log_path = self.dir / "worker.log"
         self.engine = engine
@@ -144,7 +154,7 @@ class LocalWorker:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                self.python,
                 "-m",
                 "worker",
                 "worker",

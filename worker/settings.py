@@ -75,6 +75,9 @@ class WorkerSettings:
     engine_inflight_calls: int = 2
     #: SGLang: any other ``sglang.Engine`` keyword, as a JSON object.
     sglang_args: str = ""
+    #: SGLang: the engine class, ``module:Class``: ``sglang.Engine`` or a subclass
+    #: that overrides its process functions (SGLang's hook for private forks).
+    sglang_engine_class: str = "sglang:Engine"
     #: Created once the engine is loaded and the worker consumes; removed at exit
     #: (readiness probes test for it).
     ready_file: str | None = None
@@ -128,6 +131,7 @@ class WorkerSettings:
             "load_format": self.load_format,
             "concurrent_calls": self.engine_inflight_calls,
             "sglang_args": self.extra_sglang_args(),
+            "engine_class": self.sglang_engine_class,
         }
 
 
@@ -156,4 +160,5 @@ ENV_NAMES: dict[str, str] = {
     "load_format": "EMBQ_LOAD_FORMAT",
     "engine_inflight_calls": "EMBQ_ENGINE_INFLIGHT_CALLS",
     "sglang_args": "EMBQ_SGLANG_ARGS",
+    "sglang_engine_class": "EMBQ_SGLANG_ENGINE_CLASS",
 }

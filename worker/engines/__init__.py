@@ -7,6 +7,7 @@ worker (and the tests) never import torch or sglang unless they use them.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,6 +75,26 @@ ENGINES: dict[str, str] = {
     "sentence-transformers": "worker.engines.sentence_transformers:SentenceTransformersEngine",
     "hash": "worker.engines.hash:HashEngine",
 }
+
+
+#: Engine name -> (module it cannot start without, how to get it).
+REQUIREMENTS: dict[str, tuple[str, str]] = {
+    "sglang": ("sglang", "use the GPU image (worker/Dockerfile), or pip install 'embq[sglang]' on a CUDA machine"),
+    "sentence-transformers": (
+        "sentence_transformers",
+        "pip install torch==2.13.0 (the CPU build) first, then pip install 'embq[cpu]'",
+    ),
+}
+
+
+def missing_requirement(name: str) -> str | None:
+    """Why engine ``name`` cannot start here, found without importing anything heavy; None if it may."""
+    if name not in ENGINES:
+        return f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}"
+    module, how = REQUIREMENTS.get(name, ("", ""))
+    if module and importlib.util.find_spec(module) is None:
+        return f"the {name} engine needs the Python package {module!r}, which is not installed: {how}"
+    return None
 
 
 def create_engine(name: str, model: str, **options: Any) -> Engine:

@@ -1,32 +1,45 @@
 """The production engine: one in-process ``sglang.Engine(is_embedding=True)`` per GPU worker.
 
-Written against sglang 0.5.23, ``srt/entrypoints/engine.py`` and
-``srt/managers/tokenizer_manager.py``. What this module relies on:
+Written against sglang 0.5.23 (``srt/entrypoints/engine.py``,
+``srt/managers/tokenizer_manager.py``, ``srt/managers/scheduler.py``) and tested
+against that package itself, with only its scheduler process replaced by a CPU
+one (``tests/sglang_cpu``). What this module relies on:
 
-- ``Engine(**kwargs)`` turns its keywords into ``ServerArgs`` and raises
-  ``TypeError("Unexpected keyword argument ...")`` for an unknown one, before
-  any process starts. It starts the scheduler and detokenizer as child
-  processes, forces the ``spawn`` start method, and, on the main thread,
-  installs a SIGQUIT handler that kills this whole process when a child fails
-  (its scheduler turns any exception, CUDA OOM included, into a SIGQUIT). We
-  pass ``custom_sigquit_handler`` instead: the engine is marked dead, calls in
-  flight are aborted, and the worker requeues its tasks and exits. The engine
-  is created in the worker's main process, never in a daemonic prefork child.
+- ``Engine(**kwargs)`` builds a ``ServerArgs`` (a ``msgspec.Struct``) and raises
+  ``TypeError("Unexpected keyword argument 'x'")`` for an unknown keyword, before
+  any process starts. ``server_args`` is then pickled into the scheduler and
+  detokenizer, which SGLang starts with the ``spawn`` method (forced for the
+  whole process): every option must pickle. That is why the SIGQUIT handler we
+  pass (``custom_sigquit_handler``) is the module-level ``on_child_failure``,
+  which reaches the engine through module state, and not a bound method.
+- Its launch calls ``configure_logger``: ``logging.basicConfig(force=True)`` at
+  ``log_level`` (``"error"`` unless given), which removes the worker's log
+  handlers and silences its INFO lines. ``keep_logging`` puts them back.
+- A scheduler exception (a CUDA out-of-memory included) never reaches the
+  caller: the scheduler logs it and SIGQUITs this process, and SGLang's watchdog
+  does the same when a child dies. SGLang's own handler dumps diagnostics for a
+  minute, then kills this process. Ours marks the engine dead and aborts the calls
+  in flight; the worker requeues its tasks and exits with status 4, and texts
+  that were in the engine are retried one by one (see ``worker.tasks``).
 - ``async_encode(prompt=list[str])`` returns one dict per prompt, in order:
-  ``{"embedding": [...], "meta_info": {"prompt_tokens": ..., "finish_reason": ...}}``;
-  an aborted request comes back without ``"embedding"``. A prompt of
-  ``context_len`` tokens or more raises ``ValueError`` for the whole call unless
-  ``allow_auto_truncate``; we count tokens first so that such a text fails alone.
-- The engine's ``loop`` is created in the constructing thread and bound to its
-  sockets; sync ``encode`` runs it with ``run_until_complete`` and cannot be
-  called inside a running loop. We run that loop forever in one thread and
-  submit ``async_encode`` calls to it, so several calls are in flight and
-  SGLang's continuous batching keeps the GPU busy between them. Its SIGTERM
-  handler is only installed when the first request comes from the main thread,
+  ``{"embedding": [...], "meta_info": {"prompt_tokens": ..., ...}}``. A prompt
+  of ``context_len`` tokens or more makes the tokenizer manager raise
+  ``ValueError("The input (N tokens) is longer than the model's context length
+  (C tokens).")`` for the whole call, unless ``allow_auto_truncate``; the scheduler
+  then cuts prompts of ``max_req_input_len`` tokens or more (``min(context - 1,
+  KV pool - 1) - 5``) to that length. An abort with a status raises for the whole
+  call too (``ValueError`` for 400, ``fastapi.HTTPException`` otherwise). So we
+  count the tokens of long texts first and fail those alone; anything else that
+  fails a call is bisected by the batcher.
+- The engine's ``loop`` is created in the constructing thread; sync ``encode``
+  runs it with ``run_until_complete`` and cannot be called inside a running
+  loop. We run that loop forever in one thread and submit ``async_encode`` calls
+  to it, so several calls are in flight and SGLang's continuous batching keeps
+  the GPU busy between them. The tokenizer manager installs its SIGTERM and
+  SIGQUIT handlers only when its first request comes from the main thread,
   which never happens here, so Celery's warm shutdown stays in charge.
-- ``shutdown()`` SIGKILLs every child of the calling process. A worker process
-  has no children but the engine's, which is why one engine lives in one
-  worker process and nothing else is started beside it.
+- ``shutdown()`` SIGKILLs every child of the calling process: one engine lives
+  alone in one worker process.
 - Qwen3-Embedding pools the last token and L2-normalises; SGLang's own
   ``dimensions`` needs ``is_matryoshka`` in the model config, so we always
   store the full vector and truncate on read.
@@ -37,9 +50,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import importlib
 import logging
 import multiprocessing
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -52,6 +68,60 @@ log = logging.getLogger(__name__)
 
 #: Qwen3-Embedding's query format; documents are embedded without an instruction.
 QWEN3_INSTRUCTION = "Instruct: {instruction}\nQuery:{text}"
+#: The class the worker hosts; a subclass of ``sglang.Engine`` may override its
+#: process functions, as SGLang allows for private forks.
+DEFAULT_ENGINE_CLASS = "sglang:Engine"
+#: Tokens a tokenizer may add beyond one per UTF-8 byte (special tokens, a
+#: SentencePiece prefix): a text of fewer bytes than the limit minus this
+#: cannot be too long, and is never tokenised by us.
+SPECIAL_TOKENS_MARGIN = 16
+#: Seconds the first call may take: the detokenizer process may still be
+#: importing when the scheduler reports ready.
+WARMUP_TIMEOUT = 300.0
+
+#: The engine of this process, for the SIGQUIT handler (one engine per process).
+_hosted: SGLangEngine | None = None
+
+
+def on_child_failure(signum: int, frame: Any) -> None:
+    """SIGQUIT from an SGLang child: its scheduler failed (a crash, a CUDA OOM) or died."""
+    engine = _hosted
+    if engine is None:
+        log.critical("SIGQUIT from an SGLang child process, and no engine is hosted here")
+        return
+    engine.mark_dead("an SGLang child process failed (SIGQUIT): scheduler crash or out of memory")
+
+
+@contextmanager
+def keep_logging() -> Iterator[None]:
+    """Undo SGLang's ``configure_logger`` (``basicConfig(force=True)``) on the root logger."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+def load_class(path: str) -> Any:
+    module_name, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name or "Engine")
+    except ImportError as e:
+        if module_name.split(".")[0] == "sglang":
+            raise EngineError(
+                f"the sglang engine needs SGLang ({e}): use the GPU image (worker/Dockerfile) "
+                "or pip install 'embq[sglang]' on a CUDA machine"
+            ) from e
+        raise EngineError(f"cannot import the SGLang engine class {path!r}: {e}") from e
+    except AttributeError as e:
+        raise EngineError(f"no engine class {path!r}: {e}") from e
 
 
 class SGLangEngine:
@@ -76,6 +146,7 @@ class SGLangEngine:
         call_timeout: float = 600.0,
         concurrent_calls: int = 2,
         sglang_args: dict[str, Any] | None = None,
+        engine_class: str = DEFAULT_ENGINE_CLASS,
         **_: Any,
     ) -> None:
         self.model = model
@@ -89,8 +160,12 @@ class SGLangEngine:
             "load_format": load_format,
             "trust_remote_code": trust_remote_code,
             "allow_auto_truncate": truncate,
+            # One tokenizer call and one message per engine call instead of one per
+            # text, in the process that also runs the queue (see docs/BENCHMARKS.md).
+            "enable_tokenizer_batch_encode": True,
         }
         self.extra = dict(sglang_args or {})
+        self.engine_class = engine_class
         self.truncate = truncate
         self.instruction_template = instruction_template or QWEN3_INSTRUCTION
         self.call_timeout = call_timeout
@@ -109,43 +184,46 @@ class SGLangEngine:
         self._inflight_lock = threading.Lock()
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """The keywords for ``sglang.Engine``; unset options are left to SGLang's defaults."""
+        """The keywords for ``sglang.Engine``, exactly as passed (the SIGQUIT handler included)."""
         kwargs: dict[str, Any] = {"model_path": self.model, "is_embedding": True}
         kwargs.update({k: v for k, v in self.options.items() if v is not None})
         kwargs.update(self.extra)
+        kwargs["custom_sigquit_handler"] = on_child_failure
         return kwargs
 
     def load(self) -> None:
-        try:
-            import sglang
-        except ImportError as e:
-            raise EngineError(
-                f"the sglang engine needs SGLang installed ({e}); use the GPU image or pip install 'embq[sglang]'"
-            ) from e
+        global _hosted
+        engine_class = load_class(self.engine_class)
         if threading.current_thread() is not threading.main_thread():
             log.warning("SGLang is created off the main thread: it cannot install its child-failure handler")
         kwargs = self.engine_kwargs()
-        log.info("starting SGLang engine: %s", kwargs)
-        kwargs["custom_sigquit_handler"] = self._on_child_failure
+        log.info("starting SGLang engine %s: %s", self.engine_class, kwargs)
+        # SGLang's loggers at SGLang's own level (``log_level``, "error" unless given):
+        # ours stays at the worker's, which keep_logging restores.
+        logging.getLogger("sglang").setLevel(str(kwargs.get("log_level", "error")).upper())
+        _hosted = self
         try:
-            self._engine = sglang.Engine(**kwargs)
+            with keep_logging():
+                self._engine = engine_class(**kwargs)
         except TypeError as e:
             raise EngineError(f"sglang.Engine refused its options: {e}") from e
+        except Exception as e:
+            raise EngineError(f"SGLang engine did not start: {type(e).__name__}: {e}") from e
         self._loop = self._engine.loop
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="sglang-loop", daemon=True)
         self._loop_thread.start()
         manager = self._engine.tokenizer_manager
-        # The scheduler refuses prompts of max_req_input_len tokens or more (it can be
-        # below the context when the KV cache is small); the tokenizer manager refuses
-        # prompts of context_len tokens or more. The lower of the two is our limit.
+        # The tokenizer manager refuses prompts of context_len tokens or more; the
+        # scheduler cuts (or, in other versions, refuses) those of max_req_input_len
+        # or more, which is lower. The lower of the two is our limit.
         limits = [manager.context_len, getattr(manager, "max_req_input_len", None)]
         self.max_tokens = int(min(limit for limit in limits if limit))
         self._tokenizer = _own_copy(manager.tokenizer)
         self._children = multiprocessing.active_children()  # SGLang's scheduler and detokenizer
         log.info("SGLang children: %s", [p.pid for p in self._children])
-        probe = self._call(["embq warm-up"])
+        probe = self._call(["embq warm-up"], timeout=max(self.call_timeout, WARMUP_TIMEOUT))
         self.dim = len(probe[0]["embedding"])
-        log.info("SGLang engine ready: model=%s dim=%d context=%d", self.model, self.dim, self.max_tokens)
+        log.info("SGLang engine ready: model=%s dim=%d max input tokens=%d", self.model, self.dim, self.max_tokens)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not self.truncate:
@@ -163,17 +241,18 @@ class SGLangEngine:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # Qwen3 pools normalised; others may not
         return np.divide(vectors, norms, out=vectors, where=norms > 0)
 
-    def _call(self, texts: list[str]) -> list[dict[str, Any]]:
+    def _call(self, texts: list[str], timeout: float | None = None) -> list[dict[str, Any]]:
         if self._dead or self._loop is None or self._engine is None:
             raise EngineDead(self._dead or "SGLang engine is not running")
         future = asyncio.run_coroutine_threadsafe(self._engine.async_encode(prompt=texts), self._loop)
         with self._inflight_lock:
             self._inflight.add(future)
+        limit = timeout or self.call_timeout
         try:
-            result = future.result(timeout=self.call_timeout)
+            result = future.result(timeout=limit)
         except concurrent.futures.TimeoutError as e:
             future.cancel()
-            raise EngineDead(f"SGLang did not answer {len(texts)} texts within {self.call_timeout:.0f}s") from e
+            raise EngineDead(f"SGLang did not answer {len(texts)} texts within {limit:.0f}s") from e
         except concurrent.futures.CancelledError as e:
             raise EngineDead(self._dead or "SGLang call cancelled") from e
         finally:
@@ -181,14 +260,9 @@ class SGLangEngine:
                 self._inflight.discard(future)
         return result if isinstance(result, list) else [result]
 
-    def _on_child_failure(self, signum: int, frame: Any) -> None:
-        """SGLang's children SIGQUIT us when they fail (a crash, a CUDA OOM in the scheduler).
-
-        Its own handler would SIGKILL this whole process, leaving the batch to the
-        visibility timeout; ours marks the engine dead so that the worker requeues
-        its tasks at once and exits for its orchestrator to restart it.
-        """
-        self._dead = "an SGLang child process failed (SIGQUIT): scheduler crash or out of memory"
+    def mark_dead(self, reason: str) -> None:
+        """Called from the SIGQUIT handler: no blocking here, the aborts run in a thread."""
+        self._dead = reason
         threading.Thread(target=self._abort_inflight, name="sglang-abort", daemon=True).start()
 
     def _abort_inflight(self) -> None:
@@ -199,17 +273,21 @@ class SGLangEngine:
             future.cancel()
 
     def _refuse_too_long(self, texts: list[str]) -> None:
-        """Fail texts of ``context_len`` tokens or more alone, as SGLang would fail their whole call."""
+        """Fail texts SGLang would not take whole alone, instead of failing their whole call."""
         if self._tokenizer is None:
             return
+        limit = self.max_tokens - SPECIAL_TOKENS_MARGIN
+        suspects = [i for i, text in enumerate(texts) if 4 * len(text) >= limit and len(text.encode()) >= limit]
+        if not suspects:
+            return
         with self._tokenizer_lock:  # a fast tokenizer must not be used from two threads at once
-            ids = self._tokenizer(texts)["input_ids"]
+            ids = self._tokenizer([texts[i] for i in suspects])["input_ids"]
         too_long = {
             i: (
-                f"text is {len(tokens)} tokens, the model's context is {self.max_tokens} tokens; "
+                f"the input ({len(tokens)} tokens) is longer than this engine takes ({self.max_tokens - 1} tokens); "
                 "shorten it, or start the worker with EMBQ_TRUNCATE=1 to truncate"
             )
-            for i, tokens in enumerate(ids)
+            for i, tokens in zip(suspects, ids, strict=True)
             if len(tokens) >= self.max_tokens
         }
         if too_long:
@@ -225,12 +303,15 @@ class SGLangEngine:
 
     def close(self) -> None:
         """Stop our loop first: SGLang's loop tasks kill the process if they fail while it runs."""
+        global _hosted
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=10)
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        if _hosted is self:
+            _hosted = None
 
 
 def _own_copy(tokenizer: Any) -> Any:
