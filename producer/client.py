@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from producer.contract import TASK_EMBED, make_celery, make_payload
 from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
 from producer.inflight import MissResolver
 from producer.settings import Settings
+from producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW, EmbedStream, Failures
 from producer.validation import validate_options, validate_texts
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,33 @@ class EmbeddingClient:
                 total=len(items),
             )
         return self._assemble(digests, resolver, dim)
+
+    def embed_iter(
+        self,
+        texts: Iterable[str],
+        *,
+        batch: int = DEFAULT_BATCH,
+        window: int = DEFAULT_WINDOW,
+        dim: int | None = None,
+        instruction: str = "",
+        timeout: float | None = None,
+        failures: Failures = "raise",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> EmbedStream:
+        """Stream any number of texts: yields ``(start, vectors)`` chunks of ``batch`` rows, in input order,
+        with at most ``window`` chunks in flight. See ``EmbedStream`` for failures and counters;
+        ``on_progress(n)`` is called as texts are resolved."""
+        return EmbedStream(
+            self,
+            texts,
+            batch=batch,
+            window=window,
+            dim=dim,
+            instruction=instruction,
+            timeout=timeout,
+            failures=failures,
+            on_progress=on_progress,
+        )
 
     def _count(self, resolver: MissResolver, seconds: float) -> None:
         misses = resolver.missed
