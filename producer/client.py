@@ -128,6 +128,13 @@ class EmbeddingClient:
 
     def _count(self, resolver: MissResolver, seconds: float) -> None:
         misses = resolver.missed
+        pipe = self._cache.pipeline(transaction=False)
+        stats = keys.stats_key(self.model)
+        pipe.hincrby(stats, "hits", len(resolver.texts) - misses)
+        pipe.hincrby(stats, "misses", misses)
+        pipe.expire(stats, keys.STATS_TTL)
+        with backend_errors("cache", self.settings.cache):
+            pipe.execute()
         metrics.CACHE_HITS.labels(self.model).inc(len(resolver.texts) - misses)
         metrics.CACHE_MISSES.labels(self.model).inc(misses)
         metrics.TEXTS_SENT.labels(self.model).inc(resolver.sent)

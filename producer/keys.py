@@ -11,12 +11,16 @@ key                        type        TTL                  written by          
 ``embq:reply:{call_id}``   stream      2 x lease, renewed   its producer creates   its producer (XREAD
                                                             it; workers XADD       BLOCK)
                                                             NOMKSTREAM
-``embq:stats:{model}``     hash        7 days, renewed      worker (HINCRBY)       ``embq status``, tests
+``embq:stats:{model}``     hash        7 days, renewed      workers (tasks, texts, ``embq status``, tests
+                                                            failed); producers
+                                                            (hits, misses)
 ``embq:attempts:{task_id}`` hash       1 day                workers: starts, and   the worker that runs
                                                             requeues of texts that the task (suspects of
                                                             only waited            an engine death)
 ``embq:worker:{host:pid}`` hash        3 x heartbeat        the worker, every      ``embq status``
                                                             10 s
+``embq:signature:{ns}:{model}`` string ``cache_ttl``,       the first worker of    every worker at start
+                                       renewed              the model (SET NX)
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
@@ -47,6 +51,9 @@ QUEUE_PREFIX = f"{PREFIX}."
 
 ATTEMPTS = f"{PREFIX}:attempts:"
 WORKER = f"{PREFIX}:worker:"
+SIGNATURE = f"{PREFIX}:signature:"
+#: What ``embq cache clear`` removes: the vectors and what says which engine made them.
+CACHE_PATTERNS = (VECTOR + "*", SIGNATURE + "*")
 
 #: Seconds the worker's statistics hash lives after its last update.
 STATS_TTL = 7 * 24 * 3600
@@ -106,6 +113,11 @@ def attempts_key(task_id: str) -> str:
 
 def worker_key(name: str) -> str:
     return WORKER + name
+
+
+def signature_key(namespace: str, model: str) -> str:
+    """Which engine, dimension and checkpoint wrote the vectors of ``model`` under ``namespace``."""
+    return f"{SIGNATURE}{namespace}:{model}"
 
 
 def queue_name(model: str) -> str:
