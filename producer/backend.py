@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
 from kombu.exceptions import OperationalError
+from redis._parsers import Encoder
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from producer.errors import BackendUnavailableError
@@ -56,12 +60,35 @@ class ConnectionRetry(Retry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        def retryable(error: Exception) -> bool:
-            if will_not_heal(error):
-                return False
-            return is_retryable(error) if is_retryable else True
+        return super().call_with_retry(do, fail, _retryable(is_retryable), with_failure_count)
 
-        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+def _retryable(is_retryable: Callable[[Exception], bool] | None) -> Callable[[Exception], bool]:
+    def retryable(error: Exception) -> bool:
+        if will_not_heal(error):
+            return False
+        return is_retryable(error) if is_retryable else True
+
+    return retryable
+
+
+class AsyncConnectionRetry(AsyncRetry):
+    """``ConnectionRetry`` for redis-py's asyncio client."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[[Exception], Any] | Callable[[Exception, int], Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        return await super().call_with_retry(do, fail, _retryable(is_retryable), with_failure_count)
+
+
+#: Commands are packed by redis-py's own serializer, which sends a large argument (a batch of
+#: vectors) as it is; hiredis's copies it into one buffer at ~0.5 GB/s: 3 ms for 1,000 vectors.
+#: Replies are still parsed by hiredis.
+COMMAND_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
 
 def connect(url: str) -> redis.Redis:
@@ -71,6 +98,18 @@ def connect(url: str) -> redis.Redis:
         health_check_interval=30,
         socket_keepalive=True,
         retry=ConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        command_packer=COMMAND_PACKER,
+    )
+
+
+def aconnect(url: str) -> redis.asyncio.Redis:
+    """``connect`` for redis-py's asyncio client (which packs commands without copying large arguments)."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        health_check_interval=30,
+        socket_keepalive=True,
+        retry=AsyncConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
 

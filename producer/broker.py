@@ -9,13 +9,10 @@ task, and still waits for it, looks for it here.
 
 from __future__ import annotations
 
-import logging
-
-import redis
+from collections.abc import Iterable
+from typing import Any
 
 from producer.contract import root_task_id
-
-log = logging.getLogger(__name__)
 
 #: Kombu's defaults: the hash of delivered, unacked messages, and the separator
 #: and steps of its per-priority queue lists (``queue``, ``queue\x06\x163``, ...).
@@ -51,30 +48,9 @@ def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
 
 
-class BrokerView:
-    """Finds which task ids the broker holds, when that can be told cheaply."""
-
-    def __init__(self, broker: redis.Redis, queue: str) -> None:
-        self.broker = broker
-        self.queue = queue
-        self._held = broker.register_script(HELD_SCRIPT)
-        self._disabled = False
-
-    def held(self, task_ids: list[str]) -> set[str] | None:
-        """The ids among ``task_ids`` that are queued or unacked; None when that
-        cannot be told cheaply (see ``HELD_SCRIPT``) or the broker refuses scripts."""
-        if self._disabled:
-            return None
-        try:
-            unacked = self._held(keys=[UNACKED_KEY, *queue_lists(self.queue)])
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            log.info("broker unreachable while looking for lost tasks: %s", e)
-            return None
-        except redis.exceptions.ResponseError as e:  # an ACL or a managed Redis without scripts
-            log.warning("cannot look for lost tasks in the broker (%s); allow EVALSHA to have them found", e)
-            self._disabled = True
-            return None
-        if unacked is None:
-            return None
-        ids = {root_task_id(item.decode() if isinstance(item, bytes) else str(item)) for item in unacked}
-        return ids.intersection(task_ids)
+def task_ids_held(reply: Any, task_ids: Iterable[str]) -> set[str] | None:
+    """The ids among ``task_ids`` that ``HELD_SCRIPT`` found unacked; None when it could not tell."""
+    if reply is None:
+        return None
+    ids = {root_task_id(item.decode() if isinstance(item, bytes) else str(item)) for item in reply}
+    return ids.intersection(task_ids)

@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+import redis
 from celery import Celery
 
 from producer import keys, metrics
-from producer.backend import backend_errors, connect
-from producer.broker import BrokerView
-from producer.codec import truncate
-from producer.contract import TASK_EMBED, make_celery, make_payload
-from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
-from producer.inflight import MissResolver
+from producer.backend import connect
+from producer.call import Call
+from producer.contract import TASK_EMBED, describe_task, make_celery
+from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
+from producer.errors import EmbqError
 from producer.settings import Settings
 from producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW, EmbedStream, Failures
 from producer.validation import validate_options, validate_texts
 
 log = logging.getLogger(__name__)
 
+#: Seconds between the caller's checks that the dispatcher thread is still alive.
+CALLER_POLL = 1.0
+
 
 class EmbeddingClient:
     """Embeds texts with one model through embq's cache and workers; safe to share across threads.
 
     ``redis_url`` serves as broker and cache unless ``broker_url``/``cache_url``
-    say otherwise; when it is None, the ``EMBQ_*`` environment decides.
+    say otherwise; when it is None, the ``EMBQ_*`` environment decides. The
+    client's calls share one dispatcher thread (started at the first call), so
+    concurrent calls from many threads share round trips and tasks.
     """
 
     def __init__(
@@ -48,11 +53,8 @@ class EmbeddingClient:
         self.settings = base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
         self.model = self.settings.model
         self.queue = keys.queue_name(self.model)
-        self._cache = connect(self.settings.cache)
-        self._broker = self._cache if self.settings.broker == self.settings.cache else connect(self.settings.broker)
-        self._broker_view = BrokerView(self._broker, self.queue)
-        self._celery: Celery | None = None
         self._lock = threading.Lock()
+        self._driver: ThreadDriver | None = None
 
     def embed(
         self,
@@ -67,37 +69,21 @@ class EmbeddingClient:
         ``dim`` serves a Matryoshka prefix of the stored full vector, re-normalised.
         ``instruction`` is the model's query instruction; it is part of the cache key.
         ``timeout`` (seconds) bounds the wait for workers; None waits as long as
-        the work is alive (claims are renewed, lost ones are taken over).
+        the work is alive (lost tasks are sent again, dead producers' texts taken over).
+        An empty list gives shape ``(0, dim)``, or ``(0, 0)`` when ``dim`` is not given.
         """
+        items = validate_texts(texts, self.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        if not items:
+            return np.zeros((0, dim or 0), dtype=np.float32)
         deadline = None if timeout is None else time.monotonic() + timeout
-        settings = self.settings
-        items = validate_texts(texts, settings.max_text_bytes)
-        validate_options(instruction, dim, timeout, settings.max_text_bytes)
-        digests = keys.text_digests(self.model, settings.cache_namespace, instruction, items)
-        unique = dict(zip(digests, items, strict=False))
+        call = Call(items, instruction, dim=dim, deadline=deadline)
         started = time.monotonic()
-        with backend_errors("cache", settings.cache):
-            resolver = MissResolver(
-                self._cache,
-                unique,
-                lambda ds: self._send(instruction, ds, unique),
-                settings.lease_seconds,
-                self.queue,
-                hold_seconds=settings.visibility_timeout,
-                broker=self._broker_view,
-            )
-            resolver.run(deadline)
-        self._count(resolver, time.monotonic() - started)
-        if resolver.pending:
-            missing = sum(1 for d in digests if d in resolver.pending)
-            raise EmbqTimeoutError(
-                f"{missing} of {len(items)} texts still missing after {timeout}s; "
-                f"are workers consuming queue {self.queue!r}? Their work is not lost: "
-                f"a later call collects what they finish.",
-                missing=missing,
-                total=len(items),
-            )
-        return self._assemble(digests, resolver, dim)
+        driver = self.driver()
+        driver.submit(call)
+        driver.wait(call)
+        self._count(call, time.monotonic() - started)
+        return call.result(self.queue)
 
     def embed_iter(
         self,
@@ -113,7 +99,7 @@ class EmbeddingClient:
     ) -> EmbedStream:
         """Stream any number of texts: yields ``(start, vectors)`` chunks of ``batch`` rows, in input order,
         with at most ``window`` chunks in flight. See ``EmbedStream`` for failures and counters;
-        ``on_progress(n)`` is called as texts are resolved."""
+        ``on_progress(n)`` is called (from the dispatcher thread) as texts are resolved."""
         return EmbedStream(
             self,
             texts,
@@ -126,96 +112,185 @@ class EmbeddingClient:
             on_progress=on_progress,
         )
 
-    def _count(self, resolver: MissResolver, seconds: float) -> None:
-        misses = resolver.missed
-        pipe = self._cache.pipeline(transaction=False)
-        stats = keys.stats_key(self.model)
-        pipe.hincrby(stats, "hits", len(resolver.texts) - misses)
-        pipe.hincrby(stats, "misses", misses)
-        pipe.expire(stats, keys.STATS_TTL)
-        with backend_errors("cache", self.settings.cache):
-            pipe.execute()
-        metrics.CACHE_HITS.labels(self.model).inc(len(resolver.texts) - misses)
-        metrics.CACHE_MISSES.labels(self.model).inc(misses)
-        metrics.TEXTS_SENT.labels(self.model).inc(resolver.sent)
-        metrics.TEXTS_WAITED.labels(self.model).inc(resolver.waited)
-        if misses:
+    def driver(self) -> ThreadDriver:
+        """This process's dispatcher; a forked child gets its own (threads and sockets do not survive fork)."""
+        with self._lock:
+            if self._driver is None or self._driver.pid != os.getpid():
+                self._driver = ThreadDriver(self.settings)
+            return self._driver
+
+    def _count(self, call: Call, seconds: float) -> None:
+        missed = call.computed + call.waited + call.failed
+        metrics.CACHE_HITS.labels(self.model).inc(call.cached)
+        metrics.CACHE_MISSES.labels(self.model).inc(missed)
+        metrics.TEXTS_SENT.labels(self.model).inc(call.computed)
+        metrics.TEXTS_WAITED.labels(self.model).inc(call.waited)
+        if missed:
             metrics.WAIT_SECONDS.labels(self.model).observe(seconds)
 
-    def _assemble(self, digests: list[str], resolver: MissResolver, dim: int | None) -> np.ndarray:
-        full = next((v.shape[0] for v in resolver.vectors.values()), 0)
-        if dim is not None and full and dim > full:
-            raise InvalidInputError(f"dim={dim} exceeds the model's dimension {full} ({self.model})")
-        matrix = np.full((len(digests), full), np.nan, dtype=np.float32)
-        failures: dict[int, str] = {}
-        for row, d in enumerate(digests):
-            vector = resolver.vectors.get(d)
-            if vector is not None:
-                matrix[row] = vector
-            else:
-                failures[row] = resolver.failures.get(d, "no vector")
-        result = truncate(matrix, dim) if full else matrix.reshape(len(digests), dim or 0)
-        if failures:
-            first = min(failures)
-            raise ItemFailedError(
-                f"{len(failures)} of {len(digests)} texts failed; texts[{first}] (index {first}): {failures[first]}. "
-                "The other rows are in .vectors and cached.",
-                failures,
-                result,
-            )
-        return result
-
-    def _send(self, instruction: str, digests: list[str], texts: dict[str, str]) -> dict[str, list[str]]:
-        """Enqueue texts as tasks bounded by the task text and character budgets.
-
-        Returns the digests each task carries, by task id."""
-        app = self._app()
-        batches: list[list[str]] = []
-        current: list[str] = []
-        chars = 0
-        for d in digests:
-            size = len(texts[d])
-            if current and (
-                len(current) >= self.settings.task_max_texts or chars + size > self.settings.task_max_chars
-            ):
-                batches.append(current)
-                current, chars = [], 0
-            current.append(d)
-            chars += size
-        if current:
-            batches.append(current)
-        tasks = {uuid.uuid4().hex: batch for batch in batches}
-        with backend_errors("broker", self.settings.broker), app.producer_or_acquire() as producer:
-            for task_id, batch in tasks.items():
-                app.send_task(
-                    TASK_EMBED,
-                    args=[make_payload(self.settings, instruction, [texts[d] for d in batch])],
-                    task_id=task_id,
-                    queue=self.queue,
-                    # The default exchange routes by list name alone: no binding
-                    # key in Redis that a restart could lose.
-                    exchange="",
-                    routing_key=self.queue,
-                    producer=producer,
-                )
-        log.debug("sent %d texts in %d tasks to %s", len(digests), len(tasks), self.queue)
-        return tasks
-
-    def _app(self) -> Celery:
-        with self._lock:
-            if self._celery is None:
-                self._celery = make_celery(self.settings)
-            return self._celery
-
     def close(self) -> None:
-        """Release connections; the client must not be used afterwards."""
-        self._cache.close()
-        self._broker.close()
-        if self._celery is not None:
-            self._celery.close()
+        """Stop the dispatcher and release connections. Texts still queued keep their claims, so that
+        others wait for them; the client must not be used afterwards."""
+        with self._lock:
+            driver, self._driver = self._driver, None
+        if driver is not None and driver.pid == os.getpid():
+            driver.close()
 
     def __enter__(self) -> EmbeddingClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ThreadDriver:
+    """Runs a ``Dispatcher`` in a daemon thread with redis-py and Celery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.core = Dispatcher(settings)
+        self.cache = connect(settings.cache)
+        self.broker = self.cache if settings.broker == settings.cache else connect(settings.broker)
+        self.cond = threading.Condition()
+        self.woken = False
+        self._celery: Celery | None = None
+        self.thread = threading.Thread(target=self._run, name="embq-dispatcher", daemon=True)
+        self.thread.start()
+
+    # -- the callers' side ------------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        done = threading.Event()
+        call.on_finish = done.set
+        call.signal = done
+        with self.cond:
+            self.core.inbox.append(call)
+            wake = self.core.reading and not self.woken
+            self.woken = self.woken or wake
+            self.cond.notify()
+        if wake:  # the dispatcher blocks on its stream: a wake entry ends the read at once
+            self._wake()
+
+    def wait(self, call: Call) -> None:
+        """Block until ``call`` finishes; Ctrl-C gives it up (its claims are released)."""
+        done: threading.Event = call.signal
+        try:
+            while not done.wait(CALLER_POLL):
+                if not self.thread.is_alive():
+                    raise EmbqError("embq's dispatcher thread stopped; see the log for why")
+        except BaseException:
+            call.cancel()
+            self.poke()
+            raise
+
+    def poke(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.core.closing = True
+            self.cond.notify()
+        self._wake()
+        self.thread.join(timeout=10)
+        self.cache.close()
+        if self.broker is not self.cache:
+            self.broker.close()
+        if self._celery is not None:
+            self._celery.close()
+
+    def _wake(self) -> None:
+        try:
+            self.cache.xadd(self.core.reply, {"w": b""}, nomkstream=True)
+        except redis.exceptions.RedisError:
+            pass  # the read ends within MAX_BLOCK anyway
+
+    # -- the dispatcher's side --------------------------------------------------------------
+
+    def _run(self) -> None:
+        steps = self.core.run()
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(result)
+            except StopIteration:
+                return
+            result, error = None, None
+            try:
+                result = self.execute(op)
+            except Exception as e:
+                error = e
+
+    def execute(self, op: Op) -> Any:
+        if isinstance(op, Redis):
+            return self._redis(op)
+        if isinstance(op, Read):
+            return self._read(op)
+        if isinstance(op, Send):
+            return send_tasks(self._app(), op)
+        if isinstance(op, Wait):
+            with self.cond:
+                if not self.core.inbox and not self.core.closing:
+                    self.cond.wait(op.timeout)
+            return None
+        time.sleep(max(0.0, op.seconds))
+        return None
+
+    def _redis(self, op: Redis) -> list[Any]:
+        client = self.cache if op.target == "cache" else self.broker
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for command in op.commands:
+                pipe.execute_command(*command)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for source in op.scripts.values():  # a restarted Redis forgot them
+                    client.script_load(source)
+        raise AssertionError("unreachable")
+
+    def _read(self, op: Read) -> Any:
+        with self.cond:
+            block = 0.0 if self.core.inbox or self.core.closing else op.block
+            self.core.reading = block > 0
+        try:
+            return self.cache.xread(
+                {self.core.reply: op.last_id},
+                count=NOTICES_PER_READ,
+                block=max(1, int(block * 1000)) if block else None,
+            )
+        finally:
+            with self.cond:
+                self.core.reading = self.woken = False
+
+    def _app(self) -> Celery:
+        if self._celery is None:
+            self._celery = make_celery(self.settings)
+        return self._celery
+
+
+def send_tasks(app: Celery, op: Send) -> None:
+    """Publish ``op``'s tasks through one producer connection."""
+    if not op.tasks:
+        return
+    queue = keys.queue_name(op.tasks[0][1]["model"])
+    with app.producer_or_acquire() as producer:
+        for task_id, payload in op.tasks:
+            app.send_task(
+                TASK_EMBED,
+                args=[payload],
+                # What Flower shows; the default repr of every text costs more than the send.
+                argsrepr=describe_task(payload),
+                task_id=task_id,
+                queue=queue,
+                # The default exchange routes by list name alone: no binding
+                # key in Redis that a restart could lose.
+                exchange="",
+                routing_key=queue,
+                producer=producer,
+            )
+    log.debug("sent %d tasks to %s", len(op.tasks), queue)

@@ -7,7 +7,6 @@ import time
 from typing import Any, NotRequired, TypedDict
 from urllib.parse import urlsplit
 
-import msgpack
 from celery import Celery
 
 from producer.keys import queue_name
@@ -16,7 +15,8 @@ from producer.settings import TASK_TEXTS_LIMIT, Settings
 #: The one task embq sends: embed a batch of texts into the cache.
 TASK_EMBED = "embq.embed"
 #: Bumped when the payload changes shape; workers refuse versions they do not know.
-PAYLOAD_VERSION = 1
+#: 2: the producer's reply stream travels in the task, and its notice carries the vectors.
+PAYLOAD_VERSION = 2
 #: Workers refuse tasks of more texts than this (they do not trust producers).
 MAX_TASK_TEXTS = TASK_TEXTS_LIMIT
 
@@ -29,6 +29,8 @@ class EmbedPayload(TypedDict):
     namespace: str
     instruction: str
     texts: list[str]
+    #: The reply stream of the producer that claimed the texts: the worker's notice goes there.
+    reply: str
     #: Optional: embed each text in its own engine call (set on texts suspected of killing an engine).
     alone: NotRequired[bool]
     #: Optional: the producer's clock (Unix seconds) when it sent the task, for the queue-wait metric.
@@ -46,15 +48,23 @@ def root_task_id(task_id: str) -> str:
     return task_id.split("/", 1)[0]
 
 
-def make_payload(settings: Settings, instruction: str, texts: list[str]) -> EmbedPayload:
+def make_payload(settings: Settings, instruction: str, texts: list[str], reply: str) -> EmbedPayload:
     return {
         "v": PAYLOAD_VERSION,
         "model": settings.model,
         "namespace": settings.cache_namespace,
         "instruction": instruction,
         "texts": texts,
+        "reply": reply,
         "sent": time.time(),
     }
+
+
+def describe_task(payload: EmbedPayload) -> str:
+    """A short account of a task for monitors (Flower's args column)."""
+    texts = payload["texts"]
+    first = texts[0][:60] if texts else ""
+    return f"[{len(texts)} texts, first {first!r}, instruction {payload['instruction'][:40]!r}]"
 
 
 def broker_tls(url: str) -> dict[str, Any] | None:
@@ -115,13 +125,3 @@ def make_celery(settings: Settings, main: str = "embq") -> Celery:
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
-
-
-def pack_notice(done: list[str], failed: dict[str, str]) -> bytes:
-    """What a worker adds to a waiting producer's reply stream: digests done and failed."""
-    return msgpack.packb({"done": done, "failed": failed}, use_bin_type=True)
-
-
-def unpack_notice(raw: bytes) -> tuple[list[str], dict[str, str]]:
-    notice = msgpack.unpackb(raw, raw=False)
-    return list(notice.get("done", ())), dict(notice.get("failed", {}))

@@ -3,12 +3,15 @@
 =========================  ==========  ===================  =====================  ======================
 key                        type        TTL                  written by             read by
 =========================  ==========  ===================  =====================  ======================
-``embq:v:{digest}``        string      ``cache_ttl``        worker (SET EX)        producers (MGET)
-``embq:inflight:{digest}`` string      ``lease_seconds``,   producer that claims   producers (SET NX);
-                                       renewed by it        it (SET NX PX)         worker DELs it
-``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (SMEMBERS, DEL)
-                                                            the text (SADD)
-``embq:reply:{call_id}``   stream      2 x lease, renewed   its producer creates   its producer (XREAD
+``embq:v:{digest}``        string      ``cache_ttl``        worker (COMPLETE)      producers (CLAIM)
+                           (vector)
+``embq:v:{digest}``        string      visibility timeout   the producer that      producers (CLAIM);
+                           (claim)                          claims it (CLAIM)      the worker replaces it
+``embq:alive:{token}``     string      ``lease_seconds``,   the producer process   producers meeting its
+                                       renewed every tick   that owns the token    claims (CLAIM)
+``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (COMPLETE),
+                                                            another's claim        owner (RELEASE)
+``embq:reply:{token}``     stream      2 x lease, renewed   its producer creates   its producer (XREAD
                                                             it; workers XADD       BLOCK)
                                                             NOMKSTREAM
 ``embq:stats:{model}``     hash        7 days, renewed      workers (tasks, texts, ``embq status``, tests
@@ -25,6 +28,9 @@ key                        type        TTL                  written by          
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
 =========================  ==========  ===================  =====================  ======================
+
+The scripts that read and write these keys, and why one call per batch is
+enough to compute each text once, are in ``producer.protocol``.
 
 ``digest`` is the hex blake2b-256 of everything that changes a vector: model id,
 cache namespace, instruction and the exact text, each length-prefixed so that no
@@ -43,7 +49,7 @@ from collections.abc import Iterable
 
 PREFIX = "embq"
 VECTOR = f"{PREFIX}:v:"
-INFLIGHT = f"{PREFIX}:inflight:"
+ALIVE = f"{PREFIX}:alive:"
 WATCH = f"{PREFIX}:watch:"
 REPLY = f"{PREFIX}:reply:"
 STATS = f"{PREFIX}:stats:"
@@ -62,6 +68,10 @@ ATTEMPTS_TTL = 24 * 3600
 #: Seconds between a worker's heartbeats, and how long one lasts without the next.
 HEARTBEAT_SECONDS = 10
 HEARTBEAT_TTL = 3 * HEARTBEAT_SECONDS
+
+
+#: Characters of a hex digest (blake2b-256).
+DIGEST_HEX = 64
 
 
 def _framed(part: str) -> bytes:
@@ -91,8 +101,8 @@ def vector_key(digest: str) -> str:
     return VECTOR + digest
 
 
-def inflight_key(digest: str) -> str:
-    return INFLIGHT + digest
+def alive_key(token: str) -> str:
+    return ALIVE + token
 
 
 def watch_key(digest: str) -> str:

@@ -7,6 +7,7 @@ and never reads the environment itself.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -42,10 +43,10 @@ class Settings:
     #: Must exceed the longest batch a worker can take, or live batches are
     #: delivered twice.
     visibility_timeout: int = 3600
-    #: Seconds an in-flight marker lives without renewal. The producer that
-    #: claimed a text renews it while it waits; if that producer dies, others
-    #: take the text over after at most this long.
-    lease_seconds: float = 60.0
+    #: Seconds a producer's claims outlive it: each producer process renews one
+    #: liveness key every lease / 4; if it dies, others take its texts over after
+    #: at most this long. Shorter means faster takeover, at one Redis command per tick.
+    lease_seconds: float = 30.0
     #: Largest accepted text, in UTF-8 bytes. Far above any model context;
     #: it only stops accidents (a whole file passed as one text).
     max_text_bytes: int = 1 << 20
@@ -54,6 +55,16 @@ class Settings:
     #: ... and at most this many characters per task. Smaller tasks spread
     #: better over workers; larger ones cost less broker traffic.
     task_max_chars: int = 128 * 1024
+    #: Texts one client resolves at once (claimed, queued, embedded, not yet
+    #: returned). Larger calls are admitted window by window, so memory holds the
+    #: result plus this window. To keep a fleet busy from one producer, make it
+    #: exceed workers x EMBQ_CONCURRENCY x EMBQ_TASK_MAX_TEXTS; each text in flight
+    #: costs the producer a few hundred bytes.
+    inflight_texts: int = 65536
+    #: Milliseconds a small call waits for others from the same process while
+    #: texts are already in flight, so that concurrent callers share one round
+    #: trip and one task. A lone caller never waits; 0 turns it off.
+    coalesce_ms: float = dataclasses.field(default=2.0, metadata={"zero_means": "no coalescing"})
 
     def __post_init__(self) -> None:
         if self.task_max_texts > TASK_TEXTS_LIMIT:
@@ -93,6 +104,8 @@ ENV_NAMES: dict[str, str] = {
     "max_text_bytes": "EMBQ_MAX_TEXT_BYTES",
     "task_max_texts": "EMBQ_TASK_MAX_TEXTS",
     "task_max_chars": "EMBQ_TASK_MAX_CHARS",
+    "inflight_texts": "EMBQ_INFLIGHT_TEXTS",
+    "coalesce_ms": "EMBQ_COALESCE_MS",
 }
 
 
@@ -110,8 +123,8 @@ def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dic
             continue
         type_name = str(field.type).split("|")[0].strip()
         parse = parsers.get(type_name, str)
-        if "zero_means" in field.metadata and type_name == "int":
-            parse = _non_negative_int
+        if "zero_means" in field.metadata and type_name in ("int", "float"):
+            parse = _non_negative(int if type_name == "int" else float)
         try:
             values[field.name] = parse(raw)
         except ValueError as e:
@@ -129,11 +142,14 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not value >= 0:  # type: ignore[operator]
+            raise ValueError("must be 0 or more")
+        return value
+
+    return parse
 
 
 def _flag(raw: str) -> bool:

@@ -1,21 +1,23 @@
 """``EmbeddingClient.embed_iter``: any number of texts in, ``(start, vectors)`` chunks out, in order.
 
-A bounded number of chunks is in flight, so memory holds the chunks being
-resolved, not the input or the output: a pipeline step streams a file of any
-size through it.
+A bounded number of chunks is in flight, each an ordinary call of the client's
+dispatcher, so memory holds the chunks being resolved, not the input or the
+output: a pipeline step streams a file of any size through it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from producer.call import Call
 from producer.errors import InvalidInputError, ItemFailedError
+from producer.validation import validate_options, validate_texts
 
 if TYPE_CHECKING:
     from producer.client import EmbeddingClient
@@ -34,7 +36,9 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
     With ``failures="nan"`` a text a worker could not embed gets a NaN row and its
     reason lands in ``failures`` (input index -> reason); with ``"raise"`` the chunk
     that holds it raises ``ItemFailedError`` (indices of the whole input).
-    ``rows``, ``cached`` and ``computed`` count what was yielded so far.
+    ``rows`` counts the rows yielded; ``cached``, ``computed`` (by this client's
+    tasks) and ``waited`` (computed for another producer) count how they were found.
+    ``timeout`` bounds the wait for each chunk.
     """
 
     def __init__(
@@ -52,27 +56,34 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
     ) -> None:
         if isinstance(texts, (str, bytes, bytearray)):
             raise InvalidInputError("texts must be an iterable of str, not a single str; wrap it in a list: [text]")
-        if not isinstance(batch, int) or batch <= 0 or not isinstance(window, int) or window <= 0:
-            raise InvalidInputError(f"batch and window must be positive ints, got batch={batch!r}, window={window!r}")
+        if isinstance(texts, (set, frozenset, dict)):
+            raise InvalidInputError(f"texts must be ordered (a list, a generator), not a {type(texts).__name__}")
+        for name, value in (("batch", batch), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
         if failures not in ("raise", "nan"):
             raise InvalidInputError(f"failures must be 'raise' or 'nan', got {failures!r}")
+        validate_options(instruction, dim, timeout, client.settings.max_text_bytes)
         self.client = client
         self.source = iter(texts)
         self.batch = batch
         self.window = window
-        self.options = {"dim": dim, "instruction": instruction, "timeout": timeout}
+        self.dim = dim
+        self.instruction = instruction
+        self.timeout = timeout
         self.on_failure = failures
         self.on_progress = on_progress
         self.failures: dict[int, str] = {}
         self.rows = 0
         self.cached = 0
         self.computed = 0
+        self.waited = 0
         self._next_start = 0
-        self._pending: deque[tuple[int, int, Future[np.ndarray]]] = deque()
-        self._pool = ThreadPoolExecutor(window, thread_name_prefix="embq-stream")
+        self._pending: deque[tuple[int, Call]] = deque()
         self._exhausted = False
 
     def _fill(self) -> None:
+        driver = self.client.driver()
         while not self._exhausted and len(self._pending) < self.window:
             chunk = list(islice(self.source, self.batch))
             if not chunk:
@@ -80,29 +91,40 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
                 return
             start = self._next_start
             self._next_start += len(chunk)
-            future = self._pool.submit(self.client.embed, chunk, **self.options)  # type: ignore[arg-type]
-            self._pending.append((start, len(chunk), future))
+            try:
+                validate_texts(chunk, self.client.settings.max_text_bytes)
+            except InvalidInputError as e:
+                problems = {start + i: reason for i, reason in e.problems.items()}
+                raise InvalidInputError(str(e).replace("texts[", "chunk texts["), problems) from e
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            call = Call(chunk, self.instruction, dim=self.dim, deadline=deadline, on_progress=self.on_progress)
+            driver.submit(call)
+            self._pending.append((start, call))
 
     def __next__(self) -> tuple[int, np.ndarray]:
         try:
             self._fill()
             if not self._pending:
-                self.close()
                 raise StopIteration
-            start, size, future = self._pending.popleft()
+            start, call = self._pending.popleft()
+            self.client.driver().wait(call)
+            self.cached += call.cached
+            self.computed += call.computed
+            self.waited += call.waited
             try:
-                vectors = future.result()
+                vectors = call.result(self.client.queue)
             except ItemFailedError as e:
                 failed = {start + i: reason for i, reason in e.failures.items()}
                 if self.on_failure == "raise":
-                    raise ItemFailedError(str(e), failed, e.vectors) from e
+                    first = min(failed)
+                    raise ItemFailedError(
+                        f"{len(failed)} texts failed; texts[{first}] (index {first}): {failed[first]}",
+                        failed,
+                        e.vectors,
+                    ) from e
                 self.failures.update(failed)
                 vectors = np.asarray(e.vectors)
-            except InvalidInputError as e:
-                raise InvalidInputError(str(e), {start + i: reason for i, reason in e.problems.items()}) from e
-            self.rows += size
-            if self.on_progress is not None:
-                self.on_progress(size)
+            self.rows += len(call.texts)
             self._fill()
             return start, vectors
         except BaseException:
@@ -110,12 +132,14 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
             raise
 
     def close(self) -> None:
-        """Stop: chunks not yet sent are dropped; those in flight finish in the background."""
+        """Stop: chunks not yet sent are dropped, those in flight are given up (their claims released)."""
         self._exhausted = True
-        for _, _, future in self._pending:
-            future.cancel()
+        if self._pending:
+            driver = self.client.driver()
+            for _, call in self._pending:
+                call.cancel()
+            driver.poke()
         self._pending.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> EmbedStream:
         return self

@@ -61,7 +61,7 @@ def test_small_concurrent_tasks_are_coalesced(batcher: Batcher, engine: Observed
     groups = [[f"single {i}"] for i in range(64)]
     jobs = run_concurrently(batcher, groups)
     for group, job in zip(groups, jobs, strict=False):
-        np.testing.assert_array_equal(job.vectors[0], hash_vector(group[0], 16))
+        np.testing.assert_array_equal(job.vector(0), hash_vector(group[0], 16))
     assert len(engine.calls) <= 4  # 64 single-text tasks, a handful of engine calls
     assert sum(len(c) for c in engine.calls) == 64
 
@@ -70,8 +70,8 @@ def test_a_call_is_sorted_by_length(batcher: Batcher, engine: ObservedEngine) ->
     texts = ["x" * n for n in (50, 3, 20, 1, 9)]
     job = batcher.embed(texts)
     assert engine.calls == [sorted(texts, key=len)]
-    for text, vector in zip(texts, job.vectors, strict=False):
-        np.testing.assert_array_equal(vector, hash_vector(text, 16))
+    for i, text in enumerate(texts):
+        np.testing.assert_array_equal(job.vector(i), hash_vector(text, 16))
 
 
 def test_the_token_budget_splits_calls(engine: ObservedEngine) -> None:
@@ -89,9 +89,9 @@ def test_a_poison_text_fails_alone(batcher: Batcher, engine: ObservedEngine) -> 
     texts = [f"mate {i}" for i in range(15)] + ["POISON pill"]
     job = batcher.embed(texts)
     assert list(job.errors) == [15] and "chokes on POISON" in job.errors[15]
-    for text, vector in zip(texts[:15], job.vectors, strict=False):
-        np.testing.assert_array_equal(vector, hash_vector(text, 16))
-    assert job.vectors[15] is None
+    for i, text in enumerate(texts[:15]):
+        np.testing.assert_array_equal(job.vector(i), hash_vector(text, 16))
+    assert job.vector(15) is None
 
 
 def test_stop_finishes_what_is_queued(engine: ObservedEngine) -> None:
@@ -130,8 +130,8 @@ def test_out_of_memory_splits_the_call_until_it_fits() -> None:
     finally:
         b.stop(timeout=10)
     assert not job.errors
-    for text, vector in zip(texts, job.vectors, strict=True):
-        np.testing.assert_array_equal(vector, hash_vector(text, 16))
+    for i, text in enumerate(texts):
+        np.testing.assert_array_equal(job.vector(i), hash_vector(text, 16))
     assert max(len(c) for c in engine.calls if len(c) <= 5) <= 5
 
 

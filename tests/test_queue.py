@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, EmbqTimeoutError, InvalidInputError, ItemFailedError, keys
-from producer.codec import pack
+from producer import EmbeddingClient, EmbqTimeoutError, InvalidInputError, ItemFailedError, keys, protocol
+from producer.codec import CLAIM_PREFIX, pack
 from tests.conftest import HASH_MODEL
 from worker.engines.hash import hash_vector
 from worker.local import LocalWorker
@@ -99,8 +99,9 @@ def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: red
     make_client().embed([f"ttl {i}" for i in range(50)], timeout=60)
     with pytest.raises(EmbqTimeoutError):  # leaves a queued task for a model nobody serves
         make_client(model="test/nobody").embed(["queued"], timeout=0.5)
-    vector_keys = list(r.scan_iter(match=keys.VECTOR + "*"))
-    assert len(vector_keys) == 50
+    values = [r.get(k) for k in r.scan_iter(match=keys.VECTOR + "*")]
+    assert sum(1 for v in values if not v.startswith(CLAIM_PREFIX)) == 50
+    assert sum(1 for v in values if v.startswith(CLAIM_PREFIX)) == 1  # "queued" stays claimed while queued
     cache_ttl = 30 * 24 * 3600
     for key in r.scan_iter():
         name = key.decode()
@@ -109,7 +110,7 @@ def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: red
             assert ttl == -1, f"broker key {name} must not expire (ttl {ttl})"
         else:
             assert ttl > 0, f"cache key {name} has no TTL"
-        if name.startswith(keys.VECTOR):
+        if name.startswith(keys.VECTOR) and not r.get(key).startswith(CLAIM_PREFIX):
             assert cache_ttl - 60 < ttl <= cache_ttl
     assert r.llen(keys.queue_name("test/nobody")) == 1
 
@@ -164,21 +165,35 @@ def test_concurrent_producers_compute_each_text_exactly_once(make_client: Client
     for out in results.values():
         np.testing.assert_array_equal(out, want)
     assert stats(r)["texts"] == 500
-    assert not list(r.scan_iter(match=keys.INFLIGHT + "*"))
+    assert not [k for k in r.scan_iter(match=keys.VECTOR + "*") if r.get(k).startswith(CLAIM_PREFIX)]
     assert not list(r.scan_iter(match=keys.WATCH + "*"))
+    for client in clients:  # a client's reply stream and liveness live as long as the client
+        client.close()
     assert not list(r.scan_iter(match=keys.REPLY + "*"))
+    assert not list(r.scan_iter(match=keys.ALIVE + "*"))
 
 
-def test_a_dead_producers_claim_is_taken_over_after_its_lease(make_client: Client, r: redis.Redis) -> None:
+def test_a_dead_producers_claim_is_taken_over_when_its_liveness_lapses(make_client: Client, r: redis.Redis) -> None:
     client = make_client(lease_seconds=1.0)
     texts = ["orphan 1", "orphan 2"]
+    r.set(keys.alive_key("a-producer-that-just-died"), b"1", px=1000)
     for text in texts:
         digest = keys.text_digest(HASH_MODEL, "v1", "", text)
-        r.set(keys.inflight_key(digest), "a-producer-that-died", px=1000)
+        r.set(keys.vector_key(digest), protocol.claim_value("a-producer-that-just-died"), px=3_600_000)
     start = time.monotonic()
     out = client.embed(texts, timeout=30)
-    assert 0.9 < time.monotonic() - start < 10
+    assert 0.9 < time.monotonic() - start < 10  # watched until its liveness lapsed, then taken over
     np.testing.assert_array_equal(out, expected(texts))
+
+
+def test_a_claim_whose_owner_is_gone_is_taken_at_once(make_client: Client, r: redis.Redis) -> None:
+    texts = ["left behind 1", "left behind 2"]
+    for text in texts:
+        digest = keys.text_digest(HASH_MODEL, "v1", "", text)
+        r.set(keys.vector_key(digest), protocol.claim_value("a-producer-long-gone"), px=3_600_000)
+    start = time.monotonic()
+    np.testing.assert_array_equal(make_client().embed(texts, timeout=30), expected(texts))
+    assert time.monotonic() - start < 5  # no lease to wait for
 
 
 def test_a_corrupted_cache_value_is_recomputed(make_client: Client, r: redis.Redis) -> None:

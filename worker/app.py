@@ -28,6 +28,7 @@ from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
+from worker.store import ResultStore
 from worker.tasks import run_embed
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Runtime:
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.cache: redis.Redis = connect(settings.shared.cache)
+        self.store = ResultStore(self.cache, settings.shared.model, settings.shared.cache_ttl)
         #: Why the engine died, once it has; the worker then stops and exits.
         self.dead: str | None = None
         #: The status the worker process must exit with, when not 0.
@@ -123,23 +125,31 @@ class Runtime:
             # Taken between the engine's death and the consumer's stop (a task this worker
             # has just requeued comes straight back): return it untouched and uncounted.
             raise Reject(f"engine dead: {self.batcher.dead}", requeue=True)
-        deaths = self.engine_deaths(task_id)
+        starts, deaths = self.deliveries(task_id)
         result = run_embed(
-            payload, self.settings, self.engine, self.batcher, self.cache, engine_deaths=deaths, split=split
+            payload,
+            self.settings,
+            self.engine,
+            self.batcher,
+            self.store,
+            engine_deaths=deaths,
+            redelivered=starts > 1,
+            split=split,
         )
         self.cache.delete(keys.attempts_key(task_id))
         return result
 
-    def engine_deaths(self, task_id: str) -> int:
-        """Earlier deliveries of this task that ended with its worker or engine dead while its texts
-        were in the engine: every start counts, except those we know ended with the texts only waiting."""
+    def deliveries(self, task_id: str) -> tuple[int, int]:
+        """How often this task was started, and how many of those earlier starts ended with its worker or
+        engine dead while its texts were in the engine: every start counts, except those we know ended
+        with the texts only waiting."""
         key = keys.attempts_key(task_id)
         pipe = self.cache.pipeline(transaction=True)
         pipe.hincrby(key, "starts", 1)
         pipe.hget(key, "innocent")
         pipe.expire(key, keys.ATTEMPTS_TTL)
         starts, innocent, _ = pipe.execute()
-        return int(starts) - 1 - int(innocent or 0)
+        return int(starts), int(starts) - 1 - int(innocent or 0)
 
     def requeue(self, task_id: str, stopped: BatcherStopped) -> Reject:
         """Send a task back; a task whose texts were only waiting is not suspected of the death."""

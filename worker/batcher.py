@@ -11,6 +11,9 @@ little, and isolates failures:
 - a dead engine (``EngineDead``, or ``healthy()`` false after an error) aborts
   every waiting task so that its message goes back to the queue, and tells the
   worker to stop taking work.
+
+A call is made of slices of tasks, and results go back to a task's matrix a
+slice at a time: no object per text, one lock per slice.
 """
 
 from __future__ import annotations
@@ -52,36 +55,50 @@ class BatcherStopped(RuntimeError):
         self.in_engine = in_engine
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """The texts of one task, filled in by the runner threads."""
+    """The texts of one task; the runners fill ``matrix`` (rows where ``ok``) and ``errors``."""
 
     texts: list[str]
-    vectors: list[np.ndarray | None] = field(init=False)
+    #: Each text in an engine call of its own, with no other call beside it.
+    alone: bool = False
+    matrix: np.ndarray | None = None
+    ok: np.ndarray = field(init=False)
     errors: dict[int, str] = field(default_factory=dict)
     remaining: int = field(init=False)
     aborted: str | None = None
     aborted_in_engine: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(init=False)
+    #: Texts handed to runners so far.
+    taken: int = 0
 
     def __post_init__(self) -> None:
-        self.vectors = [None] * len(self.texts)
+        self.ok = np.zeros(len(self.texts), dtype=bool)
         self.remaining = len(self.texts)
+        self.tokens = [len(t) // CHARS_PER_TOKEN + 2 for t in self.texts]
         if not self.texts:
             self.done.set()
 
+    def vector(self, index: int) -> np.ndarray | None:
+        return self.matrix[index] if self.matrix is not None and self.ok[index] else None
+
 
 @dataclass
-class Item:
-    job: Job
-    index: int
-    tokens: int
-    arrived: float
-    alone: bool = False
+class Call:
+    """One engine call: its texts sorted by length, and for each the task and row it came from."""
 
-    @property
-    def text(self) -> str:
-        return self.job.texts[self.index]
+    texts: list[str]
+    jobs: list[Job]
+    rows: list[int]
+    alone: bool
+
+    def part(self, positions: list[int]) -> Call:
+        return Call(
+            [self.texts[p] for p in positions], [self.jobs[p] for p in positions], [self.rows[p] for p in positions],
+            self.alone,
+        )  # fmt: skip
 
 
 class Batcher:
@@ -107,9 +124,10 @@ class Batcher:
         self.calls = 0
         self.texts_done = 0
         self.dead: str | None = None
-        self._queue: deque[Item] = deque()
-        self._inflight: dict[int, list[Item]] = {}  # the batches runner threads are encoding
+        self._queue: deque[Job] = deque()  # jobs with texts not yet handed to a runner
+        self._inflight: dict[int, Call] = {}  # the calls runner threads are encoding
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
+        self._queued_texts = 0
         self._queued_tokens = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -139,16 +157,15 @@ class Batcher:
         ``BatcherStopped`` when the texts were not embedded and the task should
         be requeued.
         """
-        job = Job(texts)
-        now = time.monotonic()
+        job = Job(texts, alone)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
-            for index, text in enumerate(texts):
-                item = Item(job, index, estimate_tokens(text), now, alone)
-                self._queue.append(item)
-                self._queued_tokens += item.tokens
-            self._cond.notify_all()
+            if texts:
+                self._queue.append(job)
+                self._queued_texts += len(texts)
+                self._queued_tokens += sum(job.tokens)
+                self._cond.notify_all()
         job.done.wait()
         if job.aborted:
             raise BatcherStopped(job.aborted, job.aborted_in_engine)
@@ -156,14 +173,13 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            call = self._next_call()
+            if call is None:
                 return
-            batch.sort(key=lambda item: len(item.text))
             with self._cond:
                 self.calls += 1
             try:
-                self._encode(batch)
+                self._encode(call)
             except EngineDead as e:
                 self._die(str(e) or "engine died")
             except Exception as e:  # a bug here must not strand the waiting tasks
@@ -171,12 +187,12 @@ class Batcher:
                 self._die(f"batcher failed: {type(e).__name__}: {e}")
             finally:
                 with self._cond:
-                    del self._inflight[id(batch)]
-                    if batch[0].alone:
+                    del self._inflight[id(call)]
+                    if call.alone:
                         self._exclusive = False
                     self._cond.notify_all()
 
-    def _next_batch(self) -> list[Item] | None:
+    def _next_call(self) -> Call | None:
         with self._cond:
             while True:
                 while not self._queue or self._exclusive:
@@ -198,44 +214,64 @@ class Batcher:
                 if self._queue and not self._exclusive:  # another runner may have taken it all meanwhile
                     return self._take(self.max_texts)
 
-    def _take(self, most: int) -> list[Item]:
-        """Pop the next call's items (lock held): FIFO, within the budgets, never past a lone item."""
-        batch: list[Item] = []
-        tokens = 0
-        while self._queue and len(batch) < most:
-            item = self._queue[0]
-            if batch and (item.alone or tokens + item.tokens > self.max_tokens):
+    def _take(self, most: int) -> Call:
+        """Slice the next call off the queue (lock held): FIFO, within the budgets, never past a lone text."""
+        slices: list[tuple[Job, int, int]] = []
+        count = tokens = 0
+        while self._queue and count < most:
+            job = self._queue[0]
+            if slices and job.alone:
                 break
-            self._queue.popleft()
-            self._queued_tokens -= item.tokens
-            tokens += item.tokens
-            batch.append(item)
-        self._inflight[id(batch)] = batch
-        return batch
+            start = end = job.taken
+            limit = min(len(job.texts), start + most - count, start + 1 if job.alone else len(job.texts))
+            while end < limit and (not (slices or end > start) or tokens + job.tokens[end] <= self.max_tokens):
+                tokens += job.tokens[end]
+                end += 1
+            if end == start:
+                break
+            slices.append((job, start, end))
+            count += end - start
+            job.taken = end
+            if end == len(job.texts):
+                self._queue.popleft()
+            if job.alone or end < len(job.texts):
+                break
+        self._queued_texts -= count
+        self._queued_tokens -= tokens
+        jobs: list[Job] = []
+        rows: list[int] = []
+        texts: list[str] = []
+        for job, start, end in slices:
+            jobs += [job] * (end - start)
+            rows += range(start, end)
+            texts += job.texts[start:end]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # padded batches waste little
+        call = Call([texts[i] for i in order], [jobs[i] for i in order], [rows[i] for i in order], slices[0][0].alone)
+        self._inflight[id(call)] = call
+        return call
 
     def _full(self) -> bool:
-        return len(self._queue) >= self.max_texts or self._queued_tokens >= self.max_tokens
+        return self._queued_texts >= self.max_texts or self._queued_tokens >= self.max_tokens
 
-    def _encode(self, batch: list[Item], oom_attempt: int = 0) -> None:
-        """Encode ``batch``, isolating the texts that fail; raises ``EngineDead``."""
-        if not batch:
+    def _encode(self, call: Call, oom_attempt: int = 0) -> None:
+        """Encode ``call``, isolating the texts that fail; raises ``EngineDead``."""
+        if not call.texts:
             return
-        metrics.ENGINE_BATCH_TEXTS.observe(len(batch))
+        metrics.ENGINE_BATCH_TEXTS.observe(len(call.texts))
         started = time.monotonic()
         try:
-            vectors = self.engine.encode([item.text for item in batch])
+            vectors = self.engine.encode(call.texts)
             metrics.ENGINE_SECONDS.observe(time.monotonic() - started)
-            if vectors.shape != (len(batch), self.engine.dim) or not np.isfinite(vectors).all():
-                raise ValueError(f"engine returned shape {vectors.shape} or non-finite values for {len(batch)} texts")
+            if vectors.shape != (len(call.texts), self.engine.dim) or not np.isfinite(vectors).all():
+                n = len(call.texts)
+                raise ValueError(f"engine returned shape {vectors.shape} or non-finite values for {n} texts")
         except EngineItemErrors as e:
-            refused = {i: msg for i, msg in e.errors.items() if 0 <= i < len(batch)}
+            refused = {i: msg for i, msg in e.errors.items() if 0 <= i < len(call.texts)}
             if not refused:
                 raise EngineDead(f"engine refused texts it did not name: {e}") from e
             for i, msg in refused.items():
-                self._finish(batch[i], None, msg)
-            rest = [item for i, item in enumerate(batch) if i not in refused]
-            if rest:
-                self._encode(rest)
+                self._fail(call.jobs[i], call.rows[i], msg)
+            self._encode(call.part([i for i in range(len(call.texts)) if i not in refused]))
             return
         except EngineDead:
             raise
@@ -243,52 +279,67 @@ class Batcher:
             if not self.engine.healthy():
                 raise EngineDead(f"engine unhealthy after {type(e).__name__}: {e}") from e
             if is_out_of_memory(e):
-                self._on_out_of_memory(batch, oom_attempt, e)
-            elif len(batch) == 1:
+                self._on_out_of_memory(call, oom_attempt, e)
+            elif len(call.texts) == 1:
                 log.warning("text failed in the engine: %s: %s", type(e).__name__, e)
-                self._finish(batch[0], None, f"{type(e).__name__}: {e}")
+                self._fail(call.jobs[0], call.rows[0], f"{type(e).__name__}: {e}")
             else:
-                log.info("engine call of %d texts raised %s; bisecting", len(batch), type(e).__name__)
-                half = len(batch) // 2
-                self._encode(batch[:half])
-                self._encode(batch[half:])
+                log.info("engine call of %d texts raised %s; bisecting", len(call.texts), type(e).__name__)
+                self._bisect(call)
             return
         if not self.engine.counts_tokens:
-            metrics.TOKENS_EMBEDDED.inc(sum(estimate_tokens(item.text) for item in batch))
-        for item, vector in zip(batch, vectors, strict=True):
-            self._finish(item, vector, None)
+            metrics.TOKENS_EMBEDDED.inc(sum(estimate_tokens(text) for text in call.texts))
+        self._place(call, vectors)
 
-    def _on_out_of_memory(self, batch: list[Item], attempt: int, error: Exception) -> None:
+    def _bisect(self, call: Call) -> None:
+        half = len(call.texts) // 2
+        self._encode(call.part(list(range(half))))
+        self._encode(call.part(list(range(half, len(call.texts)))))
+
+    def _on_out_of_memory(self, call: Call, attempt: int, error: Exception) -> None:
         metrics.ERRORS.labels(metrics.OUT_OF_MEMORY).inc()
-        if len(batch) > 1:
-            half = len(batch) // 2
-            log.warning(
-                "engine out of memory on %d texts; splitting into %d and %d", len(batch), half, len(batch) - half
-            )
-            self._encode(batch[:half])
-            self._encode(batch[half:])
+        if len(call.texts) > 1:
+            half = len(call.texts) // 2
+            log.warning("engine out of memory on %d texts; splitting into %d and %d", len(call.texts), half, half)
+            self._bisect(call)
         elif attempt < OOM_RETRIES:
             delay = OOM_BACKOFF * 2**attempt
             log.warning("engine out of memory on a single text; retrying in %.1fs", delay)
             time.sleep(delay)
-            self._encode(batch, attempt + 1)
+            self._encode(call, attempt + 1)
         else:
-            self._finish(batch[0], None, f"out of memory even alone, after {OOM_RETRIES} retries: {error}")
+            self._fail(call.jobs[0], call.rows[0], f"out of memory even alone, after {OOM_RETRIES} retries: {error}")
 
-    def _finish(self, item: Item, vector: np.ndarray | None, error: str | None) -> None:
+    def _place(self, call: Call, vectors: np.ndarray) -> None:
+        """Hand each task its rows: one numpy copy and one lock per task, not per text."""
+        picks: dict[Job, tuple[list[int], list[int]]] = {}
+        for position, (job, row) in enumerate(zip(call.jobs, call.rows, strict=True)):
+            positions, rows = picks.setdefault(job, ([], []))
+            positions.append(position)
+            rows.append(row)
         with self._cond:
-            job = item.job
-            if job.aborted:
-                return
-            if vector is None:
-                job.errors[item.index] = error or "failed"
-            else:
-                job.vectors[item.index] = vector
-                self.texts_done += 1
-                metrics.TEXTS_EMBEDDED.inc()
-            job.remaining -= 1
-            if job.remaining == 0:
-                job.done.set()
+            for job, (positions, rows) in picks.items():
+                if job.aborted:
+                    continue
+                if job.matrix is None:
+                    job.matrix = np.empty((len(job.texts), vectors.shape[1]), dtype=np.float32)
+                job.matrix[rows] = vectors[positions]
+                job.ok[rows] = True
+                self.texts_done += len(rows)
+                self._settle(job, len(rows))
+        metrics.TEXTS_EMBEDDED.inc(len(call.texts))
+
+    def _fail(self, job: Job, row: int, error: str) -> None:
+        with self._cond:
+            if not job.aborted:
+                job.errors[row] = error
+                self._settle(job, 1)
+
+    def _settle(self, job: Job, count: int) -> None:
+        """``count`` more texts of ``job`` are done or failed (lock held)."""
+        job.remaining -= count
+        if job.remaining == 0:
+            job.done.set()
 
     def _die(self, reason: str) -> None:
         """Abort every waiting task, in any runner's call or queued (their messages go back
@@ -297,11 +348,11 @@ class Batcher:
         with self._cond:
             first = self.dead is None
             self.dead = self.dead or reason
-            in_engine = {id(item.job) for batch in self._inflight.values() for item in batch}
-            items = [item for batch in self._inflight.values() for item in batch] + list(self._queue)
-            jobs = {id(item.job): item.job for item in items}
+            in_engine = {id(job) for call in self._inflight.values() for job in call.jobs}
+            jobs = {id(job): job for call in self._inflight.values() for job in call.jobs}
+            jobs.update({id(job): job for job in self._queue})
             self._queue.clear()
-            self._queued_tokens = 0
+            self._queued_texts = self._queued_tokens = 0
             for key, job in jobs.items():
                 if not job.done.is_set():
                     job.aborted = f"engine dead: {reason}"

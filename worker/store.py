@@ -1,64 +1,96 @@
-"""Writing results: vectors with their TTL, markers cleared, watchers notified.
+"""Writing a task's results: one ``COMPLETE`` script stores the vectors, clears the markers and notifies.
 
-The write, the marker deletion and the read of the watchers happen in one
-MULTI/EXEC transaction, in that order. A producer that registers as a watcher
-after the transaction finds the vector on its own second read; one that
-registered before is in the set we read and gets a notice. No wakeup is lost.
+The owner's notice (the vectors themselves) is added in the same script that
+stores them and clears the markers; watchers (other producers waiting for some
+of the texts) are read in that script too and notified right after. A producer
+that starts watching after the script finds the vectors cached. No wakeup is lost.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from typing import Any
 
 import redis
 
-from producer import keys
-from producer.contract import pack_notice
+from producer import codec, keys, protocol
+from producer.errors import BackendUnavailableError
 from worker import metrics
 
 
-def store_results(
-    cache: redis.Redis,
-    model: str,
-    values: dict[str, bytes],
-    failures: dict[str, str],
-    ttl: int,
-    cached: list[str] | None = None,
-) -> int:
-    """Write ``values`` (digest -> packed vector), report ``failures`` and the ``cached``
-    digests that needed no work; returns the notices sent."""
-    done = list(values) + [d for d in cached or () if d not in values]
-    digests = done + [d for d in failures if d not in values]
-    pipe = cache.pipeline(transaction=True)
-    for digest, value in values.items():
-        pipe.set(keys.vector_key(digest), value, ex=ttl)
-    for digest in digests:
-        pipe.delete(keys.inflight_key(digest))
-        pipe.smembers(keys.watch_key(digest))
-        pipe.delete(keys.watch_key(digest))
-    stats = keys.stats_key(model)
-    pipe.hincrby(stats, "texts", len(values))
-    pipe.hincrby(stats, "failed", len(failures))
-    pipe.hincrby(stats, "tasks", 1)
-    pipe.expire(stats, keys.STATS_TTL)
-    replies = pipe.execute()
-    metrics.CACHE_WRITES.inc(len(values))
-    watchers_of = replies[len(values) : len(values) + 3 * len(digests)][1::3]
-    done_for: dict[bytes, list[str]] = defaultdict(list)
-    failed_for: dict[bytes, dict[str, str]] = defaultdict(dict)
-    for digest, watchers in zip(digests, watchers_of, strict=True):
-        for watcher in watchers:
-            if digest in failures and digest not in values:
-                failed_for[watcher][digest] = failures[digest]
-            else:
-                done_for[watcher].append(digest)
-    watchers = set(done_for) | set(failed_for)
-    if not watchers:
-        return 0
-    pipe = cache.pipeline(transaction=False)
-    for watcher in watchers:
-        notice = pack_notice(done_for.get(watcher, []), failed_for.get(watcher, {}))
-        # NOMKSTREAM: a producer that has already returned deleted its stream; recreating it would leak.
-        pipe.xadd(watcher, {"n": notice}, nomkstream=True)
-    pipe.execute()
-    return len(watchers)
+class ResultStore:
+    """The worker's side of ``producer.protocol``; one per worker process."""
+
+    def __init__(self, cache: redis.Redis, model: str, ttl: int) -> None:
+        self.cache = cache
+        self.ttl = ttl
+        self.stats = keys.stats_key(model)
+        self._complete = cache.register_script(protocol.COMPLETE)
+
+    def store(
+        self,
+        reply: str,
+        done: list[str],
+        values: bytes,
+        width: int,
+        failures: dict[str, str],
+        cached: list[str] | None = None,
+    ) -> int:
+        """Write the vectors of ``done`` (``values``: their packed vectors end to end, ``width`` bytes each),
+        report ``failures``, tell the owner (``reply``) and the watchers; ``cached`` digests needed no work
+        and are reported as done. Returns the number of watchers told."""
+        stored = len(done)
+        if cached:
+            known = set(done)
+            extra = [d for d in cached if d not in known]
+            if extra:  # their values are in the cache: read them so that the owner needs no round trip
+                found: list[bytes | None] = self.cache.mget([keys.vector_key(d) for d in extra])  # type: ignore[assignment]
+                done = done + [d for d, v in zip(extra, found, strict=True) if v is not None]
+                values = values + b"".join(v for v in found if v is not None)
+        failed = {d: r for d, r in failures.items() if d not in set(done)}
+        fields = protocol.notice_fields(done, values, failed)
+        args: list[bytes | str | int] = [
+            self.ttl, reply, self.stats, stored, width, fields["d"], values, "".join(failed), fields["f"]
+        ]  # fmt: skip
+        try:
+            watched = self._complete(args=args)
+        except redis.exceptions.ResponseError as e:
+            # The server's reason only: the arguments (vectors) never reach a message or a log.
+            raise BackendUnavailableError(f"the cache Redis refused the results: {server_reason(e)}") from None
+        metrics.CACHE_WRITES.inc(stored)
+        if watched:
+            self._tell_watchers(watched, done, values, failed)
+        return len(watched) // 2
+
+    def _tell_watchers(self, watched: list[Any], done: list[str], values: bytes, failed: dict[str, str]) -> None:
+        """Other producers wait for some of these texts: each gets a notice with its vectors."""
+        offsets = split_values(values, len(done))
+        index = {d: i for i, d in enumerate(done)}
+        pipe = self.cache.pipeline(transaction=False)
+        for watcher, digests in protocol.watchers_of(watched, [*done, *failed]).items():
+            ok = [d for d in digests if d in index]
+            notice = protocol.notice_fields(
+                ok, b"".join(offsets[index[d]] for d in ok), {d: failed[d] for d in digests if d in failed}
+            )
+            # NOMKSTREAM: a producer that has already returned deleted its stream; recreating it would leak.
+            pipe.xadd(watcher, notice, nomkstream=True)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def split_values(values: bytes, count: int) -> list[bytes]:
+    """Packed values laid end to end, apart again (each says its own size in its header)."""
+    out: list[bytes] = []
+    offset = 0
+    for _ in range(count):
+        size = codec.value_size(values, offset)
+        out.append(values[offset : offset + size])
+        offset += size
+    return out
+
+
+def server_reason(error: redis.exceptions.RedisError) -> str:
+    """What Redis said, without the command: redis-py quotes a failed pipeline's commands, values included."""
+    text = str(error)
+    for marker in ("of pipeline caused error:", "script:"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text.strip()[:300]

@@ -1,4 +1,4 @@
-"""The body of the ``embq.embed`` task: check, skip what is cached, embed through the batcher, store, notify.
+"""The body of the ``embq.embed`` task: check, embed through the batcher, store and notify in one script.
 
 A task whose texts were in the engine when it died comes back (requeued at
 once, or redelivered after the visibility timeout when the whole worker died)
@@ -6,6 +6,10 @@ suspected: embedded together, its texts could kill the next engine too. So it
 is split into one task per text, each embedded in an engine call of its own
 with no other call beside it, and a text that has been in the engine at
 ``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates succeed.
+
+Only a task delivered again looks in the cache before embedding (its first
+delivery may have stored part of it): a first delivery holds only texts its
+producer claimed because they were missing.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import redis
 
 from producer import keys
-from producer.codec import pack, unpack_many
+from producer.codec import pack_rows, unpack_many
 from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload
 from producer.validation import item_problem
 from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine
 from worker.settings import WorkerSettings
-from worker.store import store_results
+from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ def payload_problem(payload: Any, model: str) -> str | None:
         return f"payload is {type(payload).__name__}, not a map"
     if payload.get("v") != PAYLOAD_VERSION:
         return f"payload version {payload.get('v')!r} is not {PAYLOAD_VERSION}; upgrade the older side"
-    for name in ("model", "namespace", "instruction"):
+    for name in ("model", "namespace", "instruction", "reply"):
         if not isinstance(payload.get(name), str):
             return f"payload field {name!r} must be a str"
     texts = payload.get("texts")
@@ -50,11 +55,10 @@ def payload_problem(payload: Any, model: str) -> str | None:
     return None
 
 
-def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
-    try:
-        return keys.text_digest(payload["model"], payload["namespace"], payload["instruction"], text)
-    except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
-        return None
+def reply_of(payload: Any) -> str:
+    """The owner's reply stream, if the payload names one that is ours to write."""
+    reply = payload.get("reply") if isinstance(payload, dict) else None
+    return reply if isinstance(reply, str) and reply.startswith(keys.REPLY) else ""
 
 
 def run_embed(
@@ -62,18 +66,19 @@ def run_embed(
     settings: WorkerSettings,
     engine: Engine,
     batcher: Batcher,
-    cache: redis.Redis,
+    store: ResultStore,
     *,
     engine_deaths: int = 0,
+    redelivered: bool = False,
     split: Callable[[EmbedPayload, int], None] | None = None,
 ) -> dict[str, int]:
     """Embed one task's texts; every text ends as a cached vector or a reported failure."""
     model = settings.shared.model
-    ttl = settings.shared.cache_ttl
     problem = payload_problem(payload, model)
     if problem is not None:
-        return refuse(payload, problem, cache, model, ttl)
+        return refuse(payload, problem, store)
     texts: list[Any] = payload["texts"]
+    reply = reply_of(payload)
     sent = payload.get("sent")
     if isinstance(sent, int | float) and not isinstance(sent, bool):
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - sent))
@@ -84,10 +89,10 @@ def run_embed(
         return {"embedded": 0, "failed": 0, "split": len(texts)}
 
     max_bytes = settings.shared.max_text_bytes
+    digests = [digest_or_none(payload, text) for text in texts]
     failures: dict[str, str] = {}
     good: list[tuple[str, str]] = []  # (digest, text)
-    for text in texts:
-        digest = digest_or_none(payload, text)
+    for digest, text in zip(digests, texts, strict=True):
         why = item_problem(text, max_bytes)
         if digest is None:
             log.error("dropped an item no producer can wait for: it %s", why)
@@ -98,43 +103,56 @@ def run_embed(
         else:
             good.append((digest, text))
 
-    cached = cached_digests(cache, [d for d, _ in good])
-    todo = [(d, t) for d, t in good if d not in cached]
+    cached = cached_digests(store.cache, [d for d, _ in good]) if redelivered else set()
+    todo = [(d, t) for d, t in good if d not in cached] if cached else good
     metrics.TEXTS_SKIPPED.inc(len(cached))
     instruction = payload["instruction"]
+    done: list[str] = []
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
         job = batcher.embed([engine.format_query(instruction, text) for _, text in todo], alone=alone)
-        values: dict[str, bytes] = {}
-        for index, ((digest, _), vector) in enumerate(zip(todo, job.vectors, strict=True)):
-            if vector is None:
-                failures[digest] = job.errors.get(index, "failed")
-            else:
-                values[digest] = pack(vector, settings.cache_dtype)
-        store_results(cache, model, values, failures, ttl, cached=sorted(cached))
+        embedded = np.flatnonzero(job.ok)
+        values, width = b"", 0
+        if job.matrix is not None and len(embedded):
+            values, width = pack_rows(job.matrix[embedded], settings.cache_dtype)
+        done = [todo[i][0] for i in embedded]
+        if len(done) < len(todo):
+            for row in np.flatnonzero(~job.ok).tolist():
+                failures[todo[row][0]] = job.errors.get(row, "failed")
+        store.store(reply, done, values, width, failures, cached=sorted(cached))
     except (BatcherStopped, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         raise  # the message goes back to the queue or is retried: producers keep waiting
     except Exception as e:
         # No silent drops: whoever waits for these texts hears why they failed.
         reason = f"worker error: {type(e).__name__}: {e}"
         metrics.ERRORS.labels(metrics.WORKER).inc()
-        store_results(cache, model, {}, {d: reason for d, _ in todo} | failures, ttl)
+        try:
+            store.store(reply, [], b"", 0, {d: reason for d, _ in todo} | failures)
+        except Exception as again:
+            log.error("could not report the failure of %d texts either: %s", len(todo), again)
         raise
     if failures:
         metrics.ERRORS.labels(metrics.ITEM).inc(len(failures))
         log.warning("%d of %d texts failed in this task", len(failures), len(texts))
-    return {"embedded": len(values), "cached": len(cached), "failed": len(failures)}
+    return {"embedded": len(done), "cached": len(cached), "failed": len(failures)}
+
+
+def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
+    try:
+        return keys.text_digest(payload["model"], payload["namespace"], payload["instruction"], text)
+    except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
+        return None
 
 
 def cached_digests(cache: redis.Redis, digests: list[str]) -> set[str]:
-    """Digests whose vector is already cached: a redelivered or repeated task costs no engine time."""
+    """Digests whose vector is already cached: a redelivered task costs no engine time for them."""
     if not digests:
         return set()
     _, valid = unpack_many(cache.mget([keys.vector_key(d) for d in digests]))  # type: ignore[arg-type]
     return {d for d, ok in zip(digests, valid, strict=True) if ok}
 
 
-def refuse(payload: Any, problem: str, cache: redis.Redis, model: str, ttl: int) -> dict[str, int]:
+def refuse(payload: Any, problem: str, store: ResultStore) -> dict[str, int]:
     """A message this worker cannot serve: tell whoever waits for its texts, if they can be named."""
     log.error("refused a task: %s", problem)
     metrics.ERRORS.labels(metrics.REFUSED).inc()
@@ -142,5 +160,5 @@ def refuse(payload: Any, problem: str, cache: redis.Redis, model: str, ttl: int)
     if not isinstance(texts, list):
         return {"embedded": 0, "failed": 0, "refused": 1}
     digests = [d for d in (digest_or_none(payload, t) for t in texts) if d is not None]
-    store_results(cache, model, {}, dict.fromkeys(digests, f"refused by the worker: {problem}"), ttl)
+    store.store(reply_of(payload), [], b"", 0, dict.fromkeys(digests, f"refused by the worker: {problem}"))
     return {"embedded": 0, "failed": len(digests), "refused": 1}

@@ -1,0 +1,139 @@
+"""One ``embed`` request as the dispatcher sees it: its texts, where their vectors go, and how it ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from producer.codec import truncate
+from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
+
+
+class Call:
+    """Rows ``0 .. len(texts) - 1``; the dispatcher fills them, the caller waits for ``finished``.
+
+    Every method but ``wait``'s result and ``cancel`` runs in the dispatcher; the
+    caller only reads the call once ``on_finish`` has fired.
+    """
+
+    def __init__(
+        self,
+        texts: list[str],
+        instruction: str,
+        *,
+        dim: int | None = None,
+        deadline: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.texts = texts
+        self.instruction = instruction
+        self.dim = dim
+        self.deadline = deadline
+        self.on_progress = on_progress
+        self.arrived = time.monotonic()
+        #: Texts handed to the dispatcher's windows so far: large calls are admitted piece by piece.
+        self.admitted = 0
+        self.remaining = len(texts)
+        self.matrix: np.ndarray | None = None
+        self.failures: dict[int, str] = {}
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.finished = False
+        #: Set by the driver: wakes whoever waits for this call (a thread or a coroutine).
+        self.on_finish: Callable[[], None] = lambda: None
+        #: The driver's handle on the waiter: a ``threading.Event`` or an ``asyncio.Future``.
+        self.signal: Any = None
+        #: Distinct texts found in the cache, computed by this client's tasks, computed for
+        #: another producer, or failed.
+        self.cached = 0
+        self.computed = 0
+        self.waited = 0
+        self.failed = 0
+
+    def place(self, rows: list[int], vectors: np.ndarray, how: str, distinct: int) -> None:
+        """Vectors for ``rows`` (one per row, ``distinct`` texts): ``how`` is ``cached``, ``computed`` or ``waited``."""
+        if self.finished or not rows:
+            return
+        if self.matrix is None:
+            self.matrix = np.empty((len(self.texts), vectors.shape[1]), dtype=np.float32)
+        if vectors.shape[1] != self.matrix.shape[1]:
+            reason = f"vector of dimension {vectors.shape[1]} where the model gave {self.matrix.shape[1]}"
+            self.fail_rows(rows, reason, distinct)
+            return
+        self.matrix[rows] = vectors
+        setattr(self, how, getattr(self, how) + distinct)
+        self._resolved(len(rows))
+
+    def fail_rows(self, rows: list[int], reason: str, distinct: int = 1) -> None:
+        if self.finished:
+            return
+        for row in rows:
+            self.failures[row] = reason
+        self.failed += distinct
+        self._resolved(len(rows))
+
+    def _resolved(self, count: int) -> None:
+        self.remaining -= count
+        if self.on_progress is not None:
+            self.on_progress(count)
+        if self.remaining <= 0:
+            self.finish()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.error = error
+            self.finish()
+
+    def expire(self, now: float) -> bool:
+        """Fail with ``EmbqTimeoutError`` once the deadline passed; True if it did."""
+        if self.finished or self.deadline is None or now < self.deadline:
+            return False
+        self.fail(
+            EmbqTimeoutError(
+                f"{self.remaining} of {len(self.texts)} texts still missing after the timeout; are workers "
+                "consuming the model's queue? Their work is not lost: a later call collects what they finish.",
+                missing=self.remaining,
+                total=len(self.texts),
+            )
+        )
+        return True
+
+    def finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.on_finish()
+
+    def cancel(self) -> None:
+        """The caller gave up (Ctrl-C): the dispatcher releases what only this call wanted."""
+        self.cancelled = True
+
+    def result(self, queue: str) -> np.ndarray:
+        """The caller's side, once finished: the rows, or the error they end in."""
+        if self.error is not None:
+            if isinstance(self.error, EmbqTimeoutError):
+                raise EmbqTimeoutError(
+                    str(self.error).replace("the model's queue", f"queue {queue!r}"),
+                    missing=self.error.missing,
+                    total=self.error.total,
+                ) from None
+            raise self.error
+        full = self.matrix.shape[1] if self.matrix is not None else 0
+        if self.dim is not None and full and self.dim > full:
+            raise InvalidInputError(f"dim={self.dim} exceeds the model's dimension {full}")
+        if self.matrix is None:
+            self.matrix = np.full((len(self.texts), 0), np.nan, dtype=np.float32)
+        if self.failures:
+            self.matrix[sorted(self.failures)] = np.nan
+        result = truncate(self.matrix, self.dim) if full else self.matrix
+        if self.failures:
+            first = min(self.failures)
+            raise ItemFailedError(
+                f"{len(self.failures)} of {len(self.texts)} texts failed; texts[{first}] (index {first}): "
+                f"{self.failures[first]}. The other rows are in .vectors and cached.",
+                self.failures,
+                result,
+            )
+        return result

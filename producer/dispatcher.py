@@ -1,0 +1,517 @@
+"""The producer's dispatcher, written once for threads and asyncio.
+
+``Dispatcher.run`` is a generator: it yields what to do (an ``Op``: run a
+script, send tasks, read the reply stream, wait for a call) and receives the
+result, or the exception, from a driver (``producer.client`` runs it in a
+thread with redis-py, ``producer.aio`` in a task with redis-py's asyncio API).
+All of the protocol lives here, none of the I/O.
+
+One dispatcher serves every call of its client, so concurrent calls share its
+round trips: texts submitted together are claimed by one ``CLAIM``, sent in the
+same tasks, and answered by the same notices. Large calls are admitted in
+windows: at most ``inflight_texts`` texts are being resolved at once, so a call
+of a million texts has its first task queued at once and never holds more than
+a window of claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from producer import keys, protocol
+from producer.backend import redact
+from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
+from producer.call import Call
+from producer.codec import unpack_concat, unpack_many
+from producer.contract import EmbedPayload, make_payload
+from producer.errors import BackendUnavailableError, EmbqError
+from producer.pending import OURS, THEIRS, Pending
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Texts per CLAIM script call: bounds one round trip's reply (the cached vectors among them).
+CLAIM_CHUNK = 1000
+#: Longest blocking read of the reply stream (below redis-py's socket timeouts).
+MAX_BLOCK = 2.0
+#: Notices fetched per read.
+NOTICES_PER_READ = 256
+#: Sends of one text before it fails: a task that keeps vanishing is not retried for ever.
+MAX_ATTEMPTS = 3
+#: How often a dispatcher that waits with no progress says so in the log.
+STALL_LOG_SECONDS = 60.0
+
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OperationalError, OSError)
+
+
+@dataclass(frozen=True)
+class Redis:
+    """Run ``commands`` on the ``cache`` or the ``broker`` Redis in one round trip; returns their replies.
+
+    ``scripts`` holds the source of every script an EVALSHA names (by its SHA1),
+    for the driver to load into a Redis that does not know it yet."""
+
+    target: str
+    commands: list[tuple[Any, ...]]
+    scripts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Read:
+    """XREAD our stream after ``last_id``, blocking up to ``block`` seconds (0: do not block); a call
+    that arrives meanwhile wakes it."""
+
+    last_id: Any
+    block: float
+
+
+@dataclass(frozen=True)
+class Send:
+    """Publish Celery tasks ``(task id, payload)`` to the model's queue."""
+
+    tasks: list[tuple[str, EmbedPayload]]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to read: wait for a call to arrive, at most ``timeout`` seconds (None: as long as it takes)."""
+
+    timeout: float | None
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Sleep ``seconds``: calls that arrive meanwhile join the next round trip."""
+
+    seconds: float
+
+
+Op = Redis | Read | Send | Wait | Pause
+
+SCRIPTS = {"claim": protocol.CLAIM, "release": protocol.RELEASE, "held": HELD_SCRIPT}
+SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
+
+
+def script(name: str, keys: list[str], args: list[Any], target: str = "cache") -> Redis:
+    return Redis(target, [("EVALSHA", SHAS[name], len(keys), *keys, *args)], {SHAS[name]: SCRIPTS[name]})
+
+
+class Dispatcher:
+    """The state of one client's calls; see the module docstring."""
+
+    def __init__(self, settings: Settings, token: str | None = None) -> None:
+        self.settings = settings
+        self.model = settings.model
+        self.namespace = settings.cache_namespace
+        self.queue = keys.queue_name(settings.model)
+        self.token = token or uuid.uuid4().hex
+        self.reply = keys.reply_key(self.token)
+        self.alive = keys.alive_key(self.token)
+        self.stats = keys.stats_key(settings.model)
+        self.lease_ms = max(1, int(settings.lease_seconds * 1000))
+        #: Markers outlive a queued task: a live owner is what keeps them, not their TTL.
+        self.hold_ms = max(self.lease_ms, int(settings.visibility_timeout * 1000))
+        self.tick = settings.lease_seconds / 4
+        self.coalesce = settings.coalesce_ms / 1000
+        self.inbox: deque[Call] = deque()
+        self.active: deque[Call] = deque()
+        self.calls: list[Call] = []
+        self.entries = Pending()
+        self.tasks: dict[str, list[str]] = {}
+        self.suspects: set[str] = set()
+        self.recheck: set[str] = set()
+        self.broker_checks = True
+        self.last_id: Any = "0-0"
+        self.next_tick = 0.0
+        self.last_progress = time.monotonic()
+        self.closing = False
+        #: Set by the driver while it blocks on the stream, so that a new call wakes it.
+        self.reading = False
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> Generator[Op, Any, None]:
+        opened = False
+        while not self.closing:
+            try:
+                if not opened:  # at the first call, and again after a failure, not before
+                    if not self.inbox:
+                        yield Wait(None)
+                        continue
+                    yield from self._open()
+                    opened = True
+                    self.next_tick = time.monotonic() + self.tick
+                yield from self._step()
+            except BACKEND_ERRORS as e:
+                yield from self._abandon(self._backend_error(e))
+                opened = False
+            except Exception as e:  # a bug must not strand the callers
+                log.exception("embq dispatcher failed")
+                yield from self._abandon(e)
+        yield from self._close()
+
+    def _step(self) -> Generator[Op, Any, None]:
+        self._take_inbox()
+        linger = self._linger()
+        if linger > 0:
+            yield Pause(linger)
+            self._take_inbox()
+        yield from self._drop_cancelled()
+        while self.active and len(self.entries) < self.settings.inflight_texts:
+            fresh = self._admit()
+            yield from self._claim(fresh, count=True)
+        if self.recheck:
+            digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
+            yield from self._claim(digests, count=False)
+        now = time.monotonic()
+        self.calls = [c for c in self.calls if not (c.finished or c.expire(now))]
+        if now >= self.next_tick:
+            yield from self._tick()
+            self.next_tick = time.monotonic() + self.tick
+        if self.inbox or (self.active and len(self.entries) < self.settings.inflight_texts):
+            return
+        timeout = self._until_next_event()
+        if not self.entries:
+            yield Wait(None if timeout is None and not self.calls else timeout)
+            return
+        block = MAX_BLOCK if timeout is None else max(0.0, min(MAX_BLOCK, timeout))
+        yield from self._on_read((yield Read(self.last_id, block)))
+
+    def _until_next_event(self) -> float | None:
+        deadlines = [c.deadline for c in self.calls if c.deadline is not None and not c.finished]
+        if self.entries or self.tasks:
+            deadlines.append(self.next_tick)
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _linger(self) -> float:
+        """Seconds small new calls wait for company, so that one round trip and one task serve them all.
+
+        Only while other texts are in flight: a lone caller never waits, and under
+        concurrency the wait is bounded by ``coalesce_ms`` after the oldest arrival."""
+        if not self.active or not self.entries or self.coalesce <= 0:
+            return 0.0
+        if sum(len(c.texts) - c.admitted for c in self.active) >= CLAIM_CHUNK:
+            return 0.0
+        return self.active[0].arrived + self.coalesce - time.monotonic()
+
+    def _take_inbox(self) -> None:
+        while self.inbox:
+            call = self.inbox.popleft()
+            self.calls.append(call)
+            self.active.append(call)
+
+    # -- admitting and claiming -------------------------------------------------------------
+
+    def _admit(self) -> list[str]:
+        """Hand the next texts of the active calls to entries; returns the digests no entry had yet."""
+        fresh: list[str] = []
+        budget = min(CLAIM_CHUNK, self.settings.inflight_texts - len(self.entries))
+        while self.active and budget > 0:
+            call = self.active[0]
+            if call.finished:
+                self.active.popleft()
+                continue
+            start = call.admitted
+            end = min(len(call.texts), start + budget)
+            texts = call.texts[start:end]
+            digests = keys.text_digests(self.model, self.namespace, call.instruction, texts)
+            add, instruction = self.entries.add, call.instruction
+            for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+                if add(digest, text, instruction, call, row):
+                    fresh.append(digest)
+            budget -= end - start
+            call.admitted = end
+            if end == len(call.texts):
+                self.active.popleft()
+        return fresh
+
+    def _claim(self, digests: list[str], *, count: bool) -> Generator[Op, Any, None]:
+        """CLAIM ``digests`` (entries that exist); resolve the cached, send what we now own."""
+        for start in range(0, len(digests), CLAIM_CHUNK):
+            part = digests[start : start + CLAIM_CHUNK]
+            args = protocol.claim_args(
+                self.token, self.hold_ms, self.reply, 2 * self.lease_ms, self.stats if count else "", part
+            )
+            (reply,) = yield script("claim", [], args)
+            send: list[str] = []
+            hit_digests: list[str] = []
+            hit_values: list[bytes] = []
+            slots, states = self.entries.slots, self.entries.states
+            for digest, item in zip(part, reply, strict=True):
+                slot = slots.get(digest)
+                if slot is None:
+                    continue
+                if isinstance(item, bytes):
+                    hit_digests.append(digest)
+                    hit_values.append(item)
+                elif item == protocol.CLAIMED:
+                    states[slot] = OURS
+                    send.append(digest)
+                elif item == protocol.OURS:
+                    states[slot] = OURS
+                else:
+                    states[slot] = THEIRS
+            if hit_digests:
+                matrix, valid = unpack_many(hit_values)
+                bad = self._deliver(hit_digests, matrix, valid, "cached")
+                if bad:  # invalid cached values: compute them again, the worker overwrites them
+                    for digest in bad:
+                        states[slots[digest]] = OURS
+                    send += bad
+            yield from self._send(send)
+
+    def _send(self, digests: list[str], why: str = "") -> Generator[Op, Any, None]:
+        """Send ``digests`` (ours) as tasks of at most ``task_max_texts`` texts and ``task_max_chars`` characters."""
+        pending = self.entries
+        by_instruction: dict[str, list[tuple[str, int]]] = {}
+        for digest in digests:
+            slot = pending.slots[digest]
+            if pending.attempts[slot] >= MAX_ATTEMPTS:
+                self._fail(digest, f"gave up after {MAX_ATTEMPTS} attempts: {why}")
+                continue
+            pending.attempts[slot] += 1
+            by_instruction.setdefault(pending.instructions[slot], []).append((digest, slot))
+        if why and by_instruction:
+            log.warning("sending %d texts again: %s", sum(map(len, by_instruction.values())), why)
+        tasks: list[tuple[str, EmbedPayload]] = []
+        most_texts, most_chars = self.settings.task_max_texts, self.settings.task_max_chars
+        for instruction, group in by_instruction.items():
+            batch: list[str] = []
+            texts: list[str] = []
+            chars = 0
+            for digest, slot in [*group, ("", -1)]:
+                text = pending.texts[slot] if slot >= 0 else ""
+                if batch and (slot < 0 or len(batch) >= most_texts or chars + len(text) > most_chars):
+                    task_id = uuid.uuid4().hex
+                    tasks.append((task_id, make_payload(self.settings, instruction, texts, self.reply)))
+                    self.tasks[task_id] = batch
+                    batch, texts, chars = [], [], 0
+                if slot < 0:
+                    break
+                batch.append(digest)
+                texts.append(text)
+                chars += len(text)
+        if tasks:
+            yield Send(tasks)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def _deliver(self, digests: list[str], matrix: Any, valid: Any, how: str | None = None) -> list[str]:
+        """Place vectors in the rows that wait for them; returns the digests whose vector is invalid."""
+        placed: dict[tuple[Call, str], tuple[list[int], list[int], set[str]]] = {}
+        bad: list[str] = []
+        for j, digest in enumerate(digests):
+            if digest not in self.entries:
+                continue
+            if not valid[j]:
+                bad.append(digest)
+                continue
+            state, waiters = self.entries.take(digest)  # type: ignore[misc]
+            kind = how or ("computed" if state == OURS else "waited")
+            for call, row in waiters:
+                rows, picks, distinct = placed.setdefault((call, kind), ([], [], set()))
+                rows.append(row)
+                picks.append(j)
+                distinct.add(digest)
+        for (call, kind), (rows, picks, distinct) in placed.items():
+            call.place(rows, matrix[picks], kind, len(distinct))
+        if placed:
+            self.last_progress = time.monotonic()
+        return bad
+
+    def _fail(self, digest: str, reason: str) -> None:
+        taken = self.entries.take(digest)
+        if taken is None:
+            return
+        rows: dict[Call, list[int]] = {}
+        for call, row in taken[1]:
+            rows.setdefault(call, []).append(row)
+        for call, failed in rows.items():
+            call.fail_rows(failed, reason)
+        self.last_progress = time.monotonic()
+
+    def _on_read(self, response: Any) -> Generator[Op, Any, None]:
+        notices: list[dict[bytes, bytes]] = []
+        read = False
+        for _stream, entries in stream_entries(response):
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                read = True
+                if b"d" in fields:
+                    notices.append(fields)
+        if read:
+            yield Redis("cache", [("XTRIM", self.reply, "MINID", self.last_id)])
+        for fields in notices:
+            done, values, failed, released = protocol.read_notice(fields)
+            if done:
+                matrix, valid = unpack_concat(values, len(done))
+                self.recheck.update(self._deliver(done, matrix, valid))
+            for digest, reason in failed.items():
+                self._fail(digest, reason)
+            self.recheck.update(d for d in released if d in self.entries)
+
+    # -- ticks: liveness, takeovers, lost tasks ---------------------------------------------
+
+    def _open(self) -> Generator[Op, Any, None]:
+        """Create our reply stream and our liveness key; workers add to the stream without creating it."""
+        last_id, _, _ = yield Redis(
+            "cache",
+            [
+                ("XADD", self.reply, "*", "hello", ""),
+                ("PEXPIRE", self.reply, 2 * self.lease_ms),
+                ("SET", self.alive, 1, "PX", self.lease_ms),
+            ],
+        )
+        self.last_id = last_id
+
+    def _tick(self) -> Generator[Op, Any, None]:
+        """Renew our liveness; look again at every text we wait for: cached meanwhile (a lost
+        notice), claim vanished (a Redis restart) or its owner dead: claim and send it."""
+        _, exists = yield Redis(
+            "cache", [("SET", self.alive, 1, "PX", self.lease_ms), ("PEXPIRE", self.reply, 2 * self.lease_ms)]
+        )
+        if not exists:
+            yield from self._open()
+        yield from self._claim(list(self.entries), count=False)
+        yield from self._resend_lost()
+        if self.entries and time.monotonic() - self.last_progress >= STALL_LOG_SECONDS:
+            log.warning(
+                "%d texts still pending with no progress for %.0fs: is a worker consuming queue %r?",
+                len(self.entries),
+                time.monotonic() - self.last_progress,
+                self.queue,
+            )
+            self.last_progress = time.monotonic()
+
+    def _awaited(self, task_id: str) -> list[str]:
+        return [d for d in self.tasks[task_id] if self.entries.state(d) == OURS]
+
+    def _resend_lost(self) -> Generator[Op, Any, None]:
+        """Send again the texts of tasks the broker held at neither of two ticks (see ``producer.broker``).
+
+        Two looks apart, because a task is briefly in neither place while a worker
+        moves it from the queue to its unacked hash; a task finished meanwhile has
+        left its notice, which is read before anything is sent again."""
+        self.tasks = {t: ds for t in self.tasks if (ds := self._awaited(t))}
+        if not self.tasks or not self.broker_checks:
+            self.suspects.clear()
+            return
+        try:
+            (raw,) = yield script("held", [UNACKED_KEY, *queue_lists(self.queue)], [], "broker")
+        except redis.exceptions.ResponseError as e:  # an ACL or a managed Redis without scripts
+            log.warning("cannot look for lost tasks in the broker (%s); allow EVALSHA to have them found", e)
+            self.broker_checks = False
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            log.info("broker unreachable while looking for lost tasks: %s", e)
+            return
+        held = task_ids_held(raw, self.tasks)
+        if held is None:
+            self.suspects.clear()
+            return
+        missing = set(self.tasks) - held
+        if missing & self.suspects:
+            yield from self._on_read((yield Read(self.last_id, 0)))
+        lost = [t for t in missing & self.suspects if t in self.tasks and self._awaited(t)]
+        self.suspects = missing - set(lost)
+        if lost:
+            digests = [d for t in lost for d in self._awaited(t)]
+            for task_id in lost:
+                del self.tasks[task_id]
+            yield from self._send(digests, "their task left the broker unanswered (lost, or failed by a worker)")
+
+    # -- giving up --------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> Generator[Op, Any, None]:
+        """Calls the caller gave up on: forget their rows, release what only they wanted."""
+        cancelled = {c for c in self.calls if c.cancelled and not c.finished}
+        if not cancelled:
+            return
+        orphans: list[str] = []
+        pending = self.entries
+        for digest, slot in list(pending.slots.items()):
+            if pending.forget(slot, cancelled):
+                state, _ = pending.take(digest)  # type: ignore[misc]
+                if state == OURS:
+                    orphans.append(digest)
+        for call in cancelled:
+            call.finish()
+        self.active = deque(c for c in self.active if c not in cancelled)
+        yield from self._release(orphans)
+
+    def _release(self, digests: list[str]) -> Generator[Op, Any, None]:
+        """Delete our markers of ``digests`` and tell whoever watches them to claim them again."""
+        for start in range(0, len(digests), CLAIM_CHUNK):
+            part = digests[start : start + CLAIM_CHUNK]
+            (reply,) = yield script("release", [], [self.token, "".join(part)])
+            watchers = protocol.watchers_of(reply, part)
+            if watchers:
+                notices = {stream: protocol.notice_fields(released=ds) for stream, ds in watchers.items()}
+                yield Redis("cache", [("XADD", s, "NOMKSTREAM", "*", *flat(n)) for s, n in notices.items()])
+
+    def _abandon(self, error: BaseException) -> Generator[Op, Any, None]:
+        """A failure no retry here can fix: every call ends with ``error``, our claims are released."""
+        for call in [*self.calls, *self.inbox]:
+            call.fail(error)
+        ours = [d for d in self.entries if self.entries.state(d) == OURS]
+        self.calls.clear()
+        self.inbox.clear()
+        self.active.clear()
+        self.entries.clear()
+        self.tasks.clear()
+        self.suspects.clear()
+        self.recheck.clear()
+        try:
+            yield from self._release(ours)
+        except BACKEND_ERRORS as e:
+            log.info("could not release %d claims (%s); they lapse with our liveness", len(ours), e)
+
+    def _backend_error(self, error: BaseException) -> EmbqError:
+        broker = isinstance(error, OperationalError)
+        role, url = ("broker", self.settings.broker) if broker else ("cache", self.settings.cache)
+        return BackendUnavailableError(f"{role} Redis at {redact(url)} failed: {describe(error)}")
+
+    def _close(self) -> Generator[Op, Any, None]:
+        outstanding = any(self.entries.state(d) == OURS for d in self.entries)
+        for call in [*self.calls, *self.inbox]:
+            call.fail(EmbqError("the client was closed while this call waited"))
+        try:
+            # Tasks still queued keep their claims, so that others wait for them rather than send them again.
+            keep = ("SET", self.alive, 1, "PX", self.hold_ms) if outstanding else ("DEL", self.alive)
+            yield Redis("cache", [keep, ("DEL", self.reply)])
+        except BACKEND_ERRORS as e:
+            log.info("could not close the reply stream (%s); it expires by itself", e)
+
+
+def flat(fields: dict[str, bytes]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def describe(error: BaseException) -> str:
+    """An error's reason without its payload: redis-py quotes a failed pipeline's commands, values included."""
+    text = str(error)
+    if isinstance(error, redis.exceptions.ResponseError) and "of pipeline caused error:" in text:
+        text = text.split("of pipeline caused error:", 1)[1].strip()
+    return text[:500]
+
+
+def stream_entries(response: Any) -> list[tuple[Any, list[tuple[Any, dict[bytes, bytes]]]]]:
+    """XREAD's reply as ``[(stream, [(id, fields), ...])]``, whether RESP2 (list) or RESP3 (map)."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return [
+            (name, entries[0] if entries and isinstance(entries[0], list) else entries)
+            for name, entries in response.items()
+        ]
+    return [(name, entries) for name, entries in response]

@@ -1,0 +1,250 @@
+"""The cache-side protocol: three server-side scripts, one round trip per batch of texts, and the notices.
+
+A text's cache key holds either its vector or, while it is being computed, a
+claim: ``b"EQ\\x00"``, a flag byte (``W`` once someone watches it, else ``-``)
+and the token of the producer that claimed it. Producers claim many texts in
+one ``CLAIM`` call (one MGET, then a ``SET NX`` per missing text); a worker
+stores a task's vectors over their claims and notifies in one ``COMPLETE`` call
+(one ``SET ... GET`` per text: the claim it replaces says whether anyone
+watches); a producer that gives up releases its claims in one ``RELEASE`` call.
+A script runs atomically, so a text is cached, claimed by exactly one producer,
+or free, and every change wakes whoever waits:
+
+- the producer that claimed a text (its owner) put its reply stream in the task,
+  and ``COMPLETE`` adds one notice per task to it, carrying the vectors
+  themselves: the owner never reads the cache for its own texts;
+- a producer that finds a text claimed by another live producer adds its reply
+  stream to the text's watch set and flags the claim, in the same script; the
+  ``COMPLETE`` that replaces a flagged claim reads the watch set, and the worker
+  sends the watchers the vectors. Watch sets exist only for texts two producers
+  want at once;
+- a claim's owner is alive while its ``embq:alive:{token}`` key is: one key per
+  producer process, renewed every tick, not one renewal per text. A claim whose
+  owner is not alive is taken over by the next producer that meets it.
+
+Keys touched (all in the cache Redis; see ``producer.keys`` for the full table):
+
+=========================  ======  ==============================================
+key                        type    CLAIM / RELEASE / COMPLETE
+=========================  ======  ==============================================
+``embq:v:{digest}``        string  read, claimed (SET NX PX), flagged, taken over
+                                   / deleted if our claim / vector written over
+                                   the claim (SET EX GET), failed claim deleted
+``embq:alive:{token}``     string  read (the owner's liveness) / - / -
+``embq:watch:{digest}``    set     watcher added / read, deleted / read, deleted
+``embq:reply:{token}``     stream  - / - / owner's notice added (NOMKSTREAM)
+``embq:stats:{model}``     hash    hits, misses / - / tasks, texts, failed
+=========================  ======  ==============================================
+
+Scripts build key names from digests themselves, so they need a standalone
+Redis (or a single shard), which embq requires anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from producer import keys
+from producer.codec import CLAIM_PREFIX
+
+#: CLAIM reply codes for a text that is not cached.
+WATCHING = 0  # claimed by another live producer: we watch it
+CLAIMED = 1  # claimed now by us (or taken over): send it
+OURS = 2  # already claimed by us: a task of ours is on its way
+
+
+def claim_value(token: str, watched: bool = False) -> bytes:
+    """The value of a claimed text's key."""
+    return CLAIM_PREFIX + (b"W" if watched else b"-") + token.encode()
+
+
+#: Keys per variadic command inside a script (Lua's ``unpack`` has a stack limit).
+_UNPACK = 4000
+#: CLAIM_PREFIX as a Lua string literal.
+_CLAIM = "'EQ\\0'"
+_W = keys.DIGEST_HEX
+
+_HELPERS = f"""
+local function each_key(prefix, joined, from, to)
+  local names = {{}}
+  for i = from, to do
+    names[#names + 1] = prefix .. string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+  end
+  return names
+end
+local function mget(names)
+  local out = {{}}
+  for start = 1, #names, {_UNPACK} do
+    for _, item in ipairs(redis.call('MGET', unpack(names, start, math.min(#names, start + {_UNPACK} - 1)))) do
+      out[#out + 1] = item
+    end
+  end
+  return out
+end
+local function tell_watchers(d, i, out)
+  local watch = '{keys.WATCH}' .. d
+  for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
+    out[#out + 1] = i
+    out[#out + 1] = watcher
+  end
+  redis.call('DEL', watch)
+end
+"""
+
+CLAIM = (
+    _HELPERS
+    + f"""
+-- ARGV: token, claim ttl ms, reply stream, watch ttl ms, stats key ('' = no counting),
+--       digests ({_W} hex characters each, end to end).
+-- Returns one item per digest: the cached value, or CLAIMED, OURS or WATCHING.
+local token, hold, reply, watch_ttl, stats, joined = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local count = #joined / {_W}
+local out = mget(each_key('{keys.VECTOR}', joined, 1, count))
+local hits = 0
+for i = 1, count do
+  local value = out[i]
+  if value and string.sub(value, 1, 3) ~= {_CLAIM} then
+    hits = hits + 1
+  else
+    local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+    local key = '{keys.VECTOR}' .. d
+    if not value then
+      redis.call('SET', key, {_CLAIM} .. '-' .. token, 'NX', 'PX', hold)
+      out[i] = {CLAIMED}
+    else
+      local flag, owner = string.sub(value, 4, 4), string.sub(value, 5)
+      if owner == token then
+        out[i] = {OURS}
+      elseif redis.call('EXISTS', '{keys.ALIVE}' .. owner) == 0 then
+        redis.call('SET', key, {_CLAIM} .. flag .. token, 'PX', hold)
+        out[i] = {CLAIMED}
+      else
+        local watch = '{keys.WATCH}' .. d
+        redis.call('SADD', watch, reply)
+        redis.call('PEXPIRE', watch, watch_ttl)
+        if flag ~= 'W' then
+          redis.call('SET', key, {_CLAIM} .. 'W' .. owner, 'KEEPTTL')
+        end
+        out[i] = {WATCHING}
+      end
+    end
+  end
+end
+if stats ~= '' then
+  redis.call('HINCRBY', stats, 'hits', hits)
+  redis.call('HINCRBY', stats, 'misses', count - hits)
+  redis.call('EXPIRE', stats, {keys.STATS_TTL})
+end
+return out
+"""
+)
+
+RELEASE = (
+    _HELPERS
+    + f"""
+-- ARGV: token, digests ({_W} hex each, end to end). Deletes the claims that are still ours.
+-- Returns the watchers of the released texts: {{index, watcher, index, watcher, ...}} (1-based).
+local token, joined, out = ARGV[1], ARGV[2], {{}}
+for i = 1, #joined / {_W} do
+  local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+  local key = '{keys.VECTOR}' .. d
+  local value = redis.call('GET', key)
+  if value and string.sub(value, 1, 3) == {_CLAIM} and string.sub(value, 5) == token then
+    redis.call('DEL', key)
+    if string.sub(value, 4, 4) == 'W' then
+      tell_watchers(d, i, out)
+    end
+  end
+end
+return out
+"""
+)
+
+COMPLETE = (
+    _HELPERS
+    + f"""
+-- ARGV: ttl seconds, owner's reply stream ('' = none), stats key, vectors to store, bytes per vector,
+--       done digests (stored ones first, then ones that were cached already), their values end to end,
+--       failed digests, why they failed (msgpack, for the notice). Digests: {_W} hex characters each.
+-- Returns the watchers of every text: {{index, watcher, ...}} (1-based: done digests, then failed ones).
+local ttl, reply, stats = ARGV[1], ARGV[2], ARGV[3]
+local stored, width = tonumber(ARGV[4]), tonumber(ARGV[5])
+local done, values, failed, reasons = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local out = {{}}
+for i = 1, stored do
+  local d = string.sub(done, (i - 1) * {_W} + 1, i * {_W})
+  local value = string.sub(values, (i - 1) * width + 1, i * width)
+  local old = redis.call('SET', '{keys.VECTOR}' .. d, value, 'EX', ttl, 'GET')
+  if old and string.sub(old, 1, 4) == {_CLAIM} .. 'W' then
+    tell_watchers(d, i, out)
+  end
+end
+local ndone, nfailed = #done / {_W}, #failed / {_W}
+for i = 1, nfailed do
+  local d = string.sub(failed, (i - 1) * {_W} + 1, i * {_W})
+  local key = '{keys.VECTOR}' .. d
+  local old = redis.call('GET', key)
+  if old and string.sub(old, 1, 3) == {_CLAIM} then
+    redis.call('DEL', key)
+    if string.sub(old, 4, 4) == 'W' then
+      tell_watchers(d, ndone + i, out)
+    end
+  end
+end
+if reply ~= '' then
+  redis.call('XADD', reply, 'NOMKSTREAM', '*', 'd', done, 'v', values, 'f', reasons)
+end
+redis.call('HINCRBY', stats, 'tasks', 1)
+redis.call('HINCRBY', stats, 'texts', stored)
+redis.call('HINCRBY', stats, 'failed', nfailed)
+redis.call('EXPIRE', stats, {keys.STATS_TTL})
+return out
+"""
+)
+
+
+def claim_args(token: str, hold_ms: int, reply: str, watch_ms: int, stats: str, digests: Sequence[str]) -> list[Any]:
+    return [token, hold_ms, reply, watch_ms, stats, "".join(digests)]
+
+
+def watchers_of(reply: Sequence[Any], digests: Sequence[str]) -> dict[bytes, list[str]]:
+    """RELEASE's or COMPLETE's ``{index, watcher, ...}`` reply as watcher -> digests (1-based indices)."""
+    found: dict[bytes, list[str]] = {}
+    for i in range(0, len(reply), 2):
+        watcher = reply[i + 1]
+        found.setdefault(watcher if isinstance(watcher, bytes) else str(watcher).encode(), []).append(
+            digests[int(reply[i]) - 1]
+        )
+    return found
+
+
+def notice_fields(
+    done: Sequence[str] = (), values: bytes = b"", failed: dict[str, str] | None = None, released: Sequence[str] = ()
+) -> dict[str, bytes]:
+    """What lands in a producer's reply stream, as stream fields: ``d`` the digests done, end to end,
+    ``v`` their packed values in the same order (each as ``producer.codec.pack`` makes it), ``f`` the
+    digests failed with why (msgpack), ``r`` the digests whose claim was released (whoever waits for
+    them claims them again). COMPLETE writes the same fields."""
+    fields = {"d": "".join(done).encode(), "v": values, "f": msgpack.packb(failed or {}, use_bin_type=True)}
+    if released:
+        fields["r"] = "".join(released).encode()
+    return fields
+
+
+def read_notice(fields: dict[bytes, bytes]) -> tuple[list[str], bytes, dict[str, str], list[str]]:
+    """``notice_fields`` back: (done digests, their values, failed digest -> why, released digests)."""
+    reasons = fields.get(b"f")
+    return (
+        split_digests(fields.get(b"d", b"")),
+        fields.get(b"v", b""),
+        dict(msgpack.unpackb(reasons, raw=False)) if reasons else {},
+        split_digests(fields.get(b"r", b"")),
+    )
+
+
+def split_digests(joined: bytes) -> list[str]:
+    text = joined.decode("ascii")
+    return [text[i : i + keys.DIGEST_HEX] for i in range(0, len(text), keys.DIGEST_HEX)]
