@@ -1,18 +1,43 @@
-"""``AsyncEmbeddingClient``: ``EmbeddingClient``'s contract for asyncio services."""
+"""``AsyncEmbeddingClient``: ``EmbeddingClient``'s contract for asyncio services.
+
+The protocol is the same ``Dispatcher``; only its driver differs: a task on the
+caller's event loop with redis-py's asyncio client, where the synchronous
+client runs a thread. Celery's publishing is synchronous, so tasks are sent from
+the loop's default executor.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from typing import Any
 
 import numpy as np
+import redis
+import redis.asyncio
+from celery import Celery
 
-from producer.client import EmbeddingClient
+from producer import keys
+from producer.backend import aconnect
+from producer.call import Call
+from producer.client import send_tasks
+from producer.contract import make_celery
+from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
+from producer.errors import EmbqError
 from producer.settings import Settings
+from producer.validation import validate_options, validate_texts
+
+log = logging.getLogger(__name__)
 
 
 class AsyncEmbeddingClient:
-    """Same arguments, errors and guarantees as ``EmbeddingClient``; ``embed`` is awaitable."""
+    """Same arguments, errors and guarantees as ``EmbeddingClient``; ``embed`` is awaitable.
+
+    A client belongs to the event loop of its first call (its connections do);
+    concurrent calls on that loop share round trips and tasks.
+    """
 
     def __init__(
         self,
@@ -23,23 +48,164 @@ class AsyncEmbeddingClient:
         cache_url: str | None = None,
         settings: Settings | None = None,
     ) -> None:
-        self._client = EmbeddingClient(
-            redis_url, model=model, broker_url=broker_url, cache_url=cache_url, settings=settings
-        )
-        self.settings = self._client.settings
-        self.model = self._client.model
+        base = settings or Settings.from_env()
+        if redis_url is not None:
+            base = base.with_overrides(redis_url=redis_url, broker_url="", cache_url="")
+        self.settings = base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
+        self.model = self.settings.model
+        self.queue = keys.queue_name(self.model)
+        self._driver: AsyncDriver | None = None
 
     async def embed(
         self, texts: Any, *, dim: int | None = None, instruction: str = "", timeout: float | None = None
     ) -> np.ndarray:
-        """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i."""
-        return await asyncio.to_thread(self._client.embed, texts, dim=dim, instruction=instruction, timeout=timeout)
+        """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
+
+        The arguments mean what they mean for ``EmbeddingClient.embed``."""
+        items = validate_texts(texts, self.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        if not items:
+            return np.zeros((0, dim or 0), dtype=np.float32)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call = Call(items, instruction, dim=dim, deadline=deadline)
+        driver = self._get_driver()
+        await driver.submit(call)
+        await driver.wait(call)
+        return call.result(self.queue)
+
+    def _get_driver(self) -> AsyncDriver:
+        loop = asyncio.get_running_loop()
+        if self._driver is None or self._driver.loop is not loop:
+            if self._driver is not None:
+                raise EmbqError("an AsyncEmbeddingClient is bound to the event loop of its first call")
+            self._driver = AsyncDriver(self.settings, loop)
+        return self._driver
 
     async def aclose(self) -> None:
-        self._client.close()
+        """Stop the dispatcher and release connections; texts still queued keep their claims."""
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            await driver.close()
 
     async def __aenter__(self) -> AsyncEmbeddingClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class AsyncDriver:
+    """Runs a ``Dispatcher`` as a task on ``loop`` with redis-py's asyncio client."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.core = Dispatcher(settings)
+        self.cache = aconnect(settings.cache)
+        self.broker = self.cache if settings.broker == settings.cache else aconnect(settings.broker)
+        self.arrived = asyncio.Event()
+        self.woken = False
+        self._celery: Celery | None = None
+        self.task = loop.create_task(self._run(), name="embq-dispatcher")
+
+    async def submit(self, call: Call) -> None:
+        future: asyncio.Future[None] = self.loop.create_future()
+
+        def finish() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        call.on_finish = finish
+        call.signal = future
+        self.core.inbox.append(call)
+        self.arrived.set()
+        if self.core.reading and not self.woken:  # the dispatcher blocks on its stream
+            self.woken = True
+            await self._wake()
+
+    async def wait(self, call: Call) -> None:
+        """Until ``call`` finishes; a cancelled caller gives it up (its claims are released)."""
+        try:
+            done, _ = await asyncio.wait({call.signal, self.task}, return_when=asyncio.FIRST_COMPLETED)
+            if call.signal not in done:
+                raise EmbqError("embq's dispatcher task stopped; see the log for why")
+        except asyncio.CancelledError:
+            call.cancel()
+            self.arrived.set()
+            raise
+
+    async def close(self) -> None:
+        self.core.closing = True
+        self.arrived.set()
+        await self._wake()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self.task), 10)
+        await self.cache.aclose()
+        if self.broker is not self.cache:
+            await self.broker.aclose()
+        if self._celery is not None:
+            self._celery.close()
+
+    async def _wake(self) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.cache.xadd(self.core.reply, {"w": b""}, nomkstream=True)
+
+    async def _run(self) -> None:
+        steps = self.core.run()
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = steps.throw(error) if error is not None else steps.send(result)
+            except StopIteration:
+                return
+            result, error = None, None
+            try:
+                result = await self.execute(op)
+            except Exception as e:
+                error = e
+
+    async def execute(self, op: Op) -> Any:
+        if isinstance(op, Redis):
+            return await self._redis(op)
+        if isinstance(op, Read):
+            return await self._read(op)
+        if isinstance(op, Send):
+            return await self.loop.run_in_executor(None, send_tasks, self._app(), op)
+        if isinstance(op, Wait):
+            self.arrived.clear()
+            if not self.core.inbox and not self.core.closing:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.arrived.wait(), op.timeout)
+            return None
+        await asyncio.sleep(max(0.0, op.seconds))
+        return None
+
+    async def _redis(self, op: Redis) -> list[Any]:
+        client = self.cache if op.target == "cache" else self.broker
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for command in op.commands:
+                pipe.execute_command(*command)
+            try:
+                return await pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for source in op.scripts.values():  # a restarted Redis forgot them
+                    await client.script_load(source)
+        raise AssertionError("unreachable")
+
+    async def _read(self, op: Read) -> Any:
+        block = 0.0 if self.core.inbox or self.core.closing else op.block
+        self.core.reading = block > 0
+        try:
+            wait_ms = max(1, int(block * 1000)) if block else None
+            return await self.cache.xread({self.core.reply: op.last_id}, count=NOTICES_PER_READ, block=wait_ms)
+        finally:
+            self.core.reading = self.woken = False
+
+    def _app(self) -> Celery:
+        if self._celery is None:
+            self._celery = make_celery(self.settings)
+        return self._celery

@@ -6,8 +6,9 @@ offending indices and a caller can resubmit exactly the good items.
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from producer.errors import InvalidInputError
@@ -22,6 +23,8 @@ def item_problem(item: Any, max_bytes: int) -> str | None:
         return f"is {type(item).__name__}, not str"
     if len(item) > max_bytes:  # a character is at least one byte: skip encoding giants
         return f"is {len(item):,} characters, over the limit of {max_bytes:,} UTF-8 bytes"
+    if item.isascii():  # one byte a character, and no lone surrogate: nothing to encode
+        return None
     try:
         size = len(item.encode("utf-8"))
     except UnicodeEncodeError as e:
@@ -36,6 +39,11 @@ def validate_texts(texts: Any, max_bytes: int) -> list[str]:
     if isinstance(texts, (str, bytes, bytearray)):
         raise InvalidInputError(
             f"texts must be a list of str, got a single {type(texts).__name__}; wrap it in a list: [text]"
+        )
+    if isinstance(texts, (set, frozenset, dict, Mapping)):
+        raise InvalidInputError(
+            f"texts must be ordered (a list, a tuple, a generator), got a {type(texts).__name__}: "
+            "row i of the result is the vector of texts[i]"
         )
     if not isinstance(texts, Iterable):
         raise InvalidInputError(f"texts must be a list of str, got {type(texts).__name__}")
@@ -62,5 +70,7 @@ def validate_options(instruction: Any, dim: Any, timeout: Any, max_bytes: int) -
         raise InvalidInputError(f"instruction {problem}")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0):
         raise InvalidInputError(f"dim must be a positive int or None, got {dim!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or timeout <= 0):
-        raise InvalidInputError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf
+    ):
+        raise InvalidInputError(f"timeout must be a positive, finite number of seconds or None, got {timeout!r}")

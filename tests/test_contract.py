@@ -103,6 +103,12 @@ def test_non_lists_are_refused(texts: object) -> None:
         validate_texts(texts, max_bytes=100)
 
 
+@pytest.mark.parametrize("texts", [{"a", "b"}, frozenset({"a"}), {"a": 1}])
+def test_unordered_inputs_are_refused(texts: object) -> None:
+    with pytest.raises(InvalidInputError, match="must be ordered"):
+        validate_texts(texts, max_bytes=100)
+
+
 def test_multibyte_text_counts_bytes() -> None:
     with pytest.raises(InvalidInputError, match="UTF-8 bytes"):
         validate_texts(["é" * 60], max_bytes=100)
@@ -129,7 +135,18 @@ def test_validation_fuzz_accepts_exactly_the_valid_strings(items: list[object]) 
 
 
 @pytest.mark.parametrize(
-    "options", [{"dim": 0}, {"dim": -3}, {"dim": 2.5}, {"dim": True}, {"timeout": 0}, {"instruction": None}]
+    "options",
+    [
+        {"dim": 0},
+        {"dim": -3},
+        {"dim": 2.5},
+        {"dim": True},
+        {"timeout": 0},
+        {"timeout": "5"},
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"instruction": None},
+    ],
 )
 def test_bad_options_are_refused(options: dict[str, object]) -> None:
     values = {"instruction": "", "dim": None, "timeout": None, **options}

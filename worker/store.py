@@ -90,7 +90,7 @@ def split_values(values: bytes, count: int) -> list[bytes]:
 def server_reason(error: redis.exceptions.RedisError) -> str:
     """What Redis said, without the command: redis-py quotes a failed pipeline's commands, values included."""
     text = str(error)
-    for marker in ("of pipeline caused error:", "script:"):
+    for marker in ("of pipeline caused error:", ": -"):  # "...@user_script: 38: -OOM command not allowed..."
         if marker in text:
-            text = text.split(marker, 1)[1]
-    return text.strip()[:300]
+            text = text.split(marker)[-1]
+    return text.strip().rstrip(".")[:300]

@@ -1,0 +1,186 @@
+"""What the batch protocol promises beyond a single call: shared round trips, bounded windows, release on
+failure, asyncio, streams. Real Redis, real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import redis
+
+from producer import (
+    AsyncEmbeddingClient,
+    BackendUnavailableError,
+    EmbeddingClient,
+    EmbqTimeoutError,
+    InvalidInputError,
+    ItemFailedError,
+    Settings,
+    keys,
+)
+from producer.codec import CLAIM_PREFIX
+from tests.conftest import HASH_MODEL, embed_in_background
+from worker.engines.hash import hash_vector
+from worker.local import LocalRedis, LocalWorker, wait_until
+
+Client = Callable[..., EmbeddingClient]
+Start = Callable[..., LocalWorker]
+
+
+def expected(texts: list[str]) -> np.ndarray:
+    return np.stack([hash_vector(t, 384) for t in texts])
+
+
+def tasks_done(r: redis.Redis, model: str) -> int:
+    return int(r.hget(keys.stats_key(model), "tasks") or 0)
+
+
+def claims(r: redis.Redis) -> int:
+    return sum(1 for key in r.scan_iter(match=keys.VECTOR + "*") if (r.get(key) or b"").startswith(CLAIM_PREFIX))
+
+
+def test_concurrent_small_calls_of_one_client_share_tasks(
+    make_client: Client, start_worker: Start, r: redis.Redis
+) -> None:
+    model = "test/coalesce"
+    start_worker(model)
+    client = make_client(model=model)
+    client.embed(["warm up"], timeout=30)
+    before = tasks_done(r, model)
+    texts = [f"one of 64 callers {i}" for i in range(64)]
+    barrier = threading.Barrier(len(texts))
+    results: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = client.embed([texts[i]], timeout=60)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    np.testing.assert_array_equal(np.vstack([results[i] for i in range(len(texts))]), expected(texts))
+    assert tasks_done(r, model) - before <= 8  # a few tasks for 64 calls, not 64
+
+
+def test_a_call_larger_than_the_window_holds_only_a_window_of_claims(
+    make_client: Client, start_worker: Start, r: redis.Redis
+) -> None:
+    model = "test/window"
+    texts = [f"windowed {i}" for i in range(3000)]
+    join = embed_in_background(make_client(model=model, inflight_texts=300), texts, timeout=120)
+    queue = keys.queue_name(model)
+    wait_until(lambda: r.llen(queue) > 0, 30, "the first tasks to be queued")
+    assert claims(r) == 300  # the rest waits in the producer, unclaimed
+    start_worker(model)
+    np.testing.assert_array_equal(join(), expected(texts))
+    assert claims(r) == 0
+
+
+def test_a_failing_call_releases_its_claims_and_a_retry_does_not_wait() -> None:
+    """A cache Redis at maxmemory (noeviction) fails the call; its claims go at once, so the retry
+    after the operator freed memory does not wait for the 30 s lease, and no error carries a vector."""
+    with LocalRedis() as broker, LocalRedis("--maxmemory", "3mb") as cache:
+        settings = Settings(broker_url=broker.url, cache_url=cache.url, model="test/full-cache")
+        env = {"EMBQ_BROKER_URL": broker.url, "EMBQ_CACHE_URL": cache.url}
+        with LocalWorker(broker.url, engine="hash", model=settings.model, env=env) as worker:
+            client = EmbeddingClient(settings=settings)
+            texts = [f"filling the cache {i} " + "x" * 40 for i in range(4000)]
+            with pytest.raises((BackendUnavailableError, ItemFailedError), match="OOM command not allowed") as info:
+                client.embed(texts, timeout=120)
+            assert "EQ\\x01" not in str(info.value) and len(str(info.value)) < 2000
+            direct = redis.Redis.from_url(cache.url)
+            assert claims(direct) == 0  # released at once, not left to lapse
+            direct.config_set("maxmemory", "0")
+            started = time.monotonic()
+            np.testing.assert_array_equal(client.embed(texts, timeout=60), expected(texts))
+            assert time.monotonic() - started < 20  # no lease (30 s) waited for
+            client.close()
+            direct.close()
+            log = worker.log_path.read_bytes()
+        assert b"EQ\\x01" not in log and b"\x00\x00\x80" not in log  # reasons, never payloads
+
+
+def test_the_async_client_keeps_the_contract(hash_worker: LocalWorker, redis_url: str, r: redis.Redis) -> None:
+    texts = [f"async text {i}" for i in range(50)]
+
+    async def main() -> None:
+        async with AsyncEmbeddingClient(redis_url, model=HASH_MODEL) as client:
+            np.testing.assert_array_equal(await client.embed(texts, timeout=30), expected(texts))
+            singles = await asyncio.gather(*(client.embed([t], timeout=30) for t in texts))
+            np.testing.assert_array_equal(np.vstack(singles), expected(texts))
+            small = await client.embed(texts[:3], dim=16, timeout=30)
+            assert small.shape == (3, 16)
+            with pytest.raises(InvalidInputError, match="index 1"):
+                await client.embed(["fine", None], timeout=30)
+            assert (await client.embed([], dim=8)).shape == (0, 8)
+        async with AsyncEmbeddingClient(redis_url, model="test/async-nobody") as client:
+            with pytest.raises(EmbqTimeoutError) as info:
+                await client.embed(["no worker serves this"], timeout=0.5)
+            assert info.value.missing == 1
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_async_call_releases_its_claims(redis_url: str, r: redis.Redis) -> None:
+    async def main() -> None:
+        async with AsyncEmbeddingClient(redis_url, model="test/async-cancel") as client:
+            call = asyncio.ensure_future(client.embed([f"given up {i}" for i in range(10)]))
+            await asyncio.sleep(0.5)
+            assert claims(r) == 10
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            for _ in range(100):
+                if claims(r) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert claims(r) == 0
+
+    asyncio.run(main())
+
+
+def test_embed_iter_streams_in_order_with_failures_and_progress(make_client: Client, start_worker: Start) -> None:
+    model = "test/stream"
+    start_worker(model, env={"EMBQ_MAX_TEXT_BYTES": "100"})
+    texts = [f"streamed {i}" for i in range(1000)]
+    texts[123] = "y" * 500  # refused by the worker alone
+    client = make_client(model=model)
+    progressed: list[int] = []
+    stream = client.embed_iter(iter(texts), batch=64, window=3, failures="nan", on_progress=progressed.append)
+    starts, blocks = zip(*stream, strict=True)
+    assert list(starts) == list(range(0, 1000, 64))
+    vectors = np.vstack(blocks)
+    good = [i for i in range(1000) if i != 123]
+    np.testing.assert_array_equal(vectors[good], expected([texts[i] for i in good]))
+    assert np.isnan(vectors[123]).all() and list(stream.failures) == [123]
+    assert sum(progressed) == 1000 and stream.rows == 1000 and stream.computed == 999
+    with pytest.raises(ItemFailedError) as info:
+        list(client.embed_iter(texts, batch=64))
+    assert list(info.value.failures) == [123]
+    again = client.embed_iter(texts[:100], batch=64)
+    assert sum(len(block) for _, block in again) == 100 and again.cached == 100
+
+
+def test_a_client_used_again_after_fork_gets_its_own_dispatcher(hash_worker: LocalWorker, make_client: Client) -> None:
+    client = make_client()
+    client.embed(["before the fork"], timeout=30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: threads and sockets of the parent are gone
+        try:
+            out = client.embed(["after the fork"], timeout=30)
+            ok = np.array_equal(out, expected(["after the fork"]))
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    np.testing.assert_array_equal(client.embed(["parent again"], timeout=30), expected(["parent again"]))
