@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from producer.codec import truncate
 from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
 
 
@@ -38,6 +37,8 @@ class Call:
         self.admitted = 0
         self.remaining = len(texts)
         self.matrix: np.ndarray | None = None
+        #: The model's dimension, once a vector came.
+        self.full = 0
         self.failures: dict[int, str] = {}
         self.error: BaseException | None = None
         self.cancelled = False
@@ -57,13 +58,14 @@ class Call:
         """Vectors for ``rows`` (one per row, ``distinct`` texts): ``how`` is ``cached``, ``computed`` or ``waited``."""
         if self.finished or not rows:
             return
-        if self.matrix is None:
-            self.matrix = np.empty((len(self.texts), vectors.shape[1]), dtype=np.float32)
-        if vectors.shape[1] != self.matrix.shape[1]:
-            reason = f"vector of dimension {vectors.shape[1]} where the model gave {self.matrix.shape[1]}"
-            self.fail_rows(rows, reason, distinct)
+        if self.matrix is None:  # with ``dim``, only the prefix is kept: a large call needs n x dim floats
+            self.full = vectors.shape[1]
+            width = self.full if self.dim is None else min(self.dim, self.full)
+            self.matrix = np.empty((len(self.texts), width), dtype=np.float32)
+        if vectors.shape[1] != self.full:
+            self.fail_rows(rows, f"vector of dimension {vectors.shape[1]} where the model gave {self.full}", distinct)
             return
-        self.matrix[rows] = vectors
+        self.matrix[rows] = vectors[:, : self.matrix.shape[1]]
         setattr(self, how, getattr(self, how) + distinct)
         self._resolved(len(rows))
 
@@ -120,14 +122,16 @@ class Call:
                     total=self.error.total,
                 ) from None
             raise self.error
-        full = self.matrix.shape[1] if self.matrix is not None else 0
-        if self.dim is not None and full and self.dim > full:
-            raise InvalidInputError(f"dim={self.dim} exceeds the model's dimension {full}")
+        if self.dim is not None and self.full and self.dim > self.full:
+            raise InvalidInputError(f"dim={self.dim} exceeds the model's dimension {self.full}")
         if self.matrix is None:
-            self.matrix = np.full((len(self.texts), 0), np.nan, dtype=np.float32)
+            self.matrix = np.full((len(self.texts), self.dim or 0), np.nan, dtype=np.float32)
         if self.failures:
             self.matrix[sorted(self.failures)] = np.nan
-        result = truncate(self.matrix, self.dim) if full else self.matrix
+        result = self.matrix
+        if self.dim is not None and self.full > self.dim:  # the Matryoshka prefix, re-normalised
+            norms = np.linalg.norm(result, axis=1, keepdims=True)
+            np.divide(result, norms, out=result, where=norms > 0)
         if self.failures:
             first = min(self.failures)
             raise ItemFailedError(

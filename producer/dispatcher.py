@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 CLAIM_CHUNK = 1000
 #: Longest blocking read of the reply stream (below redis-py's socket timeouts).
 MAX_BLOCK = 2.0
-#: Notices fetched per read.
-NOTICES_PER_READ = 256
+#: Notices fetched per read: each carries a task's vectors (up to a few MB), so a read stays bounded.
+NOTICES_PER_READ = 16
 #: Sends of one text before it fails: a task that keeps vanishing is not retried for ever.
 MAX_ATTEMPTS = 3
 #: How often a dispatcher that waits with no progress says so in the log.

@@ -51,10 +51,12 @@ class Settings:
     #: it only stops accidents (a whole file passed as one text).
     max_text_bytes: int = 1 << 20
     #: Producer-side task size: at most this many texts ...
-    task_max_texts: int = 256
-    #: ... and at most this many characters per task. Smaller tasks spread
-    #: better over workers; larger ones cost less broker traffic.
-    task_max_chars: int = 128 * 1024
+    task_max_texts: int = 1024
+    #: ... and at most this many characters per task. Each task costs a worker
+    #: a few Celery round trips and events, so larger tasks cost less per text;
+    #: how tasks spread over workers depends on their concurrency (each holds up
+    #: to EMBQ_CONCURRENCY tasks), not on the task size.
+    task_max_chars: int = 256 * 1024
     #: Texts one client resolves at once (claimed, queued, embedded, not yet
     #: returned). Larger calls are admitted window by window, so memory holds the
     #: result plus this window. To keep a fleet busy from one producer, make it

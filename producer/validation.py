@@ -71,6 +71,6 @@ def validate_options(instruction: Any, dim: Any, timeout: Any, max_bytes: int) -
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0):
         raise InvalidInputError(f"dim must be a positive int or None, got {dim!r}")
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf
+        isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < float(timeout) < math.inf
     ):
         raise InvalidInputError(f"timeout must be a positive, finite number of seconds or None, got {timeout!r}")
