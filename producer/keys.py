@@ -20,8 +20,11 @@ key                        type        TTL                  written by          
 ``embq:attempts:{task_id}`` hash       1 day                workers: starts, and   the worker that runs
                                                             requeues of texts that the task (suspects of
                                                             only waited            an engine death)
-``embq:worker:{host:pid}`` hash        3 x heartbeat        the worker, every      ``embq status``
-                                                            10 s
+``embq:worker:{host:pid}`` hash        3 x heartbeat        the worker, every      ``embq status``,
+                                                            10 s                   ``embq serve``
+``embq:workers``           sorted set  3 x heartbeat,       every worker at each   ``embq serve`` (which
+                                       renewed              beat: name, scored by  workers to read, without
+                                                            its expiry time        a SCAN of the keyspace)
 ``embq:signature:{ns}:{model}`` string ``cache_ttl``,       the first worker of    every worker at start
                                        renewed              the model (SET NX)
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
@@ -57,6 +60,8 @@ QUEUE_PREFIX = f"{PREFIX}."
 
 ATTEMPTS = f"{PREFIX}:attempts:"
 WORKER = f"{PREFIX}:worker:"
+#: Index of the heartbeat hashes: readers fetch O(workers) keys, never SCAN millions of vectors.
+WORKERS = f"{PREFIX}:workers"
 SIGNATURE = f"{PREFIX}:signature:"
 #: What ``embq cache clear`` removes: the vectors and what says which engine made them.
 CACHE_PATTERNS = (VECTOR + "*", SIGNATURE + "*")

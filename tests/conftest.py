@@ -70,11 +70,15 @@ def redis_server() -> Iterator[LocalRedis]:
 
 @pytest.fixture
 def redis_url(redis_server: LocalRedis) -> Iterator[str]:
-    """The session Redis, with every embq key and queue removed after each test."""
+    """The session Redis, with every embq key and queue removed after each test (heartbeats stay)."""
     yield redis_server.url
     client = redis.Redis.from_url(redis_server.url)
     for pattern in ("embq:*", "embq.*"):
-        stale = [key for key in client.scan_iter(match=pattern) if not key.startswith(keys.WORKER.encode())]
+        stale = [
+            key
+            for key in client.scan_iter(match=pattern)
+            if not key.startswith(keys.WORKER.encode()) and key != keys.WORKERS.encode()
+        ]
         if stale:
             client.delete(*stale)
     client.close()

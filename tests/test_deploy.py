@@ -225,6 +225,26 @@ def test_compose_flower() -> None:
     assert "deploy/flower.env" in ignored, "the real env file holds a password"
 
 
+def test_compose_gateway() -> None:
+    svc = service("gateway")
+    assert "profiles" not in svc, "the gateway serves whichever workers run"
+    assert svc["build"]["dockerfile"] == "producer/gateway/Dockerfile"
+    assert svc["env_file"] == "deploy/gateway.env"
+    env = svc["environment"]
+    assert "EMBQ_API_KEYS" not in env, "keys come from the env file, not the compose file"
+    assert env["EMBQ_BROKER_URL"] == "redis://broker:6379/0"
+    assert env["EMBQ_CACHE_URL"] == "redis://cache:6379/0"
+    assert svc["ports"] == ["127.0.0.1:8000:8000"], "bearer keys in clear: loopback only"
+    assert "http://127.0.0.1:8000/health'" in " ".join(svc["healthcheck"]["test"])
+    assert svc["init"] is True
+    assert compose_seconds(svc["stop_grace_period"]) > float(env["EMBQ_REQUEST_TIMEOUT"]), "requests in flight finish"
+    for dependency in ("broker", "cache"):
+        assert svc["depends_on"][dependency]["condition"] == "service_healthy"
+    example = (ROOT / "deploy/gateway.env.example").read_text()
+    assert re.search(r"^EMBQ_API_KEYS=\S+$", example, re.M)
+    assert "deploy/gateway.env" in (ROOT / ".gitignore").read_text().splitlines(), "the real env file holds keys"
+
+
 def test_compose_images_are_pinned() -> None:
     version = project_version()
     for name, svc in compose()["services"].items():
@@ -278,6 +298,19 @@ def test_cpu_dockerfile() -> None:
     assert "useradd --uid 10001" in runs[embq]
     assert json.loads(instruction(steps, "ENTRYPOINT")[-1]) == ["embq", "worker", "--engine", "sentence-transformers"]
     assert json.loads(instruction(steps, "CMD")[-1]) == ["--model", CPU_MODEL]
+    assert instruction(steps, "STOPSIGNAL") == ["SIGTERM"]
+
+
+def test_gateway_dockerfile_is_light() -> None:
+    steps = dockerfile("producer/gateway/Dockerfile")
+    assert "python:3.11-slim" in " ".join(instruction(steps, "ARG"))
+    runs = " ".join(instruction(steps, "RUN"))
+    assert "'.[serve]'" in runs and "torch" not in runs and "[cpu" not in runs, "the producer side only"
+    assert "useradd --uid 10001" in runs
+    assert instruction(steps, "USER") == ["10001"]
+    assert json.loads(instruction(steps, "ENTRYPOINT")[-1]) == ["embq", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    (health,) = instruction(steps, "HEALTHCHECK")
+    assert "http://127.0.0.1:8000/health'" in health
     assert instruction(steps, "STOPSIGNAL") == ["SIGTERM"]
 
 
@@ -635,6 +668,7 @@ def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
     docs = render(f"overlays/{overlay}")
     worker = pod_labels(find(docs, "Deployment", "embq-worker"))
     flower = pod_labels(find(docs, "Deployment", "embq-flower"))
+    gateway = pod_labels(find(docs, "Deployment", "embq-gateway"))
     producer = {"embq.io/producer": "true"}
     stranger = {"app": "something-else"}
     redis = {name: pod_labels(find(docs, "StatefulSet", name)) for name in ("embq-broker", "embq-cache")}
@@ -652,16 +686,17 @@ def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
         {"matchLabels": {"app": "embq-worker"}},
         {"matchLabels": producer},
         {"matchLabels": {"app": "embq-flower"}},
+        {"matchLabels": {"app": "embq-gateway"}},
     ]
-    for labels in (worker, flower, producer):
+    for labels in (worker, flower, producer, gateway):
         assert any(selects(p["podSelector"], labels) for p in peers)
     assert not any(selects(p["podSelector"], stranger) for p in peers)
 
     # Every other policy on the Redis pods lets only KEDA's operator reach the broker.
     for other in of_kind(docs, "NetworkPolicy"):
-        if other is policy:
-            continue
         selector = other["spec"]["podSelector"]
+        if other is policy or not any(selects(selector, labels) for labels in redis.values()):
+            continue
         assert not selects(selector, redis["embq-cache"])
         assert selects(selector, redis["embq-broker"])
         for extra in other["spec"]["ingress"]:
@@ -673,9 +708,12 @@ def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_disruption_budget(overlay: str) -> None:
     docs = render(f"overlays/{overlay}")
-    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    pdb = find(docs, "PodDisruptionBudget", "embq-worker")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert selects(pdb["spec"]["selector"], pod_labels(find(docs, "Deployment", "embq-worker")))
+    for other in of_kind(docs, "PodDisruptionBudget"):
+        if other is not pdb:
+            assert not selects(other["spec"]["selector"], pod_labels(find(docs, "Deployment", "embq-worker")))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -696,3 +734,70 @@ def test_flower(overlay: str) -> None:
     assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(flower))
     assert [p["port"] for p in svc["spec"]["ports"]] == [5555]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    gateway = find(docs, "Deployment", "embq-gateway")
+    assert "replicas" not in gateway["spec"], "the autoscaler owns the replica count"
+    pod = gateway["spec"]["template"]["spec"]
+    c = container(gateway)
+    assert "embq-gateway" in c["image"]
+    assert "nvidia.com/gpu" not in json.dumps(pod), "the gateway needs no GPU"
+    args = c["args"]
+    assert args[args.index("--model") + 1] == worker_model(docs), "the workers' model stays served while none is up"
+    assert secret_ref(c, "EMBQ_API_KEYS") == ("embq-gateway", "api-keys")
+    assert secret_ref(c, "EMBQ_BROKER_URL") == ("embq-redis", "broker-url")
+    assert secret_ref(c, "EMBQ_CACHE_URL") == ("embq-redis", "cache-url")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == 8000
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live", "a Redis outage must not restart gateways"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] in ("http", 8000)
+    timeout = float(env_of(c)["EMBQ_REQUEST_TIMEOUT"]["value"])
+    assert pod["terminationGracePeriodSeconds"] > timeout, "requests in flight finish on SIGTERM"
+    assert "cpu" in c["resources"]["requests"], "the autoscaler's utilization is relative to the CPU request"
+    assert "cpu" not in c["resources"].get("limits", {})
+    security = c["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    annotations = gateway["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8000"
+
+    svc = find(docs, "Service", "embq-gateway")
+    assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(gateway))
+    assert [p["port"] for p in svc["spec"]["ports"]] == [8000]
+
+    hpa = find(docs, "HorizontalPodAutoscaler", "embq-gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", "embq-gateway")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    if overlay == "production":
+        assert hpa["spec"]["minReplicas"] >= 2, "one replica down must not take the API down"
+    pdb = find(docs, "PodDisruptionBudget", "embq-gateway")
+    assert selects(pdb["spec"]["selector"], pod_labels(gateway))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_lets_clients_reach_the_gateway(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    gateway = pod_labels(find(docs, "Deployment", "embq-gateway"))
+    policy = find(docs, "NetworkPolicy", "embq-gateway")
+    spec = policy["spec"]
+    assert selects(spec["podSelector"], gateway)
+    for other in ("embq-worker", "embq-flower"):
+        assert not selects(spec["podSelector"], pod_labels(find(docs, "Deployment", other)))
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert [(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]] == [("TCP", 8000)]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {}, "clients in any namespace"
+    client = {"embq.io/client": "true"}
+    assert selects(peer["podSelector"], client)
+    assert not selects(peer["podSelector"], {"app": "something-else"})

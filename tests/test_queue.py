@@ -92,7 +92,8 @@ def test_bad_input_is_refused_at_once_and_nothing_is_enqueued(make_client: Clien
 def test_a_bare_string_is_never_iterated_as_characters(make_client: Client, r: redis.Redis) -> None:
     with pytest.raises(InvalidInputError, match="wrap it in a list"):
         make_client().embed("hello", timeout=5)
-    assert not [key for key in r.scan_iter(match="embq*") if not key.startswith(keys.WORKER.encode())]
+    heartbeats = (keys.WORKER.encode(), keys.WORKERS.encode())
+    assert not [key for key in r.scan_iter(match="embq*") if not key.startswith(heartbeats)]
 
 
 def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: redis.Redis) -> None:

@@ -1,4 +1,4 @@
-"""The ``embq`` command: ``worker``, ``embed``, ``status``."""
+"""The ``embq`` command: ``worker``, ``embed``, ``serve``, ``status``, ``flower``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_embed(args)
         if args.command == "flower":
             return run_flower(args)
+        if args.command == "serve":
+            return run_serve(args)
         return run_status()
     except EmbqError as e:
         log.error("%s", e)
@@ -84,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, help="seconds to wait for each chunk")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("-q", "--quiet", action="store_true")
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP gateway: POST /v1/embeddings, GET /v1/models")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a model to serve even while no worker of it is online (repeatable); "
+        "models with a worker online are served anyway",
+    )
+    v.add_argument("--access-log", action="store_true", help="log every request (one line each)")
+    v.add_argument("-q", "--quiet", action="store_true")
 
     s = sub.add_parser("status", help="queue depths, workers online, cache size and hit rate")
     s.add_argument("-q", "--quiet", action="store_true")
@@ -158,6 +173,19 @@ def run_flower(args: argparse.Namespace) -> int:
     argv = ["flower", f"--port={args.port}", f"--address={args.address}", *args.flower_args]
     code = app.start(argv)
     return code if isinstance(code, int) else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from producer.gateway.server import serve
+    except ImportError as e:
+        raise ConfigurationError(f"embq serve needs the extra embq[serve]: pip install 'embq[serve]' ({e})") from e
+    from producer.gateway.settings import GatewaySettings
+
+    settings = Settings.from_env()
+    limits = GatewaySettings.from_env(models=tuple(args.model))
+    serve(settings, limits, host=args.host, port=args.port, access_log=args.access_log)
+    return 0
 
 
 def run_status() -> int:

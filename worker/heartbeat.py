@@ -1,7 +1,9 @@
 """A worker's heartbeat in the cache Redis: what ``embq status`` lists as workers online.
 
 A hash per worker process with a short TTL, refreshed by a thread: a worker
-that dies drops off the list by itself within ``HEARTBEAT_TTL``.
+that dies drops off the list by itself within ``HEARTBEAT_TTL``. Each beat also
+enters the worker in the sorted set ``embq:workers`` (scored by the time its
+hash expires), so that a reader finds the workers without scanning the cache.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     def __init__(self, cache: redis.Redis, fields: dict[str, str], progress: Callable[[], dict[str, int]]) -> None:
         self.cache = cache
-        self.key = keys.worker_key(f"{socket.gethostname()}:{os.getpid()}")
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.key = keys.worker_key(self.name)
         self.fields = {**fields, "pid": str(os.getpid()), "started": f"{time.time():.0f}"}
         self.progress = progress
         self.ready = False
@@ -40,9 +43,15 @@ class Heartbeat:
             **{k: str(v) for k, v in self.progress().items()},
             "ready": str(int(self.ready)),
         }
+        now = time.time()
         pipe = self.cache.pipeline(transaction=True)
         pipe.hset(self.key, mapping=mapping)
         pipe.expire(self.key, keys.HEARTBEAT_TTL)
+        pipe.zadd(keys.WORKERS, {self.name: now + keys.HEARTBEAT_TTL})
+        # Entries of workers that died without a word; readers also skip names whose hash is gone,
+        # so a clock that differs between hosts costs nothing but a stale entry for a while.
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now - keys.HEARTBEAT_TTL)
+        pipe.expire(keys.WORKERS, keys.HEARTBEAT_TTL)
         pipe.execute()
 
     def set_ready(self, ready: bool) -> None:
@@ -64,6 +73,9 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         try:
-            self.cache.delete(self.key)
+            pipe = self.cache.pipeline(transaction=True)
+            pipe.zrem(keys.WORKERS, self.name)
+            pipe.delete(self.key)
+            pipe.execute()
         except redis.exceptions.RedisError:
             pass  # it expires by itself

@@ -1,4 +1,4 @@
-"""Private processes for embedded defaults and tests: a ``redis-server`` and worker processes.
+"""Private processes for embedded defaults, tests and benchmarks: ``redis-server``, workers, a gateway.
 
 Everything started here is stopped by its own PID; nothing else is touched.
 """
@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import IO
 
@@ -214,6 +216,84 @@ class LocalWorker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class LocalGateway:
+    """One ``embq serve`` process on a free loopback port; ready once it answers ``/health/live``."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        models: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="embq-gateway-"))
+        self.port = free_port()
+        self.models = models
+        self.python = python or sys.executable
+        self.log_path = self.dir / "gateway.log"
+        base = {k: v for k, v in os.environ.items() if not k.startswith("EMBQ_")}
+        self.env = {**base, **(env or {}), "EMBQ_REDIS_URL": redis_url}
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> LocalGateway:
+        self._log = open(self.log_path, "wb")
+        args = [self.python, "-m", "worker", "serve", "--port", str(self.port)]
+        for model in self.models:
+            args += ["--model", model]
+        self.process = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        log.info("started gateway pid=%d on port %d", self.process.pid, self.port)
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise EmbqError(f"gateway exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health/live", timeout=2) as answer:
+                    return bool(answer.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        try:
+            wait_until(ready, timeout, f"gateway on port {self.port}")
+        except BaseException:
+            self.stop(grace=10)
+            raise
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM (requests in flight finish first), SIGKILL after ``grace``; returns the exit status."""
+        code = None
+        if self.process is not None:
+            code = stop_process(self.process, grace=grace)
+            log.info("stopped gateway pid=%d (exit %s)", self.process.pid, code)
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalGateway:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

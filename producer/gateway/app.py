@@ -1,0 +1,247 @@
+"""The ASGI application: ``/v1/embeddings``, ``/v1/models``, ``/health``, ``/metrics``.
+
+One event loop serves every request; each model has one ``AsyncEmbeddingClient``,
+created on first use and shared by all requests for it (the client is safe to
+share: concurrent calls for the same texts meet at their in-flight markers and
+are computed once). Nothing here blocks the loop but JSON work proportional to
+a request's own size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from producer import keys
+from producer.aio import AsyncEmbeddingClient
+from producer.errors import EmbqError
+from producer.gateway.auth import ApiKeys, BearerAuth
+from producer.gateway.catalog import ModelCatalog, ModelInfo
+from producer.gateway.errors import SERVER, APIError, from_embq
+from producer.gateway.metrics import TEXTS, RequestMetrics
+from producer.gateway.protocol import embedding_response, parse_embedding_request, parse_json
+from producer.gateway.responses import JSON, error_response
+from producer.gateway.settings import GatewaySettings
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds ``/health`` waits for each Redis to answer PING before it calls it unreachable.
+HEALTH_TIMEOUT = 2.0
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class Gateway:
+    """What one gateway process holds: its settings, one client per model, the catalog, Redis for probes."""
+
+    def __init__(self, settings: Settings, limits: GatewaySettings) -> None:
+        self.settings = settings
+        self.limits = limits
+        # Its own small asyncio connections for probes and the catalog: short timeouts, so that
+        # /health answers within HEALTH_TIMEOUT even while Redis is gone.
+        options: dict[str, Any] = {"socket_connect_timeout": HEALTH_TIMEOUT, "socket_timeout": HEALTH_TIMEOUT}
+        self.cache = aioredis.Redis.from_url(settings.cache, **options)
+        same = settings.broker == settings.cache
+        self.broker = self.cache if same else aioredis.Redis.from_url(settings.broker, **options)
+        self.catalog = ModelCatalog(self.cache, limits.models)
+        self.clients: dict[str, AsyncEmbeddingClient] = {}
+        self._healthy: bool | None = None
+
+    def client(self, model: str) -> AsyncEmbeddingClient:
+        """The model's client, created on first use (only for models the catalog serves)."""
+        found = self.clients.get(model)
+        if found is None:
+            found = self.clients[model] = AsyncEmbeddingClient(settings=self.settings, model=model)
+            log.info("serving model %s", model)
+        return found
+
+    async def require_model(self, model: str) -> None:
+        try:
+            served = await self.catalog.serves(model)
+        except REDIS_ERRORS as e:
+            raise unreachable(e) from e
+        if not served:
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist or has no worker online; GET /v1/models lists the models served.",
+                code="model_not_found",
+                param="model",
+            )
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await read_body(request, self.limits.max_request_bytes)
+        query = parse_embedding_request(
+            parse_json(body), max_texts=self.limits.max_request_texts, max_text_bytes=self.settings.max_text_bytes
+        )
+        await self.require_model(query.model)
+        timeout = self.limits.request_timeout
+        try:
+            vectors = await self.client(query.model).embed(
+                query.texts, dim=query.dimensions, instruction=query.instruction, timeout=timeout
+            )
+        except EmbqError as e:
+            raise from_embq(e, model=query.model, timeout=timeout) from e
+        TEXTS.labels(query.model).inc(len(query.texts))
+        return JSON(embedding_response(query, vectors))
+
+    async def models(self, request: Request) -> Response:
+        try:
+            listed = await self.catalog.listed()
+        except REDIS_ERRORS as e:
+            raise unreachable(e) from e
+        return JSON({"object": "list", "data": [model_object(m) for m in listed]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        await self.require_model(name)
+        try:
+            listed = {m.id: m for m in await self.catalog.listed()}
+        except REDIS_ERRORS as e:
+            raise unreachable(e) from e
+        return JSON(model_object(listed.get(name, ModelInfo(name, self.catalog.started, 0))))
+
+    async def health(self, request: Request) -> Response:
+        """Ready to serve: both Redis answer. A load balancer sends traffic only here; liveness is /health/live."""
+        broker, cache = await asyncio.gather(ping(self.broker), ping(self.cache))
+        healthy = broker is None and cache is None
+        if healthy != self._healthy:
+            if healthy:
+                log.info("broker and cache Redis reachable")
+            else:
+                log.warning("not ready: broker Redis %s; cache Redis %s", broker or "ok", cache or "ok")
+            self._healthy = healthy
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "broker": "ok" if broker is None else "unreachable",
+            "cache": "ok" if cache is None else "unreachable",
+        }
+        return JSON(body, status_code=200 if healthy else 503)
+
+    async def live(self, request: Request) -> Response:
+        """The process answers. Independent of Redis: an outage must not make an orchestrator restart gateways."""
+        return JSON({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def watch_workers(self) -> None:
+        """Keep the catalog current, so that a model whose workers are all gone stops being served."""
+        while True:
+            try:
+                await self.catalog.look()
+            except REDIS_ERRORS as e:
+                log.debug("cannot list workers: %s", e)
+            await asyncio.sleep(keys.HEARTBEAT_SECONDS)
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+        await self.cache.aclose()
+        if self.broker is not self.cache:
+            await self.broker.aclose()
+
+
+def model_object(info: ModelInfo) -> dict[str, Any]:
+    return {"id": info.id, "object": "model", "created": info.created, "owned_by": "embq"}
+
+
+def unreachable(error: BaseException) -> APIError:
+    log.error("cache Redis unreachable: %s", error)
+    return APIError(
+        503, "embq's Redis cannot be reached; retry later.", type=SERVER, code="backend_unavailable",
+        headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+async def ping(client: aioredis.Redis) -> str | None:
+    """None when ``client``'s Redis answers PING in time, else why not."""
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            await client.ping()
+    except REDIS_ERRORS as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 from its Content-Length before reading it, or as soon as it passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is {size:,} bytes or more, over the limit of {limit:,} (EMBQ_MAX_REQUEST_BYTES): split it",
+        code="request_too_large",
+    )
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    return error_response(APIError(error.status_code, message, code="not_found" if error.status_code == 404 else None))
+
+
+async def api_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, APIError)
+    return error_response(error)
+
+
+async def internal_error(request: Request, error: Exception) -> Response:
+    return error_response(APIError(500, "internal error; the gateway's log has the details", type=SERVER))
+
+
+def create_app(settings: Settings, limits: GatewaySettings) -> Starlette:
+    gateway = Gateway(settings, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(gateway.watch_workers())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await gateway.close()
+
+    routes = [
+        Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        # Model ids hold slashes (sentence-transformers/all-MiniLM-L6-v2).
+        Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/health/live", gateway.live, methods=["GET"]),
+        Route("/metrics", gateway.metrics, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestMetrics), Middleware(BearerAuth, keys=ApiKeys(limits.api_keys))],
+        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,79 @@
+"""Which models the gateway serves: those named at start, and those with a worker online.
+
+Workers announce themselves in the cache Redis (``embq:workers`` indexes their
+heartbeat hashes, see ``producer.keys``), so a look costs one ZRANGE and one
+HGET per worker, never a SCAN of the vectors. A request for a model seen
+online in the last look is served without any look; a model not seen triggers
+a fresh look (concurrent misses share one; at most ten a second) before the 404.
+A model is served from the moment ``GET /v1/models`` lists it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from producer import keys
+
+log = logging.getLogger(__name__)
+
+#: Seconds a look at the workers is reused for a model not found in it: a flood of
+#: requests for unknown models costs Redis at most 1 / MISS_RECHECK looks a second.
+MISS_RECHECK = 0.1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    #: Unix time its oldest online worker started, or the gateway started for a named model without one.
+    created: int
+    workers: int
+
+
+class ModelCatalog:
+    def __init__(self, cache: Any, named: tuple[str, ...], started: float | None = None) -> None:
+        """``cache``: an asyncio Redis client of the cache Redis."""
+        self.cache = cache
+        self.named = tuple(dict.fromkeys(named))
+        self.started = int(started if started is not None else time.time())
+        self._online: dict[str, ModelInfo] = {}
+        self._looked = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def look(self, max_age: float = 0.0) -> dict[str, ModelInfo]:
+        """Models with a worker online, from a look at most ``max_age`` seconds old.
+
+        Raises redis' errors when the cache is unreachable."""
+        async with self._lock:  # concurrent callers share one look
+            if time.monotonic() - self._looked < max_age:
+                return self._online
+            names = [n.decode() if isinstance(n, bytes) else n for n in await self.cache.zrange(keys.WORKERS, 0, -1)]
+            pipe = self.cache.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(keys.worker_key(name), "model", "started")
+            online: dict[str, ModelInfo] = {}
+            for model, started in await pipe.execute() if names else []:
+                if model is None:  # its hash expired: the worker is gone
+                    continue
+                model = model.decode()
+                since = int(float(started or time.time()))
+                seen = online.get(model)
+                online[model] = ModelInfo(
+                    model, min(since, seen.created) if seen else since, (seen.workers if seen else 0) + 1
+                )
+            self._online, self._looked = online, time.monotonic()
+            return online
+
+    async def listed(self) -> list[ModelInfo]:
+        """What ``GET /v1/models`` shows: named models first, then the others online, by name."""
+        online = await self.look()
+        models = [online.get(m, ModelInfo(m, self.started, 0)) for m in self.named]
+        return models + [online[m] for m in sorted(online) if m not in self.named]
+
+    async def serves(self, model: str) -> bool:
+        if model in self.named or model in self._online:
+            return True
+        return model in await self.look(MISS_RECHECK)

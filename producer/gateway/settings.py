@@ -1,0 +1,53 @@
+"""What the gateway adds to the shared settings: keys, request limits, its time limit.
+
+Read from the environment once, by ``embq serve``; the shared ``Settings``
+(Redis URLs, cache namespace, ...) come from the same environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.settings import read_env
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    """Limits of one HTTP request and who may send one."""
+
+    #: Bearer keys accepted on ``/v1/*``; empty means no key is asked for
+    #: (``embq serve`` says so at start). Comma-separated in ``EMBQ_API_KEYS``.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Texts in one request. OpenAI's own limit; a larger batch is one
+    #: ``embed`` call anyway, so this bounds memory per request, not speed.
+    max_request_texts: int = 2048
+    #: Bytes of one request body. OpenAI caps a request at 300,000 tokens
+    #: (about 1.2 MB of English); 8 MiB leaves room for JSON escapes of other
+    #: scripts while bounding what a single request can make the gateway hold.
+    max_request_bytes: int = 8 * 1024 * 1024
+    #: Seconds a request waits for its vectors before a 504. The work goes on
+    #: and is cached, so a retry (the ``openai`` client retries 504 by itself)
+    #: collects it; raise it for large uncached batches on a busy queue.
+    request_timeout: float = 60.0
+    #: Models always served, with or without a worker online (``--model``).
+    models: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewaySettings:
+        env = os.environ if environ is None else environ
+        values = read_env(cls, env, ENV_NAMES)
+        keys = tuple(k.strip() for k in env.get("EMBQ_API_KEYS", "").split(",") if k.strip())
+        if keys:
+            values["api_keys"] = keys
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+ENV_NAMES: dict[str, str] = {
+    "max_request_texts": "EMBQ_MAX_REQUEST_TEXTS",
+    "max_request_bytes": "EMBQ_MAX_REQUEST_BYTES",
+    "request_timeout": "EMBQ_REQUEST_TIMEOUT",
+}
