@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import stack
+from bench.queue_cost import million, queue_cost
 from bench.workloads import FULL, QUICK, Row, Rows, Sizes, cache_hits, etl_bulk, many_small_producers, scaling
 from worker.engines.sentence_transformers import resolve_model_path
 from worker.local import LocalRedis
@@ -30,7 +31,19 @@ TARGETS = [
     ("ETL bulk: embq vs Infinity", ("ETL bulk", "sentence-transformers", "embq, 1 worker"), ("ETL bulk", "sentence-transformers", "Infinity server"), 0.95),  # noqa: E501
     ("50% duplicates: embq vs Infinity", ("Repeats", "sentence-transformers", "embq, 50% duplicates"), ("Repeats", "sentence-transformers", "Infinity, 50% duplicates"), 1.8),  # noqa: E501
     *[(f"cache hits dim {d}: embed vs MGET", ("Cache hits", "-", f"embq embed, dim {d}"), ("Cache hits", "-", f"raw MGET ceiling, dim {d}"), 0.5) for d in (384, 1024, 2560)],  # noqa: E501
-    ("small producers: embq vs raw engine", ("Small producers", "sentence-transformers", "embq, 64 producers x 1 text"), ("Small producers", "sentence-transformers", "raw engine, same texts batched"), 0.7),  # noqa: E501
+    ("small producers: embq vs raw engine", ("Small producers", "sentence-transformers", "embq, 64 producers x 1 text"), ("Small producers", "sentence-transformers", "raw engine, same texts batched"), 0.85),  # noqa: E501
+    ("bulk short texts: embq vs raw engine", ("Bulk short", "hash", "embq, 1 worker"), ("Bulk short", "hash", "raw engine, in-process"), 0.5),  # noqa: E501
+]  # fmt: skip
+#: (what, row, its note or None for the median, "<=" or ">=", bound): absolute aims.
+LIMITS = [
+    ("queue CPU per text (worker + producer + Redis)", ("Queue CPU", "hash", "queue total"), None, "<=", 30.0),
+    ("64 single-text callers, texts/s", ("Small producers", "hash", "embq, 64 producers x 1 text"), None, ">=", 3000.0),
+    ("64 single-text callers, p50 ms", ("Small producers", "hash", "embq, 64 producers x 1 text"), "p50 ms", "<=", 20.0),  # noqa: E501
+    ("1M texts in one call: first task, s", ("Million", "hash", "1,000,000 texts, uncached"), "first task s", "<=", 1.0),  # noqa: E501
+    ("1M texts in one call: total, s", ("Million", "hash", "1,000,000 texts, uncached"), None, "<=", 60.0),
+    ("1M texts in one call: peak RSS, MB", ("Million", "hash", "1,000,000 texts, uncached"), "peak RSS MB", "<=", 1024.0),  # noqa: E501
+    ("1M cached texts in one call: total, s", ("Million", "hash", "1,000,000 texts, cached"), None, "<=", 8.0),
+    ("1M cached texts in one call: peak RSS, MB", ("Million", "hash", "1,000,000 texts, cached"), "peak RSS MB", "<=", 1229.0),  # noqa: E501
 ]  # fmt: skip
 
 
@@ -54,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     with LocalRedis("--maxmemory-policy", "noeviction") as server:
         url = server.url
         for engine in args.engines:
-            measure_engine(
-                rows, url, engine, sizes, runs, infinity_venv=None if args.no_infinity else args.infinity_venv
-            )
+            assert server.process is not None
+            infinity_venv = None if args.no_infinity else args.infinity_venv
+            measure_engine(rows, url, server.process.pid, engine, sizes, runs, infinity_venv=infinity_venv)
         for run in range(runs):
             log.info("cache hits, run %d/%d", run + 1, runs)
             cache_hits(rows, url, sizes, run)
@@ -68,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_engine(rows: Rows, url: str, engine: str, sizes: Sizes, runs: int, infinity_venv: Path | None) -> None:
+def measure_engine(
+    rows: Rows, url: str, redis_pid: int, engine: str, sizes: Sizes, runs: int, infinity_venv: Path | None
+) -> None:
     raw = stack.load_engine(engine)
     with ExitStack() as stack_of:
         (worker,) = stack_of.enter_context(stack.workers(url, engine, 1))
@@ -86,6 +101,12 @@ def measure_engine(rows: Rows, url: str, engine: str, sizes: Sizes, runs: int, i
             etl_bulk(rows, url, engine, sizes, raw, infinity, run)
             log.info("%s: small producers, run %d/%d", engine, run + 1, runs)
             many_small_producers(rows, url, engine, sizes, worker, raw, run)
+            if engine == "hash":
+                log.info("hash: queue CPU per text, run %d/%d", run + 1, runs)
+                queue_cost(rows, url, redis_pid, worker, run)
+        if engine == "hash":
+            log.info("hash: %d texts in one call", sizes.million)
+            million(rows, url, sizes.million, 0)
 
 
 def render(rows: Rows, runs: int) -> str:
@@ -109,6 +130,14 @@ def render(rows: Rows, runs: int) -> str:
         if measured in by_key and against in by_key:
             value = by_key[measured].median / by_key[against].median
             lines.append(f"  {what:<40} {value:6.2f}  (aim >= {least}) {'met' if value >= least else 'MISSED'}")
+    for what, key, note, sense, bound in LIMITS:
+        if key in by_key:
+            row = by_key[key]
+            value = float(np.median(row.notes[note])) if note else row.median
+            met = value <= bound if sense == "<=" else value >= bound
+            lines.append(
+                f"  {what:<48} {format_number(value):>8}  (aim {sense} {bound:g}) {'met' if met else 'MISSED'}"
+            )
     return "\n".join(lines) + "\n"
 
 

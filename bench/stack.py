@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,6 +35,10 @@ class Worker:
         self.model = MODELS[engine]
         settings = {"EMBQ_METRICS_PORT": str(self.port), **env}
         self.process = LocalWorker(redis_url, engine=engine, model=self.model, env=settings)
+
+    def psutil(self) -> psutil.Process:
+        assert self.process.process is not None, "the worker is not running"
+        return psutil.Process(self.process.process.pid)
 
     def engine_calls(self) -> tuple[float, float]:
         """(engine calls, texts in them) so far."""

@@ -31,6 +31,7 @@ class Sizes:
     small: dict[str, int]  # texts sent one by one by the small producers, by engine
     hits: int  # cached vectors read per dimension
     scaling: int  # texts per scaling run
+    million: int  # texts of the one-call workload
     runs: int
 
 
@@ -39,6 +40,7 @@ FULL = Sizes(
     small={"sentence-transformers": 2_000, "hash": 20_000},
     hits=100_000,
     scaling=40_000,
+    million=1_000_000,
     runs=3,
 )
 QUICK = Sizes(
@@ -46,6 +48,7 @@ QUICK = Sizes(
     small={"sentence-transformers": 128, "hash": 1_000},
     hits=5_000,
     scaling=4_000,
+    million=100_000,
     runs=2,
 )
 

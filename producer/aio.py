@@ -71,6 +71,7 @@ class AsyncEmbeddingClient:
         driver = self._get_driver()
         await driver.submit(call)
         await driver.wait(call)
+        call.count(self.model)
         return call.result(self.queue)
 
     def _get_driver(self) -> AsyncDriver:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from producer import metrics
 from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
 
 
@@ -111,6 +112,10 @@ class Call:
     def cancel(self) -> None:
         """The caller gave up (Ctrl-C): the dispatcher releases what only this call wanted."""
         self.cancelled = True
+
+    def count(self, model: str) -> None:
+        """Into the client's Prometheus counters."""
+        metrics.count_call(model, self.cached, self.computed, self.waited, self.failed, time.monotonic() - self.arrived)
 
     def result(self, queue: str) -> np.ndarray:
         """The caller's side, once finished: the rows, or the error they end in."""

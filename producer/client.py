@@ -13,7 +13,7 @@ import numpy as np
 import redis
 from celery import Celery
 
-from producer import keys, metrics
+from producer import keys
 from producer.backend import connect
 from producer.call import Call
 from producer.contract import TASK_EMBED, describe_task, make_celery
@@ -78,11 +78,10 @@ class EmbeddingClient:
             return np.zeros((0, dim or 0), dtype=np.float32)
         deadline = None if timeout is None else time.monotonic() + timeout
         call = Call(items, instruction, dim=dim, deadline=deadline)
-        started = time.monotonic()
         driver = self.driver()
         driver.submit(call)
         driver.wait(call)
-        self._count(call, time.monotonic() - started)
+        call.count(self.model)
         return call.result(self.queue)
 
     def embed_iter(
@@ -118,15 +117,6 @@ class EmbeddingClient:
             if self._driver is None or self._driver.pid != os.getpid():
                 self._driver = ThreadDriver(self.settings)
             return self._driver
-
-    def _count(self, call: Call, seconds: float) -> None:
-        missed = call.computed + call.waited + call.failed
-        metrics.CACHE_HITS.labels(self.model).inc(call.cached)
-        metrics.CACHE_MISSES.labels(self.model).inc(missed)
-        metrics.TEXTS_SENT.labels(self.model).inc(call.computed)
-        metrics.TEXTS_WAITED.labels(self.model).inc(call.waited)
-        if missed:
-            metrics.WAIT_SECONDS.labels(self.model).observe(seconds)
 
     def close(self) -> None:
         """Stop the dispatcher and release connections. Texts still queued keep their claims, so that

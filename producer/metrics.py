@@ -20,3 +20,15 @@ WAIT_SECONDS = Histogram(
     ["model"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
 )
+
+
+def count_call(model: str, cached: int, computed: int, waited: int, failed: int, seconds: float) -> None:
+    """One finished call: distinct texts found cached, computed by its client's tasks, computed for
+    another producer, failed; and how long it waited when it had misses."""
+    missed = computed + waited + failed
+    CACHE_HITS.labels(model).inc(cached)
+    CACHE_MISSES.labels(model).inc(missed)
+    TEXTS_SENT.labels(model).inc(computed)
+    TEXTS_WAITED.labels(model).inc(waited)
+    if missed:
+        WAIT_SECONDS.labels(model).observe(seconds)

@@ -108,6 +108,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
                 raise StopIteration
             start, call = self._pending.popleft()
             self.client.driver().wait(call)
+            call.count(self.client.model)
             self.cached += call.cached
             self.computed += call.computed
             self.waited += call.waited
