@@ -174,7 +174,7 @@ class Dispatcher:
             digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
             yield from self._claim(digests, count=False)
         now = time.monotonic()
-        self.calls = [c for c in self.calls if not (c.finished or c.expire(now))]
+        self._drop_expired(now)
         if now >= self.next_tick:
             yield from self._tick()
             self.next_tick = time.monotonic() + self.tick
@@ -435,19 +435,30 @@ class Dispatcher:
     def _drop_cancelled(self) -> Generator[Op, Any, None]:
         """Calls the caller gave up on: forget their rows, release what only they wanted."""
         cancelled = {c for c in self.calls if c.cancelled and not c.finished}
-        if not cancelled:
-            return
+        if cancelled:
+            for call in cancelled:
+                call.finish()
+            yield from self._release(self._forget(cancelled))
+
+    def _drop_expired(self, now: float) -> None:
+        """Calls past their deadline end with a timeout; texts only they wanted are no longer watched.
+        Texts of ours stay claimed and tracked: their tasks are queued, a later call collects them."""
+        expired = {c for c in self.calls if c.expire(now)}
+        if expired:
+            self._forget(expired, keep_ours=True)
+        self.calls = [c for c in self.calls if not c.finished]
+
+    def _forget(self, calls: set[Call], keep_ours: bool = False) -> list[str]:
+        """Drop the rows of ``calls``; returns the digests of ours no row waits for any more."""
         orphans: list[str] = []
         pending = self.entries
         for digest, slot in list(pending.slots.items()):
-            if pending.forget(slot, cancelled):
+            if pending.forget(slot, calls) and not (keep_ours and pending.states[slot] == OURS):
                 state, _ = pending.take(digest)  # type: ignore[misc]
                 if state == OURS:
                     orphans.append(digest)
-        for call in cancelled:
-            call.finish()
-        self.active = deque(c for c in self.active if c not in cancelled)
-        yield from self._release(orphans)
+        self.active = deque(c for c in self.active if c not in calls)
+        return orphans
 
     def _release(self, digests: list[str]) -> Generator[Op, Any, None]:
         """Delete our markers of ``digests`` and tell whoever watches them to claim them again."""
