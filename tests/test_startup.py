@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,29 @@ def test_the_banner_shows_the_url_as_given(start_worker: Callable[..., LocalWork
     with LocalRedis(password=secret) as server, LocalWorker(server.url, engine="hash", model="test/banner") as guarded:
         log = guarded.log_path.read_text()
     assert f"transport:   redis://:***@127.0.0.1:{server.port}/0" in log and secret not in log
+
+
+@pytest.mark.model
+def test_a_model_in_the_hugging_face_cache_is_found_there_without_the_hub(
+    tmp_path: Path, start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient]
+) -> None:
+    from worker.engines.checkpoint import local_model_dir
+
+    original = local_model_dir("sentence-transformers/all-MiniLM-L6-v2")
+    assert original is not None
+    repo, commit = tmp_path / "hub" / "models--someone--minilm-copy", "0123456789abcdef" * 2 + "01234567"
+    shutil.copytree(original, repo / "snapshots" / commit, copy_function=os.symlink)  # the cache's own layout
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    worker = start_worker(
+        "someone/minilm-copy", engine="sentence-transformers", env={"HF_HUB_CACHE": str(tmp_path / "hub")}
+    )
+    texts = ["found in the cache", "no network needed"]
+    vectors = make_client(model="someone/minilm-copy").embed(texts, timeout=120)
+    from sentence_transformers import SentenceTransformer
+
+    want = SentenceTransformer(str(original), device="cpu").encode(texts, normalize_embeddings=True)
+    assert (vectors * want).sum(axis=1).min() >= 0.999
+    log = worker.log_path.read_text()
+    assert f"from {repo / 'snapshots' / commit}" in log
+    assert "Retrying" not in log and "huggingface.co" not in log and "ERROR" not in log

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 EXIT_START_FAILED = 3
 #: Exit status of a worker whose engine died while serving (its tasks went back to the queue).
 EXIT_ENGINE_DEAD = 4
+#: Seconds a heartbeat, signature or shutdown command may wait for the cache Redis: they are tiny,
+#: and a shutdown must not wait long for a Redis that hangs.
+CONTROL_TIMEOUT = 2.0
 #: Eviction policies that may drop queue keys when broker and cache share a Redis.
 UNSAFE_EVICTION = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
@@ -52,7 +55,7 @@ class Runtime:
         self.batcher: Batcher | None = None
         self.cache: redis.Redis = connect(settings.shared.cache)
         #: For the heartbeat, the signature and shutdown: never retries, so a lost Redis delays nothing.
-        self.control: redis.Redis = connect_once(settings.shared.cache)
+        self.control: redis.Redis = connect_once(settings.shared.cache, timeout=CONTROL_TIMEOUT)
         self.signature = SignatureGuard(self.control, settings.shared)
         #: The port /metrics is served on (0: none), which may differ from the one asked for.
         self.metrics_port = 0
@@ -340,8 +343,8 @@ def create_app(settings: WorkerSettings) -> Celery:
             return
         try:
             check_pool(sender.pool_cls)
-        except ConfigurationError:
-            log.critical("worker cannot start", exc_info=True)
+        except ConfigurationError as e:
+            log.critical("worker cannot start: %s", e)
             raise SystemExit(EXIT_START_FAILED) from None
 
     def on_ready(sender: Any, **_: Any) -> None:

@@ -124,7 +124,14 @@ class SentenceTransformersEngine:
             # passes of 8 and at 28 with passes of 32 (and 94 vs 89 for calls of 520).
             # A GPU needs wide passes to be busy.
             self.batch_size = CPU_PASS if self._model.device.type == "cpu" else GPU_PASS
-        log.info("loaded %s on %s: dim=%d max_tokens=%d", self.model_id, self._model.device, self.dim, self.max_tokens)
+        log.info(
+            "loaded %s from %s on %s: dim=%d max_tokens=%d",
+            self.model_id,
+            path,
+            self._model.device,
+            self.dim,
+            self.max_tokens,
+        )
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not self.truncate:
