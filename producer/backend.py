@@ -10,10 +10,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+from kombu import Connection
 from kombu.exceptions import OperationalError
 from redis._parsers import Encoder
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
@@ -31,6 +32,24 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+class RedactedConnection(Connection):
+    """kombu's connection whose ``as_uri`` (Celery's startup banner, its connection errors) shows the
+    URL as given, with ``***`` for the password only when there is one: kombu's own writes
+    ``redis://:**@localhost`` for a URL without any."""
+
+    def as_uri(self, include_password: Any = False, mask: Any = "**", *args: Any, **kwargs: Any) -> str:
+        uri = str(super().as_uri(True, mask, *args, **kwargs))
+        return uri if include_password else redact(uri)
+
+
+def redis_reason(error: BaseException) -> str:
+    """What Redis said, without the command that failed: a pipeline's error names its command
+    with every argument (vectors included), which must never reach a log or a caller."""
+    text = str(error.args[0]) if error.args else type(error).__name__
+    _, marker, reason = text.partition(" of pipeline caused error: ")
+    return reason if marker else text
 
 
 T = TypeVar("T")
@@ -93,25 +112,39 @@ COMMAND_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).en
 
 def connect(url: str) -> redis.Redis:
     """A pooled client; it connects on first use. Binary replies: vectors are bytes."""
+    tcp: dict[str, Any] = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
     return redis.Redis.from_url(
         url,
         health_check_interval=30,
-        socket_keepalive=True,
         retry=ConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         command_packer=COMMAND_PACKER,
+        **tcp,
     )
 
 
 def aconnect(url: str) -> redis.asyncio.Redis:
     """``connect`` for redis-py's asyncio client (which packs commands without copying large arguments)."""
+    tcp: dict[str, Any] = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
     return redis.asyncio.Redis.from_url(
         url,
         health_check_interval=30,
-        socket_keepalive=True,
         retry=AsyncConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        **tcp,
     )
+
+
+def connect_once(url: str, timeout: float = 5.0) -> redis.Redis:
+    """A client that never retries and waits at most ``timeout`` seconds per command: for heartbeats,
+    start-up probes and shutdown, where riding out an outage would only delay what comes next."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, retry=Retry(NoBackoff(), 0), **_connect_timeout(url, timeout)
+    )
+
+
+def _connect_timeout(url: str, timeout: float) -> dict[str, Any]:
+    return {} if urlsplit(url).scheme == "unix" else {"socket_connect_timeout": timeout}
 
 
 @contextmanager

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ssl
 import time
 from typing import Any, NotRequired, TypedDict
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from celery import Celery
+from celery.app.amqp import AMQP
 
+from producer.backend import RedactedConnection
 from producer.keys import queue_name
 from producer.settings import TASK_TEXTS_LIMIT, Settings
 
@@ -77,6 +79,16 @@ def broker_tls(url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
+def kombu_url(url: str) -> str:
+    """The broker URL as kombu spells it: redis-py's ``unix:///path?db=N`` is kombu's
+    ``redis+socket:///path?virtual_host=N``; other URLs are the same for both."""
+    parts = urlsplit(url)
+    if parts.scheme != "unix":
+        return url
+    query = urlencode([("virtual_host", v) if k == "db" else (k, v) for k, v in parse_qsl(parts.query)])
+    return f"redis+socket://{parts.path}" + (f"?{query}" if query else "")
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings both sides must share; the worker adds its own on top."""
     transport = {
@@ -90,7 +102,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
     }
     config: dict[str, Any] = {
-        "broker_url": settings.broker,
+        "broker_url": kombu_url(settings.broker),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         # No pickle anywhere: a pickled message is refused, not executed.
@@ -120,8 +132,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+class _AMQP(AMQP):
+    """Celery's messaging layer with connections that show their URL honestly (see ``RedactedConnection``)."""
+
+    Connection = RedactedConnection
+
+
 def make_celery(settings: Settings, main: str = "embq") -> Celery:
     """A Celery app configured for ``settings.model``; it does not connect until used."""
-    app = Celery(main, set_as_current=False)
+    app = Celery(main, set_as_current=False, amqp=_AMQP)
     app.conf.update(celery_config(settings))
     return app

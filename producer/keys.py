@@ -26,7 +26,8 @@ key                        type        TTL                  written by          
                                        renewed              beat: name, scored by  workers to read, without
                                                             its expiry time        a SCAN of the keyspace)
 ``embq:signature:{ns}:{model}`` string ``cache_ttl``,       the first worker of    every worker at start
-                                       renewed              the model (SET NX)
+                                       renewed by every     the model (SET NX):    and at each heartbeat
+                                       heartbeat            JSON, see below
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
@@ -42,6 +43,27 @@ lower-cased: "a b" and "a  b" are different texts with different vectors.
 
 The cache keys live in the cache Redis; the queue list lives in the broker
 Redis. Only cache-side keys carry a TTL.
+
+**One kind of vectors per model id and namespace.** The digest names the model
+id, not the engine that computes its vectors: a ``hash`` worker and a
+``sentence-transformers`` worker started with the same ``--model`` would both
+serve its queue and write under the same keys, and producers would read either
+kind for 30 days. embq could have put the engine into the digest instead, but
+producers do not know which engine serves a model (that is the point of the
+queue), and a different checkpoint or dimension under one engine name would
+still collide. So a worker whose vectors cannot match the cached ones refuses
+to start. What produces the vectors is its *signature* (``worker.signature``):
+the engine, the dimension, a fingerprint of the checkpoint (the hash of its
+configuration and tokenizer files and of its weights' names and sizes, plus
+options that change what it computes, such as quantisation or random weights),
+the instruction format, and where it cuts long texts if it does. The first
+worker stores it at ``signature_key`` (SET NX, TTL ``cache_ttl``) and running
+workers renew it with their heartbeat, so it outlives every vector it vouches
+for. A worker that finds another signature there exits (status 3) naming both:
+serve the other engine under another model id or ``EMBQ_CACHE_NAMESPACE``, or
+empty the cache with ``embq cache clear``, which removes the signature with the
+vectors. Numeric precision (``EMBQ_DTYPE``, float16 storage) is not part of
+it: it moves vectors by ~1e-3, not to other vectors.
 """
 
 from __future__ import annotations

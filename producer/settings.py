@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from producer.errors import ConfigurationError
 
@@ -69,6 +71,10 @@ class Settings:
     coalesce_ms: float = dataclasses.field(default=2.0, metadata={"zero_means": "no coalescing"})
 
     def __post_init__(self) -> None:
+        for name in ("redis_url", "broker_url", "cache_url"):
+            url = getattr(self, name)
+            if url:
+                check_redis_url(f"{name} ({ENV_NAMES[name]})", url)
         if self.task_max_texts > TASK_TEXTS_LIMIT:
             raise ConfigurationError(
                 f"EMBQ_TASK_MAX_TEXTS={self.task_max_texts} exceeds {TASK_TEXTS_LIMIT}, the most a worker accepts"
@@ -109,6 +115,44 @@ ENV_NAMES: dict[str, str] = {
     "inflight_texts": "EMBQ_INFLIGHT_TEXTS",
     "coalesce_ms": "EMBQ_COALESCE_MS",
 }
+
+
+#: The forms a Redis URL may take, for error messages.
+URL_FORMS = "redis://[[user]:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/redis.sock[?db=N]"
+
+
+def check_redis_url(setting: str, url: str) -> None:
+    """Raise ``ConfigurationError`` naming ``setting`` unless ``url`` is a Redis URL redis-py and kombu both take.
+
+    Checked here, where settings are made, so that a scheme-less ``localhost:6379``
+    fails with the expected form rather than deep inside redis-py or kombu."""
+    shown = _without_password(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (parsing the port raises for a non-number)
+    except ValueError as e:
+        raise ConfigurationError(f"{setting}={shown!r} is not a Redis URL ({e}); expected {URL_FORMS}") from e
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(f"{setting}={shown!r} is not a Redis URL: it needs a scheme; expected {URL_FORMS}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigurationError(f"{setting}={shown!r} names no socket path; expected {URL_FORMS}")
+        db = parse_qs(parts.query).get("db", ["0"])[-1]
+    else:
+        if not parts.hostname:
+            raise ConfigurationError(f"{setting}={shown!r} names no host; expected {URL_FORMS}")
+        db = parts.path.lstrip("/") or parse_qs(parts.query).get("db", ["0"])[-1]
+    if not db.isdigit():
+        raise ConfigurationError(f"{setting}={shown!r}: database {db!r} is not a number; expected {URL_FORMS}")
+
+
+#: ``[scheme://]user:password@`` at the start of a URL, with or without its scheme.
+_CREDENTIALS = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*):[^/@]*@")
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password masked, even when the URL is malformed (it is shown in the error)."""
+    return _CREDENTIALS.sub(r"\1:***@", url)
 
 
 def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, Any]:

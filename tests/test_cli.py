@@ -123,7 +123,7 @@ def test_status_shows_queues_and_counters(
     done = embq("status", env=clean_env(EMBQ_REDIS_URL=redis_url))
     assert done.returncode == 0, done.stderr
     row = next(line for line in done.stdout.splitlines() if line.startswith(HASH_MODEL))
-    assert row.split()[-2:] == ["7", "0"]  # texts embedded, failed
+    assert row.split()[-3:] == ["7", "0", "0.0%"]  # texts embedded, failed, cache hit rate
     assert row.split()[2] == "1"  # workers online for the model
     worker = next(line for line in done.stdout.splitlines() if f" {HASH_MODEL} " in line and "ready" in line)
     assert " hash " in worker and "not ready" not in worker

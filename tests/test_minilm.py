@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from producer import EmbeddingClient
+from producer import EmbeddingClient, ItemFailedError
 from producer.settings import DEFAULT_MODEL
 from worker.engines.sentence_transformers import resolve_model_path
 from worker.local import LocalWorker
@@ -37,7 +37,8 @@ def reference() -> object:
 def test_queue_vectors_equal_the_models_own(
     start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], reference: object
 ) -> None:
-    start_worker(DEFAULT_MODEL, engine="sentence-transformers")
+    # TEXTS has one text over the model's 256 tokens: cut, as the model itself does, only when asked.
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers", env={"EMBQ_TRUNCATE": "1"})
     client = make_client(model=DEFAULT_MODEL)
     out = client.embed(TEXTS, timeout=300)
     want = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)  # type: ignore[attr-defined]
@@ -52,3 +53,38 @@ def test_queue_vectors_equal_the_models_own(
     small = client.embed(TEXTS, dim=128, timeout=300)
     head = want[:, :128] / np.linalg.norm(want[:, :128], axis=1, keepdims=True)
     assert (small * head).sum(axis=1).min() >= 0.999
+
+
+#: About 400 tokens (one per word), and 1 MiB, the largest text a producer sends.
+LONG = " ".join(f"word{i % 10}" for i in range(400))
+HUGE = "x " * (1 << 19)
+FITS = "a text well inside the model's context, " * 10
+
+
+def test_a_text_over_the_context_fails_alone_with_its_token_count(
+    start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], reference: object
+) -> None:
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers")
+    texts = ["first", LONG, FITS, HUGE, FITS + LONG]
+    with pytest.raises(ItemFailedError) as info:
+        make_client(model=DEFAULT_MODEL).embed(texts, timeout=300)
+    failures = info.value.failures
+    assert set(failures) == {1, 3, 4}  # text-plus-more no longer gets the vector of its beginning
+    tokenizer = reference.tokenizer  # type: ignore[attr-defined]
+    for index in failures:
+        count = len(tokenizer(texts[index], verbose=False)["input_ids"])
+        assert f"({count} tokens)" in failures[index] and "(256 tokens)" in failures[index], failures[index]
+        assert "EMBQ_TRUNCATE" in failures[index]
+    want = reference.encode(["first", FITS], normalize_embeddings=True)  # type: ignore[attr-defined]
+    assert (info.value.vectors[[0, 2]] * want).sum(axis=1).min() >= 0.999  # type: ignore[index]
+
+
+def test_with_truncation_on_long_texts_are_cut_as_the_model_does(
+    start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], reference: object
+) -> None:
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers", env={"EMBQ_TRUNCATE": "true"})
+    texts = [LONG, LONG + " and more words past the cut", HUGE]
+    out = make_client(model=DEFAULT_MODEL).embed(texts, timeout=300)
+    want = reference.encode(texts, normalize_embeddings=True)  # type: ignore[attr-defined]
+    assert (out * want).sum(axis=1).min() >= 0.999
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # both cut at 256 tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,19 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 
 from producer import keys
-from producer.backend import connect, redact
+from producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
 from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
-from producer.errors import ConfigurationError, EmbqError
+from producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
 from producer.keys import queue_name
 from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
+from worker.signature import SignatureGuard, signature_of
 from worker.store import ResultStore
 from worker.tasks import run_embed
 
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 EXIT_START_FAILED = 3
 #: Exit status of a worker whose engine died while serving (its tasks went back to the queue).
 EXIT_ENGINE_DEAD = 4
+#: Seconds a heartbeat, signature or shutdown command may wait for the cache Redis: they are tiny,
+#: and a shutdown must not wait long for a Redis that hangs.
+CONTROL_TIMEOUT = 2.0
 #: Eviction policies that may drop queue keys when broker and cache share a Redis.
 UNSAFE_EVICTION = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
@@ -50,6 +56,11 @@ class Runtime:
         self.batcher: Batcher | None = None
         self.cache: redis.Redis = connect(settings.shared.cache)
         self.store = ResultStore(self.cache, settings.shared.model, settings.shared.cache_ttl)
+        #: For the heartbeat, the signature and shutdown: never retries, so a lost Redis delays nothing.
+        self.control: redis.Redis = connect_once(settings.shared.cache, timeout=CONTROL_TIMEOUT)
+        self.signature = SignatureGuard(self.control, settings.shared)
+        #: The port /metrics is served on (0: none), which may differ from the one asked for.
+        self.metrics_port = 0
         #: Why the engine died, once it has; the worker then stops and exits.
         self.dead: str | None = None
         #: The status the worker process must exit with, when not 0.
@@ -64,11 +75,17 @@ class Runtime:
         # A ready file left by a killed predecessor (a restarted container keeps /tmp)
         # must not pass the probes before this engine is loaded.
         self.set_ready(False)
+        wait_for_redis("broker", s.shared.broker, s.redis_wait)
+        if s.shared.cache != s.shared.broker:
+            wait_for_redis("cache", s.shared.cache, s.redis_wait)
         check_eviction_policy(s)
-        log.info("loading engine %s for model %s", s.engine, s.shared.model)
         engine = create_engine(s.engine, s.shared.model, **s.engine_options())
+        # Before gigabytes are loaded: a worker whose vectors cannot match the cached ones stops here.
+        self.signature.check(signature_of(engine))
+        log.info("loading engine %s for model %s", s.engine, s.shared.model)
+        self.engine = engine  # closed by stop() whatever happens next
         engine.load()
-        self.engine = engine
+        self.signature.claim(signature_of(engine))
         self.batcher = Batcher(
             engine,
             max_tokens=s.batch_tokens,
@@ -78,10 +95,21 @@ class Runtime:
         )
         self.batcher.start()
         metrics.ENGINE_LOADED.set(1)
-        metrics.serve(s.metrics_port, s.shared.model, s.engine)
-        self.heartbeat = Heartbeat(self.cache, {"model": s.shared.model, "engine": s.engine}, self.progress)
+        self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)
+        fields = {"model": s.shared.model, "engine": s.engine, "metrics_port": str(self.metrics_port)}
+        self.heartbeat = Heartbeat(self.control, fields, self.progress, also=self.renew_signature)
         self.heartbeat.start()
         log.info("engine ready: dim=%d, consuming queue %s", engine.dim, queue_name(s.shared.model))
+
+    def renew_signature(self) -> None:
+        """At every heartbeat: a worker of another kind that took the model's signature (after
+        ``embq cache clear`` removed ours) makes this one stop rather than mix vectors."""
+        conflict = self.signature.renew()
+        if conflict is not None and self.exit_code is None:
+            self.exit_code = EXIT_START_FAILED
+            self.set_ready(False)
+            log.critical("stopping: %s", conflict)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def progress(self) -> dict[str, int]:
         batcher = self.batcher
@@ -117,6 +145,7 @@ class Runtime:
             self.engine.close()
             metrics.ENGINE_LOADED.set(0)
         self.cache.close()
+        self.control.close()
 
     def embed(self, payload: Any, task_id: str, split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
         if self.engine is None or self.batcher is None:
@@ -158,6 +187,43 @@ class Runtime:
         return Reject(str(stopped), requeue=True)
 
 
+def wait_for_redis(role: str, url: str, wait: float) -> None:
+    """Return once the Redis at ``url`` answers; raise ``BackendUnavailableError`` after ``wait`` seconds.
+
+    A worker that cannot reach its Redis at start says so in one line and exits
+    (status 3) for its orchestrator to restart, rather than retrying unseen;
+    SIGTERM during the wait stops it at once."""
+    client = connect_once(url, timeout=min(5.0, wait))
+    deadline = time.monotonic() + wait
+    variable = {"broker": "EMBQ_BROKER_URL", "cache": "EMBQ_CACHE_URL"}[role]
+    warned = False
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.RedisError as e:
+                reason = redis_reason(e)
+                if will_not_heal(e):
+                    raise BackendUnavailableError(
+                        f"{role} Redis at {redact(url)} refused this worker: {reason}"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise BackendUnavailableError(
+                        f"{role} Redis at {redact(url)} did not answer within {wait:.0f}s ({reason}): "
+                        f"start it, or set EMBQ_REDIS_URL (or {variable}) to one that runs"
+                    ) from None
+                if not warned:
+                    log.warning(
+                        "%s Redis at %s does not answer (%s); waiting up to %.0fs", role, redact(url), reason, wait
+                    )
+                    warned = True
+            worker_state.maybe_shutdown()  # SIGTERM while waiting: Celery's warm shutdown, now
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+    finally:
+        client.close()
+
+
 def check_eviction_policy(settings: WorkerSettings) -> None:
     """Warn when the broker's Redis may evict queued tasks.
 
@@ -166,17 +232,21 @@ def check_eviction_policy(settings: WorkerSettings) -> None:
     drop queued tasks to make room for vectors.
     """
     shared = settings.shared
-    broker = connect(shared.broker)
+    broker = connect_once(shared.broker)
+    cache = connect_once(shared.cache)
     try:
         policy = broker.config_get("maxmemory-policy").get("maxmemory-policy")
-        shared_server = shared.broker == shared.cache or same_server(broker, connect(shared.cache))
+        shared_server = shared.broker == shared.cache or same_server(broker, cache)
     except redis.exceptions.RedisError as e:
         log.warning(
             "could not read maxmemory-policy of the broker %s (%s): make sure it is noeviction",
             redact(shared.broker),
-            e,
+            redis_reason(e),
         )
         return
+    finally:
+        broker.close()
+        cache.close()
     if policy in UNSAFE_EVICTION:
         log.warning(
             "the broker Redis %s has maxmemory-policy %s: it can evict queued tasks%s. "
@@ -205,12 +275,25 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
                 log.critical("worker cannot start: %s", e)
                 runtime.exit_code = EXIT_START_FAILED
                 raise SystemExit(EXIT_START_FAILED) from None
+            except redis.exceptions.RedisError as e:
+                log.critical("worker cannot start: the cache Redis failed: %s", refusal(e))
+                runtime.exit_code = EXIT_START_FAILED
+                raise SystemExit(EXIT_START_FAILED) from None
             except Exception:
                 log.critical("worker cannot start: its engine did not load", exc_info=True)
                 runtime.exit_code = EXIT_START_FAILED
                 raise SystemExit(EXIT_START_FAILED) from None
 
     return EngineStep
+
+
+def refusal(error: redis.exceptions.RedisError) -> str:
+    """Redis's reason for refusing a command, with what to do when it is a full cache."""
+    reason = redis_reason(error)
+    if isinstance(error, redis.exceptions.OutOfMemoryError) or "maxmemory" in reason:
+        advice = "the cache is full and may not evict: give it maxmemory-policy allkeys-lru, as production caches have"
+        reason = f"out of memory: {reason} ({advice}, or more memory)"
+    return reason
 
 
 def check_pool(pool_cls: Any) -> None:
@@ -244,9 +327,18 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     def embed(self: Any, payload: Any) -> dict[str, int]:
         try:
-            return runtime.embed(payload, self.request.id, lambda part, index: send_part(self.request.id, part, index))
-        except BatcherStopped as e:
-            raise runtime.requeue(self.request.id, e) from e
+            try:
+                return runtime.embed(
+                    payload, self.request.id, lambda part, index: send_part(self.request.id, part, index)
+                )
+            except BatcherStopped as e:
+                raise runtime.requeue(self.request.id, e) from e
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            raise  # retried (autoretry_for)
+        except redis.exceptions.RedisError as e:
+            # Celery logs a failed task's exception and sends it to Flower; a pipeline's error names
+            # its command with every argument, vectors included: only Redis's reason goes on.
+            raise BackendUnavailableError(f"the cache Redis refused a command: {refusal(e)}") from None
 
     queue = queue_name(settings.shared.model)
 
@@ -261,8 +353,8 @@ def create_app(settings: WorkerSettings) -> Celery:
             return
         try:
             check_pool(sender.pool_cls)
-        except ConfigurationError:
-            log.critical("worker cannot start", exc_info=True)
+        except ConfigurationError as e:
+            log.critical("worker cannot start: %s", e)
             raise SystemExit(EXIT_START_FAILED) from None
 
     def on_ready(sender: Any, **_: Any) -> None:

@@ -19,13 +19,25 @@ from typing import Any
 import redis
 
 from producer import keys
+from producer.backend import redis_reason
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, cache: redis.Redis, fields: dict[str, str], progress: Callable[[], dict[str, int]]) -> None:
+    """``cache`` should not retry (``producer.backend.connect_once``): a beat that fails is
+    simply the next one's job, and a shutdown must not wait for a Redis that is gone.
+    ``also`` runs at every beat (the worker renews its engine signature there)."""
+
+    def __init__(
+        self,
+        cache: redis.Redis,
+        fields: dict[str, str],
+        progress: Callable[[], dict[str, int]],
+        also: Callable[[], None] | None = None,
+    ) -> None:
         self.cache = cache
+        self.also = also
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.key = keys.worker_key(self.name)
         self.fields = {**fields, "pid": str(os.getpid()), "started": f"{time.time():.0f}"}
@@ -60,14 +72,19 @@ class Heartbeat:
         try:
             self.beat()
         except redis.exceptions.RedisError as e:
-            log.debug("heartbeat failed: %s", e)
+            log.debug("heartbeat failed: %s", redis_reason(e))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.beat()
             except redis.exceptions.RedisError as e:  # the cache is down: status shows us again once it is back
-                log.debug("heartbeat failed: %s", e)
+                log.debug("heartbeat failed: %s", redis_reason(e))
+            if self.also is not None:
+                try:
+                    self.also()
+                except redis.exceptions.RedisError as e:
+                    log.debug("heartbeat task failed: %s", redis_reason(e))
             self._stop.wait(keys.HEARTBEAT_SECONDS)
 
     def stop(self) -> None:

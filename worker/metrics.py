@@ -6,6 +6,7 @@ or host as target labels, and ``embq_worker_info`` names the model and engine.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
@@ -43,15 +44,38 @@ for kind in (ITEM, OUT_OF_MEMORY, ENGINE_DEAD, REFUSED, WORKER):
     ERRORS.labels(kind)  # every kind reads 0 before its first error, so rates work
 
 
-def serve(port: int, model: str, engine: str) -> None:
-    """Expose the metrics on ``port`` (0: not at all). A port that cannot be bound
-    costs the metrics, never the worker's work."""
+#: Ports tried from ``EMBQ_METRICS_PORT`` on when it is taken: one per worker on a host with many GPUs.
+PORT_TRIES = 16
+
+
+def serve(port: int, model: str, engine: str) -> int:
+    """Expose the metrics on ``port``, or on the next free one when another worker of this host
+    holds it; returns the port served, 0 for none. A port that cannot be bound costs the
+    metrics, never the worker's work."""
     WORKER_INFO.info({"model": model, "engine": engine})
     if not port:
-        return
-    try:
-        start_http_server(port)
-    except OSError as e:
-        log.error("metrics not served: port %d: %s", port, e)
-        return
-    log.info("metrics on :%d/metrics", port)
+        return 0
+    for candidate in range(port, min(port + PORT_TRIES, 65536)):
+        try:
+            start_http_server(candidate)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            log.warning("metrics not served: port %d: %s; set EMBQ_METRICS_PORT to a free port, 0 for none", port, e)
+            return 0
+        if candidate == port:
+            log.info("metrics on :%d/metrics", port)
+        else:
+            log.warning(
+                "metrics port %d is taken (another worker on this host?): serving /metrics on :%d; "
+                "set EMBQ_METRICS_PORT for each worker to choose where Prometheus finds it",
+                port,
+                candidate,
+            )
+        return candidate
+    log.warning(
+        "metrics not served: ports %d to %d are all taken; set EMBQ_METRICS_PORT to a free port, 0 for none",
+        port,
+        candidate,
+    )
+    return 0

@@ -81,7 +81,12 @@ class WorkerSettings:
     #: Created once the engine is loaded and the worker consumes; removed at exit
     #: (readiness probes test for it).
     ready_file: str | None = None
-    #: Port of the Prometheus metrics (``/metrics``); 0 serves none.
+    #: Seconds a starting worker waits for its broker and cache Redis to answer before it
+    #: gives up with one line and exit status 3 (its orchestrator restarts it). Enough for
+    #: a Redis started beside it; a Redis lost later is waited for as long as it takes.
+    redis_wait: float = 15.0
+    #: Port of the Prometheus metrics (``/metrics``); 0 serves none. When it is taken (a
+    #: second worker on one host), the next free one (``worker.metrics.PORT_TRIES``).
     metrics_port: int = field(default=9808, metadata={"zero_means": "no metrics"})
 
     def __post_init__(self) -> None:
@@ -147,6 +152,7 @@ ENV_NAMES: dict[str, str] = {
     "hash_dim": "EMBQ_HASH_DIM",
     "ready_file": "EMBQ_READY_FILE",
     "metrics_port": "EMBQ_METRICS_PORT",
+    "redis_wait": "EMBQ_REDIS_WAIT",
     "dtype": "EMBQ_DTYPE",
     "trust_remote_code": "EMBQ_TRUST_REMOTE_CODE",
     "truncate": "EMBQ_TRUNCATE",

@@ -1,4 +1,10 @@
-"""``embq status``: queue depth per model, workers online, cache size and hit rate, in one screen."""
+"""``embq status``: queue depth per model, workers online, cache size and hit rate, in one screen.
+
+The hit rate per model is embq's own: the share of texts producers asked for
+that were already cached (producers count ``hits`` and ``misses`` into the
+model's stats hash). Redis's keyspace counter is shown too, named as what it is:
+every lookup of that Redis, embq's markers and queues included.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,12 @@ def _hashes(cache: Any, prefix: str) -> dict[str, dict[str, str]]:
     return found
 
 
+def hit_rate(counts: dict[str, Any]) -> str:
+    """``hits / (hits + misses)``, or ``n/a`` before the first lookup."""
+    hits, misses = int(counts.get("hits", 0)), int(counts.get("misses", 0))
+    return f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
+
+
 def render_status(settings: Settings) -> str:
     """One screen of text; SCANs only embq's own queue, stats and worker keys, never the vectors."""
     broker, cache = connect(settings.broker), connect(settings.cache)
@@ -39,27 +51,29 @@ def render_status(settings: Settings) -> str:
     online: dict[str, int] = {}
     for worker in workers.values():
         online[worker.get("model", "?")] = online.get(worker.get("model", "?"), 0) + 1
-    lines = [f"{'model':<48} {'queued':>8} {'workers':>8} {'tasks':>10} {'texts':>12} {'failed':>8}"]
+    lines = [f"{'model':<48} {'queued':>8} {'workers':>8} {'tasks':>10} {'texts':>12} {'failed':>8} {'hit rate':>9}"]
     for model in sorted(set(queues) | set(stats) | set(online)):
         s = stats.get(model, {})
         lines.append(
             f"{model:<48} {queues.get(model, 0):>8} {online.get(model, 0):>8} {s.get('tasks', '0'):>10} "
-            f"{s.get('texts', '0'):>12} {s.get('failed', '0'):>8}"
+            f"{s.get('texts', '0'):>12} {s.get('failed', '0'):>8} {hit_rate(s):>9}"
         )
     lines += ["", f"workers online: {len(workers)}"]
     now = time.time()
     for name, w in sorted(workers.items()):
         up = now - float(w.get("started", now))
+        port = w.get("metrics_port", "0")
         lines.append(
             f"  {name:<32} {w.get('model', '?'):<40} {w.get('engine', '?'):<22} "
-            f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s"
+            f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s  "
+            + (f"metrics :{port}" if port not in ("", "0") else "no metrics")
         )
-    hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
-    rate = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
+    keyspace = {"hits": info.get("keyspace_hits", 0), "misses": info.get("keyspace_misses", 0)}
     lines += [
         "",
         f"cache: {size} keys, {memory.get('used_memory_human', '?')} used, "
-        f"policy {memory.get('maxmemory_policy', '?')}, Redis hit rate {rate}",
+        f"policy {memory.get('maxmemory_policy', '?')}, Redis keyspace hit rate {hit_rate(keyspace)} "
+        "(every key lookup of this Redis, not only vectors)",
         "",
     ]
     broker.close()

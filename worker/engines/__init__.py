@@ -34,6 +34,12 @@ class Engine(Protocol):
     #: otherwise the batcher counts an estimate.
     counts_tokens: bool
 
+    def checkpoint(self) -> str | None:
+        """What decides this engine's vectors besides its name, dimension and instruction format:
+        a fingerprint of its checkpoint and of options that change what it computes. Callable
+        before ``load``; None while it cannot be known yet (a model still on the hub)."""
+        ...
+
     def load(self) -> None: ...
 
     def encode(self, texts: list[str]) -> np.ndarray: ...

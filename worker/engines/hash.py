@@ -37,6 +37,10 @@ class HashEngine:
         self.dim = dim
         self.max_tokens = max_tokens
 
+    def checkpoint(self) -> str | None:
+        """None needed: a vector depends only on the text and ``dim``."""
+        return ""
+
     def load(self) -> None:
         """Nothing to load."""
 

