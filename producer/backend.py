@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -49,7 +50,16 @@ def redis_reason(error: BaseException) -> str:
     with every argument (vectors included), which must never reach a log or a caller."""
     text = str(error.args[0]) if error.args else type(error).__name__
     _, marker, reason = text.partition(" of pipeline caused error: ")
-    return reason if marker else text
+    text = reason if marker else text
+    if "@user_script" in text:
+        # Redis 6: "Error running script (call to f_<sha>): @user_script:38: -OOM command not allowed ..."
+        # Redis 7: "command not allowed ... 'maxmemory'. script: <sha>, on @user_script:38."
+        text = (
+            text.rpartition(": -")[2]
+            if ": -" in text
+            else re.sub(r"\.? script: \w+, on @user_script:\d+\.?$", "", text)
+        )
+    return text.strip()
 
 
 T = TypeVar("T")

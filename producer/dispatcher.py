@@ -29,7 +29,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from producer import keys, protocol
-from producer.backend import redact
+from producer.backend import redact, redis_reason
 from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from producer.call import Call
 from producer.codec import unpack_concat, unpack_many
@@ -185,7 +185,15 @@ class Dispatcher:
             yield Wait(None if timeout is None and not self.calls else timeout)
             return
         block = MAX_BLOCK if timeout is None else max(0.0, min(MAX_BLOCK, timeout))
-        yield from self._on_read((yield Read(self.last_id, block)))
+        response = yield Read(self.last_id, block)
+        if response:
+            yield from self._on_read(response)
+        elif block >= MAX_BLOCK:  # a quiet stream: make sure it is still there (a flushed or restarted Redis)
+            (exists,) = yield Redis("cache", [("EXISTS", self.reply)])
+            if not exists:
+                log.info("reply stream vanished; opening it again and looking at every pending text")
+                yield from self._open()
+                self.recheck.update(self.entries)
 
     def _until_next_event(self) -> float | None:
         deadlines = [c.deadline for c in self.calls if c.deadline is not None and not c.finished]
@@ -261,9 +269,9 @@ class Dispatcher:
                     states[slot] = OURS
                 else:
                     states[slot] = THEIRS
-            if hit_digests:
+            if hit_digests:  # found at a first claim they were cached; found later, a worker made them for us
                 matrix, valid = unpack_many(hit_values)
-                bad = self._deliver(hit_digests, matrix, valid, "cached")
+                bad = self._deliver(hit_digests, matrix, valid, "cached" if count else None)
                 if bad:  # invalid cached values: compute them again, the worker overwrites them
                     for digest in bad:
                         states[slots[digest]] = OURS
@@ -510,10 +518,7 @@ def flat(fields: dict[str, bytes]) -> list[Any]:
 
 def describe(error: BaseException) -> str:
     """An error's reason without its payload: redis-py quotes a failed pipeline's commands, values included."""
-    text = str(error)
-    if isinstance(error, redis.exceptions.ResponseError) and "of pipeline caused error:" in text:
-        text = text.split("of pipeline caused error:", 1)[1].strip()
-    return text[:500]
+    return (redis_reason(error) if isinstance(error, redis.exceptions.RedisError) else str(error))[:500]
 
 
 def stream_entries(response: Any) -> list[tuple[Any, list[tuple[Any, dict[bytes, bytes]]]]]:

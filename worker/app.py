@@ -31,7 +31,7 @@ from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
 from worker.settings import WorkerSettings
 from worker.signature import SignatureGuard, signature_of
-from worker.store import ResultStore
+from worker.store import ResultStore, refusal
 from worker.tasks import run_embed
 
 log = logging.getLogger(__name__)
@@ -285,15 +285,6 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
                 raise SystemExit(EXIT_START_FAILED) from None
 
     return EngineStep
-
-
-def refusal(error: redis.exceptions.RedisError) -> str:
-    """Redis's reason for refusing a command, with what to do when it is a full cache."""
-    reason = redis_reason(error)
-    if isinstance(error, redis.exceptions.OutOfMemoryError) or "maxmemory" in reason:
-        advice = "the cache is full and may not evict: give it maxmemory-policy allkeys-lru, as production caches have"
-        reason = f"out of memory: {reason} ({advice}, or more memory)"
-    return reason
 
 
 def check_pool(pool_cls: Any) -> None:

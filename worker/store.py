@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from producer import codec, keys, protocol
+from producer.backend import redis_reason
 from producer.errors import BackendUnavailableError
 from worker import metrics
 
@@ -55,7 +56,7 @@ class ResultStore:
             watched = self._complete(args=args)
         except redis.exceptions.ResponseError as e:
             # The server's reason only: the arguments (vectors) never reach a message or a log.
-            raise BackendUnavailableError(f"the cache Redis refused the results: {server_reason(e)}") from None
+            raise BackendUnavailableError(f"the cache Redis refused the results: {refusal(e)}") from None
         metrics.CACHE_WRITES.inc(stored)
         if watched:
             self._tell_watchers(watched, done, values, failed)
@@ -87,10 +88,10 @@ def split_values(values: bytes, count: int) -> list[bytes]:
     return out
 
 
-def server_reason(error: redis.exceptions.RedisError) -> str:
-    """What Redis said, without the command: redis-py quotes a failed pipeline's commands, values included."""
-    text = str(error)
-    for marker in ("of pipeline caused error:", ": -"):  # "...@user_script: 38: -OOM command not allowed..."
-        if marker in text:
-            text = text.split(marker)[-1]
-    return text.strip().rstrip(".")[:300]
+def refusal(error: redis.exceptions.RedisError) -> str:
+    """Redis's reason for refusing a command, with what to do when it is a full cache."""
+    reason = redis_reason(error)
+    if isinstance(error, redis.exceptions.OutOfMemoryError) or "maxmemory" in reason:
+        advice = "the cache is full and may not evict: give it maxmemory-policy allkeys-lru, as production caches have"
+        reason = f"out of memory: {reason} ({advice}, or more memory)"
+    return reason
