@@ -42,7 +42,8 @@ def test_every_format_in_and_out_keeps_order_and_ids(
     ids = [i * 7 for i in range(len(texts))]
     path = write_input(tmp_path / f"in{source}", texts, ids if with_ids else None)
     output = tmp_path / f"out{out}"
-    done = embq("embed", str(path), "-o", str(output), *(["--id-field", "id"] if with_ids else []), env=env_for(redis_url))
+    options = ["--id-field", "id"] if with_ids else []
+    done = embq("embed", str(path), "-o", str(output), *options, env=env_for(redis_url))
     assert done.returncode == 0, done.stderr
     got_ids, vectors, errors = read_output(output, "id" if with_ids else "row")
     np.testing.assert_array_equal(vectors, make_client().embed(texts))
@@ -170,19 +171,16 @@ def test_an_openai_batch_file_round_trips(tmp_path: Path, redis_url: str, make_c
         assert set(body["usage"]) == {"prompt_tokens", "total_tokens"}
         assert [d["index"] for d in body["data"]] == list(range(len(body["data"])))
         assert all(d["object"] == "embedding" for d in body["data"])
-        rows = [
-            np.frombuffer(base64.b64decode(d["embedding"]), "<f4") if isinstance(d["embedding"], str) else d["embedding"]
-            for d in body["data"]
-        ]
+        rows = [d["embedding"] for d in body["data"]]
+        rows = [np.frombuffer(base64.b64decode(v), "<f4") if isinstance(v, str) else v for v in rows]
         return np.array(rows, dtype=np.float32)
 
     np.testing.assert_array_equal(vectors("one"), client.embed(["a single text"]))
     np.testing.assert_array_equal(vectors("many"), client.embed(["first of many", "second of many", "first of many"]))
     np.testing.assert_allclose(vectors("small"), client.embed(["shrunk", "shrunk too"], dim=64), rtol=1e-6)
     np.testing.assert_array_equal(vectors("b64"), client.embed(["base64 please"]))
-    np.testing.assert_array_equal(
-        np.concatenate([vectors(f"bulk-{i}") for i in range(2500)]), client.embed([f"bulk text {i}" for i in range(2500)])
-    )
+    bulk = np.concatenate([vectors(f"bulk-{i}") for i in range(2500)])
+    np.testing.assert_array_equal(bulk, client.embed([f"bulk text {i}" for i in range(2500)]))
     for custom_id, says in [
         ("chat", "/v1/chat/completions"),
         ("tokens", "token ids"),

@@ -96,19 +96,22 @@ class PrivateStack:
         self.say(f"waiting for {who} that uses {self.dir} to finish…")
 
     def stop(self, fast: bool) -> None:
-        """Worker first (it must not outlive its Redis), then Redis; ``fast`` after an interruption."""
+        """Worker first (it must not outlive its Redis), then Redis; ``fast`` after an interruption.
+
+        Each step runs even when the one before failed or was interrupted."""
         worker_grace, redis_grace = FAST_GRACE if fast else GRACE
+        worker, self.worker = self.worker, None
+        redis_server, self.redis = self.redis, None
         try:
-            if self.worker is not None:
-                self.worker.stop(grace=worker_grace)
-                self.worker.cleanup()
-                self.worker = None
-            if self.redis is not None:
-                self.redis.stop(grace=redis_grace)
-                self.redis = None
+            if worker is not None:
+                worker.stop(grace=worker_grace)
         finally:
-            shutil.rmtree(self.dir / "run", ignore_errors=True)
-            self.lock.release()
+            try:
+                if redis_server is not None:
+                    redis_server.stop(grace=redis_grace)
+            finally:
+                shutil.rmtree(self.dir / "run", ignore_errors=True)
+                self.lock.release()
 
 
 def forget_dead_jobs(cache_url: str, broker_url: str) -> None:

@@ -37,7 +37,9 @@ from producer.files.sources import Chunk
 #: Output suffix -> format.
 OUTPUT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy"}
 #: Vector bytes buffered per Parquet row group: big enough for efficient scans, small enough to bound memory.
-ROW_GROUP_BYTES = 32 << 20
+ROW_GROUP_BYTES = 8 << 20
+#: ... but never fewer rows than this per group, however wide the vectors.
+ROW_GROUP_MIN_ROWS = 1024
 TEMPORARY_SUFFIX = ".embq-tmp"
 
 
@@ -203,7 +205,7 @@ class ParquetSink(Sink):
             self.schema = pa.schema([(self.id_field or "row", columns[0].type), ("embedding", columns[1].type)])
         self.buffer.append(pa.RecordBatch.from_arrays(columns, schema=self.schema))
         self.buffered += len(chunk)
-        if self.buffered * max(self.width or 0, 1) * 4 >= ROW_GROUP_BYTES:
+        if self.buffered >= ROW_GROUP_MIN_ROWS and self.buffered * max(self.width or 0, 1) * 4 >= ROW_GROUP_BYTES:
             self._flush()
 
     def _flush(self) -> None:
