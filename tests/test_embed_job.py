@@ -128,11 +128,16 @@ def assert_nothing_left(job: Embed, home: Path, engine: str, tmp: Path) -> None:
         (["-", "-o", "out.npy"], "standard input cannot tell"),
         (["-"], "name the output with -o"),
         (["-", "--input-format", "parquet", "-o", "o.jsonl"], "Parquet cannot be read from standard input"),
+        (["batch.jsonl", "-o", "o.parquet"], "answered with OpenAI Batch output lines; name a .jsonl output"),
+        (["batch.jsonl", "--field", "body"], "is an OpenAI Batch file"),
+        (["in.txt", "--input-format", "csv", "--field", "nope"], "no column 'nope'"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_anything_starts(tmp_path: Path, args: list[str], says: str) -> None:
     for suffix in (".txt", ".jsonl", ".csv", ".parquet"):
         write_input(tmp_path / f"in{suffix}", ["one", "two"], ids=None if suffix == ".txt" else [1, 2])
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+    (tmp_path / "batch.jsonl").write_text(json.dumps(request) + "\n")
     home = tmp_path / "home"
     done = subprocess.run(
         [sys.executable, "-m", "worker", "embed", *args],
@@ -172,9 +177,11 @@ def test_an_empty_input_writes_an_empty_output_at_once(tmp_path: Path) -> None:
     schema = pq.read_schema(tmp_path / "c.parquet")
     assert schema.names == ["id", "embedding"] and str(schema.field("embedding").type).endswith("[64]")
     assert (tmp_path / "d.jsonl").read_text() == ""
-    piped = embq("embed", "-", "-o", str(tmp_path / "e.parquet"), env=env, stdin=b"")
-    assert piped.returncode == 0, piped.stderr
+    for output, options in (("e.parquet", []), ("f.jsonl", ["--input-format", "csv"])):
+        piped = embq("embed", "-", "-o", str(tmp_path / output), *options, env=env, stdin=b"")
+        assert piped.returncode == 0, piped.stderr
     assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
+    assert (tmp_path / "f.jsonl").read_text() == ""
     assert not home.exists()
 
 

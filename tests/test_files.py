@@ -104,6 +104,17 @@ def test_standard_input_as_text_or_jsonl(tmp_path: Path, redis_url: str, make_cl
     assert ids == [f"k{i}" for i in range(len(texts))]
     np.testing.assert_array_equal(vectors, make_client().embed(texts))
 
+    table = ("key,body\n" + "".join(f'k{i},"{t}"\n' for i, t in enumerate(texts))).encode()
+    output = tmp_path / "csv.parquet"
+    done = embq(
+        "embed", "-", "--input-format", "csv", "--field", "body", "--id-field", "key", "-o", str(output),
+        env=env_for(redis_url), stdin=table,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ids, vectors, _ = read_output(output, "key")
+    assert ids == [f"k{i}" for i in range(len(texts))]
+    np.testing.assert_array_equal(vectors, make_client().embed(texts))
+
 
 def test_rows_that_cannot_be_embedded_fail_alone(tmp_path: Path, redis_url: str, make_client: Client) -> None:
     lines = [
@@ -209,3 +220,15 @@ def test_embed_file_in_a_pipeline_step(tmp_path: Path, make_client: Client) -> N
     ids, vectors, _ = read_output(output, "id")
     assert ids == [f"doc-{i}" for i in range(len(texts))]
     np.testing.assert_array_equal(vectors, client.embed(texts))
+
+
+def test_quiet_and_no_progress(tmp_path: Path, redis_url: str) -> None:
+    path = write_input(tmp_path / "in.txt", [f"quiet {i}" for i in range(3000)])
+    quiet = embq("embed", str(path), "-o", str(tmp_path / "q.parquet"), "-q", env=env_for(redis_url))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    plain = embq("embed", str(path), "-o", str(tmp_path / "p.parquet"), "--no-progress", env=env_for(redis_url))
+    assert plain.returncode == 0, plain.stderr
+    assert "row/s]" not in plain.stderr and "3000 rows in" not in plain.stderr
+    assert "3,000 rows in" in plain.stderr and f"0 failed -> {tmp_path / 'p.parquet'}" in plain.stderr
+    bar = embq("embed", str(path), "-o", str(tmp_path / "b.parquet"), env=env_for(redis_url))
+    assert "3000/3000" in bar.stderr and "row/s]" in bar.stderr

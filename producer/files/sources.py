@@ -269,7 +269,8 @@ class CsvSource(Source):
         self._convert = pcsv.ConvertOptions(include_columns=columns, column_types=types)
         self._stdin_reader: Any = None
         if path is None:
-            self._stdin_reader = self._open(sys.stdin.buffer)
+            if sys.stdin.buffer.peek(1):  # type: ignore[union-attr]  # empty is an empty input, not a CSV error
+                self._stdin_reader = self._open(sys.stdin.buffer)
             return
         if path.stat().st_size == 0:
             return
@@ -291,7 +292,9 @@ class CsvSource(Source):
             raise InvalidInputError(f"{self.name}: {e}") from e
 
     def _batches(self) -> Iterator[Any]:
-        if self._stdin_reader is None and self.path is not None and self.path.stat().st_size == 0:
+        if self.path is None and self._stdin_reader is None:
+            return
+        if self.path is not None and self.path.stat().st_size == 0:
             return
         reader = self._stdin_reader or self._open(self.path)
         while True:
@@ -308,7 +311,7 @@ class CsvSource(Source):
         return sum(batch.num_rows for batch in self._batches())
 
     def empty(self) -> bool:
-        return False if self.path is None else super().empty()
+        return self._stdin_reader is None if self.path is None else super().empty()
 
     def chunks(self, rows: int) -> Iterator[Chunk]:
         first = 0
