@@ -27,8 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from producer import EmbeddingClient, Settings
 from producer.errors import ConfigurationError
 from producer.files import embed_rows, open_sink, open_source
-from producer.files.sinks import Sink, output_format
-from producer.files.sources import STDIN, Source
+from producer.files.sinks import BatchSink, Sink, output_format
+from producer.files.sources import Source
 from worker.home import embq_home
 from worker.interrupt import Interrupted, interruptible
 from worker.private import PrivateStack, configured_redis
@@ -154,9 +154,18 @@ class Job:
             f"{summary.rows:,} rows in {seconds:.1f}s ({summary.rows / max(seconds, 1e-9):,.0f} rows/s){split}, "
             f"{summary.failed:,} failed -> {output}"
         )
-        if summary.failed:
-            for where, why in summary.failures:
-                log.error("%s failed: %s", where, why)
+        for where, why in summary.failures:
+            log.error("%s failed: %s", where, why)
+        if isinstance(self.sink, BatchSink):
+            if self.sink.failed_requests:
+                log.error(
+                    "%d of %d requests failed; their lines in %s say why",
+                    self.sink.failed_requests,
+                    self.sink.requests,
+                    output,
+                )
+                return EXIT_ROWS_FAILED
+        elif summary.failed:
             gap = "NaN" if output_format(output) == "npy" else "null"
             log.error("%d of %d rows failed; their vectors are %s in %s", summary.failed, summary.rows, gap, output)
             return EXIT_ROWS_FAILED
@@ -173,6 +182,3 @@ def run_embed_file(options: EmbedOptions) -> int:
         sys.stderr.flush()
         os.write(2, f"embq: stopped {time.monotonic() - e.at:.1f}s after {e.name}; nothing left running\n".encode())
         return e.exit_code
-
-
-__all__ = ["STDIN", "EmbedOptions", "run_embed_file"]

@@ -272,6 +272,9 @@ class BatchSink(Sink):
         super().__init__(path)
         self.model = model
         self.dimensions = dimensions
+        #: Request lines written, and those that carry an ``error``.
+        self.requests = 0
+        self.failed_requests = 0
         self.file: IO[str] | None = open(self.tmp, "w", encoding="utf-8", newline="\n")
 
     def _write(self, chunk: Chunk, vectors: np.ndarray, failed: dict[int, str]) -> None:
@@ -291,6 +294,8 @@ class BatchSink(Sink):
                         request.dimensions = self.dimensions
                     line = openai_batch.success_line(request, vectors[start : start + request.inputs], self.model)
                 start += request.inputs
+            self.requests += 1
+            self.failed_requests += line["error"] is not None
             lines.append(openai_batch.dumps(line))
         assert self.file is not None
         self.file.write("\n".join(lines) + "\n" if lines else "")

@@ -1,14 +1,14 @@
 """Inputs of ``embq embed`` and of pipeline steps: rows of text in input order, a chunk at a time.
 
-=========  ===================================================================
-format     one row per
-=========  ===================================================================
-``txt``    line; only the line break (``\\n`` or ``\\r\\n``) is removed, nothing is stripped
-``jsonl``  non-blank line: field ``field`` of its JSON object
-``csv``    record: column ``field`` (pyarrow's streaming reader; quoted newlines work)
-``parquet`` record: column ``field``, read one record batch at a time
-``batch``  input of an OpenAI Batch request (a ``.jsonl`` of ``/v1/embeddings`` requests)
-=========  ===================================================================
+===========  ==================================================================================
+format       one row per
+===========  ==================================================================================
+``txt``      line; only the line break (``\\n`` or ``\\r\\n``) is removed, nothing is stripped
+``jsonl``    non-blank line: field ``field`` of its JSON object
+``csv``      record: column ``field`` (pyarrow's streaming reader: quoted newlines work)
+``parquet``  record: column ``field``, read one record batch at a time
+``batch``    input of an OpenAI Batch request (a ``.jsonl`` of ``/v1/embeddings`` requests)
+===========  ==================================================================================
 
 ``-`` reads standard input (``txt`` unless ``input_format`` says otherwise). A
 UTF-8 byte order mark opening the input is dropped, as readers of UTF-8 text
