@@ -327,7 +327,12 @@ def test_ctrl_c_while_the_model_loads_stops_everything(tmp_path: Path) -> None:
     source = write_input(tmp_path / "in.txt", [f"line {i}" for i in range(2000)])
     output = tmp_path / "out.npy"
     job = Embed(tmp_path, str(source), "-o", str(output), env=private_env(home, tmp))
-    wait_until(lambda: len(job.pids()) == 2 or job.process.poll() is not None, 60, "the worker to start")
+    worker_log = home / "sentence-transformers" / "run" / f"worker-{job.process.pid}" / "worker.log"
+
+    def loading() -> bool:
+        return job.process.poll() is not None or (worker_log.exists() and "loading engine" in worker_log.read_text())
+
+    wait_until(loading, 60, "the worker to load its model")
     code, seconds = job.signal(signal.SIGINT)
     assert code == 130, job.text()
     assert seconds < STOP_WITHIN, job.text()
