@@ -42,7 +42,7 @@ def test_embed_on_embedded_defaults_matches_the_model_and_leaves_nothing_running
     from worker.engines.sentence_transformers import resolve_model_path
 
     out = tmp_path / "sample.npy"
-    done = embq("embed", str(SAMPLE), "-o", str(out), env=clean_env())
+    done = embq("embed", str(SAMPLE), "-o", str(out), env=clean_env(EMBQ_HOME=str(tmp_path / "home")))
     assert done.returncode == 0, done.stderr
     pids = [int(p) for p in re.findall(r"started (?:redis-server|worker) pid=(\d+)", done.stderr)]
     assert len(pids) == 2, done.stderr
@@ -70,12 +70,18 @@ def test_embed_jsonl_with_a_running_redis_is_a_pure_producer(
     np.testing.assert_allclose(np.load(out), head, rtol=1e-6)
 
 
-def test_embed_names_the_bad_line_and_sends_nothing(tmp_path: Path, redis_url: str) -> None:
+def test_embed_names_the_bad_line_never_sends_it_and_embeds_the_others(
+    tmp_path: Path, redis_url: str, hash_worker: object
+) -> None:
     source = tmp_path / "in.txt"
     source.write_bytes(b"fine\n\xff\xfe broken utf-8\nfine too\n")
-    done = embq("embed", str(source), env=clean_env(EMBQ_REDIS_URL=redis_url))
-    assert done.returncode == 2
-    assert "line(s) 2" in done.stderr and "not valid UTF-8" in done.stderr
+    out = tmp_path / "out.npy"
+    done = embq("embed", str(source), "-o", str(out), env=clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL=HASH_MODEL))
+    assert done.returncode == 1, done.stderr
+    assert f"{source}:2 failed: text is not valid UTF-8" in done.stderr
+    vectors = np.load(out)
+    assert np.isnan(vectors[1]).all()
+    np.testing.assert_array_equal(vectors[[0, 2]], np.stack([hash_vector(t, 384) for t in ("fine", "fine too")]))
 
 
 def test_plain_celery_runs_the_worker(
@@ -151,7 +157,12 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLa
     source = tmp_path / "in.txt"
     source.write_text("a text\nthe engine HANGs on this one\n", encoding="utf-8")
     log = tmp_path / "embed.log"
-    env = clean_env(**sglang.env(EMBQ_TEST_SCHEDULER_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="5"))
+    home = tmp_path / "home"
+    env = clean_env(
+        EMBQ_HOME=str(home),
+        TMPDIR=str(tmp_path),
+        **sglang.env(EMBQ_TEST_SCHEDULER_HANG="HANG", EMBQ_ENGINE_CALL_TIMEOUT="60"),
+    )
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
             [
@@ -177,11 +188,15 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLa
         return [int(p) for p in re.findall(r"started (?:redis-server|worker) pid=(\d+)", log.read_text())]
 
     try:
-        wait_until(lambda: len(started()) == 2 and "text/s" in log.read_text(), 60, "the job to start embedding")
+        wait_until(lambda: len(started()) == 2 and "row/s" in log.read_text(), 120, "the job to start embedding")
         process.terminate()
-        assert process.wait(60) == 128 + 15
+        assert process.wait(5) == 128 + 15  # the engine hangs: the worker is not waited for
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert "SIGTERM: stopping the private worker and Redis" in log.read_text()
+    assert "Traceback" not in log.read_text()
     assert not any(alive(pid) for pid in started())
+    assert sorted(p.name for p in (home / "sglang").iterdir()) == ["lock", "redis"]  # no run directory left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("embq-", ".o.npy"))]  # TMPDIR and output

@@ -1,10 +1,12 @@
-"""The ``embq`` command: ``worker``, ``embed``, ``serve``, ``status``, ``flower``."""
+"""The ``embq`` command: ``worker``, ``embed``, ``serve``, ``status``, ``flower``, ``cache clear``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -27,15 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "embed":
-            return run_embed(args)
+            return leave(run_embed(args))
         if args.command == "flower":
             return run_flower(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "cache":
+            return run_cache(args)
         return run_status()
     except EmbqError as e:
         log.error("%s", e)
-        return 2
+        return leave(2)
+
+
+def leave(code: int) -> int:
+    """``code``; but a stream that was interrupted or failed may leave threads waiting on Redis, which
+    the interpreter would join at exit: then exit now, everything we own already stopped."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname", help="Celery node name (default embq-ENGINE@HOST)")
     w.add_argument("--loglevel", default="INFO")
 
-    e = sub.add_parser("embed", help="embed a file of texts into a .npy")
-    e.add_argument("input", type=Path, help="text file (one text per line) or .jsonl")
-    e.add_argument("-o", "--output", type=Path, help="default: INPUT with .npy suffix")
-    e.add_argument("--field", help="field of each .jsonl record (default: text)")
+    e = sub.add_parser("embed", help="embed a file of texts into .parquet, .jsonl or .npy")
+    e.add_argument(
+        "input",
+        help="text file (one text per line), .jsonl, .csv, .parquet, an OpenAI Batch .jsonl, or - for standard input",
+    )
+    e.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help=".parquet, .jsonl or .npy (default: INPUT with .npy suffix; INPUT_output.jsonl for a Batch file)",
+    )
+    e.add_argument("--field", help="field or column holding the text (default: text)")
+    e.add_argument("--id-field", help="field or column carried to the output as each row's id")
+    e.add_argument(
+        "--input-format",
+        choices=["txt", "jsonl", "csv", "parquet"],
+        help="read INPUT as this format (default: by suffix; txt for standard input)",
+    )
     e.add_argument("--model", help="default: EMBQ_MODEL")
     e.add_argument(
         "--engine",
@@ -84,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     e.add_argument("--instruction", default="", help="query instruction (part of the cache key)")
     e.add_argument("--timeout", type=float, help="seconds to wait for each chunk")
-    e.add_argument("--no-progress", action="store_true")
-    e.add_argument("-q", "--quiet", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (the summary stays)")
+    e.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+    c = sub.add_parser("cache", help="manage the vector cache")
+    c.add_argument("action", choices=["clear"], help="clear: remove every cached vector (never queued work)")
+    c.add_argument("-q", "--quiet", action="store_true")
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP gateway: POST /v1/embeddings, GET /v1/models")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -149,19 +182,41 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from worker.embed_job import run_embed_file
+    from worker.embed_job import EmbedOptions, run_embed_file
 
     return run_embed_file(
-        args.input,
-        args.output or args.input.with_suffix(".npy"),
-        field=args.field,
-        model=args.model,
-        engine=args.engine,
-        dim=args.dim,
-        instruction=args.instruction,
-        timeout=args.timeout,
-        progress=not args.no_progress,
+        EmbedOptions(
+            input=args.input,
+            output=args.output,
+            field=args.field,
+            id_field=args.id_field,
+            input_format=args.input_format,
+            model=args.model,
+            engine=args.engine,
+            dim=args.dim,
+            instruction=args.instruction,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+            quiet=args.quiet,
+        )
     )
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """``embq cache clear``: the private cache in EMBQ_HOME, or the cache keys of the configured Redis."""
+    from worker.cache_admin import clear_configured, clear_home
+    from worker.home import embq_home
+    from worker.private import configured_redis
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            sys.stderr.write(f"embq: {text}\n")
+
+    if configured_redis():
+        clear_configured(Settings.from_env(), say)
+    else:
+        clear_home(embq_home(), say)
+    return 0
 
 
 def run_flower(args: argparse.Namespace) -> int:

@@ -1,157 +1,184 @@
-"""``embq embed``: a file of texts in, a ``.npy`` of vectors out, rows in input order."""
+"""``embq embed``: a file of any size in, vectors out, in input order, in bounded memory; a killed run resumes.
+
+Before any Redis, worker or model starts, input and output are checked (a
+missing file, a directory, an unknown field or suffix, an unwritable directory
+are one-line errors, exit 2) and an empty input writes an empty output at once.
+Then, without a configured Redis, a private one and a worker start
+(``worker.private``); the rows stream through ``producer.files.embed_rows``
+with a progress bar; the output is renamed into place at the end. A run killed
+at any point and started again finds what it finished in the cache.
+Ctrl-C, SIGTERM and SIGHUP stop everything within seconds, leave nothing
+behind and exit 128 + the signal (130 for Ctrl-C).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import ExitStack, contextmanager
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from producer import EmbeddingClient, Settings
-from producer.errors import InvalidInputError, ItemFailedError
-from producer.validation import validate_texts
-from worker.local import LocalRedis, LocalWorker
+from producer.errors import ConfigurationError
+from producer.files import embed_rows, open_sink, open_source
+from producer.files.sinks import BatchSink, Sink, output_format
+from producer.files.sources import Source
+from worker.home import embq_home
+from worker.interrupt import Interrupted, interruptible
+from worker.private import PrivateStack, configured_redis
 
 log = logging.getLogger(__name__)
 
-#: Texts per ``embed`` call; several calls are in flight so the queue never runs dry.
-CHUNK_TEXTS = 2048
-#: ``embed`` calls in flight at once.
-CALLS_IN_FLIGHT = 4
-#: Failed lines named in the log; all of them are NaN rows in the output.
-SHOWN_FAILURES = 20
-#: Variables that point embq at an existing Redis; without them a private stack is started.
-REDIS_VARIABLES = ("EMBQ_REDIS_URL", "EMBQ_BROKER_URL", "EMBQ_CACHE_URL")
+#: Exit status when some rows failed (they are NaN or null in the output, and named in the log).
+EXIT_ROWS_FAILED = 1
 
 
-def read_texts(path: Path, field: str | None = None) -> list[str]:
-    """One text per line (only the line break is removed), or ``field`` of each JSON line of a ``.jsonl``."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        raw = f.read()
-    lines = raw.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    if path.suffix != ".jsonl":
-        return lines
-    key = field or "text"
-    texts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            text = record[key]
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidInputError(f"{path}:{number}: no string field {key!r} in this JSON line ({e})") from e
-        texts.append(text)
-    return texts
+@dataclass(frozen=True)
+class EmbedOptions:
+    input: str
+    output: Path | None = None
+    field: str | None = None
+    id_field: str | None = None
+    input_format: str | None = None
+    model: str | None = None
+    engine: str = "sentence-transformers"
+    dim: int | None = None
+    instruction: str = ""
+    timeout: float | None = None
+    progress: bool = True
+    quiet: bool = False
 
 
-def embed_texts(
-    client: EmbeddingClient,
-    texts: list[str],
-    *,
-    dim: int | None,
-    instruction: str,
-    timeout: float | None,
-    progress: bool = True,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Embed ``texts`` in chunks with several calls in flight.
-
-    Returns the rows in input order (NaN where a text failed) and the failures
-    by input index: one bad text costs its own row, not the job.
-    """
-    out: np.ndarray | None = None
-    failures: dict[int, str] = {}
-    spans = [(start, min(start + CHUNK_TEXTS, len(texts))) for start in range(0, len(texts), CHUNK_TEXTS)]
-    pool = ThreadPoolExecutor(CALLS_IN_FLIGHT)
-    try:
-        with tqdm(total=len(texts), unit="text", file=sys.stderr, disable=not progress, mininterval=0.5) as bar:
-            futures = {
-                pool.submit(client.embed, texts[a:b], dim=dim, instruction=instruction, timeout=timeout): (a, b)
-                for a, b in spans
-            }
-            for future in as_completed(futures):
-                a, b = futures[future]
-                try:
-                    block = future.result()
-                except ItemFailedError as e:
-                    block = np.asarray(e.vectors)
-                    failures.update({a + i: reason for i, reason in e.failures.items()})
-                if out is None:
-                    out = np.empty((len(texts), block.shape[1]), dtype=np.float32)
-                out[a:b] = block
-                bar.update(b - a)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # on an error, queued chunks are not sent
-    return (out if out is not None else np.zeros((0, dim or 0), dtype=np.float32)), failures
+def default_output(source: Source, options: EmbedOptions) -> Path:
+    if options.output is not None:
+        return options.output
+    if source.path is None:
+        raise ConfigurationError("reading standard input: name the output with -o (.parquet, .jsonl or .npy)")
+    if source.format == "batch":
+        return source.path.with_name(f"{source.path.stem}_output.jsonl")
+    return source.path.with_suffix(".npy")
 
 
-def run_embed_file(
-    input_path: Path,
-    output_path: Path,
-    *,
-    field: str | None,
-    model: str | None,
-    engine: str,
-    dim: int | None,
-    instruction: str,
-    timeout: float | None,
-    progress: bool,
-) -> int:
-    """Embed a file; without a configured Redis, a private Redis and worker live for this call only.
+class Job:
+    """One run: what it says on stderr, and what it has started that an interruption must stop."""
 
-    Returns 0, or 1 when some texts failed (their rows are NaN and their lines are logged).
-    """
-    texts = read_texts(input_path, field)
-    settings = Settings.from_env(model=model)
-    try:
-        validate_texts(texts, settings.max_text_bytes)
-    except InvalidInputError as e:
-        lines = ", ".join(str(i + 1) for i in sorted(e.problems)[:10])
-        raise InvalidInputError(f"{input_path}: line(s) {lines}: {e}", e.problems) from e
-    with ExitStack() as stack:
-        stack.enter_context(exit_on_termination())
-        if not any(os.environ.get(name) for name in REDIS_VARIABLES):
-            log.info("no EMBQ_REDIS_URL set: starting a private Redis and a %s worker", engine)
-            local_redis = stack.enter_context(LocalRedis())
-            stack.enter_context(LocalWorker(local_redis.url, engine=engine, model=settings.model))
-            settings = settings.with_overrides(redis_url=local_redis.url)
-        client = stack.enter_context(EmbeddingClient(settings=settings))
-        vectors, failures = embed_texts(
-            client, texts, dim=dim, instruction=instruction, timeout=timeout, progress=progress
+    def __init__(self, options: EmbedOptions) -> None:
+        self.options = options
+        self.started = time.monotonic()
+        self.private: PrivateStack | None = None
+        self.sink: Sink | None = None
+        self.done = False
+
+    def say(self, text: str) -> None:
+        if not self.options.quiet:
+            tqdm.write(f"embq: {text}", file=sys.stderr)
+
+    def doing(self) -> str:
+        """What an interruption does, said when it comes."""
+        parts = ["stopping"]
+        if self.private is not None:
+            parts.append("the private worker and Redis")
+        if self.sink is not None:
+            parts.append(f"and removing the unfinished {self.sink.path.name}")
+        return " ".join(parts) + "…"
+
+    def run(self) -> int:
+        with ExitStack() as stack:
+            stack.callback(self._close_sink)
+            return self._run(stack)
+
+    def _close_sink(self) -> None:
+        if self.sink is not None and not self.done:
+            self.sink.abort()
+
+    def _run(self, stack: ExitStack) -> int:
+        o = self.options
+        source = open_source(o.input, field=o.field, id_field=o.id_field, input_format=o.input_format)
+        output = default_output(source, o)
+        batch = source.format == "batch"
+        bar = o.progress and not o.quiet
+        rows = source.count() if bar or output_format(output) == "npy" else None
+        settings = Settings.from_env(model=o.model)
+        self.sink = open_sink(
+            output,
+            rows=rows,
+            id_field=o.id_field,
+            dim=o.dim,
+            batch=batch,
+            model=settings.model,
+            input_path=source.path,
         )
-    np.save(output_path, vectors)
-    log.info("wrote %s: %d x %d float32", output_path, *vectors.shape)
-    if failures:
-        for index in sorted(failures)[:SHOWN_FAILURES]:
-            log.error("%s:%d failed: %s", input_path, index + 1, failures[index])
-        log.error("%d of %d texts failed; their rows are NaN", len(failures), len(texts))
-        return 1
-    return 0
+        if rows == 0 or (rows is None and source.empty()):
+            self.sink.commit()
+            self.done = True
+            self.say(f"{source.name} is empty: wrote {output} with no rows")
+            return 0
+        if not configured_redis():
+            private = self.private = PrivateStack(embq_home(), engine=o.engine, model=settings.model, say=self.say)
+            stack.callback(lambda: private.stop(fast=not self.done))
+            settings = settings.with_overrides(**private.start())
+        client = stack.enter_context(EmbeddingClient(settings=settings))
+        progress = tqdm(
+            total=rows,
+            unit="row",
+            unit_scale=rows is None or rows >= 100_000,
+            file=sys.stderr,
+            disable=not bar,
+            mininterval=0.2,
+            smoothing=0.05,
+        )
+        streaming = time.monotonic()
+        with progress, logging_redirect_tqdm():
+            summary = embed_rows(
+                client,
+                source,
+                self.sink,
+                dim=None if batch else o.dim,
+                instruction=o.instruction,
+                timeout=o.timeout,
+                on_progress=progress.update,
+            )
+        self.sink.commit()
+        self.done = True
+        seconds = time.monotonic() - streaming
+        split = ""
+        if summary.cached + summary.computed:  # the stream's counters; a client that keeps none leaves them 0
+            split = f", {summary.cached:,} cached, {summary.computed:,} computed"
+        self.say(
+            f"{summary.rows:,} rows in {seconds:.1f}s ({summary.rows / max(seconds, 1e-9):,.0f} rows/s){split}, "
+            f"{summary.failed:,} failed -> {output}"
+        )
+        for where, why in summary.failures:
+            log.error("%s failed: %s", where, why)
+        if isinstance(self.sink, BatchSink):
+            if self.sink.failed_requests:
+                log.error(
+                    "%d of %d requests failed; their lines in %s say why",
+                    self.sink.failed_requests,
+                    self.sink.requests,
+                    output,
+                )
+                return EXIT_ROWS_FAILED
+        elif summary.failed:
+            gap = "NaN" if output_format(output) == "npy" else "null"
+            log.error("%d of %d rows failed; their vectors are %s in %s", summary.failed, summary.rows, gap, output)
+            return EXIT_ROWS_FAILED
+        return 0
 
 
-@contextmanager
-def exit_on_termination() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so the private Redis and worker are stopped, not orphaned."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def leave(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+def run_embed_file(options: EmbedOptions) -> int:
+    """Run ``embq embed``: 0, 1 when some rows failed, 128 + n after signal n; ``EmbqError`` for bad arguments."""
+    job = Job(options)
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with interruptible(job.doing):
+            return job.run()
+    except Interrupted as e:
+        sys.stderr.flush()
+        os.write(2, f"embq: stopped {time.monotonic() - e.at:.1f}s after {e.name}; nothing left running\n".encode())
+        return e.exit_code

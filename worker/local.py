@@ -1,10 +1,15 @@
 """Private processes for embedded defaults, tests and benchmarks: ``redis-server``, workers, a gateway.
 
 Everything started here is stopped by its own PID; nothing else is touched.
+A ``private`` process (embedded defaults) runs in a session of its own, so a
+Ctrl-C at the terminal reaches only the ``embq`` process that owns it, and on
+Linux it gets a signal when that process dies, even by SIGKILL: nothing
+outlives its owner.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -16,8 +21,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import redis
 
@@ -46,6 +52,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: ``prctl`` option that signals a child when the thread that started it dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def child_options(private: bool, die_signal: int, pass_fds: Sequence[int] = ()) -> dict[str, Any]:
+    """``Popen`` keywords for a process owned by this one: its own session, and ``die_signal`` when we die."""
+    options: dict[str, Any] = {"pass_fds": tuple(pass_fds)}
+    if not private:
+        return options
+    options["start_new_session"] = True
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child runs only the call
+        parent = os.getpid()
+
+        def arm() -> None:
+            libc.prctl(PR_SET_PDEATHSIG, die_signal, 0, 0, 0)
+            if os.getppid() != parent:  # the owner died before the call: nobody would signal us
+                os._exit(1)
+
+        options["preexec_fn"] = arm
+    return options
+
+
 def wait_until(condition: object, timeout: float, what: str, interval: float = 0.05) -> None:
     """Poll ``condition()`` until true or raise ``EmbqError`` naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -56,19 +85,40 @@ def wait_until(condition: object, timeout: float, what: str, interval: float = 0
 
 
 class LocalRedis:
-    """A throwaway ``redis-server`` on a free loopback port, no persistence."""
+    """A ``redis-server`` on a free loopback port: throwaway (no persistence, a temporary directory),
+    or, with ``data_dir``, keeping its data there in an append-only file (see ``worker.private``)."""
 
-    def __init__(self, *extra_args: str, password: str | None = None, port: int | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="embq-redis-"))
+    def __init__(
+        self,
+        *extra_args: str,
+        password: str | None = None,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        private: bool = False,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        self.persistent = data_dir is not None
+        self.dir = data_dir if data_dir is not None else Path(tempfile.mkdtemp(prefix="embq-redis-"))
         self.port = port or free_port()
         self.password = password
         self.extra_args = extra_args
+        self.private = private
+        self.pass_fds = pass_fds
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        return self.url_of(0)
+
+    def url_of(self, db: int) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def persistence_args(self) -> list[str]:
+        if not self.persistent:
+            return ["--save", "", "--appendonly", "no"]
+        # Every write reaches the file before Redis answers; fsync once a second.
+        return ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
         args = [
@@ -79,17 +129,20 @@ class LocalRedis:
             "127.0.0.1",
             "--dir",
             str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
+            *self.persistence_args(),
             "--maxmemory-policy",
             "noeviction",
             *self.extra_args,
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            **child_options(self.private, signal.SIGTERM, self.pass_fds),  # SIGTERM: it syncs its file and exits
+        )
         client = redis.Redis.from_url(self.url)
 
         def ready() -> bool:
@@ -103,19 +156,21 @@ class LocalRedis:
         try:
             wait_until(ready, timeout, f"redis-server on port {self.port}")
         except BaseException:
-            self.stop()
+            self.stop(grace=2)
             raise
         finally:
             client.close()
         log.info("started redis-server pid=%d on port %d", self.process.pid, self.port)
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (a persistent one syncs its file), SIGKILL after ``grace``; a throwaway one's directory goes."""
         if self.process is not None:
-            stop_process(self.process, grace=10)
+            stop_process(self.process, grace=grace)
             log.info("stopped redis-server pid=%d", self.process.pid)
             self.process = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.persistent:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRedis:
         return self.start()
@@ -135,8 +190,16 @@ class LocalWorker:
         model: str,
         env: dict[str, str] | None = None,
         python: str | None = None,
+        run_dir: Path | None = None,
+        private: bool = False,
+        pass_fds: Sequence[int] = (),
     ) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="embq-worker-"))
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        #: Ready file and log; removed by ``cleanup``.
+        self.dir = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="embq-worker-"))
+        self.private = private
+        self.pass_fds = pass_fds
         #: The interpreter that runs the worker: this one unless another environment hosts the engine.
         self.python = python or sys.executable
         self.ready_file = self.dir / "ready"
@@ -170,6 +233,8 @@ class LocalWorker:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # SIGKILL when its owner dies: its unfinished tasks belong to a private broker that goes too.
+            **child_options(self.private, signal.SIGKILL, self.pass_fds),
         )
         log.info("started worker pid=%d (%s, %s)", self.process.pid, self.engine, self.model)
         if not wait:
@@ -183,7 +248,7 @@ class LocalWorker:
         try:
             wait_until(ready, timeout, f"worker {self.engine}/{self.model} to load its engine")
         except BaseException:
-            self.stop(grace=10)  # never leave a half-started worker behind
+            self.stop(grace=1)  # never leave a half-started worker behind; it holds no work yet
             raise
         return self
 

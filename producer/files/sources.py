@@ -1,0 +1,460 @@
+"""Inputs of ``embq embed`` and of pipeline steps: rows of text in input order, a chunk at a time.
+
+===========  ==================================================================================
+format       one row per
+===========  ==================================================================================
+``txt``      line; only the line break (``\\n`` or ``\\r\\n``) is removed, nothing is stripped
+``jsonl``    non-blank line: field ``field`` of its JSON object
+``csv``      record: column ``field`` (pyarrow's streaming reader: quoted newlines work)
+``parquet``  record: column ``field``, read one record batch at a time
+``batch``    input of an OpenAI Batch request (a ``.jsonl`` of ``/v1/embeddings`` requests)
+===========  ==================================================================================
+
+``-`` reads standard input (``txt`` unless ``input_format`` says otherwise). A
+UTF-8 byte order mark opening the input is dropped, as readers of UTF-8 text
+do. A row that cannot be embedded (not valid JSON, no such field) is not an
+error of the file: it lands in ``Chunk.problems`` and fails alone. Memory holds
+one chunk, whatever the size of the input; pyarrow is imported only for csv
+and parquet, torch never.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from producer.errors import InvalidInputError
+from producer.files.openai_batch import BatchRequest, is_batch_record, parse_request
+
+#: The path that means standard input.
+STDIN = "-"
+BOM = b"\xef\xbb\xbf"
+#: Bytes read at a time when counting lines.
+COUNT_BLOCK = 1 << 20
+#: Bytes pyarrow's CSV reader parses at a time.
+CSV_BLOCK = 1 << 20
+
+FORMATS = ("txt", "jsonl", "csv", "parquet")
+#: Input suffix -> format; any other suffix is read as text, one text per line.
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class Chunk:
+    """Consecutive rows of the input, from row ``first`` on."""
+
+    first: int
+    #: One per row; a row named in ``problems`` is never sent (its text may be anything).
+    texts: list[Any]
+    #: The rows' ids (a list, or a pyarrow Array for csv and parquet), or None without ``id_field``.
+    ids: Any = None
+    #: Offset in the chunk -> why that row cannot be embedded.
+    problems: dict[int, str] = field(default_factory=dict)
+    #: Line number of each row, where rows are lines but not every line is a row (jsonl).
+    lines: list[int] | None = None
+    #: OpenAI Batch: the requests whose inputs are ``texts``, in order (refused ones have no rows).
+    requests: list[BatchRequest] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+class Lines:
+    """Byte lines (split at ``\\n`` only) numbered from 1, the BOM of the first dropped.
+
+    A file is read anew by each iteration; standard input once, after the lines a peek kept.
+    """
+
+    def __init__(self, path: Path | None, stream: IO[bytes] | None = None) -> None:
+        self.path = path
+        self._stream = stream
+        self._rest: Iterator[tuple[int, bytes]] | None = None
+        self._head: list[tuple[int, bytes]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        if self.path is not None:
+            with open(self.path, "rb") as f:
+                yield from numbered(f)
+            return
+        rest = self._remaining()
+        head, self._head = self._head, []
+        yield from head
+        yield from rest
+
+    def _remaining(self) -> Iterator[tuple[int, bytes]]:
+        if self._rest is None:
+            self._rest = numbered(self._stream if self._stream is not None else sys.stdin.buffer)
+        return self._rest
+
+    def first(self, nonblank: bool = False) -> tuple[int, bytes] | None:
+        """The first line (or first non-blank line); standard input keeps what it read for the next iteration."""
+        if self.path is not None:
+            return next((item for item in self if not nonblank or item[1].strip()), None)
+        for item in self._head:
+            if not nonblank or item[1].strip():
+                return item
+        for item in self._remaining():
+            self._head.append(item)
+            if not nonblank or item[1].strip():
+                return item
+        return None
+
+
+def numbered(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, line in enumerate(lines, 1):
+        yield number, (line[len(BOM) :] if number == 1 and line.startswith(BOM) else line)
+
+
+def text_of_line(line: bytes) -> str:
+    """The line without its line break; invalid UTF-8 survives as lone surrogates, which validation names."""
+    if line.endswith(b"\n"):
+        line = line[:-1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+    return line.decode("utf-8", "surrogateescape")
+
+
+class Source(ABC):
+    """The rows of one input, read a chunk at a time."""
+
+    #: ``txt``, ``jsonl``, ``csv``, ``parquet`` or ``batch``.
+    format = ""
+
+    def __init__(self, path: Path | None, field: str, id_field: str | None) -> None:
+        self.path = path
+        self.name = str(path) if path is not None else "<stdin>"
+        self.field = field
+        self.id_field = id_field
+
+    @abstractmethod
+    def count(self) -> int | None:
+        """Rows, by a cheap pass over the file (no JSON or CSV values are kept); None for standard input."""
+
+    @abstractmethod
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        """The input in chunks of at most ``rows`` rows (a Batch chunk ends with a whole request)."""
+
+    def empty(self) -> bool:
+        return self.count() == 0
+
+    def where(self, chunk: Chunk, offset: int) -> str:
+        """Where a row is, for messages."""
+        return f"{self.name} row {chunk.first + offset + 1}"
+
+
+class TextSource(Source):
+    format = "txt"
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__(path, "", None)
+        self.lines = Lines(path)
+
+    def count(self) -> int | None:
+        if self.path is None:
+            return None
+        rows, last = 0, b"\n"
+        with open(self.path, "rb") as f:
+            while block := f.read(COUNT_BLOCK):
+                rows += block.count(b"\n")
+                last = block[-1:]
+        return rows + (last != b"\n")
+
+    def empty(self) -> bool:
+        return self.lines.first() is None if self.path is None else super().empty()
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        first, texts = 0, []
+        for _, line in self.lines:
+            texts.append(text_of_line(line))
+            if len(texts) == rows:
+                yield Chunk(first, texts)
+                first, texts = first + rows, []
+        if texts:
+            yield Chunk(first, texts)
+
+    def where(self, chunk: Chunk, offset: int) -> str:
+        return f"{self.name}:{chunk.first + offset + 1}"
+
+
+def load_json(line: bytes) -> Any:
+    """One JSON line; invalid UTF-8 inside strings survives as lone surrogates, which validation names."""
+    return json.loads(line.decode("utf-8", "surrogateescape"))
+
+
+class JsonlSource(Source):
+    format = "jsonl"
+
+    def __init__(self, path: Path | None, lines: Lines, field: str, id_field: str | None) -> None:
+        super().__init__(path, field, id_field)
+        self.lines = lines
+        first = lines.first(nonblank=True)
+        if first is None:
+            return
+        number, line = first
+        try:
+            record = load_json(line)
+        except ValueError as e:
+            raise InvalidInputError(f"{self.name}:{number}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"{self.name}:{number}: a .jsonl input holds one JSON object per line")
+        for name, option in ((field, "--field"), (id_field, "--id-field")):
+            if name is not None and name not in record:
+                has = ", ".join(map(repr, list(record)[:10])) or "no fields"
+                raise InvalidInputError(
+                    f"{self.name}:{number}: no field {name!r} in the first record (it has {has}); choose with {option}"
+                )
+
+    def count(self) -> int | None:
+        if self.path is None:
+            return None
+        return sum(1 for _, line in self.lines if line.strip())
+
+    def empty(self) -> bool:
+        return self.lines.first(nonblank=True) is None
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        chunk = Chunk(0, [], [] if self.id_field else None, lines=[])
+        for number, line in self.lines:
+            if not line.strip():
+                continue
+            text, id_, problem = self._row(line)
+            if problem is not None:
+                chunk.problems[len(chunk.texts)] = problem
+            chunk.texts.append(text)
+            chunk.lines.append(number)  # type: ignore[union-attr]
+            if chunk.ids is not None:
+                chunk.ids.append(id_)
+            if len(chunk.texts) == rows:
+                yield chunk
+                chunk = Chunk(chunk.first + rows, [], [] if self.id_field else None, lines=[])
+        if chunk.texts:
+            yield chunk
+
+    def _row(self, line: bytes) -> tuple[Any, Any, str | None]:
+        try:
+            record = load_json(line)
+        except ValueError as e:
+            return None, None, f"is not valid JSON ({e})"
+        if not isinstance(record, dict):
+            return None, None, "is not a JSON object"
+        id_ = record.get(self.id_field) if self.id_field else None
+        if self.field not in record:
+            return None, id_, f"has no field {self.field!r}"
+        return record[self.field], id_, None
+
+    def where(self, chunk: Chunk, offset: int) -> str:
+        return f"{self.name}:{chunk.lines[offset]}" if chunk.lines else super().where(chunk, offset)
+
+
+class CsvSource(Source):
+    """A header line names the columns; values are text (ids too: CSV has no types)."""
+
+    format = "csv"
+
+    def __init__(self, path: Path | None, field: str, id_field: str | None) -> None:
+        super().__init__(path, field, id_field)
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        self._errors = (pa.ArrowInvalid, pa.ArrowKeyError)
+        columns = list(dict.fromkeys([field, *([id_field] if id_field else [])]))
+        types = {name: pa.string() for name in columns} | {field: pa.binary()}
+        self._read = pcsv.ReadOptions(block_size=CSV_BLOCK)
+        self._convert = pcsv.ConvertOptions(include_columns=columns, column_types=types)
+        self._stdin_reader: Any = None
+        if path is None:
+            if sys.stdin.buffer.peek(1):  # type: ignore[union-attr]  # empty is an empty input, not a CSV error
+                self._stdin_reader = self._open(sys.stdin.buffer)
+            return
+        if path.stat().st_size == 0:
+            return
+        try:
+            names = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
+        except self._errors as e:
+            raise InvalidInputError(f"{self.name}: not a CSV file pyarrow can read ({e})") from e
+        for name, option in ((field, "--field"), (id_field, "--id-field")):
+            if name is not None and name not in names:
+                has = ", ".join(map(repr, names[:20]))
+                raise InvalidInputError(f"{self.name}: no column {name!r} (columns: {has}); choose with {option}")
+
+    def _open(self, source: Any) -> Any:
+        import pyarrow.csv as pcsv
+
+        try:
+            return pcsv.open_csv(source, read_options=self._read, convert_options=self._convert)
+        except self._errors as e:
+            raise InvalidInputError(f"{self.name}: {e}") from e
+
+    def _batches(self) -> Iterator[Any]:
+        if self.path is None and self._stdin_reader is None:
+            return
+        if self.path is not None and self.path.stat().st_size == 0:
+            return
+        reader = self._stdin_reader or self._open(self.path)
+        while True:
+            try:
+                yield reader.read_next_batch()
+            except StopIteration:
+                return
+            except self._errors as e:
+                raise InvalidInputError(f"{self.name}: {e}") from e
+
+    def count(self) -> int | None:
+        if self.path is None:
+            return None
+        return sum(batch.num_rows for batch in self._batches())
+
+    def empty(self) -> bool:
+        return self._stdin_reader is None if self.path is None else super().empty()
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        first = 0
+        for batch in self._batches():
+            for start in range(0, batch.num_rows, rows):
+                part = batch.slice(start, rows)
+                raw = part.column(self.field).to_pylist()
+                texts = [None if value is None else value.decode("utf-8", "surrogateescape") for value in raw]
+                ids = part.column(self.id_field) if self.id_field else None
+                yield Chunk(first, texts, ids)
+                first += len(texts)
+
+
+class ParquetSource(Source):
+    format = "parquet"
+
+    def __init__(self, path: Path, field: str, id_field: str | None) -> None:
+        super().__init__(path, field, id_field)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            self.file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise InvalidInputError(f"{self.name}: not a Parquet file ({e})") from e
+        schema = self.file.schema_arrow
+        for name, option in ((field, "--field"), (id_field, "--id-field")):
+            if name is not None and name not in schema.names:
+                has = ", ".join(map(repr, schema.names[:20]))
+                raise InvalidInputError(f"{self.name}: no column {name!r} (columns: {has}); choose with {option}")
+        kind = schema.field(field).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise InvalidInputError(f"{self.name}: column {field!r} holds {kind}, not text; choose with --field")
+
+    def count(self) -> int:
+        return int(self.file.metadata.num_rows)
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        columns = list(dict.fromkeys([self.field, *([self.id_field] if self.id_field else [])]))
+        first = 0
+        for batch in self.file.iter_batches(batch_size=rows, columns=columns):
+            texts = batch.column(self.field).to_pylist()
+            yield Chunk(first, texts, batch.column(self.id_field) if self.id_field else None)
+            first += len(texts)
+
+
+class BatchSource(Source):
+    """An OpenAI Batch file: each request's inputs are rows; a line that is no request stops the job."""
+
+    format = "batch"
+
+    def __init__(self, path: Path | None, lines: Lines) -> None:
+        super().__init__(path, "input", None)
+        self.lines = lines
+
+    def _requests(self) -> Iterator[tuple[BatchRequest, list[str]]]:
+        for number, line in self.lines:
+            if not line.strip():
+                continue
+            try:
+                yield parse_request(load_json(line), number)
+            except ValueError as e:  # JSON errors too: the file is not a Batch file, nothing can answer it
+                raise InvalidInputError(f"{self.name}:{number}: {e}") from e
+
+    def count(self) -> int | None:
+        """Texts of all requests; reading every line first also finds a broken file before any work."""
+        if self.path is None:
+            return None
+        return sum(request.inputs for request, _ in self._requests())
+
+    def empty(self) -> bool:
+        return self.lines.first(nonblank=True) is None
+
+    def chunks(self, rows: int) -> Iterator[Chunk]:
+        chunk = Chunk(0, [], requests=[])
+        for request, texts in self._requests():
+            chunk.requests.append(request)  # type: ignore[union-attr]
+            chunk.texts.extend(texts)
+            if len(chunk.texts) >= rows:
+                yield chunk
+                chunk = Chunk(chunk.first + len(chunk.texts), [], requests=[])
+        if chunk.requests:
+            yield chunk
+
+    def where(self, chunk: Chunk, offset: int) -> str:
+        for request in chunk.requests or ():
+            if offset < request.inputs:
+                return f"{self.name}:{request.line} (custom_id {request.custom_id!r}, input {offset})"
+            offset -= request.inputs
+        return super().where(chunk, offset)
+
+
+def open_source(
+    path: str | Path,
+    *,
+    field: str | None = None,
+    id_field: str | None = None,
+    input_format: str | None = None,
+) -> Source:
+    """Open an input and check it before any work: it exists, is a readable file, has the field.
+
+    The format follows the suffix (any unknown suffix reads as text, one text per
+    line) unless ``input_format`` names it; a ``.jsonl`` of OpenAI Batch requests
+    is recognised by its first line. Raises ``InvalidInputError`` with one line that says what to fix.
+    """
+    stdin = str(path) == STDIN
+    file = None if stdin else Path(path)
+    if file is not None:
+        if not file.exists():
+            raise InvalidInputError(f"{file}: no such file")
+        if file.is_dir():
+            raise InvalidInputError(f"{file} is a directory; give a file")
+        if not os.access(file, os.R_OK):
+            raise InvalidInputError(f"{file}: permission denied")
+    if input_format is not None and input_format not in FORMATS:
+        raise InvalidInputError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
+    kind = input_format or ("txt" if file is None else SUFFIXES.get(file.suffix.lower(), "txt"))
+    if kind == "txt":
+        if field is not None or id_field is not None:
+            raise InvalidInputError(
+                f"{path}: a text input is one text per line, with no fields; "
+                "--field and --id-field need a .jsonl, .csv or .parquet input (or --input-format)"
+            )
+        return TextSource(file)
+    if kind == "csv":
+        return CsvSource(file, field or "text", id_field)
+    if kind == "parquet":
+        if file is None:
+            raise InvalidInputError("Parquet cannot be read from standard input (its index ends the file): give a file")
+        return ParquetSource(file, field or "text", id_field)
+    lines = Lines(file)
+    first = lines.first(nonblank=True)
+    try:
+        batch = first is not None and is_batch_record(load_json(first[1]))
+    except ValueError:
+        batch = False
+    if batch:
+        if field is not None or id_field is not None:
+            raise InvalidInputError(
+                f"{path} is an OpenAI Batch file: its texts are each request's body.input and its ids the "
+                "custom_id; drop --field and --id-field"
+            )
+        return BatchSource(file, lines)
+    return JsonlSource(file, lines, field or "text", id_field)
