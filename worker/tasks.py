@@ -98,13 +98,16 @@ def run_embed(
             log.error("dropped an item no producer can wait for: it %s", why)
         elif why is not None:
             failures[digest] = f"text {why}"
-        elif engine_deaths >= MAX_ENGINE_DEATHS:
-            failures[digest] = f"the engine died {engine_deaths} times while embedding this text; it is refused"
         else:
             good.append((digest, text))
 
+    # A task delivered again may have been done already (by its first delivery, or another copy).
     cached = cached_digests(store.cache, [d for d, _ in good]) if redelivered else set()
     todo = [(d, t) for d, t in good if d not in cached] if cached else good
+    if engine_deaths >= MAX_ENGINE_DEATHS:
+        for digest, _ in todo:
+            failures[digest] = f"the engine died {engine_deaths} times while embedding this text; it is refused"
+        todo = []
     metrics.TEXTS_SKIPPED.inc(len(cached))
     instruction = payload["instruction"]
     done: list[str] = []
