@@ -20,10 +20,10 @@ import redis.asyncio
 from celery import Celery
 
 from producer import keys
-from producer.backend import aconnect
-from producer.call import Call
+from producer.backend import aconnect, backend_errors
+from producer.call import Call, before_sending
 from producer.client import send_tasks
-from producer.contract import make_celery
+from producer.contract import make_celery, signature_dimension
 from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
 from producer.errors import EmbqError
 from producer.settings import Settings
@@ -55,6 +55,7 @@ class AsyncEmbeddingClient:
         self.model = self.settings.model
         self.queue = keys.queue_name(self.model)
         self._driver: AsyncDriver | None = None
+        self._dimension: int | None = None
 
     async def embed(
         self, texts: Any, *, dim: int | None = None, instruction: str = "", timeout: float | None = None
@@ -64,8 +65,10 @@ class AsyncEmbeddingClient:
         The arguments mean what they mean for ``EmbeddingClient.embed``."""
         items = validate_texts(texts, self.settings.max_text_bytes)
         validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
-        if not items:
-            return np.zeros((0, dim or 0), dtype=np.float32)
+        if not items or dim is not None:
+            settled = before_sending(items, dim, await self.dimension())
+            if settled is not None:
+                return settled
         deadline = None if timeout is None else time.monotonic() + timeout
         call = Call(items, instruction, dim=dim, deadline=deadline)
         driver = self._get_driver()
@@ -73,6 +76,14 @@ class AsyncEmbeddingClient:
         await driver.wait(call)
         call.count(self.model)
         return call.result(self.queue)
+
+    async def dimension(self) -> int | None:
+        """The model's full dimension, as its workers state it (None before any worker of it ran)."""
+        if self._dimension is None:
+            with backend_errors("cache", self.settings.cache):
+                raw = await self._get_driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
+            self._dimension = signature_dimension(raw)
+        return self._dimension
 
     def _get_driver(self) -> AsyncDriver:
         loop = asyncio.get_running_loop()

@@ -146,3 +146,13 @@ class Call:
                 result,
             )
         return result
+
+
+def before_sending(texts: list[str], dim: int | None, full: int | None) -> np.ndarray | None:
+    """What the model's known dimension settles before anything is sent: an impossible ``dim``
+    raises, and an empty input gets its shape ``(0, dim or the model's)``."""
+    if dim is not None and full is not None and dim > full:
+        raise InvalidInputError(f"dim={dim} exceeds the model's dimension {full}")
+    if not texts:
+        return np.zeros((0, dim or full or 0), dtype=np.float32)
+    return None

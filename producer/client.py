@@ -14,9 +14,9 @@ import redis
 from celery import Celery
 
 from producer import keys
-from producer.backend import connect
-from producer.call import Call
-from producer.contract import TASK_EMBED, describe_task, make_celery
+from producer.backend import backend_errors, connect
+from producer.call import Call, before_sending
+from producer.contract import TASK_EMBED, describe_task, make_celery, signature_dimension
 from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
 from producer.errors import EmbqError
 from producer.settings import Settings
@@ -55,6 +55,7 @@ class EmbeddingClient:
         self.queue = keys.queue_name(self.model)
         self._lock = threading.Lock()
         self._driver: ThreadDriver | None = None
+        self._dimension: int | None = None
 
     def embed(
         self,
@@ -70,12 +71,15 @@ class EmbeddingClient:
         ``instruction`` is the model's query instruction; it is part of the cache key.
         ``timeout`` (seconds) bounds the wait for workers; None waits as long as
         the work is alive (lost tasks are sent again, dead producers' texts taken over).
-        An empty list gives shape ``(0, dim)``, or ``(0, 0)`` when ``dim`` is not given.
+        An empty list gives shape ``(0, dim)``, else ``(0, d)`` with the model's dimension once a
+        worker of it has run, else ``(0, 0)``.
         """
         items = validate_texts(texts, self.settings.max_text_bytes)
         validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
-        if not items:
-            return np.zeros((0, dim or 0), dtype=np.float32)
+        if not items or dim is not None:
+            settled = before_sending(items, dim, self.dimension())
+            if settled is not None:
+                return settled
         deadline = None if timeout is None else time.monotonic() + timeout
         call = Call(items, instruction, dim=dim, deadline=deadline)
         driver = self.driver()
@@ -110,6 +114,14 @@ class EmbeddingClient:
             failures=failures,
             on_progress=on_progress,
         )
+
+    def dimension(self) -> int | None:
+        """The model's full dimension, as its workers state it (None before any worker of it ran)."""
+        if self._dimension is None:
+            with backend_errors("cache", self.settings.cache):
+                raw = self.driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
+            self._dimension = signature_dimension(raw)  # type: ignore[arg-type]
+        return self._dimension
 
     def driver(self) -> ThreadDriver:
         """This process's dispatcher; a forked child gets its own (threads and sockets do not survive fork)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 from typing import Any, NotRequired, TypedDict
@@ -60,6 +61,16 @@ def make_payload(settings: Settings, instruction: str, texts: list[str], reply: 
         "reply": reply,
         "sent": time.time(),
     }
+
+
+def signature_dimension(raw: bytes | str | None) -> int | None:
+    """A model's dimension, from the engine signature its workers store at ``keys.signature_key``
+    (JSON written by ``worker.signature``); None when no worker has told it yet."""
+    try:
+        dim = json.loads(raw)["dim"] if raw else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 def describe_task(payload: EmbedPayload) -> str:

@@ -278,12 +278,15 @@ def test_cache_clear_removes_vectors_and_never_broker_keys(
     r.set(keys.signature_key("v1", HASH_MODEL), b"hash/384")
     r.rpush(keys.queue_name("test/queued"), b"a queued task")
     r.hset("unacked", "tag", b"a task a worker holds")
-    done = embq("cache", "clear", env=clean_env(EMBQ_REDIS_URL=redis_url))
-    assert done.returncode == 0, done.stderr
-    assert "removed 2,501 cache keys" in done.stderr
-    assert not list(r.scan_iter(match=keys.VECTOR + "*")) and not list(r.scan_iter(match=keys.SIGNATURE + "*"))
-    assert r.llen(keys.queue_name("test/queued")) == 1 and r.hexists("unacked", "tag")
-    assert stats_texts(r, HASH_MODEL) > 0
+    try:
+        done = embq("cache", "clear", env=clean_env(EMBQ_REDIS_URL=redis_url))
+        assert done.returncode == 0, done.stderr
+        assert "removed 2,501 cache keys" in done.stderr
+        assert not list(r.scan_iter(match=keys.VECTOR + "*")) and not list(r.scan_iter(match=keys.SIGNATURE + "*"))
+        assert r.llen(keys.queue_name("test/queued")) == 1 and r.hexists("unacked", "tag")
+        assert stats_texts(r, HASH_MODEL) > 0
+    finally:  # the broker's own hash outlives the test's cleanup of embq's keys: leave no fake task in it
+        r.hdel("unacked", "tag")
 
 
 # -- memory --------------------------------------------------------------------------------------------

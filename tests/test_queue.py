@@ -73,7 +73,20 @@ def test_dim_truncates_and_renormalises_the_full_vector(make_client: Client, r: 
 
 
 def test_empty_input(make_client: Client) -> None:
-    assert make_client().embed([], timeout=5).shape[0] == 0
+    assert make_client(model="test/never-served").embed([], timeout=5).shape == (0, 0)  # no worker told its size
+    assert make_client(model="test/never-served").embed([], dim=8).shape == (0, 8)
+
+
+def test_the_models_dimension_settles_empty_inputs_and_dims_before_sending(
+    make_client: Client, start_worker: Callable[..., LocalWorker], r: redis.Redis
+) -> None:
+    model = "test/known-dimension"
+    start_worker(model, env={"EMBQ_HASH_DIM": "48"}).stop()  # its signature outlives it
+    client = make_client(model=model)
+    assert client.embed([]).shape == (0, 48)
+    with pytest.raises(InvalidInputError, match="dim=64 exceeds the model's dimension 48"):
+        client.embed(["never sent"], dim=64)
+    assert r.llen(keys.queue_name(model)) == 0 and stats(r, model).get("misses", 0) == 0
 
 
 @pytest.mark.parametrize("bad", [None, 5, b"bytes", "\ud800", "x" * (64 << 20)])
