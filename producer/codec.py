@@ -33,16 +33,16 @@ def pack(vector: np.ndarray, dtype: str = "float32") -> bytes:
     return HEADER.pack(MAGIC, VERSION, code, flat.shape[0]) + flat.tobytes()
 
 
-def pack_rows(matrix: np.ndarray, dtype: str = "float32") -> tuple[bytes, int]:
+def pack_rows(matrix: np.ndarray, dtype: str = "float32") -> tuple[memoryview, int]:
     """``pack`` for every row of ``matrix``, end to end in one buffer: ``(buffer, bytes per row)``.
-    One conversion and one copy, however many rows."""
+    One conversion and one copy, however many rows; the buffer is a view, not a second copy."""
     code = DTYPE_CODES[dtype]
     rows = np.ascontiguousarray(matrix, dtype=DTYPES[code]).reshape(len(matrix), -1)
     width = HEADER.size + rows.shape[1] * rows.itemsize
     out = np.empty((len(rows), width), dtype=np.uint8)
     out[:, : HEADER.size] = np.frombuffer(HEADER.pack(MAGIC, VERSION, code, rows.shape[1]), dtype=np.uint8)
     out[:, HEADER.size :] = rows.view(np.uint8).reshape(len(rows), -1)
-    return out.tobytes(), width
+    return out.reshape(-1).data, width
 
 
 def value_size(blob: bytes, offset: int = 0) -> int:

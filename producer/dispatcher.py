@@ -479,10 +479,16 @@ class Dispatcher:
                 yield Redis("cache", [("XADD", s, "NOMKSTREAM", "*", *flat(n)) for s, n in notices.items()])
 
     def _abandon(self, error: BaseException) -> Generator[Op, Any, None]:
-        """A failure no retry here can fix: every call ends with ``error``, our claims are released."""
+        """A failure no retry here can fix: our claims are released, then every call ends with ``error``
+        (in that order, so that a caller who retries at once finds nothing of ours in its way)."""
+        # NEW too: a CLAIM cut short by the failure may have claimed some of them already.
+        ours = [d for d in self.entries if self.entries.state(d) != THEIRS]
+        try:
+            yield from self._release(ours)
+        except BACKEND_ERRORS as e:
+            log.info("could not release %d claims (%s); they lapse with our liveness", len(ours), e)
         for call in [*self.calls, *self.inbox]:
             call.fail(error)
-        ours = [d for d in self.entries if self.entries.state(d) == OURS]
         self.calls.clear()
         self.inbox.clear()
         self.active.clear()
@@ -490,10 +496,6 @@ class Dispatcher:
         self.tasks.clear()
         self.suspects.clear()
         self.recheck.clear()
-        try:
-            yield from self._release(ours)
-        except BACKEND_ERRORS as e:
-            log.info("could not release %d claims (%s); they lapse with our liveness", len(ours), e)
 
     def _backend_error(self, error: BaseException) -> EmbqError:
         broker = isinstance(error, OperationalError)

@@ -3,13 +3,13 @@
 =========================  ==========  ===================  =====================  ======================
 key                        type        TTL                  written by             read by
 =========================  ==========  ===================  =====================  ======================
-``embq:v:{digest}``        string      ``cache_ttl``        worker (COMPLETE)      producers (CLAIM)
+``embq:v:{digest}``        string      ``cache_ttl``        worker (SET EX GET)    producers (CLAIM)
                            (vector)
 ``embq:v:{digest}``        string      visibility timeout   the producer that      producers (CLAIM);
                            (claim)                          claims it (CLAIM)      the worker replaces it
 ``embq:alive:{token}``     string      ``lease_seconds``,   the producer process   producers meeting its
                                        renewed every tick   that owns the token    claims (CLAIM)
-``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (COMPLETE),
+``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (after SET GET),
                                                             another's claim        owner (RELEASE)
 ``embq:reply:{token}``     stream      2 x lease, renewed   its producer creates   its producer (XREAD
                                                             it; workers XADD       BLOCK)

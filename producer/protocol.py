@@ -4,20 +4,21 @@ A text's cache key holds either its vector or, while it is being computed, a
 claim: ``b"EQ\\x00"``, a flag byte (``W`` once someone watches it, else ``-``)
 and the token of the producer that claimed it. Producers claim many texts in
 one ``CLAIM`` call (one MGET, then a ``SET NX`` per missing text); a worker
-stores a task's vectors over their claims and notifies in one ``COMPLETE`` call
-(one ``SET ... GET`` per text: the claim it replaces says whether anyone
-watches); a producer that gives up releases its claims in one ``RELEASE`` call.
-A script runs atomically, so a text is cached, claimed by exactly one producer,
-or free, and every change wakes whoever waits:
+stores a task's vectors over their claims and notifies in one pipeline (one
+``SET ... EX ... GET`` per text: the claim it replaces says whether anyone
+watches, then the owner's notice), and deletes the claims of texts it could not
+embed with ``FAIL``; a producer that gives up releases its claims with
+``RELEASE``. Scripts and single commands run atomically, so a text is cached,
+claimed by exactly one producer, or free, and every change wakes whoever waits:
 
 - the producer that claimed a text (its owner) put its reply stream in the task,
-  and ``COMPLETE`` adds one notice per task to it, carrying the vectors
-  themselves: the owner never reads the cache for its own texts;
+  and the worker adds one notice per task to it, after the vectors and carrying
+  them: the owner never reads the cache for its own texts;
 - a producer that finds a text claimed by another live producer adds its reply
   stream to the text's watch set and flags the claim, in the same script; the
-  ``COMPLETE`` that replaces a flagged claim reads the watch set, and the worker
-  sends the watchers the vectors. Watch sets exist only for texts two producers
-  want at once;
+  ``SET ... GET`` that replaces a flagged claim returns the flag, and the worker
+  sends the watchers the vectors. A watcher that comes later finds the vector.
+  Watch sets exist only for texts two producers want at once;
 - a claim's owner is alive while its ``embq:alive:{token}`` key is: one key per
   producer process, renewed every tick, not one renewal per text. A claim whose
   owner is not alive is taken over by the next producer that meets it.
@@ -25,7 +26,7 @@ or free, and every change wakes whoever waits:
 Keys touched (all in the cache Redis; see ``producer.keys`` for the full table):
 
 =========================  ======  ==============================================
-key                        type    CLAIM / RELEASE / COMPLETE
+key                        type    CLAIM / RELEASE / worker's store and FAIL
 =========================  ======  ==============================================
 ``embq:v:{digest}``        string  read, claimed (SET NX PX), flagged, taken over
                                    / deleted if our claim / vector written over
@@ -163,47 +164,32 @@ return out
 """
 )
 
-COMPLETE = (
+FAIL = (
     _HELPERS
     + f"""
--- ARGV: ttl seconds, owner's reply stream ('' = none), stats key, vectors to store, bytes per vector,
---       done digests (stored ones first, then ones that were cached already), their values end to end,
---       failed digests, why they failed (msgpack, for the notice). Digests: {_W} hex characters each.
--- Returns the watchers of every text: {{index, watcher, ...}} (1-based: done digests, then failed ones).
-local ttl, reply, stats = ARGV[1], ARGV[2], ARGV[3]
-local stored, width = tonumber(ARGV[4]), tonumber(ARGV[5])
-local done, values, failed, reasons = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local out = {{}}
-for i = 1, stored do
-  local d = string.sub(done, (i - 1) * {_W} + 1, i * {_W})
-  local value = string.sub(values, (i - 1) * width + 1, i * width)
-  local old = redis.call('SET', '{keys.VECTOR}' .. d, value, 'EX', ttl, 'GET')
-  if old and string.sub(old, 1, 4) == {_CLAIM} .. 'W' then
-    tell_watchers(d, i, out)
-  end
-end
-local ndone, nfailed = #done / {_W}, #failed / {_W}
-for i = 1, nfailed do
-  local d = string.sub(failed, (i - 1) * {_W} + 1, i * {_W})
+-- ARGV: digests ({_W} hex each, end to end) of texts a worker could not embed.
+-- Deletes their claims (never a vector), so that nobody waits for them any more.
+-- Returns the watchers of those texts: {{index, watcher, ...}} (1-based).
+local joined, out = ARGV[1], {{}}
+for i = 1, #joined / {_W} do
+  local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
   local key = '{keys.VECTOR}' .. d
-  local old = redis.call('GET', key)
-  if old and string.sub(old, 1, 3) == {_CLAIM} then
+  local value = redis.call('GET', key)
+  if value and string.sub(value, 1, 3) == {_CLAIM} then
     redis.call('DEL', key)
-    if string.sub(old, 4, 4) == 'W' then
-      tell_watchers(d, ndone + i, out)
+    if string.sub(value, 4, 4) == 'W' then
+      tell_watchers(d, i, out)
     end
   end
 end
-if reply ~= '' then
-  redis.call('XADD', reply, 'NOMKSTREAM', '*', 'd', done, 'v', values, 'f', reasons)
-end
-redis.call('HINCRBY', stats, 'tasks', 1)
-redis.call('HINCRBY', stats, 'texts', stored)
-redis.call('HINCRBY', stats, 'failed', nfailed)
-redis.call('EXPIRE', stats, {keys.STATS_TTL})
 return out
 """
 )
+
+
+def watched(old_value: bytes | None) -> bool:
+    """Whether the value a vector replaced (``SET ... GET``) was a claim that someone watches."""
+    return old_value is not None and old_value[:4] == CLAIM_PREFIX + b"W"
 
 
 def claim_args(token: str, hold_ms: int, reply: str, watch_ms: int, stats: str, digests: Sequence[str]) -> list[Any]:
@@ -211,7 +197,7 @@ def claim_args(token: str, hold_ms: int, reply: str, watch_ms: int, stats: str, 
 
 
 def watchers_of(reply: Sequence[Any], digests: Sequence[str]) -> dict[bytes, list[str]]:
-    """RELEASE's or COMPLETE's ``{index, watcher, ...}`` reply as watcher -> digests (1-based indices)."""
+    """RELEASE's or FAIL's ``{index, watcher, ...}`` reply as watcher -> digests (1-based indices)."""
     found: dict[bytes, list[str]] = {}
     for i in range(0, len(reply), 2):
         watcher = reply[i + 1]
@@ -227,7 +213,7 @@ def notice_fields(
     """What lands in a producer's reply stream, as stream fields: ``d`` the digests done, end to end,
     ``v`` their packed values in the same order (each as ``producer.codec.pack`` makes it), ``f`` the
     digests failed with why (msgpack), ``r`` the digests whose claim was released (whoever waits for
-    them claims them again). COMPLETE writes the same fields."""
+    them claims them again)."""
     fields = {"d": "".join(done).encode(), "v": values, "f": msgpack.packb(failed or {}, use_bin_type=True)}
     if released:
         fields["r"] = "".join(released).encode()

@@ -115,9 +115,11 @@ def run_embed(
         alone = bool(payload.get("alone")) or engine_deaths > 0
         job = batcher.embed([engine.format_query(instruction, text) for _, text in todo], alone=alone)
         embedded = np.flatnonzero(job.ok)
-        values, width = b"", 0
+        values: bytes | memoryview = b""
+        width = 0
         if job.matrix is not None and len(embedded):
-            values, width = pack_rows(job.matrix[embedded], settings.cache_dtype)
+            rows = job.matrix if len(embedded) == len(todo) else job.matrix[embedded]
+            values, width = pack_rows(rows, settings.cache_dtype)
         done = [todo[i][0] for i in embedded]
         if len(done) < len(todo):
             for row in np.flatnonzero(~job.ok).tolist():
