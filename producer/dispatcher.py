@@ -318,8 +318,9 @@ class Dispatcher:
         """Place vectors in the rows that wait for them; returns the digests whose vector is invalid."""
         placed: dict[tuple[Call, str], tuple[list[int], list[int], set[str]]] = {}
         bad: list[str] = []
+        slots = self.entries.slots
         for j, digest in enumerate(digests):
-            if digest not in self.entries:
+            if digest not in slots:
                 continue
             if not valid[j]:
                 bad.append(digest)

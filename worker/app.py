@@ -29,6 +29,7 @@ from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
+from worker.memory import keep_task_buffers_in_heap
 from worker.settings import WorkerSettings
 from worker.signature import SignatureGuard, signature_of
 from worker.store import ResultStore, refusal
@@ -79,6 +80,7 @@ class Runtime:
         if s.shared.cache != s.shared.broker:
             wait_for_redis("cache", s.shared.cache, s.redis_wait)
         check_eviction_policy(s)
+        keep_task_buffers_in_heap()
         engine = create_engine(s.engine, s.shared.model, **s.engine_options())
         # Before gigabytes are loaded: a worker whose vectors cannot match the cached ones stops here.
         self.signature.check(signature_of(engine))
