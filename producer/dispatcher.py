@@ -135,6 +135,8 @@ class Dispatcher:
         self.next_tick = 0.0
         self.last_progress = time.monotonic()
         self.closing = False
+        #: Hits found by MGET, not yet added to the model's counters (they ride on the next round trip).
+        self.unreported_hits = 0
         #: Set by the driver while it blocks on the stream, so that a new call wakes it.
         self.reading = False
 
@@ -168,8 +170,7 @@ class Dispatcher:
             self._take_inbox()
         yield from self._drop_cancelled()
         while self.active and len(self.entries) < self.settings.inflight_texts:
-            fresh = self._admit()
-            yield from self._claim(fresh, count=True)
+            yield from self._admit()
         if self.recheck:
             digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
             yield from self._claim(digests, count=False)
@@ -180,6 +181,8 @@ class Dispatcher:
             self.next_tick = time.monotonic() + self.tick
         if self.inbox or (self.active and len(self.entries) < self.settings.inflight_texts):
             return
+        if self.unreported_hits:  # before going quiet: counters should not lag behind the calls
+            yield Redis("cache", self._hits_to_report())
         timeout = self._until_next_event()
         if not self.entries:
             yield Wait(None if timeout is None and not self.calls else timeout)
@@ -220,10 +223,11 @@ class Dispatcher:
 
     # -- admitting and claiming -------------------------------------------------------------
 
-    def _admit(self) -> list[str]:
-        """Hand the next texts of the active calls to entries; returns the digests no entry had yet."""
-        fresh: list[str] = []
+    def _admit(self) -> Generator[Op, Any, None]:
+        """The next texts of the active calls: those cached are placed at once (one MGET, no script);
+        the others wait in entries, and those no entry had yet are claimed."""
         budget = min(CLAIM_CHUNK, self.settings.inflight_texts - len(self.entries))
+        pieces: list[tuple[Call, int, list[str], list[str]]] = []  # (call, first row, texts, digests)
         while self.active and budget > 0:
             call = self.active[0]
             if call.finished:
@@ -232,16 +236,40 @@ class Dispatcher:
             start = call.admitted
             end = min(len(call.texts), start + budget)
             texts = call.texts[start:end]
-            digests = keys.text_digests(self.model, self.namespace, call.instruction, texts)
-            add, instruction = self.entries.add, call.instruction
-            for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
-                if add(digest, text, instruction, call, row):
-                    fresh.append(digest)
+            pieces.append((call, start, texts, keys.text_digests(self.model, self.namespace, call.instruction, texts)))
             budget -= end - start
             call.admitted = end
             if end == len(call.texts):
                 self.active.popleft()
-        return fresh
+        if not pieces:
+            return
+        names = [keys.vector_key(d) for _, _, _, digests in pieces for d in digests]
+        values, *_ = yield Redis("cache", [("MGET", *names), *self._hits_to_report()])
+        matrix, valid = unpack_many(values)
+        fresh: list[str] = []
+        add, position = self.entries.add, 0
+        for call, start, texts, digests in pieces:
+            rows: list[int] = []
+            picks: list[int] = []
+            for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+                if valid[position]:
+                    rows.append(row)
+                    picks.append(position)
+                elif add(digest, text, call.instruction, call, row):
+                    fresh.append(digest)
+                position += 1
+            if rows:
+                distinct = len({digests[row - start] for row in rows})
+                call.place(rows, matrix[picks], "cached", distinct)
+                self.unreported_hits += distinct
+        yield from self._claim(fresh, count=True)
+
+    def _hits_to_report(self) -> list[tuple[Any, ...]]:
+        """Commands adding the hits found by MGET to the model's counters (CLAIM counts its own)."""
+        if not self.unreported_hits:
+            return []
+        hits, self.unreported_hits = self.unreported_hits, 0
+        return [("HINCRBY", self.stats, "hits", hits), ("EXPIRE", self.stats, keys.STATS_TTL)]
 
     def _claim(self, digests: list[str], *, count: bool) -> Generator[Op, Any, None]:
         """CLAIM ``digests`` (entries that exist); resolve the cached, send what we now own."""
@@ -386,8 +414,13 @@ class Dispatcher:
     def _tick(self) -> Generator[Op, Any, None]:
         """Renew our liveness; look again at every text we wait for: cached meanwhile (a lost
         notice), claim vanished (a Redis restart) or its owner dead: claim and send it."""
-        _, exists = yield Redis(
-            "cache", [("SET", self.alive, 1, "PX", self.lease_ms), ("PEXPIRE", self.reply, 2 * self.lease_ms)]
+        _, exists, *_ = yield Redis(
+            "cache",
+            [
+                ("SET", self.alive, 1, "PX", self.lease_ms),
+                ("PEXPIRE", self.reply, 2 * self.lease_ms),
+                *self._hits_to_report(),
+            ],
         )
         if not exists:
             yield from self._open()
@@ -510,7 +543,7 @@ class Dispatcher:
         try:
             # Tasks still queued keep their claims, so that others wait for them rather than send them again.
             keep = ("SET", self.alive, 1, "PX", self.hold_ms) if outstanding else ("DEL", self.alive)
-            yield Redis("cache", [keep, ("DEL", self.reply)])
+            yield Redis("cache", [keep, ("DEL", self.reply), *self._hits_to_report()])
         except BACKEND_ERRORS as e:
             log.info("could not close the reply stream (%s); it expires by itself", e)
 
