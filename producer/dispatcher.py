@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Texts per CLAIM script call: bounds one round trip's reply (the cached vectors among them).
 CLAIM_CHUNK = 1000
+#: Above this recent hit rate, a window is read with a plain MGET before any claim: hits then cost
+#: no script. Below it, most texts are new and the CLAIM script reads and claims in one go.
+LOOK_FIRST_ABOVE = 0.3
 #: Longest blocking read of the reply stream (below redis-py's socket timeouts).
 MAX_BLOCK = 2.0
 #: Notices fetched per read: each carries a task's vectors (up to a few MB), so a read stays bounded.
@@ -137,6 +140,9 @@ class Dispatcher:
         self.closing = False
         #: Hits found by MGET, not yet added to the model's counters (they ride on the next round trip).
         self.unreported_hits = 0
+        #: Recent share of cached texts among those admitted: it decides whether a window is
+        #: looked up with a plain MGET first (cheap hits) or claimed at once (no second look).
+        self.hit_rate = 1.0
         #: Set by the driver while it blocks on the stream, so that a new call wakes it.
         self.reading = False
 
@@ -243,10 +249,17 @@ class Dispatcher:
                 self.active.popleft()
         if not pieces:
             return
+        fresh: list[str] = []
+        if self.hit_rate < LOOK_FIRST_ABOVE:  # mostly new texts: CLAIM finds the cached ones itself
+            for call, start, texts, digests in pieces:
+                for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+                    if self.entries.add(digest, text, call.instruction, call, row):
+                        fresh.append(digest)
+            yield from self._claim(fresh, count=True)
+            return
         names = [keys.vector_key(d) for _, _, _, digests in pieces for d in digests]
         values, *_ = yield Redis("cache", [("MGET", *names), *self._hits_to_report()])
         matrix, valid = unpack_many(values)
-        fresh: list[str] = []
         add, position = self.entries.add, 0
         for call, start, texts, digests in pieces:
             rows: list[int] = []
@@ -262,7 +275,12 @@ class Dispatcher:
                 distinct = len({digests[row - start] for row in rows})
                 call.place(rows, matrix[picks], "cached", distinct)
                 self.unreported_hits += distinct
+        self._learn_hit_rate(int(valid.sum()), len(names))
         yield from self._claim(fresh, count=True)
+
+    def _learn_hit_rate(self, hits: int, looked: int) -> None:
+        if looked:
+            self.hit_rate = 0.8 * self.hit_rate + 0.2 * hits / looked
 
     def _hits_to_report(self) -> list[tuple[Any, ...]]:
         """Commands adding the hits found by MGET to the model's counters (CLAIM counts its own)."""
@@ -297,6 +315,8 @@ class Dispatcher:
                     states[slot] = OURS
                 else:
                     states[slot] = THEIRS
+            if count:
+                self._learn_hit_rate(len(hit_digests), len(part))
             if hit_digests:  # found at a first claim they were cached; found later, a worker made them for us
                 matrix, valid = unpack_many(hit_values)
                 bad = self._deliver(hit_digests, matrix, valid, "cached" if count else None)
