@@ -114,7 +114,7 @@ def unpack_concat(blob: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
         dtype = DTYPES[first[0]]
         rows = np.frombuffer(blob, dtype=np.uint8).reshape(count, -1)
         if (rows[:, : HEADER.size] == rows[0, : HEADER.size]).all():
-            matrix = rows[:, HEADER.size :].view(dtype).astype(np.float32)
+            matrix = rows[:, HEADER.size :].view(dtype).astype(np.float32, copy=False)  # a view for float32
             return matrix, np.asarray(np.isfinite(matrix).all(axis=1))
     values: list[bytes | None] = []
     offset = 0

@@ -33,7 +33,7 @@ from producer.backend import redact, redis_reason
 from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from producer.call import Call
 from producer.codec import unpack_concat, unpack_many
-from producer.contract import EmbedPayload, make_payload
+from producer.contract import EmbedPayload, make_payload, root_task_id
 from producer.errors import BackendUnavailableError, EmbqError
 from producer.pending import OURS, THEIRS, Pending
 from producer.settings import Settings
@@ -381,7 +381,8 @@ class Dispatcher:
                 picks.append(j)
                 distinct.add(digest)
         for (call, kind), (rows, picks, distinct) in placed.items():
-            call.place(rows, matrix[picks], kind, len(distinct))
+            everything = len(picks) == len(matrix) and picks[0] == 0 and picks[-1] == len(picks) - 1
+            call.place(rows, matrix if everything else matrix[picks], kind, len(distinct))
         if placed:
             self.last_progress = time.monotonic()
         return bad
@@ -409,13 +410,17 @@ class Dispatcher:
         if read:
             yield Redis("cache", [("XTRIM", self.reply, "MINID", self.last_id)])
         for fields in notices:
-            done, values, failed, released = protocol.read_notice(fields)
-            if done:
-                matrix, valid = unpack_concat(values, len(done))
-                self.recheck.update(self._deliver(done, matrix, valid))
-            for digest, reason in failed.items():
-                self._fail(digest, reason)
-            self.recheck.update(d for d in released if d in self.entries)
+            notice = protocol.read_notice(fields)
+            if notice.done:
+                matrix, valid = unpack_concat(notice.values, len(notice.done))
+                self.recheck.update(self._deliver(notice.done, matrix, valid))
+            task = root_task_id(notice.task) if notice.task else ""
+            for digest, reason in notice.failed.items():
+                # From the task we wait for, or (for a text another producer computes) from its worker;
+                # a failure of a task we gave up on must not fail the text sent again since.
+                if (task in self.tasks and digest in self.tasks[task]) or (not task and self._watching(digest)):
+                    self._fail(digest, reason)
+            self.recheck.update(d for d in notice.released if d in self.entries)
 
     # -- ticks: liveness, takeovers, lost tasks ---------------------------------------------
 
@@ -454,6 +459,9 @@ class Dispatcher:
                 self.queue,
             )
             self.last_progress = time.monotonic()
+
+    def _watching(self, digest: str) -> bool:
+        return self.entries.state(digest) == THEIRS
 
     def _awaited(self, task_id: str) -> list[str]:
         return [d for d in self.tasks[task_id] if self.entries.state(d) == OURS]
@@ -530,7 +538,7 @@ class Dispatcher:
             watchers = protocol.watchers_of(reply, part)
             if watchers:
                 notices = {stream: protocol.notice_fields(released=ds) for stream, ds in watchers.items()}
-                yield Redis("cache", [("XADD", s, "NOMKSTREAM", "*", *flat(n)) for s, n in notices.items()])
+                yield Redis("cache", [("XADD", s, "NOMKSTREAM", "*", *protocol.flat(n)) for s, n in notices.items()])
 
     def _abandon(self, error: BaseException) -> Generator[Op, Any, None]:
         """A failure no retry here can fix: our claims are released, then every call ends with ``error``
@@ -566,10 +574,6 @@ class Dispatcher:
             yield Redis("cache", [keep, ("DEL", self.reply), *self._hits_to_report()])
         except BACKEND_ERRORS as e:
             log.info("could not close the reply stream (%s); it expires by itself", e)
-
-
-def flat(fields: dict[str, bytes]) -> list[Any]:
-    return [item for pair in fields.items() for item in pair]
 
 
 def describe(error: BaseException) -> str:

@@ -44,7 +44,7 @@ Redis (or a single shard), which embq requires anyway.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -167,15 +167,16 @@ return out
 FAIL = (
     _HELPERS
     + f"""
--- ARGV: digests ({_W} hex each, end to end) of texts a worker could not embed.
--- Deletes their claims (never a vector), so that nobody waits for them any more.
+-- ARGV: the token of the producer the task came from, digests ({_W} hex each, end to end) of texts
+-- a worker could not embed. Deletes their claims by that producer (never a vector, never another's
+-- claim: the text may have been sent again since), so that nobody waits for them any more.
 -- Returns the watchers of those texts: {{index, watcher, ...}} (1-based).
-local joined, out = ARGV[1], {{}}
+local token, joined, out = ARGV[1], ARGV[2], {{}}
 for i = 1, #joined / {_W} do
   local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
   local key = '{keys.VECTOR}' .. d
   local value = redis.call('GET', key)
-  if value and string.sub(value, 1, 3) == {_CLAIM} then
+  if value and string.sub(value, 1, 3) == {_CLAIM} and string.sub(value, 5) == token then
     redis.call('DEL', key)
     if string.sub(value, 4, 4) == 'W' then
       tell_watchers(d, i, out)
@@ -208,22 +209,47 @@ def watchers_of(reply: Sequence[Any], digests: Sequence[str]) -> dict[bytes, lis
 
 
 def notice_fields(
-    done: Sequence[str] = (), values: bytes = b"", failed: dict[str, str] | None = None, released: Sequence[str] = ()
-) -> dict[str, bytes]:
+    done: Sequence[str] = (),
+    values: bytes | memoryview = b"",
+    failed: dict[str, str] | None = None,
+    released: Sequence[str] = (),
+    task: str = "",
+) -> dict[str, bytes | memoryview]:
     """What lands in a producer's reply stream, as stream fields: ``d`` the digests done, end to end,
     ``v`` their packed values in the same order (each as ``producer.codec.pack`` makes it), ``f`` the
     digests failed with why (msgpack), ``r`` the digests whose claim was released (whoever waits for
-    them claims them again)."""
-    fields = {"d": "".join(done).encode(), "v": values, "f": msgpack.packb(failed or {}, use_bin_type=True)}
+    them claims them again), ``t`` the task that did the work (a failure counts only if it comes from
+    the task its producer waits for: an earlier, abandoned task may fail after the text was sent again)."""
+    fields: dict[str, bytes | memoryview] = {
+        "d": "".join(done).encode(),
+        "v": values,
+        "f": msgpack.packb(failed or {}, use_bin_type=True),
+    }
     if released:
         fields["r"] = "".join(released).encode()
+    if task:
+        fields["t"] = task.encode()
     return fields
 
 
-def read_notice(fields: dict[bytes, bytes]) -> tuple[list[str], bytes, dict[str, str], list[str]]:
-    """``notice_fields`` back: (done digests, their values, failed digest -> why, released digests)."""
+def flat(fields: dict[str, bytes | memoryview]) -> list[Any]:
+    """Stream fields as XADD's arguments: name, value, name, value..."""
+    return [item for pair in fields.items() for item in pair]
+
+
+class Notice(NamedTuple):
+    task: str
+    done: list[str]
+    values: bytes
+    failed: dict[str, str]
+    released: list[str]
+
+
+def read_notice(fields: dict[bytes, bytes]) -> Notice:
+    """``notice_fields`` back."""
     reasons = fields.get(b"f")
-    return (
+    return Notice(
+        fields.get(b"t", b"").decode(),
         split_digests(fields.get(b"d", b"")),
         fields.get(b"v", b""),
         dict(msgpack.unpackb(reasons, raw=False)) if reasons else {},

@@ -29,7 +29,7 @@ from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
-from worker.memory import keep_task_buffers_in_heap
+from worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
 from worker.settings import WorkerSettings
 from worker.signature import SignatureGuard, signature_of
 from worker.store import ResultStore, refusal
@@ -87,6 +87,7 @@ class Runtime:
         log.info("loading engine %s for model %s", s.engine, s.shared.model)
         self.engine = engine  # closed by stop() whatever happens next
         engine.load()
+        freeze_what_is_loaded()
         self.signature.claim(signature_of(engine))
         self.batcher = Batcher(
             engine,
@@ -166,6 +167,7 @@ class Runtime:
             engine_deaths=deaths,
             redelivered=starts > 1,
             split=split,
+            task=task_id,
         )
         self.cache.delete(keys.attempts_key(task_id))
         return result

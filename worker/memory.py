@@ -1,4 +1,4 @@
-"""The worker's allocator: a task's buffers (its vectors, a few MB each) reused, not mapped anew.
+"""The worker's memory: a task's buffers reused, not mapped anew; the loaded engine out of the collector's way.
 
 glibc serves an allocation above its mmap threshold with a fresh mapping, whose
 pages the kernel faults in and zeroes on first touch: every task then pays for
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -36,3 +37,12 @@ def keep_task_buffers_in_heap() -> bool:
     done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     log.debug("allocator: mmap threshold %d MB (%s)", MMAP_THRESHOLD >> 20, "set" if done else "refused")
     return done
+
+
+def freeze_what_is_loaded() -> None:
+    """Move every object alive now (the engine, its model and libraries: millions of objects with
+    torch or SGLang) out of the cyclic collector's reach: a full collection would otherwise walk
+    them all again and again while the worker serves, and they live as long as the process."""
+    gc.collect()
+    gc.freeze()
+    log.debug("%d objects frozen out of the garbage collector", gc.get_freeze_count())

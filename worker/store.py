@@ -41,10 +41,11 @@ class ResultStore:
         width: int,
         failures: dict[str, str],
         cached: list[str] | None = None,
+        task: str = "",
     ) -> int:
         """Write the vectors of ``done`` (``values``: their packed vectors end to end, ``width`` bytes each),
-        report ``failures``, tell the owner (``reply``) and the watchers; ``cached`` digests needed no work
-        and are reported as done. Returns the number of watchers told."""
+        report ``failures``, tell the owner (``reply``, for its ``task``) and the watchers; ``cached``
+        digests needed no work and are reported as done. Returns the number of watchers told."""
         stored = len(done)
         if cached:
             known = set(done)
@@ -57,9 +58,10 @@ class ResultStore:
         told: dict[bytes, list[str]] = {}
         try:
             if failed:
-                reply_of_fail = self._fail(args=["".join(failed)])
+                owner = reply[len(keys.REPLY) :] if reply else ""
+                reply_of_fail = self._fail(args=[owner, "".join(failed)])
                 told = protocol.watchers_of(reply_of_fail, list(failed))
-            old = self._write(reply, done, values, width, stored, len(failed), failed)
+            old = self._write(reply, task, done, values, width, stored, failed)
         except redis.exceptions.ResponseError as e:
             # The server's reason only: the arguments (vectors) never reach a message or a log.
             raise BackendUnavailableError(f"the cache Redis refused the results: {refusal(e)}") from None
@@ -80,11 +82,11 @@ class ResultStore:
     def _write(
         self,
         reply: str,
+        task: str,
         done: list[str],
         values: bytes | memoryview,
         width: int,
         stored: int,
-        failed_count: int,
         failed: dict[str, str],
     ) -> list[Any]:
         """One round trip: the SETs, the owner's notice, the counters. Returns what the SETs replaced."""
@@ -93,11 +95,10 @@ class ResultStore:
             commands: list[bytes | memoryview] = [pack_sets(done[:stored], values, width, self.ttl)] if stored else []
             count = stored
             if reply:
-                fields = protocol.notice_fields(done, b"", failed)
-                notice = ["XADD", reply, "NOMKSTREAM", "*", "d", fields["d"], "v", values, "f", fields["f"]]
-                commands += connection.pack_command(*notice)
+                fields = protocol.notice_fields(done, values, failed, task=task)
+                commands += connection.pack_command("XADD", reply, "NOMKSTREAM", "*", *protocol.flat(fields))
                 count += 1
-            for field, amount in (("tasks", 1), ("texts", stored), ("failed", failed_count)):
+            for field, amount in (("tasks", 1), ("texts", stored), ("failed", len(failed))):
                 commands += connection.pack_command("HINCRBY", self.stats, field, amount)
             commands += connection.pack_command("EXPIRE", self.stats, keys.STATS_TTL)
             count += 4

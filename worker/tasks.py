@@ -71,12 +71,13 @@ def run_embed(
     engine_deaths: int = 0,
     redelivered: bool = False,
     split: Callable[[EmbedPayload, int], None] | None = None,
+    task: str = "",
 ) -> dict[str, int]:
     """Embed one task's texts; every text ends as a cached vector or a reported failure."""
     model = settings.shared.model
     problem = payload_problem(payload, model)
     if problem is not None:
-        return refuse(payload, problem, store)
+        return refuse(payload, problem, store, task)
     texts: list[Any] = payload["texts"]
     reply = reply_of(payload)
     sent = payload.get("sent")
@@ -124,7 +125,7 @@ def run_embed(
         if len(done) < len(todo):
             for row in np.flatnonzero(~job.ok).tolist():
                 failures[todo[row][0]] = job.errors.get(row, "failed")
-        store.store(reply, done, values, width, failures, cached=sorted(cached))
+        store.store(reply, done, values, width, failures, cached=sorted(cached), task=task)
     except (BatcherStopped, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         raise  # the message goes back to the queue or is retried: producers keep waiting
     except Exception as e:
@@ -132,7 +133,7 @@ def run_embed(
         reason = f"worker error: {type(e).__name__}: {e}"
         metrics.ERRORS.labels(metrics.WORKER).inc()
         try:
-            store.store(reply, [], b"", 0, {d: reason for d, _ in todo} | failures)
+            store.store(reply, [], b"", 0, {d: reason for d, _ in todo} | failures, task=task)
         except Exception as again:
             log.error("could not report the failure of %d texts either: %s", len(todo), again)
         raise
@@ -157,7 +158,7 @@ def cached_digests(cache: redis.Redis, digests: list[str]) -> set[str]:
     return {d for d, ok in zip(digests, valid, strict=True) if ok}
 
 
-def refuse(payload: Any, problem: str, store: ResultStore) -> dict[str, int]:
+def refuse(payload: Any, problem: str, store: ResultStore, task: str = "") -> dict[str, int]:
     """A message this worker cannot serve: tell whoever waits for its texts, if they can be named."""
     log.error("refused a task: %s", problem)
     metrics.ERRORS.labels(metrics.REFUSED).inc()
@@ -165,5 +166,6 @@ def refuse(payload: Any, problem: str, store: ResultStore) -> dict[str, int]:
     if not isinstance(texts, list):
         return {"embedded": 0, "failed": 0, "refused": 1}
     digests = [d for d in (digest_or_none(payload, t) for t in texts) if d is not None]
-    store.store(reply_of(payload), [], b"", 0, dict.fromkeys(digests, f"refused by the worker: {problem}"))
+    reason = f"refused by the worker: {problem}"
+    store.store(reply_of(payload), [], b"", 0, dict.fromkeys(digests, reason), task=task)
     return {"embedded": 0, "failed": len(digests), "refused": 1}
