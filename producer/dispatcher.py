@@ -531,7 +531,7 @@ class Dispatcher:
         return orphans
 
     def _release(self, digests: list[str]) -> Generator[Op, Any, None]:
-        """Delete our markers of ``digests`` and tell whoever watches them to claim them again."""
+        """Delete our claims of ``digests`` and tell whoever watches them to claim them again."""
         for start in range(0, len(digests), CLAIM_CHUNK):
             part = digests[start : start + CLAIM_CHUNK]
             (reply,) = yield script("release", [], [self.token, "".join(part)])

@@ -11,9 +11,10 @@ next job on the same texts, finds those vectors cached.
 Two runs on one directory take turns: the second waits, saying so, on a lock
 that the first holds until its private Redis and worker have exited. The
 broker (database 1) is emptied at start, and the cache database loses what
-only a live job needs (in-flight markers, reply streams, heartbeats): tasks
+only a live job needs (liveness keys, reply streams, heartbeats): tasks
 and claims of a killed run would only make the rerun wait a lease for texts
-it sends again anyway. Vectors, signatures and statistics stay.
+it sends again anyway; without its liveness key, the rerun takes its claims
+over at once. Vectors, signatures and statistics stay.
 """
 
 from __future__ import annotations
