@@ -35,7 +35,8 @@ def engine() -> Engine:
     global _engine
     with _lock:
         if _engine is None:
-            loaded = create_engine(os.environ.get("EMBQ_ENGINE", "sentence-transformers"), os.environ["EMBQ_MODEL"])
+            name = os.environ.get("EMBQ_ENGINE", "sentence-transformers")
+            loaded = create_engine(name, os.environ["EMBQ_MODEL"], truncate=True)  # as every system here
             loaded.load()
             _engine = loaded
         return _engine

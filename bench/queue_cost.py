@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -85,6 +84,19 @@ def million(rows: Rows, url: str, count: int, run: int) -> None:
         row.note("RSS before MB", result["rss_before_mb"])
 
 
+def peak_rss() -> int:
+    """This process's own high-water RSS in bytes.
+
+    Not ``getrusage``: Linux carries the forking parent's peak into a child's ``ru_maxrss`` across exec,
+    so a child of a large benchmark process would report the parent's size.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def million_child(url: str, namespace: str, count: int, run: int) -> None:
     """In a child process: time one call, watch when its first task reaches the broker, report peak RSS."""
     texts = make_texts(count, seed=50_000 + run, max_words=SHORT_WORDS)
@@ -110,7 +122,7 @@ def million_child(url: str, namespace: str, count: int, run: int) -> None:
     stop.set()
     thread.join()
     client.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     result = {
         "seconds": seconds,
         "first_task": first[0] if first else float("nan"),

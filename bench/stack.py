@@ -33,7 +33,8 @@ class Worker:
     def __init__(self, redis_url: str, engine: str, **env: str) -> None:
         self.port = free_port()
         self.model = MODELS[engine]
-        settings = {"EMBQ_METRICS_PORT": str(self.port), **env}
+        # Texts over the model's context are cut, as the raw engine, naive Celery and Infinity cut them.
+        settings = {"EMBQ_METRICS_PORT": str(self.port), "EMBQ_TRUNCATE": "1", **env}
         self.process = LocalWorker(redis_url, engine=engine, model=self.model, env=settings)
 
     def psutil(self) -> psutil.Process:
@@ -80,7 +81,7 @@ def computed(redis_url: str, engine: str) -> int:
 
 
 def load_engine(engine: str) -> Engine:
-    loaded = create_engine(engine, MODELS[engine])
+    loaded = create_engine(engine, MODELS[engine], truncate=True)
     loaded.load()
     return loaded
 

@@ -47,10 +47,9 @@ class EmbeddingClient:
         cache_url: str | None = None,
         settings: Settings | None = None,
     ) -> None:
-        base = settings or Settings.from_env()
-        if redis_url is not None:
-            base = base.with_overrides(redis_url=redis_url, broker_url="", cache_url="")
-        self.settings = base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
+        self.settings = Settings.for_client(
+            redis_url, model=model, broker_url=broker_url, cache_url=cache_url, settings=settings
+        )
         self.model = self.settings.model
         self.queue = keys.queue_name(self.model)
         self._lock = threading.Lock()

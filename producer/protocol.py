@@ -1,4 +1,4 @@
-"""The cache-side protocol: three server-side scripts, one round trip per batch of texts, and the notices.
+"""The cache-side protocol: two server-side scripts, one round trip per batch of texts, and the notices.
 
 A text's cache key holds either its vector or, while it is being computed, a
 claim: ``b"EQ\\x00"``, a flag byte (``W`` once someone watches it, else ``-``)
@@ -7,8 +7,8 @@ one ``CLAIM`` call (one MGET, then a ``SET NX`` per missing text); a worker
 stores a task's vectors over their claims and notifies in one pipeline (one
 ``SET ... EX ... GET`` per text: the claim it replaces says whether anyone
 watches, then the owner's notice), and deletes the claims of texts it could not
-embed with ``FAIL``; a producer that gives up releases its claims with
-``RELEASE``. Scripts and single commands run atomically, so a text is cached,
+embed with ``RELEASE`` on behalf of the task's producer, as a producer that
+gives up releases its own. Scripts and single commands run atomically, so a text is cached,
 claimed by exactly one producer, or free, and every change wakes whoever waits:
 
 - the producer that claimed a text (its owner) put its reply stream in the task,
@@ -26,11 +26,11 @@ claimed by exactly one producer, or free, and every change wakes whoever waits:
 Keys touched (all in the cache Redis; see ``producer.keys`` for the full table):
 
 =========================  ======  ==============================================
-key                        type    CLAIM / RELEASE / worker's store and FAIL
+key                        type    CLAIM / RELEASE / worker's store
 =========================  ======  ==============================================
 ``embq:v:{digest}``        string  read, claimed (SET NX PX), flagged, taken over
                                    / deleted if our claim / vector written over
-                                   the claim (SET EX GET), failed claim deleted
+                                   the claim (SET EX GET)
 ``embq:alive:{token}``     string  read (the owner's liveness) / - / -
 ``embq:watch:{digest}``    set     watcher added / read, deleted / read, deleted
 ``embq:reply:{token}``     stream  - / - / owner's notice added (NOMKSTREAM)
@@ -146,31 +146,11 @@ return out
 RELEASE = (
     _HELPERS
     + f"""
--- ARGV: token, digests ({_W} hex each, end to end). Deletes the claims that are still ours.
+-- ARGV: a producer's token, digests ({_W} hex each, end to end). Deletes the texts' claims that are
+-- still that producer's (never a vector, never another's claim: a text may have been sent again since),
+-- so that nobody waits for them any more. The producer calls it when it gives up; a worker calls it
+-- with the task's producer token for texts it could not embed.
 -- Returns the watchers of the released texts: {{index, watcher, index, watcher, ...}} (1-based).
-local token, joined, out = ARGV[1], ARGV[2], {{}}
-for i = 1, #joined / {_W} do
-  local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
-  local key = '{keys.VECTOR}' .. d
-  local value = redis.call('GET', key)
-  if value and string.sub(value, 1, 3) == {_CLAIM} and string.sub(value, 5) == token then
-    redis.call('DEL', key)
-    if string.sub(value, 4, 4) == 'W' then
-      tell_watchers(d, i, out)
-    end
-  end
-end
-return out
-"""
-)
-
-FAIL = (
-    _HELPERS
-    + f"""
--- ARGV: the token of the producer the task came from, digests ({_W} hex each, end to end) of texts
--- a worker could not embed. Deletes their claims by that producer (never a vector, never another's
--- claim: the text may have been sent again since), so that nobody waits for them any more.
--- Returns the watchers of those texts: {{index, watcher, ...}} (1-based).
 local token, joined, out = ARGV[1], ARGV[2], {{}}
 for i = 1, #joined / {_W} do
   local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
@@ -198,7 +178,7 @@ def claim_args(token: str, hold_ms: int, reply: str, watch_ms: int, stats: str, 
 
 
 def watchers_of(reply: Sequence[Any], digests: Sequence[str]) -> dict[bytes, list[str]]:
-    """RELEASE's or FAIL's ``{index, watcher, ...}`` reply as watcher -> digests (1-based indices)."""
+    """RELEASE's ``{index, watcher, ...}`` reply as watcher -> digests (1-based indices)."""
     found: dict[bytes, list[str]] = {}
     for i in range(0, len(reply), 2):
         watcher = reply[i + 1]

@@ -99,6 +99,23 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    @classmethod
+    def for_client(
+        cls,
+        redis_url: str | None,
+        *,
+        model: str | None,
+        broker_url: str | None,
+        cache_url: str | None,
+        settings: Settings | None,
+    ) -> Settings:
+        """A client's settings: ``redis_url`` replaces broker and cache of ``settings`` (or the
+        environment) unless ``broker_url``/``cache_url`` name their own."""
+        base = settings or cls.from_env()
+        if redis_url is not None:
+            base = base.with_overrides(redis_url=redis_url, broker_url="", cache_url="")
+        return base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
+
 
 ENV_NAMES: dict[str, str] = {
     "redis_url": "EMBQ_REDIS_URL",

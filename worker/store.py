@@ -9,7 +9,7 @@ starts watching after the write finds the vector itself. No wakeup is lost.
 The writes are packed here, one buffer for the whole task, because they all have
 one shape: redis-py packs a command in a few microseconds of Python, a script
 costs Redis several per text, and this costs well under one. Texts that failed
-go through the ``FAIL`` script (rare), which deletes their claims.
+go through the ``RELEASE`` script (rare), which deletes their claims.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class ResultStore:
         self.cache = cache
         self.ttl = ttl
         self.stats = keys.stats_key(model)
-        self._fail = cache.register_script(protocol.FAIL)
+        self._release = cache.register_script(protocol.RELEASE)
 
     def store(
         self,
@@ -54,13 +54,14 @@ class ResultStore:
                 found: list[bytes | None] = self.cache.mget([keys.vector_key(d) for d in extra])  # type: ignore[assignment]
                 done = done + [d for d, v in zip(extra, found, strict=True) if v is not None]
                 values = b"".join([values, *(v for v in found if v is not None)])
-        failed = {d: r for d, r in failures.items() if d not in set(done)}
+        stored_now = set(done)
+        failed = {d: r for d, r in failures.items() if d not in stored_now}
         told: dict[bytes, list[str]] = {}
         try:
             if failed:
                 owner = reply[len(keys.REPLY) :] if reply else ""
-                reply_of_fail = self._fail(args=[owner, "".join(failed)])
-                told = protocol.watchers_of(reply_of_fail, list(failed))
+                released = self._release(args=[owner, "".join(failed)])
+                told = protocol.watchers_of(released, list(failed))
             old = self._write(reply, task, done, values, width, stored, failed)
         except redis.exceptions.ResponseError as e:
             # The server's reason only: the arguments (vectors) never reach a message or a log.

@@ -234,11 +234,26 @@ class ParquetSink(Sink):
             self.writer.close()
 
 
-class JsonlSink(Sink):
+class LinesSink(Sink):
+    """A text file of JSON lines, written a chunk at a time."""
+
     def __init__(self, path: Path, *, id_field: str | None = None, width: int | None = None) -> None:
         super().__init__(path, id_field=id_field, width=width)
         self.file: IO[str] | None = open(self.tmp, "w", encoding="utf-8", newline="\n")
 
+    def _write_lines(self, lines: list[str]) -> None:
+        assert self.file is not None
+        self.file.write("\n".join(lines) + "\n" if lines else "")
+
+    def _close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    _discard = _close
+
+
+class JsonlSink(LinesSink):
     def _write(self, chunk: Chunk, vectors: np.ndarray, failed: dict[int, str]) -> None:
         key = self.id_field or "row"
         if self.id_field is None:
@@ -252,18 +267,10 @@ class JsonlSink(Sink):
             else:
                 record = {key: id_, "embedding": vector.tolist()}
             lines.append(json.dumps(record, default=str))
-        assert self.file is not None
-        self.file.write("\n".join(lines) + "\n" if lines else "")
-
-    def _close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    _discard = _close
+        self._write_lines(lines)
 
 
-class BatchSink(Sink):
+class BatchSink(LinesSink):
     """OpenAI Batch output: one line per request, in the input's order.
 
     ``dimensions`` is the default for requests that name none (the vectors come full width)."""
@@ -275,7 +282,6 @@ class BatchSink(Sink):
         #: Request lines written, and those that carry an ``error``.
         self.requests = 0
         self.failed_requests = 0
-        self.file: IO[str] | None = open(self.tmp, "w", encoding="utf-8", newline="\n")
 
     def _write(self, chunk: Chunk, vectors: np.ndarray, failed: dict[int, str]) -> None:
         lines, start = [], 0
@@ -297,15 +303,7 @@ class BatchSink(Sink):
             self.requests += 1
             self.failed_requests += line["error"] is not None
             lines.append(openai_batch.dumps(line))
-        assert self.file is not None
-        self.file.write("\n".join(lines) + "\n" if lines else "")
-
-    def _close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    _discard = _close
+        self._write_lines(lines)
 
 
 def output_format(path: Path) -> str:
