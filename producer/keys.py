@@ -101,9 +101,12 @@ HEARTBEAT_TTL = 3 * HEARTBEAT_SECONDS
 DIGEST_HEX = 64
 
 
+_LENGTH = struct.Struct("<Q")
+
+
 def _framed(part: str) -> bytes:
     data = part.encode("utf-8")
-    return struct.pack("<Q", len(data)) + data
+    return _LENGTH.pack(len(data)) + data
 
 
 def text_digests(model: str, namespace: str, instruction: str, texts: Iterable[str]) -> list[str]:

@@ -90,7 +90,7 @@ def run_embed(
         return {"embedded": 0, "failed": 0, "split": len(texts)}
 
     max_bytes = settings.shared.max_text_bytes
-    digests = [digest_or_none(payload, text) for text in texts]
+    digests = digests_or_none(payload, texts)
     failures: dict[str, str] = {}
     good: list[tuple[str, str]] = []  # (digest, text)
     for digest, text in zip(digests, texts, strict=True):
@@ -141,6 +141,14 @@ def run_embed(
         metrics.ERRORS.labels(metrics.ITEM).inc(len(failures))
         log.warning("%d of %d texts failed in this task", len(failures), len(texts))
     return {"embedded": len(done), "cached": len(cached), "failed": len(failures)}
+
+
+def digests_or_none(payload: dict[str, Any], texts: list[Any]) -> list[str | None]:
+    """The texts' digests, hashed as one batch; ``None`` for an item no digest can be made of."""
+    try:
+        return list(keys.text_digests(payload["model"], payload["namespace"], payload["instruction"], texts))
+    except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
+        return [digest_or_none(payload, text) for text in texts]
 
 
 def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
