@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from producer import metrics
+from producer.codec import normalize_rows
 from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
 
 
@@ -135,8 +136,7 @@ class Call:
             self.matrix[sorted(self.failures)] = np.nan
         result = self.matrix
         if self.dim is not None and self.full > self.dim:  # the Matryoshka prefix, re-normalised
-            norms = np.linalg.norm(result, axis=1, keepdims=True)
-            np.divide(result, norms, out=result, where=norms > 0)
+            normalize_rows(result)
         if self.failures:
             first = min(self.failures)
             raise ItemFailedError(

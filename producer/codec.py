@@ -147,6 +147,17 @@ def truncate(matrix: np.ndarray, dim: int | None) -> np.ndarray:
     if dim is None or dim == matrix.shape[1]:
         return matrix
     head = np.array(matrix[:, :dim], dtype=np.float32)
-    norms = np.linalg.norm(head, axis=1, keepdims=True)
-    np.divide(head, norms, out=head, where=norms > 0)
+    normalize_rows(head)
     return head
+
+
+#: Rows normalised at a time: a whole-matrix norm would need a temporary as large as the result.
+NORMALIZE_ROWS = 65_536
+
+
+def normalize_rows(matrix: np.ndarray) -> None:
+    """Scale each non-zero row of ``matrix`` to unit length, in place."""
+    for start in range(0, len(matrix), NORMALIZE_ROWS):
+        block = matrix[start : start + NORMALIZE_ROWS]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        np.divide(block, norms, out=block, where=norms > 0)
