@@ -66,6 +66,40 @@ def test_small_concurrent_tasks_are_coalesced(batcher: Batcher, engine: Observed
     assert sum(len(c) for c in engine.calls) == 64
 
 
+class SlowEngine(ObservedEngine):
+    """Half a second per call, like a model on a CPU."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        time.sleep(0.5)
+        return super().encode(texts)
+
+
+def test_callers_answered_by_a_long_call_join_the_next_one() -> None:
+    """Eight callers, each sending one text after the other: once the load is steady every call holds
+    all eight, instead of one half waiting in the queue while the other half is in the engine."""
+    engine = SlowEngine()
+    b = Batcher(engine, max_tokens=100_000, max_texts=256, max_wait=0.0)
+    b.start()
+    start = threading.Barrier(8)
+
+    def caller(i: int) -> None:
+        start.wait()
+        for round_ in range(5):
+            b.embed([f"caller {i} round {round_}"])
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        b.stop(timeout=10)
+    sizes = [len(call) for call in engine.calls]
+    # 40 texts: a first call of those that came first, full calls, and the rest of the first ones.
+    assert len(sizes) <= 6 and sizes.count(8) >= 3, sizes
+
+
 def test_a_call_is_sorted_by_length(batcher: Batcher, engine: ObservedEngine) -> None:
     texts = ["x" * n for n in (50, 3, 20, 1, 9)]
     job = batcher.embed(texts)

@@ -2,8 +2,8 @@
 
 Tasks run on Celery's thread pool and each hands its texts to ``Batcher.embed``,
 which blocks until they are done. A runner thread fills one engine call up to a
-token budget or a short wait, sorts it by length so that padded batches waste
-little, and isolates failures:
+token budget or a short wait (after a long call, a small share of that call),
+sorts it by length so that padded batches waste little, and isolates failures:
 
 - texts the engine refuses (``EngineItemErrors``) fail alone, the rest go again;
 - out of memory splits the call in halves, and a lone text is retried with backoff;
@@ -37,6 +37,11 @@ CHARS_PER_TOKEN = 4
 #: Retries of a lone text that ran out of memory, and the first backoff in seconds (doubling).
 OOM_RETRIES = 3
 OOM_BACKOFF = 0.5
+#: After an engine call, the share of its duration (at most ``LINGER_MAX`` seconds) that the next call
+#: waits for company: the callers the last call answered come back within moments, and without the wait
+#: a steady load splits into two halves that alternate in half-full calls.
+LINGER_SHARE = 0.05
+LINGER_MAX = 0.05
 
 
 def estimate_tokens(text: str) -> int:
@@ -129,6 +134,8 @@ class Batcher:
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_texts = 0
         self._queued_tokens = 0
+        self._last_call_ended = 0.0
+        self._last_call_seconds = 0.0
         self._cond = threading.Condition()
         self._stopping = False
         runners = max(1, int(getattr(engine, "concurrent_calls", 1)))
@@ -178,6 +185,7 @@ class Batcher:
                 return
             with self._cond:
                 self.calls += 1
+            started = time.monotonic()
             try:
                 self._encode(call)
             except EngineDead as e:
@@ -187,6 +195,8 @@ class Batcher:
                 self._die(f"batcher failed: {type(e).__name__}: {e}")
             finally:
                 with self._cond:
+                    self._last_call_ended = time.monotonic()
+                    self._last_call_seconds = self._last_call_ended - started
                     del self._inflight[id(call)]
                     if call.alone:
                         self._exclusive = False
@@ -205,7 +215,8 @@ class Batcher:
                         continue
                     self._exclusive = True
                     return self._take(1)
-                deadline = self._queue[0].arrived + self.max_wait
+                linger = min(LINGER_SHARE * self._last_call_seconds, LINGER_MAX)
+                deadline = max(self._queue[0].arrived + self.max_wait, self._last_call_ended + linger)
                 while self._queue and not self._full() and not self._stopping:
                     left = deadline - time.monotonic()
                     if left <= 0:
