@@ -31,7 +31,7 @@ class WorkerSettings:
     batch_max_texts: int = 512
     #: How long the batcher waits for more texts before it calls an idle engine.
     #: Under load batches fill while the engine runs, so this only adds latency
-    #: to a lone request.
+    #: to a lone request (the batcher's own short wait after a long call is apart).
     batch_wait_ms: float = 5.0
     #: Stored vector precision; float16 halves cache memory (~1e-3 error).
     cache_dtype: str = "float32"
