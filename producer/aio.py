@@ -116,6 +116,7 @@ class AsyncDriver:
         self.broker = self.cache if settings.broker == settings.cache else aconnect(settings.broker)
         self.arrived = asyncio.Event()
         self.woken = False
+        self.pokes: set[asyncio.Task[None]] = set()
         self._celery: Celery | None = None
         self.task = loop.create_task(self._run(), name="embq-dispatcher")
 
@@ -129,6 +130,10 @@ class AsyncDriver:
         call.on_finish = finish
         call.signal = future
         self.core.inbox.append(call)
+        await self.poke()
+
+    async def poke(self) -> None:
+        """Wake the dispatcher for a new or cancelled call, from its wait or its blocking read."""
         self.arrived.set()
         if self.core.reading and not self.woken:  # the dispatcher blocks on its stream
             self.woken = True
@@ -142,7 +147,9 @@ class AsyncDriver:
                 raise EmbqError("embq's dispatcher task stopped; see the log for why")
         except asyncio.CancelledError:
             call.cancel()
-            self.arrived.set()
+            poke = self.loop.create_task(self.poke())  # this task is being cancelled: wake from another
+            self.pokes.add(poke)
+            poke.add_done_callback(self.pokes.discard)
             raise
 
     async def close(self) -> None:

@@ -167,11 +167,7 @@ class ThreadDriver:
         call.signal = done
         with self.cond:
             self.core.inbox.append(call)
-            wake = self.core.reading and not self.woken
-            self.woken = self.woken or wake
-            self.cond.notify()
-        if wake:  # the dispatcher blocks on its stream: a wake entry ends the read at once
-            self._wake()
+        self.poke()
 
     def wait(self, call: Call) -> None:
         """Block until ``call`` finishes; Ctrl-C gives it up (its claims are released)."""
@@ -186,8 +182,13 @@ class ThreadDriver:
             raise
 
     def poke(self) -> None:
+        """Wake the dispatcher for a new or cancelled call, from its wait or its blocking read."""
         with self.cond:
+            wake = self.core.reading and not self.woken
+            self.woken = self.woken or wake
             self.cond.notify()
+        if wake:  # the dispatcher blocks on its stream: a wake entry ends the read at once
+            self._wake()
 
     def close(self) -> None:
         with self.cond:

@@ -175,17 +175,20 @@ class Dispatcher:
             yield Pause(linger)
             self._take_inbox()
         yield from self._drop_cancelled()
+        if time.monotonic() >= self.next_tick:  # first: after a quiet spell our liveness must hold before we claim
+            yield from self._tick()
+            self.next_tick = time.monotonic() + self.tick
         while self.active and len(self.entries) < self.settings.inflight_texts:
             yield from self._admit()
         if self.recheck:
             digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
             yield from self._claim(digests, count=False)
-        now = time.monotonic()
-        self._drop_expired(now)
-        if now >= self.next_tick:
-            yield from self._tick()
-            self.next_tick = time.monotonic() + self.tick
+        self._drop_expired(time.monotonic())
         if self.inbox or (self.active and len(self.entries) < self.settings.inflight_texts):
+            if self.tasks:  # a steady stream of new calls must not keep the notices of sent tasks unread
+                response = yield Read(self.last_id, 0)
+                if response:
+                    yield from self._on_read(response)
             return
         if self.unreported_hits:  # before going quiet: counters should not lag behind the calls
             yield Redis("cache", self._hits_to_report())
@@ -313,6 +316,8 @@ class Dispatcher:
                     send.append(digest)
                 elif item == protocol.OURS:
                     states[slot] = OURS
+                    if not self.entries.sent[slot]:  # ours from a call that failed before sending: send it now
+                        send.append(digest)
                 else:
                     states[slot] = THEIRS
             if count:
@@ -330,10 +335,11 @@ class Dispatcher:
         """Send ``digests`` (ours) as tasks of at most ``task_max_texts`` texts and ``task_max_chars`` characters."""
         pending = self.entries
         by_instruction: dict[str, list[tuple[str, int]]] = {}
+        given_up: list[str] = []
         for digest in digests:
             slot = pending.slots[digest]
             if pending.attempts[slot] >= MAX_ATTEMPTS:
-                self._fail(digest, f"gave up after {MAX_ATTEMPTS} attempts: {why}")
+                given_up.append(digest)
                 continue
             pending.attempts[slot] += 1
             by_instruction.setdefault(pending.instructions[slot], []).append((digest, slot))
@@ -351,6 +357,8 @@ class Dispatcher:
                     task_id = uuid.uuid4().hex
                     tasks.append((task_id, make_payload(self.settings, instruction, texts, self.reply)))
                     self.tasks[task_id] = batch
+                    for sent in batch:
+                        pending.sent[pending.slots[sent]] = task_id
                     batch, texts, chars = [], [], 0
                 if slot < 0:
                     break
@@ -359,6 +367,10 @@ class Dispatcher:
                 chars += len(text)
         if tasks:
             yield Send(tasks)
+        if given_up:  # failed here: our claims go, so that nobody waits for them (a later call tries again)
+            for digest in given_up:
+                self._fail(digest, f"gave up after {MAX_ATTEMPTS} attempts" + (f": {why}" if why else ""))
+            yield from self._release(given_up)
 
     # -- results ----------------------------------------------------------------------------
 
@@ -418,7 +430,7 @@ class Dispatcher:
             for digest, reason in notice.failed.items():
                 # From the task we wait for, or (for a text another producer computes) from its worker;
                 # a failure of a task we gave up on must not fail the text sent again since.
-                if (task in self.tasks and digest in self.tasks[task]) or (not task and self._watching(digest)):
+                if self.entries.carried_by(digest, task) or (not task and self._watching(digest)):
                     self._fail(digest, reason)
             self.recheck.update(d for d in notice.released if d in self.entries)
 
@@ -464,7 +476,7 @@ class Dispatcher:
         return self.entries.state(digest) == THEIRS
 
     def _awaited(self, task_id: str) -> list[str]:
-        return [d for d in self.tasks[task_id] if self.entries.state(d) == OURS]
+        return [d for d in self.tasks[task_id] if self.entries.carried_by(d, task_id)]
 
     def _resend_lost(self) -> Generator[Op, Any, None]:
         """Send again the texts of tasks the broker held at neither of two ticks (see ``producer.broker``).
@@ -565,6 +577,10 @@ class Dispatcher:
         return BackendUnavailableError(f"{role} Redis at {redact(url)} failed: {describe(error)}")
 
     def _close(self) -> Generator[Op, Any, None]:
+        try:
+            yield from self._drop_cancelled()
+        except BACKEND_ERRORS as e:
+            log.info("could not release the claims of cancelled calls (%s); they lapse with our liveness", e)
         outstanding = any(self.entries.state(d) == OURS for d in self.entries)
         for call in [*self.calls, *self.inbox]:
             call.fail(EmbqError("the client was closed while this call waited"))

@@ -13,7 +13,6 @@ Needs the extra ``embq[langchain]`` (``langchain-core``)::
 from __future__ import annotations
 
 import asyncio
-import weakref
 
 try:
     from langchain_core.embeddings import Embeddings
@@ -56,10 +55,9 @@ class EmbqEmbeddings(Embeddings):
         self.dim = dim
         self.query_instruction = query_instruction
         self.timeout = timeout
-        # An asyncio connection belongs to the loop that opened it: one async client per running loop.
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEmbeddingClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        # An asyncio connection belongs to the loop that opened it: one async client per running loop,
+        # dropped once its loop is closed (a client refers to its loop, so weak keys would never go).
+        self._async: dict[asyncio.AbstractEventLoop, AsyncEmbeddingClient] = {}
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         return self._client.embed(texts, dim=self.dim, timeout=self.timeout).tolist()  # type: ignore[no-any-return]
@@ -79,6 +77,9 @@ class EmbqEmbeddings(Embeddings):
 
     def _async_client(self) -> AsyncEmbeddingClient:
         loop = asyncio.get_running_loop()
+        for other in list(self._async):  # a snapshot: other threads may add their loops meanwhile
+            if other.is_closed():
+                self._async.pop(other, None)
         client = self._async.get(loop)
         if client is None:
             client = self._async[loop] = AsyncEmbeddingClient(settings=self._client.settings)

@@ -17,7 +17,8 @@ NEW, OURS, THEIRS = 0, 1, 2
 
 
 class Pending:
-    """digest -> slot; per slot: text, instruction, state, sends so far, and the rows that wait for it."""
+    """digest -> slot; per slot: text, instruction, state, sends so far, the task that carries it now
+    (``""`` before its first send), and the rows that wait for it."""
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
@@ -25,6 +26,7 @@ class Pending:
         self.instructions: list[str] = []
         self.states = bytearray()
         self.attempts = bytearray()
+        self.sent: list[str] = []
         self._calls: list[Call | None] = []
         self._rows: list[int] = []
         self._more: dict[int, list[tuple[Call, int]]] = {}  # further rows, for texts asked for twice
@@ -55,6 +57,7 @@ class Pending:
             )
             self.states[slot] = NEW
             self.attempts[slot] = 0
+            self.sent[slot] = ""
         else:
             slot = len(self.texts)
             self.texts.append(text)
@@ -63,6 +66,7 @@ class Pending:
             self._rows.append(row)
             self.states.append(NEW)
             self.attempts.append(0)
+            self.sent.append("")
         self.slots[digest] = slot
         return True
 
@@ -95,6 +99,11 @@ class Pending:
     def state(self, digest: str) -> int:
         slot = self.slots.get(digest)
         return NEW if slot is None else self.states[slot]
+
+    def carried_by(self, digest: str, task_id: str) -> bool:
+        """Whether ``task_id`` is the task we wait for with ``digest`` (not one given up on before)."""
+        slot = self.slots.get(digest)
+        return slot is not None and self.states[slot] == OURS and self.sent[slot] == task_id
 
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]

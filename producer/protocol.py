@@ -118,6 +118,7 @@ for i = 1, count do
     else
       local flag, owner = string.sub(value, 4, 4), string.sub(value, 5)
       if owner == token then
+        redis.call('PEXPIRE', key, hold)
         out[i] = {OURS}
       elseif redis.call('EXISTS', '{keys.ALIVE}' .. owner) == 0 then
         redis.call('SET', key, {_CLAIM} .. flag .. token, 'PX', hold)

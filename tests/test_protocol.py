@@ -186,3 +186,39 @@ def test_a_client_used_again_after_fork_gets_its_own_dispatcher(hash_worker: Loc
     assert os.read(read, 1) == b"1"
     os.waitpid(pid, 0)
     np.testing.assert_array_equal(client.embed(["parent again"], timeout=30), expected(["parent again"]))
+
+
+def test_results_are_read_while_new_calls_keep_arriving(hash_worker: LocalWorker, redis_url: str) -> None:
+    """A service whose calls never stop arriving still gets each result as its notice lands, not at
+    the next lease tick (15 s here) nor when the arrivals stop."""
+
+    async def main() -> None:
+        settings = Settings(redis_url=redis_url, model=HASH_MODEL, lease_seconds=60)
+        async with AsyncEmbeddingClient(settings=settings) as client:
+            await client.embed(["warm up"], timeout=30)
+            first = asyncio.ensure_future(client.embed(["the first of a steady stream"], timeout=30))
+            others = []
+            stop = time.monotonic() + 5
+            while not first.done() and time.monotonic() < stop:
+                others.append(asyncio.ensure_future(client.embed([f"steady {len(others)}"], timeout=30)))
+                await asyncio.sleep(0)  # a new call whenever the dispatcher waits on Redis
+            assert first.done(), f"no result while {len(others)} calls kept arriving"
+            vectors = await asyncio.gather(first, *others)
+            np.testing.assert_array_equal(vectors[0], expected(["the first of a steady stream"]))
+
+    asyncio.run(main())
+
+
+def test_a_claim_of_ours_that_no_task_carries_is_sent(
+    hash_worker: LocalWorker, make_client: Client, r: redis.Redis
+) -> None:
+    """A call that failed while the cache was unreachable could not release its claims. The next call
+    for those texts finds them ours, with no task of ours carrying them, and sends them at once rather
+    than wait for the claims to lapse (an hour)."""
+    client = make_client()
+    client.embed(["warm up"], timeout=30)
+    token = client.driver().core.token
+    texts = [f"left claimed by a failed call {i}" for i in range(5)]
+    for digest in keys.text_digests(HASH_MODEL, client.settings.cache_namespace, "", texts):
+        r.set(keys.vector_key(digest), CLAIM_PREFIX + b"-" + token.encode(), px=3_600_000)
+    np.testing.assert_array_equal(client.embed(texts, timeout=20), expected(texts))

@@ -223,6 +223,8 @@ class Batcher:
                         break
                     self._cond.wait(left)
                 if self._queue and not self._exclusive:  # another runner may have taken it all meanwhile
+                    if self._queue[0].alone:  # a suspect came first meanwhile: it runs alone (see above)
+                        continue
                     return self._take(self.max_texts)
 
     def _take(self, most: int) -> Call:

@@ -1,4 +1,4 @@
-"""The body of the ``embq.embed`` task: check, embed through the batcher, store and notify in one script.
+"""The body of the ``embq.embed`` task: check, embed through the batcher, store and notify in one pipeline.
 
 A task whose texts were in the engine when it died comes back (requeued at
 once, or redelivered after the visibility timeout when the whole worker died)
