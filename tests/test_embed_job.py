@@ -238,7 +238,10 @@ def test_embedded_defaults_keep_the_cache_across_a_sigkill_and_clear_it(tmp_path
     data = home / "hash" / "redis"
     with LocalRedis(data_dir=data) as server:  # the same files, read by a Redis of the test's
         client = redis.Redis.from_url(server.url)
-        assert stats_texts(client, model) == 30_000  # what the killed run finished was not computed again
+        # What the killed run finished was not computed again. The count may be a little lower: a Redis
+        # killed inside a worker's pipeline keeps the vectors it had written, without their counter.
+        assert stats_texts(client, model) <= 30_000
+        assert sum(1 for _ in client.scan_iter(match=keys.VECTOR + "*", count=10_000)) == 30_000
         assert client.llen(keys.queue_name(model)) == 0
         client.close()
     vectors = np.load(output)
