@@ -80,6 +80,12 @@ def unpack_many(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]
     concatenation; a mix is copied row by row. Both beat a fancy-indexed
     assignment, which cost 7 us a vector at dim 2560.
     """
+    if values and None not in values and len(set(map(len, values))) == 1:  # type: ignore[arg-type]  # hits
+        uniform = _unpack_uniform(b"".join(values), len(values))  # type: ignore[arg-type]
+        if uniform is not None:
+            if not uniform[1].all():
+                _log_invalid(values, uniform[1])
+            return uniform
     values = [None if v is None or v[:3] == CLAIM_PREFIX else v for v in values]  # a claim is a miss
     headers = [header_of(v) if v is not None else None for v in values]
     dims = Counter(h[1] for h in headers if h is not None)
@@ -106,16 +112,25 @@ def unpack_many(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]
     return matrix, valid
 
 
-def unpack_concat(blob: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``count`` packed values laid end to end (a notice's vectors): ``(matrix, valid mask)``."""
+def _unpack_uniform(blob: bytes, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``count`` values of one layout laid end to end: headers compared and floats read without a loop
+    (a view for float32). None when they are not all alike."""
     width = len(blob) // count if count else 0
     first = header_of(blob[:width]) if width and width * count == len(blob) else None
-    if first is not None:  # the usual case: one layout; headers compared and floats read without a loop
-        dtype = DTYPES[first[0]]
-        rows = np.frombuffer(blob, dtype=np.uint8).reshape(count, -1)
-        if (rows[:, : HEADER.size] == rows[0, : HEADER.size]).all():
-            matrix = rows[:, HEADER.size :].view(dtype).astype(np.float32, copy=False)  # a view for float32
-            return matrix, np.asarray(np.isfinite(matrix).all(axis=1))
+    if first is None:
+        return None
+    rows = np.frombuffer(blob, dtype=np.uint8).reshape(count, -1)
+    if not (rows[:, : HEADER.size] == rows[0, : HEADER.size]).all():
+        return None
+    matrix = rows[:, HEADER.size :].view(DTYPES[first[0]]).astype(np.float32, copy=False)
+    return matrix, np.asarray(np.isfinite(matrix).all(axis=1))
+
+
+def unpack_concat(blob: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``count`` packed values laid end to end (a notice's vectors): ``(matrix, valid mask)``."""
+    uniform = _unpack_uniform(blob, count)
+    if uniform is not None:
+        return uniform
     values: list[bytes | None] = []
     offset = 0
     for _ in range(count):
