@@ -67,11 +67,10 @@ class Call:
         if vectors.shape[1] != self.full:
             self.fail_rows(rows, f"vector of dimension {vectors.shape[1]} where the model gave {self.full}", distinct)
             return
-        first, last = rows[0], rows[-1]
-        if last - first + 1 == len(rows) and (len(rows) < 3 or rows[1] == first + 1):
-            target: Any = slice(first, last + 1)  # a run of rows, as a window of one call gives: no scatter
-        else:
-            target = rows
+        index = np.asarray(rows)
+        target: Any = index
+        if index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
+            target = slice(int(index[0]), int(index[-1]) + 1)  # rows in a run, as a window gives: no scatter
         self.matrix[target] = vectors[:, : self.matrix.shape[1]]
         setattr(self, how, getattr(self, how) + distinct)
         self._resolved(len(rows))

@@ -41,6 +41,9 @@ def test_duplicates_inside_a_call_are_computed_once(make_client: Client, r: redi
     out = make_client().embed(texts, timeout=60)
     np.testing.assert_array_equal(out, expected(texts))
     assert stats(r)["texts"] == 2
+    # Rows arrive as 0, 1, 3, 2, 4 (a repeat's row follows its first): a run in appearance only.
+    texts = ["p", "q", "r", "q", "s"]
+    np.testing.assert_array_equal(make_client().embed(texts, timeout=60), expected(texts))
 
 
 def test_texts_differing_in_spaces_or_case_get_distinct_vectors(make_client: Client) -> None:
