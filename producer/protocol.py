@@ -103,17 +103,18 @@ CLAIM = (
 -- Returns one item per digest: the cached value, or CLAIMED, OURS or WATCHING.
 local token, hold, reply, watch_ttl, stats, joined = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local count = #joined / {_W}
-local out = mget(each_key('{keys.VECTOR}', joined, 1, count))
+local names = each_key('{keys.VECTOR}', joined, 1, count)
+local out = mget(names)
+local mine = {_CLAIM} .. '-' .. token
 local hits = 0
 for i = 1, count do
   local value = out[i]
   if value and string.sub(value, 1, 3) ~= {_CLAIM} then
     hits = hits + 1
   else
-    local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
-    local key = '{keys.VECTOR}' .. d
+    local key = names[i]
     if not value then
-      redis.call('SET', key, {_CLAIM} .. '-' .. token, 'NX', 'PX', hold)
+      redis.call('SET', key, mine, 'PX', hold)
       out[i] = {CLAIMED}
     else
       local flag, owner = string.sub(value, 4, 4), string.sub(value, 5)
@@ -124,7 +125,7 @@ for i = 1, count do
         redis.call('SET', key, {_CLAIM} .. flag .. token, 'PX', hold)
         out[i] = {CLAIMED}
       else
-        local watch = '{keys.WATCH}' .. d
+        local watch = '{keys.WATCH}' .. string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
         redis.call('SADD', watch, reply)
         redis.call('PEXPIRE', watch, watch_ttl)
         if flag ~= 'W' then
