@@ -94,26 +94,17 @@ def test_standard_input_as_text_or_jsonl(tmp_path: Path, redis_url: str, make_cl
     np.testing.assert_array_equal(vectors, make_client().embed(texts))
 
     records = "".join(json.dumps({"key": f"k{i}", "body": t}) + "\n" for i, t in enumerate(texts)).encode()
-    output = tmp_path / "out.parquet"
-    done = embq(
-        "embed", "-", "--input-format", "jsonl", "--field", "body", "--id-field", "key", "-o", str(output),
-        env=env_for(redis_url), stdin=records,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    ids, vectors, _ = read_output(output, "key")
-    assert ids == [f"k{i}" for i in range(len(texts))]
-    np.testing.assert_array_equal(vectors, make_client().embed(texts))
-
     table = ("key,body\n" + "".join(f'k{i},"{t}"\n' for i, t in enumerate(texts))).encode()
-    output = tmp_path / "csv.parquet"
-    done = embq(
-        "embed", "-", "--input-format", "csv", "--field", "body", "--id-field", "key", "-o", str(output),
-        env=env_for(redis_url), stdin=table,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    ids, vectors, _ = read_output(output, "key")
-    assert ids == [f"k{i}" for i in range(len(texts))]
-    np.testing.assert_array_equal(vectors, make_client().embed(texts))
+    for form, data in (("jsonl", records), ("csv", table)):
+        output = tmp_path / f"{form}.parquet"
+        done = embq(
+            "embed", "-", "--input-format", form, "--field", "body", "--id-field", "key", "-o", str(output),
+            env=env_for(redis_url), stdin=data,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        ids, vectors, _ = read_output(output, "key")
+        assert ids == [f"k{i}" for i in range(len(texts))]
+        np.testing.assert_array_equal(vectors, make_client().embed(texts))
 
 
 def test_rows_that_cannot_be_embedded_fail_alone(tmp_path: Path, redis_url: str, make_client: Client) -> None:

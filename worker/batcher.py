@@ -82,7 +82,7 @@ class Job:
     def __post_init__(self) -> None:
         self.ok = np.zeros(len(self.texts), dtype=bool)
         self.remaining = len(self.texts)
-        self.tokens = [len(t) // CHARS_PER_TOKEN + 2 for t in self.texts]
+        self.tokens = [estimate_tokens(t) for t in self.texts]
         if not self.texts:
             self.done.set()
 
