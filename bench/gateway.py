@@ -30,7 +30,7 @@ import numpy as np
 from producer import EmbeddingClient, Settings
 from worker.local import LocalGateway, LocalRedis, LocalWorker
 
-MODEL = "bench/hash"
+MODEL = "hash/bench"
 KEY = "bench-key"
 
 

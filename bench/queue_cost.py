@@ -18,17 +18,15 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import psutil
 import redis
 
 from bench import stack
 from bench.texts import make_texts
-from bench.workloads import Rows, engine_batches
-from producer import EmbeddingClient, Settings, keys
+from bench.workloads import DIRECT, Rows
+from producer import EmbeddingClient, Settings
 from worker.engines.hash import HashEngine
-from worker.settings import WorkerSettings
 
 #: Texts of the CPU-per-text measurement, and their length.
 COST_TEXTS, SHORT_WORDS = 30_000, 12
@@ -44,12 +42,10 @@ def cpu(process: psutil.Process) -> float:
 def queue_cost(rows: Rows, url: str, redis_pid: int, worker: stack.Worker, run: int) -> None:
     """CPU µs per text of each process for one bulk call of short texts, and its rate against the raw engine."""
     texts = make_texts(COST_TEXTS, seed=40_000 + run, max_words=SHORT_WORDS)
-    engine = HashEngine("bench/hash")
+    engine = HashEngine(stack.MODELS["hash"])
     me = psutil.Process()
-    batches = engine_batches(texts, WorkerSettings())
     before, started = cpu(me), time.perf_counter()
-    for batch in batches:
-        engine.encode(batch)
+    engine.encode(texts)
     raw_seconds, engine_cpu = time.perf_counter() - started, cpu(me) - before
 
     client = stack.client(url, "hash")
@@ -66,15 +62,15 @@ def queue_cost(rows: Rows, url: str, redis_pid: int, worker: stack.Worker, run: 
         rows.get("Queue CPU", "hash", label, "µs/text").rates.append(spent[name])
     rows.get("Queue CPU", "hash", "queue total", "µs/text").rates.append(sum(spent.values()))
     rows.get("Queue CPU", "hash", "engine itself", "µs/text").rates.append(engine_cpu / len(texts) * 1e6)
-    rows.get("Bulk short", "hash", "raw engine, in-process").rates.append(len(texts) / raw_seconds)
+    rows.get("Bulk short", "hash", DIRECT).rates.append(len(texts) / raw_seconds)
     rows.get("Bulk short", "hash", "embq, 1 worker").rates.append(len(texts) / seconds)
 
 
 def million(rows: Rows, url: str, count: int, run: int) -> None:
     """One call of ``count`` short texts, then the same call again (all cached), each in a child process."""
-    namespace = f"million-{uuid.uuid4().hex[:8]}"
+    stack.cold(url)
     for label in ("uncached", "cached"):
-        command = [sys.executable, "-m", "bench.queue_cost", "million", url, namespace, str(count), str(run)]
+        command = [sys.executable, "-m", "bench.queue_cost", "million", url, str(count), str(run)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         row = rows.get("Million", "hash", f"{count:,} texts, {label}", "s")
@@ -97,13 +93,13 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def million_child(url: str, namespace: str, count: int, run: int) -> None:
+def million_child(url: str, count: int, run: int) -> None:
     """In a child process: time one call, watch when its first task reaches the broker, report peak RSS."""
     texts = make_texts(count, seed=50_000 + run, max_words=SHORT_WORDS)
-    settings = Settings(redis_url=url, model=stack.MODELS["hash"], cache_namespace=namespace)
+    settings = Settings(redis_url=url, model=stack.MODELS["hash"])
     client = EmbeddingClient(settings=settings)
     watcher = redis.Redis.from_url(url)
-    queue = keys.queue_name(settings.model)
+    queue = settings.queue
     first: list[float] = []
     stop = threading.Event()
 
@@ -134,4 +130,4 @@ def million_child(url: str, namespace: str, count: int, run: int) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["million"]:
     os.environ.pop("EMBQ_REDIS_URL", None)
-    million_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    million_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,16 +22,16 @@ from producer import EmbeddingClient, Settings, keys
 from worker.engines import Engine, create_engine
 from worker.local import LocalWorker, free_port, stop_process
 
-#: The model each engine serves in the benchmarks (the hash engine takes any name).
-MODELS = {"sentence-transformers": MINILM, "hash": "bench/hash"}
+#: The model each engine serves in the benchmarks (the hash engine's ids start with ``hash/``).
+MODELS = {"sentence-transformers": MINILM, "hash": "hash/bench"}
 
 
 class Worker:
     """An embq worker with its metrics port, so that engine calls can be counted."""
 
-    def __init__(self, redis_url: str, engine: str, **env: str) -> None:
+    def __init__(self, redis_url: str, engine: str, model: str | None = None, **env: str) -> None:
         self.port = free_port()
-        self.model = MODELS[engine]
+        self.model = model or MODELS[engine]
         # Texts over the model's context are cut, as the raw engine, naive Celery and Infinity cut them.
         settings = {"EMBQ_METRICS_PORT": str(self.port), "EMBQ_TRUNCATE": "1", **env}
         self.process = LocalWorker(redis_url, engine=engine, model=self.model, env=settings)
@@ -41,19 +40,25 @@ class Worker:
         assert self.process.process is not None, "the worker is not running"
         return psutil.Process(self.process.process.pid)
 
+    def metrics(self) -> dict[str, float]:
+        """Every unlabelled sample of its /metrics, by name."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples if not s.labels}
+
     def engine_calls(self) -> tuple[float, float]:
         """(engine calls, texts in them) so far."""
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
-        samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+        samples = self.metrics()
         return samples["embq_engine_batch_texts_count"], samples["embq_engine_batch_texts_sum"]
 
 
 @contextmanager
-def workers(redis_url: str, engine: str, count: int = 1, **env: str) -> Iterator[list[Worker]]:
+def workers(
+    redis_url: str, engine: str, count: int = 1, model: str | None = None, **env: str
+) -> Iterator[list[Worker]]:
     started: list[Worker] = []
     try:
         for _ in range(count):
-            worker = Worker(redis_url, engine, **env)
+            worker = Worker(redis_url, engine, model, **env)
             started.append(worker)
             worker.process.start(timeout=300)
         yield started
@@ -62,13 +67,27 @@ def workers(redis_url: str, engine: str, count: int = 1, **env: str) -> Iterator
             worker.process.cleanup()
 
 
-def client(redis_url: str, engine: str, namespace: str | None = None) -> EmbeddingClient:
-    """A client on a cache namespace of its own unless given one: every run starts cold."""
-    return EmbeddingClient(
-        settings=Settings(
-            redis_url=redis_url, model=MODELS[engine], cache_namespace=namespace or f"bench-{uuid.uuid4().hex[:8]}"
-        )
-    )
+def client(redis_url: str, engine: str) -> EmbeddingClient:
+    """A client of ``engine``'s model whose run starts cold: the cached vectors are removed first
+    (workers serve only their cache namespace, so a fresh namespace would find none)."""
+    cold(redis_url)
+    return EmbeddingClient(settings=Settings(redis_url=redis_url, model=MODELS[engine]))
+
+
+def cold(redis_url: str) -> None:
+    """Remove every cached vector (not the queues, nor the workers' signatures)."""
+    r = redis.Redis.from_url(redis_url)
+    try:
+        batch = []
+        for key in r.scan_iter(match=keys.VECTOR + "*", count=10_000):
+            batch.append(key)
+            if len(batch) >= 10_000:
+                r.unlink(*batch)
+                batch = []
+        if batch:
+            r.unlink(*batch)
+    finally:
+        r.close()
 
 
 def computed(redis_url: str, engine: str) -> int:

@@ -52,7 +52,7 @@ class AsyncEmbeddingClient:
             redis_url, model=model, broker_url=broker_url, cache_url=cache_url, settings=settings
         )
         self.model = self.settings.model
-        self.queue = keys.queue_name(self.model)
+        self.queue = self.settings.queue
         self._driver: AsyncDriver | None = None
         self._dimension: int | None = None
 

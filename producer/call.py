@@ -55,6 +55,9 @@ class Call:
         self.computed = 0
         self.waited = 0
         self.failed = 0
+        #: Rows (not texts: a text may fill many) by how their vector was found: these add up, with the
+        #: failed rows, to the call's rows.
+        self.rows_found = {"cached": 0, "computed": 0, "waited": 0}
 
     def place(self, rows: list[int], vectors: np.ndarray, how: str, distinct: int) -> None:
         """Vectors for ``rows`` (one per row, ``distinct`` texts): ``how`` is ``cached``, ``computed`` or ``waited``."""
@@ -73,6 +76,7 @@ class Call:
             target = slice(int(index[0]), int(index[-1]) + 1)  # rows in a run, as a window gives: no scatter
         self.matrix[target] = vectors[:, : self.matrix.shape[1]]
         setattr(self, how, getattr(self, how) + distinct)
+        self.rows_found[how] += len(rows)
         self._resolved(len(rows))
 
     def fail_rows(self, rows: list[int], reason: str, distinct: int = 1) -> None:

@@ -46,12 +46,17 @@ class EmbeddingClient:
         broker_url: str | None = None,
         cache_url: str | None = None,
         settings: Settings | None = None,
+        before_first_task: Callable[[], None] | None = None,
     ) -> None:
+        """``before_first_task`` runs once, on the dispatcher thread, before this client first sends a task
+        (``embq embed`` starts its private worker there, so that a fully cached input loads no model); what it
+        raises fails the calls that wait."""
         self.settings = Settings.for_client(
             redis_url, model=model, broker_url=broker_url, cache_url=cache_url, settings=settings
         )
         self.model = self.settings.model
-        self.queue = keys.queue_name(self.model)
+        self.queue = self.settings.queue
+        self.before_first_task = before_first_task
         self._lock = threading.Lock()
         self._driver: ThreadDriver | None = None
         self._dimension: int | None = None
@@ -126,7 +131,7 @@ class EmbeddingClient:
         """This process's dispatcher; a forked child gets its own (threads and sockets do not survive fork)."""
         with self._lock:
             if self._driver is None or self._driver.pid != os.getpid():
-                self._driver = ThreadDriver(self.settings)
+                self._driver = ThreadDriver(self.settings, self.before_first_task)
             return self._driver
 
     def close(self) -> None:
@@ -147,8 +152,9 @@ class EmbeddingClient:
 class ThreadDriver:
     """Runs a ``Dispatcher`` in a daemon thread with redis-py and Celery."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, before_first_task: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self.before_first_task = before_first_task
         self.pid = os.getpid()
         self.core = Dispatcher(settings)
         self.cache = connect(settings.cache)
@@ -231,6 +237,9 @@ class ThreadDriver:
         if isinstance(op, Read):
             return self._read(op)
         if isinstance(op, Send):
+            if self.before_first_task is not None and op.tasks:
+                hook, self.before_first_task = self.before_first_task, None
+                hook()
             return send_tasks(self._app(), op)
         if isinstance(op, Wait):
             with self.cond:
@@ -279,7 +288,7 @@ def send_tasks(app: Celery, op: Send) -> None:
     """Publish ``op``'s tasks through one producer connection."""
     if not op.tasks:
         return
-    queue = keys.queue_name(op.tasks[0][1]["model"])
+    queue = keys.queue_name(op.tasks[0][1]["model"], op.tasks[0][1]["namespace"])
     with app.producer_or_acquire() as producer:
         for task_id, payload in op.tasks:
             app.send_task(

@@ -12,7 +12,6 @@ from celery import Celery
 from celery.app.amqp import AMQP
 
 from producer.backend import RedactedConnection
-from producer.keys import queue_name
 from producer.settings import TASK_TEXTS_LIMIT, Settings
 
 #: The one task embq sends: embed a batch of texts into the cache.
@@ -100,6 +99,10 @@ def kombu_url(url: str) -> str:
     return f"redis+socket://{parts.path}" + (f"?{query}" if query else "")
 
 
+#: kombu's retry policy for publishing a task: waits of 0.1 s, then 0.5 s more each time, capped at 2 s; 13 s in all.
+PUBLISH_RETRY = {"max_retries": 9, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2.0}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings both sides must share; the worker adds its own on top."""
     transport = {
@@ -116,6 +119,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": kombu_url(settings.broker),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
+        # Publishing rides out a broker restart or failover of ~10 s, as every other command of embq's does
+        # (``producer.backend.RETRIES``); Celery's default gives up after 0.6 s.
+        "task_publish_retry_policy": PUBLISH_RETRY,
         # No pickle anywhere: a pickled message is refused, not executed.
         "task_serializer": "msgpack",
         "accept_content": ["msgpack", "json"],
@@ -134,8 +140,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Task events for Flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_default_queue": queue_name(settings.model),
-        "task_routes": {TASK_EMBED: {"queue": queue_name(settings.model)}},
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_EMBED: {"queue": settings.queue}},
     }
     tls = broker_tls(settings.broker)
     if tls is not None:

@@ -33,7 +33,7 @@ from producer.backend import redact, redis_reason
 from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from producer.call import Call
 from producer.codec import unpack_concat, unpack_many
-from producer.contract import EmbedPayload, make_payload, root_task_id
+from producer.contract import EmbedPayload, make_payload, root_task_id, signature_dimension
 from producer.errors import BackendUnavailableError, EmbqError
 from producer.pending import OURS, THEIRS, Pending
 from producer.settings import Settings
@@ -116,11 +116,16 @@ class Dispatcher:
         self.settings = settings
         self.model = settings.model
         self.namespace = settings.cache_namespace
-        self.queue = keys.queue_name(settings.model)
+        self.queue = settings.queue
         self.token = token or uuid.uuid4().hex
         self.reply = keys.reply_key(self.token)
         self.alive = keys.alive_key(self.token)
         self.stats = keys.stats_key(settings.model)
+        self.signature = keys.signature_key(settings.cache_namespace, settings.model)
+        #: The model's dimension as its workers state it (their signature, read at every tick): a
+        #: cached value of another dimension cannot be the model's and reads as a miss. None
+        #: while no worker has stated it.
+        self.dim: int | None = None
         self.lease_ms = max(1, int(settings.lease_seconds * 1000))
         #: Markers outlive a queued task: a live owner is what keeps them, not their TTL.
         self.hold_ms = max(self.lease_ms, int(settings.visibility_timeout * 1000))
@@ -163,6 +168,8 @@ class Dispatcher:
             except BACKEND_ERRORS as e:
                 yield from self._abandon(self._backend_error(e))
                 opened = False
+            except EmbqError as e:  # said in one line to the callers (a private worker that could not start)
+                yield from self._abandon(e)
             except Exception as e:  # a bug must not strand the callers
                 log.exception("embq dispatcher failed")
                 yield from self._abandon(e)
@@ -262,7 +269,7 @@ class Dispatcher:
             return
         names = [keys.vector_key(d) for _, _, _, digests in pieces for d in digests]
         values, *_ = yield Redis("cache", [("MGET", *names), *self._hits_to_report()])
-        matrix, valid = unpack_many(values)
+        matrix, valid = unpack_many(values, self.dim)
         add, position = self.entries.add, 0
         for call, start, texts, digests in pieces:
             rows: list[int] = []
@@ -323,12 +330,14 @@ class Dispatcher:
             if count:
                 self._learn_hit_rate(len(hit_digests), len(part))
             if hit_digests:  # found at a first claim they were cached; found later, a worker made them for us
-                matrix, valid = unpack_many(hit_values)
+                matrix, valid = unpack_many(hit_values, self.dim)
                 bad = self._deliver(hit_digests, matrix, valid, "cached" if count else None)
-                if bad:  # invalid cached values: compute them again, the worker overwrites them
-                    for digest in bad:
-                        states[slots[digest]] = OURS
-                    send += bad
+                # Invalid cached values: compute them again (once: not at every look while their
+                # task is queued); the worker overwrites them.
+                for digest in bad:
+                    states[slots[digest]] = OURS
+                    if not self.entries.sent[slots[digest]]:
+                        send.append(digest)
             yield from self._send(send)
 
     def _send(self, digests: list[str], why: str = "") -> Generator[Op, Any, None]:
@@ -424,7 +433,7 @@ class Dispatcher:
         for fields in notices:
             notice = protocol.read_notice(fields)
             if notice.done:
-                matrix, valid = unpack_concat(notice.values, len(notice.done))
+                matrix, valid = unpack_concat(notice.values, len(notice.done), self.dim)
                 self.recheck.update(self._deliver(notice.done, matrix, valid))
             task = root_task_id(notice.task) if notice.task else ""
             for digest, reason in notice.failed.items():
@@ -438,27 +447,31 @@ class Dispatcher:
 
     def _open(self) -> Generator[Op, Any, None]:
         """Create our reply stream and our liveness key; workers add to the stream without creating it."""
-        last_id, _, _ = yield Redis(
+        last_id, _, _, signature = yield Redis(
             "cache",
             [
                 ("XADD", self.reply, "*", "hello", ""),
                 ("PEXPIRE", self.reply, 2 * self.lease_ms),
                 ("SET", self.alive, 1, "PX", self.lease_ms),
+                ("GET", self.signature),
             ],
         )
         self.last_id = last_id
+        self.dim = signature_dimension(signature) or self.dim
 
     def _tick(self) -> Generator[Op, Any, None]:
         """Renew our liveness; look again at every text we wait for: cached meanwhile (a lost
         notice), claim vanished (a Redis restart) or its owner dead: claim and send it."""
-        _, exists, *_ = yield Redis(
+        _, exists, signature, *_ = yield Redis(
             "cache",
             [
                 ("SET", self.alive, 1, "PX", self.lease_ms),
                 ("PEXPIRE", self.reply, 2 * self.lease_ms),
+                ("GET", self.signature),
                 *self._hits_to_report(),
             ],
         )
+        self.dim = signature_dimension(signature) or self.dim
         if not exists:
             yield from self._open()
         yield from self._claim(list(self.entries), count=False)

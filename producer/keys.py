@@ -17,9 +17,10 @@ key                        type        TTL                  written by          
 ``embq:stats:{model}``     hash        7 days, renewed      workers (tasks, texts, ``embq status``, tests
                                                             failed); producers
                                                             (hits, misses)
-``embq:attempts:{task_id}`` hash       1 day                workers: starts, and   the worker that runs
-                                                            requeues of texts that the task (suspects of
-                                                            only waited            an engine death)
+``embq:attempts:{task_id}`` hash       1 day                workers: starts,       the worker that runs
+                                                            deaths, and the rows   the task again (its
+                                                            of each pass in the    suspects of an engine
+                                                            engine (``in:*``)      death)
 ``embq:worker:{host:pid}`` hash        3 x heartbeat        the worker, every      ``embq status``,
                                                             10 s                   ``embq serve``
 ``embq:workers``           sorted set  3 x heartbeat,       every worker at each   ``embq serve`` (which
@@ -29,6 +30,9 @@ key                        type        TTL                  written by          
                                        renewed by every     the model (SET NX):    and at each heartbeat
                                        heartbeat            JSON, see below
 ``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
+``embq.{model}@{ns}``                   of that namespace
+                                                            (a namespace other
+                                                            than the default)
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
 =========================  ==========  ===================  =====================  ======================
@@ -79,6 +83,15 @@ WATCH = f"{PREFIX}:watch:"
 REPLY = f"{PREFIX}:reply:"
 STATS = f"{PREFIX}:stats:"
 QUEUE_PREFIX = f"{PREFIX}."
+#: Separates a queue's model from its cache namespace; neither may contain it.
+QUEUE_NAMESPACE_SEPARATOR = "@"
+#: Model ids of the ``hash`` engine's pseudo-vectors begin with this, and only theirs do: a hash
+#: worker can then never serve a real model's queue nor write under its keys (``worker.settings``).
+HASH_MODEL_PREFIX = "hash/"
+#: The hash engine's model when none is named.
+HASH_DEFAULT_MODEL = HASH_MODEL_PREFIX + "default"
+#: The cache namespace of a default install; its queues keep the plain ``embq.{model}`` name.
+DEFAULT_NAMESPACE = "v1"
 
 ATTEMPTS = f"{PREFIX}:attempts:"
 WORKER = f"{PREFIX}:worker:"
@@ -160,6 +173,10 @@ def signature_key(namespace: str, model: str) -> str:
     return f"{SIGNATURE}{namespace}:{model}"
 
 
-def queue_name(model: str) -> str:
-    """One Celery queue (one Redis list) per model, so workers never take another model's work."""
-    return QUEUE_PREFIX + model
+def queue_name(model: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """One Celery queue (one Redis list) per model and cache namespace: a worker takes only work it
+    can answer, since it writes under the namespace whose signature it checked. The default
+    namespace keeps the plain ``embq.{model}``."""
+    if namespace == DEFAULT_NAMESPACE:
+        return QUEUE_PREFIX + model
+    return f"{QUEUE_PREFIX}{model}{QUEUE_NAMESPACE_SEPARATOR}{namespace}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+from producer import keys
 from producer.errors import ConfigurationError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -40,7 +41,7 @@ class Settings:
     #: Seconds a vector stays cached. Longer saves GPU time, costs Redis memory.
     cache_ttl: int = 30 * 24 * 3600
     #: Enters every cache key: change it to invalidate the whole cache at once.
-    cache_namespace: str = "v1"
+    cache_namespace: str = keys.DEFAULT_NAMESPACE
     #: Seconds before an unacknowledged batch of a dead worker is redelivered.
     #: Must exceed the longest batch a worker can take, or live batches are
     #: delivered twice.
@@ -75,6 +76,13 @@ class Settings:
             url = getattr(self, name)
             if url:
                 check_redis_url(f"{name} ({ENV_NAMES[name]})", url)
+        for name in ("model", "cache_namespace"):
+            value = getattr(self, name)
+            if not value or keys.QUEUE_NAMESPACE_SEPARATOR in value:
+                raise ConfigurationError(
+                    f"{name} ({ENV_NAMES[name]}) must be a non-empty name without "
+                    f"{keys.QUEUE_NAMESPACE_SEPARATOR!r} (it separates the two in queue names), got {value!r}"
+                )
         if self.task_max_texts > TASK_TEXTS_LIMIT:
             raise ConfigurationError(
                 f"EMBQ_TASK_MAX_TEXTS={self.task_max_texts} exceeds {TASK_TEXTS_LIMIT}, the most a worker accepts"
@@ -87,6 +95,11 @@ class Settings:
     @property
     def cache(self) -> str:
         return self.cache_url or self.redis_url
+
+    @property
+    def queue(self) -> str:
+        """The broker queue of this model and cache namespace (``keys.queue_name``)."""
+        return keys.queue_name(self.model, self.cache_namespace)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

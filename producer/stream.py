@@ -37,7 +37,8 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
     reason lands in ``failures`` (input index -> reason); with ``"raise"`` the chunk
     that holds it raises ``ItemFailedError`` (indices of the whole input).
     ``rows`` counts the rows yielded; ``cached``, ``computed`` (by this client's
-    tasks) and ``waited`` (computed for another producer) count how they were found.
+    tasks) and ``waited`` (computed for another producer) count how distinct texts
+    were found, ``cached_rows`` and ``computed_rows`` how rows were.
     ``timeout`` bounds the wait for each chunk.
     """
 
@@ -78,6 +79,9 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         self.cached = 0
         self.computed = 0
         self.waited = 0
+        #: Rows whose vector was cached, and computed (by anyone): with the failed rows, all the rows.
+        self.cached_rows = 0
+        self.computed_rows = 0
         self._next_start = 0
         self._pending: deque[tuple[int, Call]] = deque()
         self._exhausted = False
@@ -112,6 +116,8 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
             self.cached += call.cached
             self.computed += call.computed
             self.waited += call.waited
+            self.cached_rows += call.rows_found["cached"]
+            self.computed_rows += call.rows_found["computed"] + call.rows_found["waited"]
             try:
                 vectors = call.result(self.client.queue)
             except ItemFailedError as e:

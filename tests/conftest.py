@@ -13,7 +13,7 @@ import redis
 from producer import EmbeddingClient, Settings, keys
 from worker.local import LocalRedis, LocalWorker
 
-HASH_MODEL = "test/hash"
+HASH_MODEL = "hash/test"
 
 pytest_plugins = ["tests.sglang_support"]
 

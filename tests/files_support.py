@@ -60,12 +60,13 @@ def read_output(path: Path, id_field: str = "row") -> tuple[list[Any] | None, np
         return None, vectors, [None] * len(vectors)
     if path.suffix == ".parquet":
         table = pq.read_table(path)
-        assert table.column_names == [id_field, "embedding"], table.schema
+        assert table.column_names == [id_field, "embedding", "error"], table.schema
         assert pa.types.is_fixed_size_list(table.schema.field("embedding").type)
         assert table.schema.field("embedding").type.value_type == pa.float32()
         rows = table.column("embedding").to_pylist()
         ids = table.column(id_field).to_pylist()
-        errors = [None if row is not None else "failed" for row in rows]
+        errors = table.column("error").to_pylist()
+        assert [row is None for row in rows] == [error is not None for error in errors]
     else:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         assert all(list(r)[:2] == [id_field, "embedding"] for r in records), records[:1]

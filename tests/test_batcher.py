@@ -18,7 +18,7 @@ class ObservedEngine(HashEngine):
     """The hash engine, recording each call and raising on texts that contain ``POISON``."""
 
     def __init__(self) -> None:
-        super().__init__("test/hash", dim=16)
+        super().__init__("hash/test", dim=16)
         self.calls: list[list[str]] = []
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -101,7 +101,7 @@ def test_callers_answered_by_a_long_call_join_the_next_one() -> None:
 
 
 def test_a_call_is_sorted_by_length(batcher: Batcher, engine: ObservedEngine) -> None:
-    texts = ["x" * n for n in (50, 3, 20, 1, 9)]
+    texts = ["x" * n for n in (50, 12, 20, 1, 30)]  # 14, 5, 7, 2 and 9 estimated tokens
     job = batcher.embed(texts)
     assert engine.calls == [sorted(texts, key=len)]
     for i, text in enumerate(texts):
@@ -255,3 +255,32 @@ def test_a_lone_text_runs_with_no_other_call_beside_it() -> None:
         b.stop(timeout=10)
     assert not engine.overlapped
     assert all(len(call) == 1 for call in engine.calls if call[0].startswith("suspect"))
+
+
+class PaddedEngine(ObservedEngine):
+    """The hash engine budgeted as a padded one: a pass costs its longest text times its texts."""
+
+    pads = True
+
+
+def test_passes_group_texts_of_one_length_across_every_task_held() -> None:
+    """Eight tasks of mixed lengths, in arrival order, come out as passes of near-equal lengths:
+    padded tokens stay within 10% of real ones, where arrival order would double them."""
+    engine = PaddedEngine()
+    b = Batcher(engine, max_tokens=400, max_texts=64, max_wait=0.5)
+    rng = np.random.default_rng(7)
+    groups = [[f"{task} {i} " + "w" * int(rng.integers(4, 400)) for i in range(100)] for task in range(8)]
+    b.start()
+    try:
+        jobs = run_concurrently(b, groups)
+    finally:
+        b.stop(timeout=10)
+    for group, job in zip(groups, jobs, strict=True):
+        assert not job.errors
+        np.testing.assert_array_equal(job.matrix, np.stack([hash_vector(t, 16) for t in group]))
+    assert b.padded_done <= 1.1 * b.tokens_done, (b.padded_done, b.tokens_done)
+    tasks_per_pass = [len({t.split()[0] for t in call}) for call in engine.calls]
+    assert max(tasks_per_pass) > 1  # passes mix tasks
+    arrival = [group[i : i + 8] for group in groups for i in range(0, 100, 8)]
+    waste = sum(max(map(len, p)) * len(p) for p in arrival) / sum(len(t) for p in arrival for t in p)
+    assert waste > 1.5  # what passes in arrival order would have cost

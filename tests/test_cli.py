@@ -78,7 +78,7 @@ def test_embed_names_the_bad_line_never_sends_it_and_embeds_the_others(
     out = tmp_path / "out.npy"
     done = embq("embed", str(source), "-o", str(out), env=clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL=HASH_MODEL))
     assert done.returncode == 1, done.stderr
-    assert f"{source}:2 failed: text is not valid UTF-8" in done.stderr
+    assert f"{source}:2 (row 1) failed: text is not valid UTF-8" in done.stderr
     vectors = np.load(out)
     assert np.isnan(vectors[1]).all()
     np.testing.assert_array_equal(vectors[[0, 2]], np.stack([hash_vector(t, 384) for t in ("fine", "fine too")]))
@@ -88,7 +88,7 @@ def test_plain_celery_runs_the_worker(
     tmp_path: Path, redis_url: str, make_client: Callable[..., EmbeddingClient]
 ) -> None:
     ready = tmp_path / "ready"
-    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/plain", EMBQ_ENGINE="hash", EMBQ_READY_FILE=str(ready))
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/plain", EMBQ_ENGINE="hash", EMBQ_READY_FILE=str(ready))
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO"],
         env=env,
@@ -99,7 +99,7 @@ def test_plain_celery_runs_the_worker(
     try:
         wait_until(lambda: ready.exists() or process.poll() is not None, 60, "plain Celery worker")
         assert process.poll() is None
-        out = make_client(model="test/plain").embed(["plain celery"], timeout=30)
+        out = make_client(model="hash/plain").embed(["plain celery"], timeout=30)
         np.testing.assert_array_equal(out[0], hash_vector("plain celery", 384))
     finally:
         process.terminate()
@@ -109,7 +109,7 @@ def test_plain_celery_runs_the_worker(
 
 def test_a_forking_pool_is_refused(redis_url: str) -> None:
     # "prefork", Celery's CLI default, yields to the app's threads setting; "processes" names it explicitly.
-    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/prefork", EMBQ_ENGINE="hash")
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/prefork", EMBQ_ENGINE="hash")
     done = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=processes"],
         env=env,
@@ -139,15 +139,15 @@ def test_status_shows_queues_and_counters(
 def test_embed_writes_the_good_rows_when_some_texts_fail(
     tmp_path: Path, redis_url: str, start_worker: Callable[..., object]
 ) -> None:
-    start_worker("test/strict-cli", env={"EMBQ_MAX_TEXT_BYTES": "100"})
+    start_worker("hash/strict-cli", env={"EMBQ_MAX_TEXT_BYTES": "100"})
     lines = ["first", "x" * 500, "third"]
     source = tmp_path / "in.txt"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out.npy"
-    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/strict-cli")
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/strict-cli")
     done = embq("embed", str(source), "-o", str(out), env=env)
     assert done.returncode == 1
-    assert f"{source}:2 failed" in done.stderr
+    assert f"{source}:2 (row 1) failed" in done.stderr
     vectors = np.load(out)
     assert np.isnan(vectors[1]).all()
     np.testing.assert_array_equal(vectors[[0, 2]], np.stack([hash_vector(t, 384) for t in ("first", "third")]))

@@ -213,7 +213,7 @@ def test_compose_flower() -> None:
     svc = service("flower")
     assert "profiles" not in svc
     assert svc["build"]["dockerfile"] == "worker/Dockerfile.cpu"
-    assert svc["entrypoint"] == ["embq", "flower"]
+    assert svc["entrypoint"] == ["embq", "flower", "--address", "0.0.0.0"]  # inside its container
     assert svc["env_file"] == "deploy/flower.env"
     assert svc["environment"]["EMBQ_BROKER_URL"] == "redis://broker:6379/0"
     assert any(str(p).endswith(":5555") for p in svc["ports"])
@@ -721,7 +721,7 @@ def test_flower(overlay: str) -> None:
     docs = render(f"overlays/{overlay}")
     flower = find(docs, "Deployment", "embq-flower")
     c = container(flower)
-    assert c["command"] == ["embq", "flower"]
+    assert c["command"] == ["embq", "flower", "--address", "0.0.0.0"]
     assert "args" not in c
     assert secret_ref(c, "FLOWER_BASIC_AUTH") == ("embq-flower", "basic-auth")
     assert secret_ref(c, "EMBQ_BROKER_URL") == ("embq-redis", "broker-url")

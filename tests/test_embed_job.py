@@ -125,7 +125,6 @@ def assert_nothing_left(job: Embed, home: Path, engine: str, tmp: Path) -> None:
         (["in.parquet", "--field", "id"], "column 'id' holds int64, not text"),
         (["in.jsonl", "--id-field", "id"], "a .npy holds only vectors"),
         (["in.jsonl", "-o", "in.jsonl"], "is also the input"),
-        (["-", "-o", "out.npy"], "standard input cannot tell"),
         (["-"], "name the output with -o"),
         (["-", "--input-format", "parquet", "-o", "o.jsonl"], "Parquet cannot be read from standard input"),
         (["batch.jsonl", "-o", "o.parquet"], "answered with OpenAI Batch output lines; name a .jsonl output"),
@@ -175,7 +174,7 @@ def test_an_empty_input_writes_an_empty_output_at_once(tmp_path: Path) -> None:
     assert np.load(tmp_path / "a.npy").shape == (0, 0)
     assert np.load(tmp_path / "b.npy").shape == (0, 64)
     schema = pq.read_schema(tmp_path / "c.parquet")
-    assert schema.names == ["id", "embedding"] and str(schema.field("embedding").type).endswith("[64]")
+    assert schema.names == ["id", "embedding", "error"] and str(schema.field("embedding").type).endswith("[64]")
     assert (tmp_path / "d.jsonl").read_text() == ""
     for output, options in (("e.parquet", []), ("f.jsonl", ["--input-format", "csv"])):
         piped = embq("embed", "-", "-o", str(tmp_path / output), *options, env=env, stdin=b"")
@@ -191,7 +190,7 @@ def test_an_empty_input_writes_an_empty_output_at_once(tmp_path: Path) -> None:
 def test_a_killed_run_resumes_and_recomputes_nothing_it_finished(
     tmp_path: Path, redis_url: str, r: redis.Redis, start_worker: Start, make_client: Client
 ) -> None:
-    model = "test/resume"
+    model = "hash/resume"
     start_worker(model)
     source = tmp_path / "rows.jsonl"
     texts = jsonl_rows(source, 60_000, unique=40_000)
@@ -219,7 +218,7 @@ def test_a_killed_run_resumes_and_recomputes_nothing_it_finished(
 def test_embedded_defaults_keep_the_cache_across_a_sigkill_and_clear_it(tmp_path: Path) -> None:
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     tmp.mkdir()
-    model = "test/private"
+    model = "hash/private"
     source = tmp_path / "rows.jsonl"
     jsonl_rows(source, 30_000, unique=30_000)
     output = tmp_path / "out.npy"
@@ -279,14 +278,14 @@ def test_cache_clear_removes_vectors_and_never_broker_keys(
 ) -> None:
     make_client().embed([f"to clear {i}" for i in range(2500)])
     r.set(keys.signature_key("v1", HASH_MODEL), b"hash/384")
-    r.rpush(keys.queue_name("test/queued"), b"a queued task")
+    r.rpush(keys.queue_name("hash/queued"), b"a queued task")
     r.hset("unacked", "tag", b"a task a worker holds")
     try:
         done = embq("cache", "clear", env=clean_env(EMBQ_REDIS_URL=redis_url))
         assert done.returncode == 0, done.stderr
         assert "removed 2,501 cache keys" in done.stderr
         assert not list(r.scan_iter(match=keys.VECTOR + "*")) and not list(r.scan_iter(match=keys.SIGNATURE + "*"))
-        assert r.llen(keys.queue_name("test/queued")) == 1 and r.hexists("unacked", "tag")
+        assert r.llen(keys.queue_name("hash/queued")) == 1 and r.hexists("unacked", "tag")
         assert stats_texts(r, HASH_MODEL) > 0
     finally:  # the broker's own hash outlives the test's cleanup of embq's keys: leave no fake task in it
         r.hdel("unacked", "tag")
@@ -369,9 +368,9 @@ def test_ctrl_c_while_embedding_stops_everything(tmp_path: Path) -> None:
 def test_ctrl_c_stops_a_producer_that_waits_for_absent_workers(tmp_path: Path, redis_url: str, r: redis.Redis) -> None:
     source = write_input(tmp_path / "in.txt", [f"nobody embeds {i}" for i in range(5000)])
     output = tmp_path / "out.jsonl"
-    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="test/nobody")
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/nobody")
     job = Embed(tmp_path, str(source), "-o", str(output), env=env)
-    wait_until(lambda: r.llen(keys.queue_name("test/nobody")) > 0, 60, "tasks in the queue")
+    wait_until(lambda: r.llen(keys.queue_name("hash/nobody")) > 0, 60, "tasks in the queue")
     code, seconds = job.signal(signal.SIGINT)
     assert code == 130, job.text()
     assert seconds < STOP_WITHIN, job.text()
@@ -380,23 +379,75 @@ def test_ctrl_c_stops_a_producer_that_waits_for_absent_workers(tmp_path: Path, r
 
 
 def test_a_second_run_on_the_same_home_waits_its_turn_and_sighup_stops_it(tmp_path: Path) -> None:
+    """The first run reads a pipe that the test holds open, so it is still running, for sure, while the
+    second one waits, is refused by ``embq cache clear`` and is stopped by SIGHUP."""
+    import os
+
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     tmp.mkdir()
     env = private_env(home, tmp)
-    big = tmp_path / "big.jsonl"
-    jsonl_rows(big, 60_000, unique=60_000)
+    pipe = tmp_path / "rows.fifo"
+    os.mkfifo(pipe)
     small = write_input(tmp_path / "small.txt", ["text 1 of the job", "text 2 of the job"])
-    first = Embed(tmp_path, str(big), "-o", str(tmp_path / "big.npy"), "--engine", "hash", env=env, name="first")
-    wait_until(lambda: first.rows_done() > 0 or first.process.poll() is not None, 120, "the first run to embed")
-    second = Embed(tmp_path, str(small), "-o", str(tmp_path / "small.npy"), "--engine", "hash", env=env, name="second")
-    pid = first.process.pid
-    wait_until(lambda: f"waiting for the embq embed (pid {pid})" in second.text(), 60, "the second run to wait")
-    busy = embq("cache", "clear", env=env)
-    assert busy.returncode == 2 and f"an embq process (pid {pid}) is using" in busy.stderr
-    code, seconds = second.signal(signal.SIGHUP)
-    assert code == 128 + signal.SIGHUP, second.text()
-    assert seconds < STOP_WITHIN and "Traceback" not in second.text()
-    assert first.wait() == 0, first.text()  # undisturbed
+    first = Embed(tmp_path, str(pipe), "-o", str(tmp_path / "big.npy"), "--engine", "hash", env=env, name="first")
+    with open(pipe, "w", encoding="utf-8") as feed:  # opened once the first run opens its end
+        feed.write("text 0 of the job\ntext 1 of the job\n")
+        feed.flush()
+        wait_until(lambda: "starting a private Redis" in first.text(), 60, "the first run to take the home")
+        second = Embed(
+            tmp_path, str(small), "-o", str(tmp_path / "small.npy"), "--engine", "hash", env=env, name="second"
+        )
+        pid = first.process.pid
+        wait_until(lambda: f"waiting for the embq embed (pid {pid})" in second.text(), 60, "the second run to wait")
+        busy = embq("cache", "clear", env=env)
+        assert busy.returncode == 2 and f"an embq process (pid {pid}) is using" in busy.stderr
+        code, seconds = second.signal(signal.SIGHUP)
+        assert code == 128 + signal.SIGHUP, second.text()
+        assert seconds < STOP_WITHIN and "Traceback" not in second.text()
+        assert first.process.poll() is None  # undisturbed, still reading
+        feed.write("text 2 of the job\n")
+    assert first.wait() == 0, first.text()
     third = Embed(tmp_path, str(small), "-o", str(tmp_path / "small.npy"), "--engine", "hash", env=env, name="third")
     assert third.wait() == 0, third.text()
+    assert "2 cached" in third.text()
     np.testing.assert_array_equal(np.load(tmp_path / "small.npy"), np.load(tmp_path / "big.npy")[[1, 2]])
+
+
+# -- embedded defaults: what starts, and when -----------------------------------------------------------
+
+
+def test_a_fully_cached_rerun_starts_no_worker(tmp_path: Path) -> None:
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    tmp.mkdir()
+    source = write_input(tmp_path / "in.txt", [f"cached rerun {i}" for i in range(500)])
+    env = private_env(home, tmp)
+    first = Embed(tmp_path, str(source), "-o", str(tmp_path / "first.npy"), "--engine", "hash", env=env, name="first")
+    assert first.wait() == 0, first.text()
+    assert "starting a hash worker" in first.text()
+    second = Embed(tmp_path, str(source), "-o", str(tmp_path / "again.npy"), "--engine", "hash", env=env, name="again")
+    assert second.wait() == 0, second.text()
+    assert "starting a hash worker" not in second.text() and "500 cached, 0 computed" in second.text()
+    assert_nothing_left(second, home, "hash", tmp)
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), np.load(tmp_path / "first.npy"))
+
+
+@pytest.mark.model
+def test_the_truncation_hint_works_on_embedded_defaults(tmp_path: Path, redis_url: str) -> None:
+    """A text over the context fails by default and names ``--truncate``; with it, the same private cache
+    serves the run (its worker took over from the one that failed long texts) and nothing is recomputed."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    tmp.mkdir()
+    long = " ".join(f"word{i % 10}" for i in range(400))
+    source = write_input(tmp_path / "in.txt", ["short one", long, "short two"])
+    output = tmp_path / "out.jsonl"
+    env = private_env(home, tmp)
+    first = Embed(tmp_path, str(source), "-o", str(output), env=env, name="first")
+    assert first.wait() == 1, first.text()
+    assert "--truncate for embq embed" in first.text()
+    second = Embed(tmp_path, str(source), "-o", str(output), "--truncate", env=env, name="second")
+    assert second.wait() == 0, second.text()
+    assert "1 computed" in second.text() and "2 cached" in second.text()
+    _, vectors, errors = read_output(output)
+    assert errors == [None] * 3 and not np.isnan(vectors).any()
+    distributed = embq("embed", str(source), "--truncate", "-o", str(output), env=clean_env(EMBQ_REDIS_URL=redis_url))
+    assert distributed.returncode == 2 and "start them with EMBQ_TRUNCATE=1" in distributed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ def test_a_worker_killed_mid_batch_has_its_batch_redelivered(
     env = sglang.env(EMBQ_TEST_SCHEDULER_DELAY="60", EMBQ_VISIBILITY_TIMEOUT=visibility)
     doomed = start_worker(model, engine="sglang", env=env, python=python)
     texts = [f"in flight {i}" for i in range(40)]
-    join = embed_in_background(make_client(model=model, task_max_texts=10), texts)
+    join = embed_in_background(make_client(model=model, task_max_texts=10), texts, timeout=300)
     wait_until(lambda: r.hlen("unacked") == 4, 30, "the worker to take all four tasks")
     doomed.kill()  # SIGKILL in the middle of its engine call
 
@@ -66,7 +67,7 @@ def restart(servers: list[LocalRedis]) -> LocalRedis:
 
 def test_workers_and_producers_survive_a_redis_restart(restartable: list[LocalRedis]) -> None:
     url = restartable[0].url
-    model = "test/restart"
+    model = "hash/restart"
     with LocalWorker(url, engine="hash", model=model):
         client = EmbeddingClient(settings=Settings(redis_url=url, model=model, lease_seconds=2.0))
         before = [f"before {i}" for i in range(50)]
@@ -81,7 +82,7 @@ def test_a_producer_waiting_through_a_redis_restart_resends_what_was_lost(
     restartable: list[LocalRedis],
 ) -> None:
     url = restartable[0].url
-    model = "test/lost-queue"
+    model = "hash/lost-queue"
     client = EmbeddingClient(settings=Settings(redis_url=url, model=model, lease_seconds=2.0))
     texts = [f"queued {i}" for i in range(30)]
     join = embed_in_background(client, texts, timeout=90)
@@ -99,7 +100,7 @@ def test_a_task_the_broker_lost_is_sent_again_by_its_producer(
 ) -> None:
     """Kombu pops a message (BRPOP) before it records it as unacked: a worker
     killed between the two loses the message. Deleting the queued task is that loss."""
-    model = "test/lost-task"
+    model = "hash/lost-task"
     texts = [f"lost {i}" for i in range(30)]
     join = embed_in_background(make_client(model=model, lease_seconds=2.0), texts, timeout=90)
     wait_until(lambda: r.llen(keys.queue_name(model)) == 1, 30, "the task to be queued")
@@ -110,7 +111,7 @@ def test_a_task_the_broker_lost_is_sent_again_by_its_producer(
 
 
 def test_a_task_that_keeps_vanishing_fails_instead_of_looping(make_client: Client, r: redis.Redis) -> None:
-    model = "test/vanishing"
+    model = "hash/vanishing"
     queue = keys.queue_name(model)
     join = embed_in_background(make_client(model=model, lease_seconds=1.0), ["never answered"], timeout=60)
     for _ in range(3):  # each send of the task is lost
@@ -126,7 +127,7 @@ def test_a_broker_restart_alone_loses_no_task() -> None:
         brokers = [LocalRedis().start()]
         try:
             settings = Settings(
-                broker_url=brokers[0].url, cache_url=cache.url, model="test/broker-restart", lease_seconds=2.0
+                broker_url=brokers[0].url, cache_url=cache.url, model="hash/broker-restart", lease_seconds=2.0
             )
             client = EmbeddingClient(settings=settings)
             texts = [f"broker restart {i}" for i in range(30)]
@@ -159,9 +160,9 @@ def test_a_pickled_message_is_rejected_not_executed(
     hash_worker: LocalWorker, redis_url: str, make_client: Client, tmp_path: Path
 ) -> None:
     marker = tmp_path / "executed"
-    attacker = make_celery(Settings(redis_url=redis_url, model="test/hash"))
+    attacker = make_celery(Settings(redis_url=redis_url, model="hash/test"))
     attacker.conf.update(task_serializer="pickle", accept_content=["pickle"])
-    queue = keys.queue_name("test/hash")
+    queue = keys.queue_name("hash/test")
     pickle.dumps(Exploit(marker))  # the payload is a valid pickle
     attacker.send_task(TASK_EMBED, args=[Exploit(marker)], queue=queue, exchange="", routing_key=queue)
     wait_until(lambda: "ContentDisallowed" in hash_worker.log_path.read_text(), 30, "the worker to refuse it")
@@ -181,14 +182,14 @@ def test_password_and_acl_user_are_supported_and_never_logged(user: str | None) 
             )
             admin.close()
             url = f"redis://{user}:{secret}@127.0.0.1:{server.port}/0"
-        with LocalWorker(url, engine="hash", model="test/auth") as worker:
-            client = EmbeddingClient(url, model="test/auth")
+        with LocalWorker(url, engine="hash", model="hash/auth") as worker:
+            client = EmbeddingClient(url, model="hash/auth")
             np.testing.assert_array_equal(client.embed(["guarded"], timeout=30), hashed(["guarded"]))
             client.close()
             log = worker.log_path.read_text()
         assert secret not in log
         with pytest.raises(BackendUnavailableError, match=r"invalid|WRONGPASS|auth") as info:
-            EmbeddingClient(f"redis://:wrong@127.0.0.1:{server.port}/0", model="test/auth").embed(["x"], timeout=5)
+            EmbeddingClient(f"redis://:wrong@127.0.0.1:{server.port}/0", model="hash/auth").embed(["x"], timeout=5)
         assert "wrong" not in str(info.value)
 
 
@@ -196,15 +197,15 @@ def test_tls_with_a_password_for_broker_and_cache(tmp_path: Path) -> None:
     secret = "tls-Pa55word"
     with LocalRedis(password=secret) as server, TlsProxy(server.port, tmp_path) as proxy:
         url = f"rediss://:{secret}@localhost:{proxy.port}/0?ssl_ca_certs={proxy.ca_path}"
-        with LocalWorker(url, engine="hash", model="test/tls") as worker:
-            client = EmbeddingClient(url, model="test/tls")
+        with LocalWorker(url, engine="hash", model="hash/tls") as worker:
+            client = EmbeddingClient(url, model="hash/tls")
             texts = [f"over tls {i}" for i in range(20)]
             np.testing.assert_array_equal(client.embed(texts, timeout=30), hashed(texts))
             client.close()
             log = worker.log_path.read_text()
         assert secret not in log
         assert "insecure" not in log.lower()
-        untrusted = EmbeddingClient(f"rediss://:{secret}@localhost:{proxy.port}/0", model="test/tls")
+        untrusted = EmbeddingClient(f"rediss://:{secret}@localhost:{proxy.port}/0", model="hash/tls")
         with pytest.raises(BackendUnavailableError, match="certificate verify failed") as info:
             untrusted.embed(["x"], timeout=5)
         assert secret not in str(info.value)
@@ -212,15 +213,15 @@ def test_tls_with_a_password_for_broker_and_cache(tmp_path: Path) -> None:
 
 def test_a_shared_redis_that_can_evict_the_queue_is_warned_about() -> None:
     with LocalRedis("--maxmemory-policy", "allkeys-lru") as server:
-        with LocalWorker(server.url, engine="hash", model="test/evict") as worker:
+        with LocalWorker(server.url, engine="hash", model="hash/evict") as worker:
             assert "it can evict queued tasks" in worker.log_path.read_text()
 
 
 def test_broker_and_cache_in_two_redis() -> None:
     with LocalRedis() as broker, LocalRedis() as cache:
         env = {"EMBQ_BROKER_URL": broker.url, "EMBQ_CACHE_URL": cache.url}
-        with LocalWorker(broker.url, engine="hash", model="test/two", env=env):
-            client = EmbeddingClient(model="test/two", settings=Settings(broker_url=broker.url, cache_url=cache.url))
+        with LocalWorker(broker.url, engine="hash", model="hash/two", env=env):
+            client = EmbeddingClient(model="hash/two", settings=Settings(broker_url=broker.url, cache_url=cache.url))
             texts = [f"split {i}" for i in range(20)]
             np.testing.assert_array_equal(client.embed(texts, timeout=30), hashed(texts))
             client.close()
@@ -230,3 +231,37 @@ def test_broker_and_cache_in_two_redis() -> None:
         assert not list(c.scan_iter(match="_kombu*"))
         b.close()
         c.close()
+
+
+def test_two_worker_kills_suspect_only_the_texts_inside_the_engine(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    """Workers killed twice while four tasks of 100 texts are held: only the texts of the pass inside the
+    engine at each kill are suspected (run alone), the rest go on as one task, and no text is refused."""
+    model, visibility = "hash/killed-twice", "2"
+    slow = {
+        "EMBQ_HASH_SECONDS_PER_TEXT": "0.02",
+        "EMBQ_BATCH_MAX_TEXTS": "10",
+        "EMBQ_VISIBILITY_TIMEOUT": visibility,
+    }
+    texts = [f"killed twice {i}" for i in range(400)]
+    join = embed_in_background(make_client(model=model, visibility_timeout=2), texts, timeout=300)
+
+    def visible_again() -> bool:
+        scores = [score for _, score in r.zrange("unacked_index", 0, -1, withscores=True)]
+        return bool(scores) and max(scores) < time.time() - float(visibility)
+
+    logs = []
+    for _ in range(2):
+        doomed = start_worker(model, env=slow)
+        wait_until(lambda log=doomed.log_path: "received" in log.read_text(), 60, "the worker to take tasks")
+        time.sleep(0.5)  # a few passes done, one inside the engine
+        doomed.kill()
+        logs.append(doomed)
+        wait_until(visible_again, 30, "the visibility timeout to pass")
+    last = start_worker(model, env={"EMBQ_VISIBILITY_TIMEOUT": visibility})
+    np.testing.assert_array_equal(join(), hashed(texts))
+    said = "\n".join(w.log_path.read_text() for w in [*logs, last])
+    splits = [int(n) for n in re.findall(r"(\d+) of the \d+ texts of a task were in an engine pass", said)]
+    assert splits and all(n <= 10 for n in splits), splits  # one pass at most, not every text held
+    assert "refused" not in said

@@ -122,10 +122,10 @@ def test_rows_that_cannot_be_embedded_fail_alone(tmp_path: Path, redis_url: str,
     output = tmp_path / "out.jsonl"
     done = embq("embed", str(path), "-o", str(output), "--id-field", "id", env=env_for(redis_url))
     assert done.returncode == 1, done.stderr
-    assert f"{path}:3 failed: is not valid JSON" in done.stderr
-    assert f"{path}:4 failed: has no field 'text'" in done.stderr
-    assert f"{path}:5 failed: text is int, not str" in done.stderr
-    assert f"{path}:6 failed: is not a JSON object" in done.stderr
+    assert f"{path}:3 (row 1) failed: is not valid JSON" in done.stderr
+    assert f"{path}:4 (row 2) failed: has no field 'text'" in done.stderr
+    assert f"{path}:5 (row 3) failed: text is int, not str" in done.stderr
+    assert f"{path}:6 (row 4) failed: is not a JSON object" in done.stderr
     assert "4 of 6 rows failed" in done.stderr
     ids, vectors, errors = read_output(output, "id")
     assert ids == [1, None, 3, 4, None, 6]
@@ -224,3 +224,78 @@ def test_quiet_and_no_progress(tmp_path: Path, redis_url: str) -> None:
     assert "3,000 rows in" in plain.stderr and f"0 failed -> {tmp_path / 'p.parquet'}" in plain.stderr
     bar = embq("embed", str(path), "-o", str(tmp_path / "b.parquet"), env=env_for(redis_url))
     assert "3000/3000" in bar.stderr and "row/s]" in bar.stderr
+
+
+@pytest.mark.parametrize("out", [".jsonl", ".npy"])
+@pytest.mark.parametrize("source", [".txt", ".jsonl", ".csv"])
+def test_a_named_pipe_is_read_once(tmp_path: Path, redis_url: str, make_client: Client, source: str, out: str) -> None:
+    """A FIFO can be read only once: it is streamed like standard input, never counted first."""
+    import os
+    import threading
+
+    texts = TEXTS[:3000]
+    path = write_input(tmp_path / f"rows{source}", texts)
+    fifo = tmp_path / f"pipe{source}"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()), daemon=True)
+    writer.start()
+    output = tmp_path / f"out{out}"
+    done = embq("embed", str(fifo), "-o", str(output), env=env_for(redis_url), timeout=120)
+    writer.join(10)
+    assert done.returncode == 0, done.stderr
+    _, vectors, _ = read_output(output)
+    np.testing.assert_array_equal(vectors, make_client().embed(texts))
+
+
+def test_process_substitution_is_read_once(tmp_path: Path, redis_url: str, make_client: Client) -> None:
+    import shlex
+    import subprocess
+    import sys
+
+    output = tmp_path / "x.jsonl"
+    command = f"{shlex.quote(sys.executable)} -m worker embed <(printf 'one\\ntwo\\n') -o {shlex.quote(str(output))}"
+    done = subprocess.run(["bash", "-c", command], env=env_for(redis_url), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "2 rows" in done.stderr
+    _, vectors, _ = read_output(output)
+    np.testing.assert_array_equal(vectors, make_client().embed(["one", "two"]))
+
+
+def test_a_huge_csv_record_and_an_id_that_is_not_utf8_fail_alone(
+    tmp_path: Path, redis_url: str, make_client: Client
+) -> None:
+    huge = "x" * (2 << 20)  # 2 MB: over the largest text a producer sends, and over any parser's block
+    data = b"id,text\n" + b"1,first\n" + f'2,"{huge}"\n'.encode() + b"\xff\xfe,bad id\n" + b"4,last\n"
+    path = tmp_path / "in.csv"
+    path.write_bytes(data)
+    output = tmp_path / "out.jsonl"
+    done = embq("embed", str(path), "-o", str(output), "--id-field", "id", env=env_for(redis_url))
+    assert done.returncode == 1, done.stderr
+    assert "2 of 4 rows failed" in done.stderr
+    ids, vectors, errors = read_output(output, "id")
+    assert ids == ["1", "2", "\ufffd\ufffd", "4"]
+    assert [e is None for e in errors] == [True, False, False, True]
+    assert "not valid UTF-8" in (errors[2] or "")
+    np.testing.assert_array_equal(vectors[[0, 3]], make_client().embed(["first", "last"]))
+
+
+@pytest.mark.parametrize(
+    ("ids", "kind"),
+    [([1, 2, 7.9], "int64"), ([1, "1"], "int64"), ([0.5, 3000.5], "double"), (["a", None, "b"], "string")],
+)
+def test_parquet_ids_are_kept_exactly_or_refused(
+    tmp_path: Path, redis_url: str, make_client: Client, ids: list[object], kind: str
+) -> None:
+    """Ids of one JSON type keep it; a mix (an int then a float, 1 and "1") is refused, never converted."""
+    texts = [f"id test {i}" for i in range(len(ids))]
+    path = write_input(tmp_path / "in.jsonl", texts, ids)
+    output = tmp_path / "out.parquet"
+    done = embq("embed", str(path), "-o", str(output), "--id-field", "id", env=env_for(redis_url))
+    if len({type(i) for i in ids if i is not None}) > 1:
+        assert done.returncode == 2, done.stderr
+        assert "a Parquet column holds one type" in done.stderr and "row " in done.stderr
+        assert "Traceback" not in done.stderr and not output.exists()
+        return
+    assert done.returncode == 0, done.stderr
+    assert str(pq.read_schema(output).field("id").type) == kind
+    assert pq.read_table(output).column("id").to_pylist() == ids

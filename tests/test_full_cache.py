@@ -13,7 +13,7 @@ from worker.local import LocalRedis, LocalWorker, wait_until
 
 
 def test_a_full_cache_is_named_in_the_worker_log_without_vectors_or_commands() -> None:
-    model = "test/full"
+    model = "hash/full"
     with LocalRedis() as broker, LocalRedis() as cache:  # the cache is noeviction, as LocalRedis starts it
         env = {"EMBQ_BROKER_URL": broker.url, "EMBQ_CACHE_URL": cache.url, "EMBQ_BATCH_WAIT_MS": "4000"}
         with LocalWorker(broker.url, engine="hash", model=model, env=env) as worker:

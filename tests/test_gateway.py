@@ -19,7 +19,7 @@ from worker.engines.hash import hash_vector
 from worker.local import LocalGateway, LocalRedis, LocalWorker, wait_until
 
 KEYS = ("key-one", "key-two")
-NAMED = "test/named"
+NAMED = "hash/named"
 MAX_TEXTS = 64
 MAX_BYTES = 64 * 1024
 MAX_TEXT_BYTES = 2000
@@ -115,12 +115,12 @@ def test_models_lists_named_and_online_models(api: openai.OpenAI, start_worker: 
     assert api.models.retrieve(HASH_MODEL).id == HASH_MODEL
     assert api.models.retrieve(NAMED).id == NAMED
 
-    worker = start_worker("test/arrives")
-    assert "test/arrives" in {m.id for m in api.models.list()}
-    out = api.embeddings.create(model="test/arrives", input=["hello"])
+    worker = start_worker("hash/arrives")
+    assert "hash/arrives" in {m.id for m in api.models.list()}
+    out = api.embeddings.create(model="hash/arrives", input=["hello"])
     np.testing.assert_array_equal(rows(out), expected(["hello"]))
     worker.stop()
-    assert "test/arrives" not in {m.id for m in api.models.list()}
+    assert "hash/arrives" not in {m.id for m in api.models.list()}
 
 
 def test_an_unknown_model_is_404(api: openai.OpenAI) -> None:
@@ -213,43 +213,43 @@ def test_too_large_requests_are_413(api: openai.OpenAI, gateway: LocalGateway) -
 def test_a_text_the_worker_refuses_is_422_naming_it(
     api: openai.OpenAI, start_worker: Callable[..., LocalWorker]
 ) -> None:
-    start_worker("test/strict-gateway", env={"EMBQ_MAX_TEXT_BYTES": "100"})
-    wait_until(lambda: "test/strict-gateway" in {m.id for m in api.models.list()}, 30, "the gateway to see the worker")
+    start_worker("hash/strict-gateway", env={"EMBQ_MAX_TEXT_BYTES": "100"})
+    wait_until(lambda: "hash/strict-gateway" in {m.id for m in api.models.list()}, 30, "the gateway to see the worker")
     texts = ["short", "x" * 500, "short too"]
     with pytest.raises(openai.UnprocessableEntityError) as caught:
-        api.embeddings.create(model="test/strict-gateway", input=texts)
+        api.embeddings.create(model="hash/strict-gateway", input=texts)
     assert caught.value.code == "item_failed" and caught.value.param == "input"
     assert "input[1]" in caught.value.message and "cached" in caught.value.message
     assert list(caught.value.body["failed"]) == ["1"]  # type: ignore[index]
-    good = api.embeddings.create(model="test/strict-gateway", input=[texts[0], texts[2]])
+    good = api.embeddings.create(model="hash/strict-gateway", input=[texts[0], texts[2]])
     np.testing.assert_array_equal(rows(good), expected([texts[0], texts[2]]))
 
 
 def test_a_time_limit_is_504_and_the_work_goes_on(
     redis_url: str, r: redis.Redis, start_worker: Callable[..., LocalWorker]
 ) -> None:
-    with LocalGateway(redis_url, models=("test/late",), env={"EMBQ_REQUEST_TIMEOUT": "1"}) as server:
+    with LocalGateway(redis_url, models=("hash/late",), env={"EMBQ_REQUEST_TIMEOUT": "1"}) as server:
         api = openai.OpenAI(base_url=server.url + "/v1", api_key="open", max_retries=0)
         texts = ["late one", "late two"]
         with pytest.raises(openai.APIStatusError) as caught:
-            api.embeddings.create(model="test/late", input=texts)
+            api.embeddings.create(model="hash/late", input=texts)
         assert caught.value.status_code == 504 and caught.value.code == "timeout"
         assert "retry" in caught.value.message
-        assert r.llen(keys.queue_name("test/late")) > 0, "the work stays queued"
-        start_worker("test/late")
-        wait_until(lambda: int(r.hget(keys.stats_key("test/late"), "texts") or 0) == 2, 60, "the queued work to run")
-        np.testing.assert_array_equal(rows(api.embeddings.create(model="test/late", input=texts)), expected(texts))
-        assert int(r.hget(keys.stats_key("test/late"), "texts") or 0) == 2, "the retry was served from the cache"
+        assert r.llen(keys.queue_name("hash/late")) > 0, "the work stays queued"
+        start_worker("hash/late")
+        wait_until(lambda: int(r.hget(keys.stats_key("hash/late"), "texts") or 0) == 2, 60, "the queued work to run")
+        np.testing.assert_array_equal(rows(api.embeddings.create(model="hash/late", input=texts)), expected(texts))
+        assert int(r.hget(keys.stats_key("hash/late"), "texts") or 0) == 2, "the retry was served from the cache"
         assert server.stop() == 0
 
 
 def test_redis_down_is_503_and_health_says_so() -> None:
-    with LocalRedis() as down, LocalGateway(down.url, models=("test/down",)) as server:
+    with LocalRedis() as down, LocalGateway(down.url, models=("hash/down",)) as server:
         api = openai.OpenAI(base_url=server.url + "/v1", api_key="open", max_retries=0)
         assert httpx.get(server.url + "/health", timeout=30).json() == {"status": "ok", "broker": "ok", "cache": "ok"}
         down.stop()
         with pytest.raises(openai.APIStatusError) as caught:
-            api.embeddings.create(model="test/down", input=["x"])
+            api.embeddings.create(model="hash/down", input=["x"])
         assert caught.value.status_code == 503 and caught.value.code == "backend_unavailable"
         assert "127.0.0.1" not in caught.value.message, "Redis' address stays in the gateway's log"
         with pytest.raises(openai.APIStatusError) as caught:
@@ -309,3 +309,47 @@ def test_metrics_count_requests_latency_texts_and_cache_hits(api: openai.OpenAI,
     assert grew("embq_gateway_texts_total", model=HASH_MODEL) == 6
     assert grew("embq_client_cache_hits_total", model=HASH_MODEL) >= 3
     assert grew("embq_client_cache_misses_total", model=HASH_MODEL) == 3
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(redis_url: str) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMBQ_")} | {"EMBQ_REDIS_URL": redis_url}
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", "serve", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_absurd_bodies_are_400_without_echoing_them(gateway: LocalGateway) -> None:
+    deep = "[" * 5_000 + "]" * 5_000
+    huge = "9" * 4300
+    with httpx.Client(base_url=gateway.url, timeout=30, headers={"Authorization": f"Bearer {KEYS[0]}"}) as http:
+        nested = http.post("/v1/embeddings", content=f'{{"model": "{HASH_MODEL}", "input": {deep}}}')
+        assert nested.status_code == 400 and "nests JSON too deeply" in nested.text
+        big = http.post("/v1/embeddings", content=f'{{"model": "{HASH_MODEL}", "input": "x", "dimensions": {huge}}}')
+        assert big.status_code == 400 and "'dimensions'" in big.text and len(big.text) < 1000, big.text
+
+
+def test_a_request_whose_headers_never_complete_is_dropped(gateway: LocalGateway) -> None:
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from producer.gateway.http import HEADER_TIMEOUT
+
+    where = urlsplit(gateway.url)
+    with socket.create_connection((where.hostname, where.port), timeout=HEADER_TIMEOUT + 10) as slow:
+        slow.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        started = time.monotonic()
+        assert slow.recv(1024) == b""  # closed by the gateway
+        assert HEADER_TIMEOUT - 1 < time.monotonic() - started < HEADER_TIMEOUT + 5

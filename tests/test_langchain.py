@@ -32,7 +32,7 @@ class TestEmbqEmbeddingsUnit(EmbeddingsUnitTests):
 
     @property
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-        return {"EMBQ_MODEL": "test/from-env", "EMBQ_REDIS_URL": NOWHERE}, {}, {"model": "test/from-env"}
+        return {"EMBQ_MODEL": "hash/from-env", "EMBQ_REDIS_URL": NOWHERE}, {}, {"model": "hash/from-env"}
 
 
 class TestEmbqEmbeddingsHash(EmbeddingsIntegrationTests):
@@ -115,7 +115,7 @@ async def test_async_methods_equal_the_sync_ones(redis_url: str, hash_worker: Lo
 
 
 def test_embq_errors_reach_the_caller(redis_url: str) -> None:
-    embeddings = EmbqEmbeddings("test/no-worker", redis_url, timeout=0.5)
+    embeddings = EmbqEmbeddings("hash/no-worker", redis_url, timeout=0.5)
     with pytest.raises(EmbqTimeoutError):
         embeddings.embed_documents(["nobody serves this model"])
     embeddings.close()

@@ -42,8 +42,8 @@ def test_a_worker_serves_its_metrics(
     start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient]
 ) -> None:
     port = free_port()
-    start_worker("test/metrics", env={"EMBQ_METRICS_PORT": str(port), "EMBQ_MAX_TEXT_BYTES": "100"})
-    client = make_client(model="test/metrics")
+    start_worker("hash/metrics", env={"EMBQ_METRICS_PORT": str(port), "EMBQ_MAX_TEXT_BYTES": "100"})
+    client = make_client(model="hash/metrics")
     client.embed([f"counted {i}" for i in range(20)], timeout=30)
     with pytest.raises(ItemFailedError):
         client.embed(["counted 0", "y" * 200], timeout=30)  # one cached, one the worker refuses
@@ -59,7 +59,7 @@ def test_a_worker_serves_its_metrics(
     assert m[("embq_queue_wait_seconds_count", ())] == 2  # one per task
     assert m[("embq_engine_loaded", ())] == 1
     assert m[("embq_worker_ready", ())] == 1
-    assert m[("embq_worker_info", (("engine", "hash"), ("model", "test/metrics")))] == 1
+    assert m[("embq_worker_info", (("engine", "hash"), ("model", "hash/metrics")))] == 1
 
 
 def client_count(name: str, model: str) -> float:

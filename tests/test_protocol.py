@@ -47,7 +47,7 @@ def claims(r: redis.Redis) -> int:
 def test_concurrent_small_calls_of_one_client_share_tasks(
     make_client: Client, start_worker: Start, r: redis.Redis
 ) -> None:
-    model = "test/coalesce"
+    model = "hash/coalesce"
     start_worker(model)
     client = make_client(model=model)
     client.embed(["warm up"], timeout=30)
@@ -72,7 +72,7 @@ def test_concurrent_small_calls_of_one_client_share_tasks(
 def test_a_call_larger_than_the_window_holds_only_a_window_of_claims(
     make_client: Client, start_worker: Start, r: redis.Redis
 ) -> None:
-    model = "test/window"
+    model = "hash/window"
     texts = [f"windowed {i}" for i in range(3000)]
     join = embed_in_background(make_client(model=model, inflight_texts=300), texts, timeout=120)
     queue = keys.queue_name(model)
@@ -87,7 +87,7 @@ def test_a_failing_call_releases_its_claims_and_a_retry_does_not_wait() -> None:
     """A cache Redis at maxmemory (noeviction) fails the call; its claims go at once, so the retry
     after the operator freed memory does not wait for the 30 s lease, and no error carries a vector."""
     with LocalRedis() as broker, LocalRedis("--maxmemory", "3mb") as cache:
-        settings = Settings(broker_url=broker.url, cache_url=cache.url, model="test/full-cache")
+        settings = Settings(broker_url=broker.url, cache_url=cache.url, model="hash/full-cache")
         env = {"EMBQ_BROKER_URL": broker.url, "EMBQ_CACHE_URL": cache.url}
         with LocalWorker(broker.url, engine="hash", model=settings.model, env=env) as worker:
             client = EmbeddingClient(settings=settings)
@@ -122,7 +122,7 @@ def test_the_async_client_keeps_the_contract(hash_worker: LocalWorker, redis_url
             with pytest.raises(InvalidInputError, match="index 1"):
                 await client.embed(["fine", None], timeout=30)
             assert (await client.embed([], dim=8)).shape == (0, 8)
-        async with AsyncEmbeddingClient(redis_url, model="test/async-nobody") as client:
+        async with AsyncEmbeddingClient(redis_url, model="hash/async-nobody") as client:
             with pytest.raises(EmbqTimeoutError) as info:
                 await client.embed(["no worker serves this"], timeout=0.5)
             assert info.value.missing == 1
@@ -132,7 +132,7 @@ def test_the_async_client_keeps_the_contract(hash_worker: LocalWorker, redis_url
 
 def test_a_cancelled_async_call_releases_its_claims(redis_url: str, r: redis.Redis) -> None:
     async def main() -> None:
-        async with AsyncEmbeddingClient(redis_url, model="test/async-cancel") as client:
+        async with AsyncEmbeddingClient(redis_url, model="hash/async-cancel") as client:
             call = asyncio.ensure_future(client.embed([f"given up {i}" for i in range(10)]))
             await asyncio.sleep(0.5)
             assert claims(r) == 10
@@ -149,7 +149,7 @@ def test_a_cancelled_async_call_releases_its_claims(redis_url: str, r: redis.Red
 
 
 def test_embed_iter_streams_in_order_with_failures_and_progress(make_client: Client, start_worker: Start) -> None:
-    model = "test/stream"
+    model = "hash/stream"
     start_worker(model, env={"EMBQ_MAX_TEXT_BYTES": "100"})
     texts = [f"streamed {i}" for i in range(1000)]
     texts[123] = "y" * 500  # refused by the worker alone

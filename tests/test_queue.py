@@ -76,14 +76,14 @@ def test_dim_truncates_and_renormalises_the_full_vector(make_client: Client, r: 
 
 
 def test_empty_input(make_client: Client) -> None:
-    assert make_client(model="test/never-served").embed([], timeout=5).shape == (0, 0)  # no worker told its size
-    assert make_client(model="test/never-served").embed([], dim=8).shape == (0, 8)
+    assert make_client(model="hash/never-served").embed([], timeout=5).shape == (0, 0)  # no worker told its size
+    assert make_client(model="hash/never-served").embed([], dim=8).shape == (0, 8)
 
 
 def test_the_models_dimension_settles_empty_inputs_and_dims_before_sending(
     make_client: Client, start_worker: Callable[..., LocalWorker], r: redis.Redis
 ) -> None:
-    model = "test/known-dimension"
+    model = "hash/known-dimension"
     start_worker(model, env={"EMBQ_HASH_DIM": "48"}).stop()  # its signature outlives it
     client = make_client(model=model)
     assert client.embed([]).shape == (0, 48)
@@ -115,7 +115,7 @@ def test_a_bare_string_is_never_iterated_as_characters(make_client: Client, r: r
 def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: redis.Redis) -> None:
     make_client().embed([f"ttl {i}" for i in range(50)], timeout=60)
     with pytest.raises(EmbqTimeoutError):  # leaves a queued task for a model nobody serves
-        make_client(model="test/nobody").embed(["queued"], timeout=0.5)
+        make_client(model="hash/nobody").embed(["queued"], timeout=0.5)
     values = [r.get(k) for k in r.scan_iter(match=keys.VECTOR + "*")]
     assert sum(1 for v in values if not v.startswith(CLAIM_PREFIX)) == 50
     assert sum(1 for v in values if v.startswith(CLAIM_PREFIX)) == 1  # "queued" stays claimed while queued
@@ -129,20 +129,20 @@ def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: red
             assert ttl > 0, f"cache key {name} has no TTL"
         if name.startswith(keys.VECTOR) and not r.get(key).startswith(CLAIM_PREFIX):
             assert cache_ttl - 60 < ttl <= cache_ttl
-    assert r.llen(keys.queue_name("test/nobody")) == 1
+    assert r.llen(keys.queue_name("hash/nobody")) == 1
 
 
 def test_timeout_says_how_many_items_are_missing(make_client: Client) -> None:
     with pytest.raises(EmbqTimeoutError) as info:
-        make_client(model="test/nobody").embed(["a", "b", "a"], timeout=0.5)
+        make_client(model="hash/nobody").embed(["a", "b", "a"], timeout=0.5)
     assert info.value.missing == 3 and info.value.total == 3
-    assert "3 of 3" in str(info.value) and "embq.test/nobody" in str(info.value)
+    assert "3 of 3" in str(info.value) and "embq.hash/nobody" in str(info.value)
 
 
 def test_a_repeat_call_never_reaches_a_worker(
     make_client: Client, start_worker: Callable[..., LocalWorker], r: redis.Redis
 ) -> None:
-    model = "test/stopped"
+    model = "hash/stopped"
     worker = start_worker(model)
     client = make_client(model=model)
     texts = [f"repeat {i}" for i in range(200)]
@@ -222,7 +222,7 @@ def test_a_corrupted_cache_value_is_recomputed(make_client: Client, r: redis.Red
 
 
 def test_a_text_the_worker_refuses_fails_alone(make_client: Client, start_worker: Callable[..., LocalWorker]) -> None:
-    model = "test/strict"
+    model = "hash/strict"
     start_worker(model, env={"EMBQ_MAX_TEXT_BYTES": "100"})
     texts = ["short", "x" * 500, "also short"]
     with pytest.raises(ItemFailedError) as info:

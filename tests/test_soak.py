@@ -28,7 +28,7 @@ from worker.local import LocalRedis, LocalWorker, wait_until
 
 pytestmark = pytest.mark.soak
 
-MODEL = "test/soak"
+MODEL = "hash/soak"
 UNIQUE = 100_000
 PRODUCERS = 16
 CALL_TEXTS = 1000

@@ -21,7 +21,8 @@ from worker.local import LocalRedis, LocalWorker, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Log records at WARNING or above, as Celery formats them.
-SERIOUS = re.compile(r": (WARNING|ERROR|CRITICAL)/")
+#: A serious line in Celery's format, or in the one line a worker says before Celery starts.
+SERIOUS = re.compile(r": (WARNING|ERROR|CRITICAL)/| (WARNING|ERROR|CRITICAL) \S+: ")
 
 
 def worker_process(*args: str, **env: str) -> subprocess.Popen[str]:
@@ -58,7 +59,7 @@ def test_a_url_without_a_scheme_names_the_setting_and_the_form() -> None:
         Settings(redis_url=":s3cret@cache:6379")  # the password is not shown even in a malformed URL
     with pytest.raises(ConfigurationError, match="database 'zero' is not a number"):
         Settings(broker_url="redis://localhost:6379/zero")
-    code, log = finish(worker_process("--engine", "hash", "--model", "test/url", EMBQ_REDIS_URL="localhost:6379"), 60)
+    code, log = finish(worker_process("--engine", "hash", "--model", "hash/url", EMBQ_REDIS_URL="localhost:6379"), 60)
     assert code == 3
     assert "Traceback" not in log
     [line] = serious(log) or [line for line in log.splitlines() if "CRITICAL" in line]
@@ -69,8 +70,8 @@ def test_a_unix_socket_url_serves_broker_and_cache(tmp_path: Path) -> None:
     socket_path = tmp_path / "redis.sock"
     with LocalRedis("--unixsocket", str(socket_path)):
         url = f"unix://{socket_path}?db=2"
-        with LocalWorker(url, engine="hash", model="test/unix"):
-            with EmbeddingClient(url, model="test/unix") as client:
+        with LocalWorker(url, engine="hash", model="hash/unix"):
+            with EmbeddingClient(url, model="hash/unix") as client:
                 texts = [f"over a socket {i}" for i in range(10)]
                 np.testing.assert_array_equal(client.embed(texts, timeout=30), [hash_vector(t, 384) for t in texts])
 
@@ -78,7 +79,7 @@ def test_a_unix_socket_url_serves_broker_and_cache(tmp_path: Path) -> None:
 def test_without_redis_a_worker_gives_up_in_bounded_time_with_one_line() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     started = time.monotonic()
-    code, log = finish(worker_process("--engine", "hash", "--model", "test/no-redis", EMBQ_REDIS_URL=url), 90)
+    code, log = finish(worker_process("--engine", "hash", "--model", "hash/no-redis", EMBQ_REDIS_URL=url), 90)
     assert code == 3 and time.monotonic() - started < 60  # the default wait is 15 s
     assert "Traceback" not in log
     waiting, failed = serious(log)
@@ -89,7 +90,7 @@ def test_without_redis_a_worker_gives_up_in_bounded_time_with_one_line() -> None
 
 def test_sigterm_stops_a_worker_waiting_for_redis_at_once() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    process = worker_process("--engine", "hash", "--model", "test/no-redis", EMBQ_REDIS_URL=url, EMBQ_REDIS_WAIT="300")
+    process = worker_process("--engine", "hash", "--model", "hash/no-redis", EMBQ_REDIS_URL=url, EMBQ_REDIS_WAIT="300")
     assert process.stdout is not None
     seen = []
     for line in process.stdout:  # until it says it waits
@@ -103,7 +104,7 @@ def test_sigterm_stops_a_worker_waiting_for_redis_at_once() -> None:
 
 def test_a_worker_that_lost_redis_exits_promptly_on_sigterm() -> None:
     server = LocalRedis().start()
-    worker = LocalWorker(server.url, engine="hash", model="test/lost").start()
+    worker = LocalWorker(server.url, engine="hash", model="hash/lost").start()
     try:
         server.stop()
         wait_until(lambda: "Cannot connect" in worker.log_path.read_text(), 30, "the worker to retry its broker")
@@ -132,11 +133,11 @@ def test_a_model_that_is_nowhere_fails_fast_in_one_line(redis_url: str, offline:
 
 
 def test_the_banner_shows_the_url_as_given(start_worker: Callable[..., LocalWorker], redis_url: str) -> None:
-    worker = start_worker("test/banner")
+    worker = start_worker("hash/banner")
     log = worker.log_path.read_text()
     assert f"transport:   {redis_url}" in log and ":**@" not in log
     secret = "banner-Pa55"
-    with LocalRedis(password=secret) as server, LocalWorker(server.url, engine="hash", model="test/banner") as guarded:
+    with LocalRedis(password=secret) as server, LocalWorker(server.url, engine="hash", model="hash/banner") as guarded:
         log = guarded.log_path.read_text()
     assert f"transport:   redis://:***@127.0.0.1:{server.port}/0" in log and secret not in log
 

@@ -40,8 +40,8 @@ def test_two_workers_on_one_host_serve_metrics_on_two_ports_and_status_shows_bot
     start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], redis_url: str
 ) -> None:
     port = free_port()
-    first = start_worker("test/ports", env={"EMBQ_METRICS_PORT": str(port)})
-    second = start_worker("test/ports", env={"EMBQ_METRICS_PORT": str(port)})
+    first = start_worker("hash/ports", env={"EMBQ_METRICS_PORT": str(port)})
+    second = start_worker("hash/ports", env={"EMBQ_METRICS_PORT": str(port)})
     log = second.log_path.read_text()
     assert "ERROR" not in log
     [warning] = [line for line in log.splitlines() if "WARNING" in line and "metrics port" in line]
@@ -49,7 +49,7 @@ def test_two_workers_on_one_host_serve_metrics_on_two_ports_and_status_shows_bot
     assert served != port and f"metrics port {port} is taken" in warning and "EMBQ_METRICS_PORT" in warning
     assert f"metrics on :{port}/metrics" in first.log_path.read_text()
     for each in (port, served):
-        assert scrape(each)[("embq_worker_info", (("engine", "hash"), ("model", "test/ports")))] == 1
+        assert scrape(each)[("embq_worker_info", (("engine", "hash"), ("model", "hash/ports")))] == 1
     shown = status(redis_url)
     assert f"metrics :{port}" in shown and f"metrics :{served}" in shown
 
@@ -57,11 +57,11 @@ def test_two_workers_on_one_host_serve_metrics_on_two_ports_and_status_shows_bot
 def test_status_shows_embqs_own_hit_rate_per_model(
     hash_worker: LocalWorker, make_client: Callable[..., EmbeddingClient], redis_url: str
 ) -> None:
-    client = make_client(model="test/hash")
+    client = make_client(model="hash/test")
     texts = [f"hit rate {i}" for i in range(10)]
     client.embed(texts, timeout=30)  # 10 misses
     client.embed(texts + [f"hit rate more {i}" for i in range(10)], timeout=30)  # 10 hits, 10 misses
     shown = status(redis_url)
-    row = next(line for line in shown.splitlines() if line.startswith("test/hash "))
+    row = next(line for line in shown.splitlines() if line.startswith("hash/test "))
     assert row.split()[-1] == "33.3%"
     assert "Redis keyspace hit rate" in shown and "not only vectors" in shown

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
@@ -24,9 +26,8 @@ from producer import keys
 from producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
 from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
 from producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
-from producer.keys import queue_name
 from worker import metrics
-from worker.batcher import Batcher, BatcherStopped
+from worker.batcher import Batcher, BatcherStopped, Call
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
 from worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
@@ -41,9 +42,14 @@ log = logging.getLogger(__name__)
 EXIT_START_FAILED = 3
 #: Exit status of a worker whose engine died while serving (its tasks went back to the queue).
 EXIT_ENGINE_DEAD = 4
+#: Exit status of a worker Celery stopped on an error it could not recover from (its tasks return to the
+#: queue after the visibility timeout): its supervisor restarts it.
+EXIT_WORKER_FAILED = 5
 #: Seconds a heartbeat, signature or shutdown command may wait for the cache Redis: they are tiny,
 #: and a shutdown must not wait long for a Redis that hangs.
 CONTROL_TIMEOUT = 2.0
+#: Field of a task's attempts hash marking one of its passes in the engine (``Runtime.on_pass``).
+PASS_MARK = "in:"
 #: Eviction policies that may drop queue keys when broker and cache share a Redis.
 UNSAFE_EVICTION = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
@@ -66,6 +72,9 @@ class Runtime:
         self.dead: str | None = None
         #: The status the worker process must exit with, when not 0.
         self.exit_code: int | None = None
+        #: Marks of passes that left the engine alive, removed with the next pass's marks (one round trip).
+        self._left: list[tuple[str, str]] = []
+        self._marks = threading.Lock()
         self.heartbeat: Heartbeat | None = None
 
     def start(self) -> None:
@@ -89,20 +98,35 @@ class Runtime:
         engine.load()
         freeze_what_is_loaded()
         self.signature.claim(signature_of(engine))
+        pass_tokens, pass_texts = s.batch_tokens or engine.pass_tokens, s.batch_max_texts or engine.pass_texts
+        log.info(
+            "engine passes of up to %d %s tokens and %d texts%s, %d in flight",
+            pass_tokens,
+            "padded" if engine.pads else "real",
+            pass_texts,
+            "" if s.batch_tokens or s.batch_max_texts else " (the engine's choice for its device)",
+            max(1, int(getattr(engine, "concurrent_calls", 1))),
+        )
         self.batcher = Batcher(
             engine,
-            max_tokens=s.batch_tokens,
-            max_texts=s.batch_max_texts,
+            max_tokens=pass_tokens,
+            max_texts=pass_texts,
             max_wait=s.batch_wait_ms / 1000,
             on_dead=self.on_engine_dead,
+            on_pass=self.on_pass,
         )
         self.batcher.start()
         metrics.ENGINE_LOADED.set(1)
         self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)
-        fields = {"model": s.shared.model, "engine": s.engine, "metrics_port": str(self.metrics_port)}
+        fields = {
+            "model": s.shared.model,
+            "namespace": s.shared.cache_namespace,
+            "engine": s.engine,
+            "metrics_port": str(self.metrics_port),
+        }
         self.heartbeat = Heartbeat(self.control, fields, self.progress, also=self.renew_signature)
         self.heartbeat.start()
-        log.info("engine ready: dim=%d, consuming queue %s", engine.dim, queue_name(s.shared.model))
+        log.info("engine ready: dim=%d, consuming queue %s", engine.dim, s.shared.queue)
 
     def renew_signature(self) -> None:
         """At every heartbeat: a worker of another kind that took the model's signature (after
@@ -128,6 +152,29 @@ class Runtime:
             Path(self.settings.ready_file).write_text(f"{os.getpid()}\n")
         else:
             Path(self.settings.ready_file).unlink(missing_ok=True)
+
+    def on_pass(self, call: Call, entering: bool) -> None:
+        """Mark in each task's attempts hash which of its rows a pass takes into the engine, before it enters;
+        the mark goes once the pass leaves alive. A worker killed with a pass inside (SIGKILL, OOM, a crash of
+        the engine) leaves the marks of those rows only: a task delivered again suspects them, not every text
+        the worker held (``deliveries``)."""
+        name = f"{PASS_MARK}{id(call)}"
+        tasks: dict[str, list[int]] = {}
+        for job, row in zip(call.jobs, call.rows, strict=True):
+            if job.task:
+                tasks.setdefault(job.task, []).append(job.origin[row] if job.origin else row)
+        with self._marks:
+            if not entering:
+                self._left += [(task, name) for task in tasks]
+                return
+            left, self._left = self._left, []
+        pipe = self.control.pipeline(transaction=False)  # no retries: a Redis gone must not stall the device
+        for task, field in left:
+            pipe.hdel(keys.attempts_key(task), field)
+        for task, rows in tasks.items():
+            pipe.hset(keys.attempts_key(task), name, np.asarray(rows, dtype="<u4").tobytes())
+            pipe.expire(keys.attempts_key(task), keys.ATTEMPTS_TTL)
+        pipe.execute()
 
     def on_engine_dead(self, reason: str) -> None:
         """Never a worker that takes tasks it cannot serve: unready, warm shutdown, exit."""
@@ -157,7 +204,7 @@ class Runtime:
             # Taken between the engine's death and the consumer's stop (a task this worker
             # has just requeued comes straight back): return it untouched and uncounted.
             raise Reject(f"engine dead: {self.batcher.dead}", requeue=True)
-        starts, deaths = self.deliveries(task_id)
+        starts, deaths, suspects = self.deliveries(task_id)
         result = run_embed(
             payload,
             self.settings,
@@ -165,6 +212,7 @@ class Runtime:
             self.batcher,
             self.store,
             engine_deaths=deaths,
+            suspects=suspects,
             redelivered=starts > 1,
             split=split,
             task=task_id,
@@ -172,22 +220,28 @@ class Runtime:
         self.cache.delete(keys.attempts_key(task_id))
         return result
 
-    def deliveries(self, task_id: str) -> tuple[int, int]:
-        """How often this task was started, and how many of those earlier starts ended with its worker or
-        engine dead while its texts were in the engine: every start counts, except those we know ended
-        with the texts only waiting."""
+    def deliveries(self, task_id: str) -> tuple[int, int, list[int]]:
+        """``(starts, deaths, suspects)`` of a task: how often it was started, at how many of those starts an
+        engine died with some of its rows inside a pass, and which rows were inside at the last death (the
+        marks ``on_pass`` left). Rows that were only waiting are not suspected."""
         key = keys.attempts_key(task_id)
         pipe = self.cache.pipeline(transaction=True)
         pipe.hincrby(key, "starts", 1)
-        pipe.hget(key, "innocent")
+        pipe.hgetall(key)
         pipe.expire(key, keys.ATTEMPTS_TTL)
-        starts, innocent, _ = pipe.execute()
-        return int(starts), int(starts) - 1 - int(innocent or 0)
+        starts, fields, _ = pipe.execute()
+        marks = [name for name in fields if name.startswith(PASS_MARK.encode())]
+        suspects = sorted({int(row) for name in marks for row in np.frombuffer(fields[name], dtype="<u4")})
+        deaths = int(fields.get(b"deaths", 0)) + (1 if marks else 0)
+        if marks:
+            pipe = self.cache.pipeline(transaction=True)
+            pipe.hdel(key, *marks)
+            pipe.hset(key, "deaths", deaths)
+            pipe.execute()
+        return int(starts), deaths, suspects
 
     def requeue(self, task_id: str, stopped: BatcherStopped) -> Reject:
-        """Send a task back; a task whose texts were only waiting is not suspected of the death."""
-        if not stopped.in_engine:
-            self.cache.hincrby(keys.attempts_key(task_id), "innocent", 1)
+        """Send a task back; its marks (``on_pass``) say which of its rows were in the engine when it died."""
         return Reject(str(stopped), requeue=True)
 
 
@@ -335,7 +389,7 @@ def create_app(settings: WorkerSettings) -> Celery:
             # its command with every argument, vectors included: only Redis's reason goes on.
             raise BackendUnavailableError(f"the cache Redis refused a command: {refusal(e)}") from None
 
-    queue = queue_name(settings.shared.model)
+    queue = settings.shared.queue
 
     def send_part(task_id: str, part: EmbedPayload, index: int) -> None:
         part_id = split_task_id(task_id, index)
@@ -357,6 +411,11 @@ def create_app(settings: WorkerSettings) -> Celery:
             runtime.set_ready(True)
 
     def on_shutdown(sender: Any, **_: Any) -> None:
+        # Celery stops with exitcode 1 after an "Unrecoverable error" but its CLI exits 0: a supervisor
+        # must see that this worker died, so the status is kept for ``embq worker`` to exit with.
+        failed = getattr(sender, "exitcode", None)
+        if failed and runtime.exit_code is None:
+            runtime.exit_code = EXIT_WORKER_FAILED
         runtime.stop()
 
     app.steps["worker"].add(engine_step(runtime))

@@ -1,9 +1,13 @@
 """The threads that own the engine and feed it texts coalesced from many concurrent tasks.
 
 Tasks run on Celery's thread pool and each hands its texts to ``Batcher.embed``,
-which blocks until they are done. A runner thread fills one engine call up to a
-token budget or a short wait (after a long call, a small share of that call),
-sorts it by length so that padded batches waste little, and isolates failures:
+which blocks until they are done. The engine prepares them there, on the task's
+thread (a tokenizer runs while the device works on earlier passes), and they
+join the backlog of every text the worker holds (``worker.backlog``). A runner
+thread forms each engine call, one pass, from the oldest waiting text and the
+texts nearest it in length across all tasks, up to a budget of real tokens
+(padded: the longest times the texts, for engines that pad), after a short wait
+for company (after a long call, a small share of that call), and isolates failures:
 
 - texts the engine refuses (``EngineItemErrors``) fail alone, the rest go again;
 - out of memory splits the call in halves, and a lone text is retried with backoff;
@@ -12,8 +16,8 @@ sorts it by length so that padded batches waste little, and isolates failures:
   every waiting task so that its message goes back to the queue, and tells the
   worker to stop taking work.
 
-A call is made of slices of tasks, and results go back to a task's matrix a
-slice at a time: no object per text, one lock per slice.
+Results go back to a task's matrix once per pass: one numpy copy and one lock
+per task in the pass, no object per text.
 """
 
 from __future__ import annotations
@@ -24,16 +28,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from worker import metrics
-from worker.engines import Engine, EngineDead, EngineItemErrors, is_out_of_memory
+from worker.backlog import Backlog
+from worker.engines import Engine, EngineDead, EngineItemErrors, Prepared, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
-#: Rough characters per token, to budget engine calls without tokenising twice.
-CHARS_PER_TOKEN = 4
 #: Retries of a lone text that ran out of memory, and the first backoff in seconds (doubling).
 OOM_RETRIES = 3
 OOM_BACKOFF = 0.5
@@ -42,10 +46,6 @@ OOM_BACKOFF = 0.5
 #: a steady load splits into two halves that alternate in half-full calls.
 LINGER_SHARE = 0.05
 LINGER_MAX = 0.05
-
-
-def estimate_tokens(text: str) -> int:
-    return len(text) // CHARS_PER_TOKEN + 2
 
 
 class BatcherStopped(RuntimeError):
@@ -67,6 +67,10 @@ class Job:
     texts: list[str]
     #: Each text in an engine call of its own, with no other call beside it.
     alone: bool = False
+    #: The Celery task it serves and each text's row in it, for the marks of passes in the engine
+    #: (``Batcher.on_pass``); no ``origin``: row i is the task's row i.
+    task: str = ""
+    origin: list[int] | None = None
     matrix: np.ndarray | None = None
     ok: np.ndarray = field(init=False)
     errors: dict[int, str] = field(default_factory=dict)
@@ -75,34 +79,44 @@ class Job:
     aborted_in_engine: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
-    tokens: list[int] = field(init=False)
-    #: Texts handed to runners so far.
-    taken: int = 0
+    #: Each text's tokens, and the engine's input for it (``Engine.prepare``).
+    tokens: list[int] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)
+    #: Rows not yet in a pass, and the first row that may be one of them.
+    waiting: np.ndarray = field(init=False)
+    untaken: int = 0
+    first: int = 0
 
     def __post_init__(self) -> None:
         self.ok = np.zeros(len(self.texts), dtype=bool)
+        self.waiting = np.zeros(len(self.texts), dtype=bool)
         self.remaining = len(self.texts)
-        self.tokens = [estimate_tokens(t) for t in self.texts]
         if not self.texts:
             self.done.set()
 
     def vector(self, index: int) -> np.ndarray | None:
         return self.matrix[index] if self.matrix is not None and self.ok[index] else None
 
+    def oldest_waiting(self) -> int:
+        while not self.waiting[self.first]:
+            self.first += 1
+        return self.first
+
 
 @dataclass
 class Call:
-    """One engine call: its texts sorted by length, and for each the task and row it came from."""
+    """One engine call (one pass): its inputs, and for each the task and row it came from."""
 
-    texts: list[str]
+    inputs: list[Any]
     jobs: list[Job]
     rows: list[int]
     alone: bool
+    tokens: list[int]
 
     def part(self, positions: list[int]) -> Call:
         return Call(
-            [self.texts[p] for p in positions], [self.jobs[p] for p in positions], [self.rows[p] for p in positions],
-            self.alone,
+            [self.inputs[p] for p in positions], [self.jobs[p] for p in positions], [self.rows[p] for p in positions],
+            self.alone, [self.tokens[p] for p in positions],
         )  # fmt: skip
 
 
@@ -117,19 +131,30 @@ class Batcher:
         max_texts: int,
         max_wait: float,
         on_dead: Callable[[str], None] | None = None,
+        on_pass: Callable[[Call, bool], None] | None = None,
     ) -> None:
         self.engine = engine
-        #: Estimated tokens per engine call.
+        #: Tokens per pass: padded (longest x texts) for engines that pad, else summed.
         self.max_tokens = max_tokens
-        #: Texts per engine call.
+        #: Texts per pass.
         self.max_texts = max_texts
+        self.padded = bool(getattr(engine, "pads", False))
         #: Seconds to wait for company before calling an idle engine.
         self.max_wait = max_wait
         self.on_dead = on_dead
+        #: Told ``(call, True)`` before a pass enters the engine and ``(call, False)`` once it left it alive:
+        #: a worker killed meanwhile leaves the mark of the texts that were inside (``worker.app``).
+        self.on_pass = on_pass
         self.calls = 0
         self.texts_done = 0
+        #: Real and padded tokens of the passes so far, and seconds with at least one pass in the engine.
+        self.tokens_done = 0
+        self.padded_done = 0
+        self.busy_seconds = 0.0
+        self._busy_since = 0.0
         self.dead: str | None = None
-        self._queue: deque[Job] = deque()  # jobs with texts not yet handed to a runner
+        self._jobs: deque[Job] = deque()  # jobs with texts not yet in a pass, oldest first
+        self._backlog = Backlog()  # their texts by length (not those of lone suspects)
         self._inflight: dict[int, Call] = {}  # the calls runner threads are encoding
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_texts = 0
@@ -156,7 +181,7 @@ class Batcher:
             if thread.is_alive():
                 thread.join(timeout)
 
-    def embed(self, texts: list[str], alone: bool = False) -> Job:
+    def embed(self, texts: list[str], alone: bool = False, task: str = "", origin: list[int] | None = None) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
         ``alone`` gives each text an engine call of its own (texts suspected of
@@ -164,102 +189,145 @@ class Batcher:
         ``BatcherStopped`` when the texts were not embedded and the task should
         be requeued.
         """
-        job = Job(texts, alone)
+        job = Job(texts, alone, task=task, origin=origin)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
-            if texts:
-                self._queue.append(job)
-                self._queued_texts += len(texts)
-                self._queued_tokens += sum(job.tokens)
+        if texts:
+            self._prepare(job)
+        with self._cond:
+            if self._stopping or self.dead:
+                raise BatcherStopped(self.dead or "the worker is shutting down")
+            for row in job.errors:
+                job.waiting[row] = False
+                self._settle(job, 1)
+            job.untaken = int(job.waiting.sum())
+            if job.untaken:
+                self._jobs.append(job)
+                rows = np.flatnonzero(job.waiting).tolist()
+                if not alone:
+                    self._backlog.add(job, rows)
+                self._queued_texts += job.untaken
+                self._queued_tokens += sum(job.tokens[r] for r in rows)
                 self._cond.notify_all()
         job.done.wait()
         if job.aborted:
             raise BatcherStopped(job.aborted, job.aborted_in_engine)
         return job
 
+    def _prepare(self, job: Job) -> None:
+        """The engine's tokens and inputs for the job's texts, on the caller's thread; texts it refuses
+        fail alone, and a failure of the whole preparation fails every text with its reason."""
+        try:
+            prepared = self.engine.prepare(job.texts)
+        except Exception as e:
+            log.warning("could not prepare %d texts: %s: %s", len(job.texts), type(e).__name__, e)
+            prepared = Prepared(
+                [1] * len(job.texts),
+                [None] * len(job.texts),
+                dict.fromkeys(range(len(job.texts)), f"{type(e).__name__}: {e}"),
+            )
+        job.tokens, job.inputs = [max(1, t) for t in prepared.tokens], prepared.inputs
+        job.waiting[:] = True
+        job.errors.update(prepared.errors)
+
     def _run(self) -> None:
         while True:
             call = self._next_call()
             if call is None:
                 return
+            started = time.monotonic()
             with self._cond:
                 self.calls += 1
-            started = time.monotonic()
+                if len(self._inflight) == 1:  # the device was idle until now
+                    self._busy_since = started
+            died = False
             try:
+                self._mark(call, True)
                 self._encode(call)
             except EngineDead as e:
+                died = True  # its texts keep their mark: they were inside when the engine died
                 self._die(str(e) or "engine died")
             except Exception as e:  # a bug here must not strand the waiting tasks
                 log.exception("batcher failed")
                 self._die(f"batcher failed: {type(e).__name__}: {e}")
             finally:
+                if not died:
+                    self._mark(call, False)
                 with self._cond:
                     self._last_call_ended = time.monotonic()
                     self._last_call_seconds = self._last_call_ended - started
                     del self._inflight[id(call)]
+                    if not self._inflight:
+                        busy = self._last_call_ended - self._busy_since
+                        self.busy_seconds += busy
+                        metrics.ENGINE_BUSY_SECONDS.inc(busy)
                     if call.alone:
                         self._exclusive = False
                     self._cond.notify_all()
 
+    def _mark(self, call: Call, entering: bool) -> None:
+        if self.on_pass is not None:
+            try:
+                self.on_pass(call, entering)
+            except Exception as e:  # a mark is evidence for later, never a reason to fail a pass
+                log.warning("could not mark a pass %s the engine: %s", "entering" if entering else "leaving", e)
+
     def _next_call(self) -> Call | None:
         with self._cond:
             while True:
-                while not self._queue or self._exclusive:
-                    if self.dead or (self._stopping and not self._queue):
+                while not self._jobs or self._exclusive:
+                    if self.dead or (self._stopping and not self._jobs):
                         return None
                     self._cond.wait()
-                if self._queue[0].alone:
+                if self._jobs[0].alone:
                     if self._inflight:  # a suspect text runs with no other call beside it
                         self._cond.wait()
                         continue
                     self._exclusive = True
-                    return self._take(1)
+                    return self._take_alone()
                 linger = min(LINGER_SHARE * self._last_call_seconds, LINGER_MAX)
-                deadline = max(self._queue[0].arrived + self.max_wait, self._last_call_ended + linger)
-                while self._queue and not self._full() and not self._stopping:
+                deadline = max(self._jobs[0].arrived + self.max_wait, self._last_call_ended + linger)
+                while self._jobs and not self._full() and not self._stopping:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                if self._queue and not self._exclusive:  # another runner may have taken it all meanwhile
-                    if self._queue[0].alone:  # a suspect came first meanwhile: it runs alone (see above)
+                if self._jobs and not self._exclusive:  # another runner may have taken it all meanwhile
+                    if self._jobs[0].alone:  # a suspect came first meanwhile: it runs alone (see above)
                         continue
-                    return self._take(self.max_texts)
+                    return self._take_pass()
 
-    def _take(self, most: int) -> Call:
-        """Slice the next call off the queue (lock held): FIFO, within the budgets, never past a lone text."""
-        slices: list[tuple[Job, int, int]] = []
-        count = tokens = 0
-        while self._queue and count < most:
-            job = self._queue[0]
-            if slices and job.alone:
-                break
-            start = end = job.taken
-            limit = min(len(job.texts), start + most - count, start + 1 if job.alone else len(job.texts))
-            while end < limit and (not (slices or end > start) or tokens + job.tokens[end] <= self.max_tokens):
-                tokens += job.tokens[end]
-                end += 1
-            if end == start:
-                break
-            slices.append((job, start, end))
-            count += end - start
-            job.taken = end
-            if end == len(job.texts):
-                self._queue.popleft()
-            if job.alone or end < len(job.texts):
-                break
-        self._queued_texts -= count
-        self._queued_tokens -= tokens
-        jobs: list[Job] = []
-        rows: list[int] = []
-        texts: list[str] = []
-        for job, start, end in slices:
-            jobs += [job] * (end - start)
-            rows += range(start, end)
-            texts += job.texts[start:end]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # padded batches waste little
-        call = Call([texts[i] for i in order], [jobs[i] for i in order], [rows[i] for i in order], slices[0][0].alone)
+    def _take_alone(self) -> Call:
+        """The next text of the oldest job, a suspect, in a call of its own (lock held)."""
+        job = self._jobs[0]
+        return self._call([(job, job.oldest_waiting())], alone=True)
+
+    def _take_pass(self) -> Call:
+        """The oldest waiting text and those nearest it in length, within the budgets (lock held)."""
+        job = next(j for j in self._jobs if not j.alone)
+        picks = self._backlog.pass_around((job, job.oldest_waiting()), self.max_tokens, self.max_texts, self.padded)
+        for pick_job, row in picks:
+            self._backlog.remove(pick_job, row)
+        picks.sort(key=lambda pick: pick[0].tokens[pick[1]])  # for engines that cut a call into batches
+        return self._call(picks, alone=False)
+
+    def _call(self, picks: list[tuple[Job, int]], alone: bool) -> Call:
+        """Take ``picks`` out of the waiting texts as one call (lock held)."""
+        emptied = False
+        tokens: list[int] = []
+        for job, row in picks:
+            job.waiting[row] = False
+            job.untaken -= 1
+            emptied |= job.untaken == 0
+            tokens.append(job.tokens[row])
+        if emptied:
+            self._jobs = deque(j for j in self._jobs if j.untaken)
+        self._queued_texts -= len(picks)
+        self._queued_tokens -= sum(tokens)
+        call = Call(
+            [job.inputs[row] for job, row in picks], [job for job, _ in picks], [row for _, row in picks], alone, tokens
+        )
         self._inflight[id(call)] = call
         return call
 
@@ -268,23 +336,23 @@ class Batcher:
 
     def _encode(self, call: Call, oom_attempt: int = 0) -> None:
         """Encode ``call``, isolating the texts that fail; raises ``EngineDead``."""
-        if not call.texts:
+        if not call.inputs:
             return
-        metrics.ENGINE_BATCH_TEXTS.observe(len(call.texts))
+        metrics.ENGINE_BATCH_TEXTS.observe(len(call.inputs))
         started = time.monotonic()
         try:
-            vectors = self.engine.encode(call.texts)
+            vectors = self.engine.encode_prepared(call.inputs)
             metrics.ENGINE_SECONDS.observe(time.monotonic() - started)
-            if vectors.shape != (len(call.texts), self.engine.dim) or not np.isfinite(vectors).all():
-                n = len(call.texts)
+            if vectors.shape != (len(call.inputs), self.engine.dim) or not np.isfinite(vectors).all():
+                n = len(call.inputs)
                 raise ValueError(f"engine returned shape {vectors.shape} or non-finite values for {n} texts")
         except EngineItemErrors as e:
-            refused = {i: msg for i, msg in e.errors.items() if 0 <= i < len(call.texts)}
+            refused = {i: msg for i, msg in e.errors.items() if 0 <= i < len(call.inputs)}
             if not refused:
                 raise EngineDead(f"engine refused texts it did not name: {e}") from e
             for i, msg in refused.items():
                 self._fail(call.jobs[i], call.rows[i], msg)
-            self._encode(call.part([i for i in range(len(call.texts)) if i not in refused]))
+            self._encode(call.part([i for i in range(len(call.inputs)) if i not in refused]))
             return
         except EngineDead:
             raise
@@ -293,27 +361,34 @@ class Batcher:
                 raise EngineDead(f"engine unhealthy after {type(e).__name__}: {e}") from e
             if is_out_of_memory(e):
                 self._on_out_of_memory(call, oom_attempt, e)
-            elif len(call.texts) == 1:
+            elif len(call.inputs) == 1:
                 log.warning("text failed in the engine: %s: %s", type(e).__name__, e)
                 self._fail(call.jobs[0], call.rows[0], f"{type(e).__name__}: {e}")
             else:
-                log.info("engine call of %d texts raised %s; bisecting", len(call.texts), type(e).__name__)
+                log.info("engine call of %d texts raised %s; bisecting", len(call.inputs), type(e).__name__)
                 self._bisect(call)
             return
+        real = sum(call.tokens)
+        padded = max(call.tokens) * len(call.tokens) if self.padded else real
         if not self.engine.counts_tokens:
-            metrics.TOKENS_EMBEDDED.inc(sum(estimate_tokens(text) for text in call.texts))
+            metrics.TOKENS_EMBEDDED.inc(real)
+        metrics.PASS_TOKENS.inc(real)
+        metrics.PASS_PADDED_TOKENS.inc(padded)
+        with self._cond:
+            self.tokens_done += real
+            self.padded_done += padded
         self._place(call, vectors)
 
     def _bisect(self, call: Call) -> None:
-        half = len(call.texts) // 2
+        half = len(call.inputs) // 2
         self._encode(call.part(list(range(half))))
-        self._encode(call.part(list(range(half, len(call.texts)))))
+        self._encode(call.part(list(range(half, len(call.inputs)))))
 
     def _on_out_of_memory(self, call: Call, attempt: int, error: Exception) -> None:
         metrics.ERRORS.labels(metrics.OUT_OF_MEMORY).inc()
-        if len(call.texts) > 1:
-            half = len(call.texts) // 2
-            log.warning("engine out of memory on %d texts; splitting into %d and %d", len(call.texts), half, half)
+        if len(call.inputs) > 1:
+            half = len(call.inputs) // 2
+            log.warning("engine out of memory on %d texts; splitting into %d and %d", len(call.inputs), half, half)
             self._bisect(call)
         elif attempt < OOM_RETRIES:
             delay = OOM_BACKOFF * 2**attempt
@@ -340,7 +415,7 @@ class Batcher:
                 job.ok[rows] = True
                 self.texts_done += len(rows)
                 self._settle(job, len(rows))
-        metrics.TEXTS_EMBEDDED.inc(len(call.texts))
+        metrics.TEXTS_EMBEDDED.inc(len(call.inputs))
 
     def _fail(self, job: Job, row: int, error: str) -> None:
         with self._cond:
@@ -363,8 +438,9 @@ class Batcher:
             self.dead = self.dead or reason
             in_engine = {id(job) for call in self._inflight.values() for job in call.jobs}
             jobs = {id(job): job for call in self._inflight.values() for job in call.jobs}
-            jobs.update({id(job): job for job in self._queue})
-            self._queue.clear()
+            jobs.update({id(job): job for job in self._jobs})
+            self._jobs.clear()
+            self._backlog.clear()
             self._queued_texts = self._queued_tokens = 0
             for key, job in jobs.items():
                 if not job.done.is_set():

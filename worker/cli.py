@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from producer import ConfigurationError, EmbqError, Settings
-from producer.keys import queue_name
 from worker.engines import ENGINES
 
 log = logging.getLogger("embq")
@@ -110,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="sentence-transformers",
         help="engine of the private worker, when no EMBQ_REDIS_URL is set",
     )
+    e.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut texts over the model's context, instead of failing them (the private worker's EMBQ_TRUNCATE)",
+    )
     e.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     e.add_argument("--instruction", default="", help="query instruction (part of the cache key)")
     e.add_argument("--timeout", type=float, help="seconds to wait for each chunk")
@@ -138,16 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("flower", help="Flower, the Celery dashboard, on embq's broker and settings")
     f.add_argument("--port", type=int, default=5555)
-    f.add_argument("--address", default="0.0.0.0")
+    f.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     f.add_argument("flower_args", nargs=argparse.REMAINDER, help="more Flower options, e.g. --basic-auth=u:p")
     f.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.app import EXIT_START_FAILED, create_app
-    from worker.engines import missing_requirement
+    from worker.app import CONTROL_TIMEOUT, EXIT_START_FAILED, create_app
+    from worker.engines import create_engine, missing_requirement
     from worker.settings import WorkerSettings
+    from worker.signature import preflight
 
     names = {f.name for f in fields(WorkerSettings)} | {"model"}
     try:
@@ -155,6 +160,11 @@ def run_worker(args: argparse.Namespace) -> int:
         problem = missing_requirement(settings.engine)
         if problem is not None:
             raise ConfigurationError(problem)
+        preflight(
+            create_engine(settings.engine, settings.shared.model, **settings.engine_options()),
+            settings.shared,
+            CONTROL_TIMEOUT,
+        )
     except EmbqError as e:  # before Celery configures logging: one line, no traceback
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.critical("worker cannot start: %s", e)
@@ -164,7 +174,7 @@ def run_worker(args: argparse.Namespace) -> int:
         "worker",
         "--pool=threads",
         f"--concurrency={settings.concurrency}",
-        f"--queues={queue_name(settings.shared.model)}",
+        f"--queues={settings.shared.queue}",
         f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
         f"--loglevel={args.loglevel}",
         "--without-mingle",
@@ -193,6 +203,7 @@ def run_embed(args: argparse.Namespace) -> int:
             input_format=args.input_format,
             model=args.model,
             engine=args.engine,
+            truncate=args.truncate,
             dim=args.dim,
             instruction=args.instruction,
             timeout=args.timeout,
@@ -222,8 +233,14 @@ def run_cache(args: argparse.Namespace) -> int:
 def run_flower(args: argparse.Namespace) -> int:
     """Flower reads its own options from FLOWER_* variables too (FLOWER_BASIC_AUTH=user:password);
     without auth its /api answers 401 unless FLOWER_UNAUTHENTICATED_API=true."""
+    import importlib.util
+
     from producer.contract import make_celery
 
+    if importlib.util.find_spec("flower") is None:
+        raise ConfigurationError("embq flower needs the extra embq[flower]: pip install 'embq[flower]'")
+    if args.address not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("Flower listens on %s:%d: set FLOWER_BASIC_AUTH=user:password", args.address, args.port)
     app = make_celery(Settings.from_env())
     argv = ["flower", f"--port={args.port}", f"--address={args.address}", *args.flower_args]
     code = app.start(argv)

@@ -32,6 +32,7 @@ from producer.files.sources import Source
 from worker.home import embq_home
 from worker.interrupt import Interrupted, interruptible
 from worker.private import PrivateStack, configured_redis
+from worker.settings import check_engine_model, default_model
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class EmbedOptions:
     input_format: str | None = None
     model: str | None = None
     engine: str = "sentence-transformers"
+    #: Cut texts over the context in the private worker, instead of failing them.
+    truncate: bool = False
     dim: int | None = None
     instruction: str = ""
     timeout: float | None = None
@@ -59,7 +62,9 @@ def default_output(source: Source, options: EmbedOptions) -> Path:
     if options.output is not None:
         return options.output
     if source.path is None:
-        raise ConfigurationError("reading standard input: name the output with -o (.parquet, .jsonl or .npy)")
+        raise ConfigurationError(
+            f"reading {source.name} as a stream: name the output with -o (.parquet, .jsonl or .npy)"
+        )
     if source.format == "batch":
         return source.path.with_name(f"{source.path.stem}_output.jsonl")
     return source.path.with_suffix(".npy")
@@ -104,7 +109,15 @@ class Job:
         batch = source.format == "batch"
         bar = o.progress and not o.quiet
         rows = source.count() if bar or output_format(output) == "npy" else None
-        settings = Settings.from_env(model=o.model)
+        embedded = not configured_redis()
+        settings = Settings.from_env(model=default_model(o.engine, o.model, os.environ) if embedded else o.model)
+        if embedded:  # before anything starts: the private worker would refuse it
+            check_engine_model(o.engine, settings.model)
+        elif o.truncate:
+            raise ConfigurationError(
+                "--truncate sets how the private worker cuts texts; with a configured Redis, the workers decide: "
+                "start them with EMBQ_TRUNCATE=1"
+            )
         self.sink = open_sink(
             output,
             rows=rows,
@@ -119,11 +132,17 @@ class Job:
             self.done = True
             self.say(f"{source.name} is empty: wrote {output} with no rows")
             return 0
-        if not configured_redis():
-            private = self.private = PrivateStack(embq_home(), engine=o.engine, model=settings.model, say=self.say)
+        private = None
+        if embedded:
+            private = self.private = PrivateStack(
+                embq_home(), engine=o.engine, model=settings.model, truncate=o.truncate, say=self.say
+            )
             stack.callback(lambda: private.stop(fast=not self.done))
             settings = settings.with_overrides(**private.start())
-        client = stack.enter_context(EmbeddingClient(settings=settings))
+        start_worker = private.start_worker if private is not None else None
+        client = stack.enter_context(EmbeddingClient(settings=settings, before_first_task=start_worker))
+        if private is not None:  # an unfinished job's worker goes before the client closes: one still loading
+            stack.callback(lambda: None if self.done else private.stop_worker(fast=True))  # holds the client up
         progress = tqdm(
             total=rows,
             unit="row",
@@ -148,7 +167,7 @@ class Job:
         self.done = True
         seconds = time.monotonic() - streaming
         split = ""
-        if summary.cached + summary.computed:  # the stream's counters; a client that keeps none leaves them 0
+        if summary.cached + summary.computed:  # rows; a client that keeps no counters leaves them 0
             split = f", {summary.cached:,} cached, {summary.computed:,} computed"
         self.say(
             f"{summary.rows:,} rows in {seconds:.1f}s ({summary.rows / max(seconds, 1e-9):,.0f} rows/s){split}, "
@@ -166,8 +185,12 @@ class Job:
                 )
                 return EXIT_ROWS_FAILED
         elif summary.failed:
-            gap = "NaN" if output_format(output) == "npy" else "null"
-            log.error("%d of %d rows failed; their vectors are %s in %s", summary.failed, summary.rows, gap, output)
+            where = (
+                "NaN in it (the reasons of the first ones are above)"
+                if output_format(output) == "npy"
+                else "null in it, each with its reason in the error field"
+            )
+            log.error("%d of %d rows failed; their vectors in %s are %s", summary.failed, summary.rows, output, where)
             return EXIT_ROWS_FAILED
         return 0
 

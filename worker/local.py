@@ -240,9 +240,11 @@ class LocalWorker:
         if not wait:
             return self
 
-        def ready() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                raise EmbqError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
+        process = self.process
+
+        def ready() -> bool:  # ``process``, not ``self.process``: another thread's ``stop`` clears that
+            if process.poll() is not None:
+                raise EmbqError(f"worker exited with {process.returncode}: {self.why_it_stopped()}")
             return self.ready_file.exists()
 
         try:
@@ -251,6 +253,14 @@ class LocalWorker:
             self.stop(grace=1)  # never leave a half-started worker behind; it holds no work yet
             raise
         return self
+
+    def why_it_stopped(self) -> str:
+        """The worker's own one-line reason (its CRITICAL lines), else the tail of its log."""
+        try:
+            said = [line for line in self.log_path.read_text(errors="replace").splitlines() if "CRITICAL" in line]
+        except OSError:
+            said = []
+        return "\n".join(line.split("CRITICAL", 1)[1].lstrip(" :") for line in said) or "\n" + self.log_tail()
 
     def log_tail(self, lines: int = 30) -> str:
         try:

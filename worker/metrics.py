@@ -21,6 +21,16 @@ TEXTS_EMBEDDED = Counter("embq_texts_embedded", "Texts embedded by the engine")
 TOKENS_EMBEDDED = Counter(
     "embq_tokens_embedded", "Tokens embedded: counted by the engine where it reports them, else characters / 4"
 )
+PASS_TOKENS = Counter(
+    "embq_pass_tokens", "Real tokens of the texts in engine passes (the tokenizer's count where known)"
+)
+PASS_PADDED_TOKENS = Counter(
+    "embq_pass_padded_tokens",
+    "Tokens the engine computed for those passes: longest text x texts for padded passes, else the real ones",
+)
+ENGINE_BUSY_SECONDS = Counter(
+    "embq_engine_busy_seconds", "Seconds with at least one pass in the engine: its rate is the device's busy share"
+)
 TEXTS_SKIPPED = Counter("embq_texts_already_cached", "Texts of a task found in the cache: no engine time spent")
 ENGINE_BATCH_TEXTS = Histogram(
     "embq_engine_batch_texts", "Texts per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -64,7 +74,7 @@ def serve(port: int, model: str, engine: str) -> int:
             log.warning("metrics not served: port %d: %s; set EMBQ_METRICS_PORT to a free port, 0 for none", port, e)
             return 0
         if candidate == port:
-            log.info("metrics on :%d/metrics", port)
+            log.info("metrics on :%d/metrics, on every interface (EMBQ_METRICS_PORT=0 serves none)", port)
         else:
             log.warning(
                 "metrics port %d is taken (another worker on this host?): serving /metrics on :%d; "

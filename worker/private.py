@@ -1,5 +1,8 @@
 """Embedded defaults: a private Redis and one worker, started for one ``embq embed`` and stopped after it.
 
+The worker starts only when the first text is not cached: a rerun of a finished
+job reads everything from the private cache and loads no model.
+
 Data lives in ``EMBQ_HOME/<engine>/redis`` (vectors depend on the engine, so
 each engine has its own): ``appendonly yes``, ``appendfsync everysec``, no RDB
 snapshots. Redis writes every command to the append-only file before it
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,8 +33,11 @@ from pathlib import Path
 import redis
 
 from producer import keys
+from producer.errors import EmbqError
+from producer.settings import Settings
 from worker.home import HomeLock
 from worker.local import LocalRedis, LocalWorker
+from worker.signature import forget_if_only_uncut
 
 #: Variables that point embq at a Redis of the user's; without any, embedded defaults start a private one.
 REDIS_VARIABLES = ("EMBQ_REDIS_URL", "EMBQ_BROKER_URL", "EMBQ_CACHE_URL")
@@ -58,55 +65,90 @@ def engine_dir(home: Path, engine: str) -> Path:
 class PrivateStack:
     """The private Redis and worker of one ``embq embed``; ``start`` returns the URLs for its client."""
 
-    def __init__(self, home: Path, *, engine: str, model: str, say: Callable[[str], None]) -> None:
+    def __init__(
+        self, home: Path, *, engine: str, model: str, say: Callable[[str], None], truncate: bool = False
+    ) -> None:
         self.dir = engine_dir(home, engine)
         self.engine = engine
         self.model = model
+        self.truncate = truncate
         self.say = say
         self.lock = HomeLock(self.dir)
         self.redis: LocalRedis | None = None
         self.worker: LocalWorker | None = None
+        self.urls: dict[str, str] = {}
+        #: Set by ``stop``: a worker must not start after it (``start_worker`` runs on another thread).
+        self.stopped = False
+        self._guard = threading.Lock()
 
     def start(self) -> dict[str, str]:
+        """Start the private Redis; the worker starts with ``start_worker``, at the first text not cached."""
         self.lock.acquire(wait=True, on_busy=self._busy)
         assert self.lock.fd is not None
         shutil.rmtree(self.dir / "run", ignore_errors=True)  # what a killed run left; nobody else uses it now
-        self.say(f"starting a private Redis and a {self.engine} worker (loading the model)…")
-        started = time.monotonic()
+        self.say("starting a private Redis…")
         self.redis = LocalRedis(
             password=secrets.token_hex(16), data_dir=self.dir / "redis", private=True, pass_fds=(self.lock.fd,)
         )
         self.redis.start(timeout=START_TIMEOUT)
         cache_url, broker_url = self.redis.url, self.redis.url_of(BROKER_DB)
         forget_dead_jobs(cache_url, broker_url)
-        self.worker = LocalWorker(
-            cache_url,
-            engine=self.engine,
-            model=self.model,
-            env={"EMBQ_BROKER_URL": broker_url, "EMBQ_CACHE_URL": cache_url},
-            run_dir=self.dir / "run" / f"worker-{os.getpid()}",
-            private=True,
-            pass_fds=(self.lock.fd,),
-        )
-        self.worker.start(timeout=START_TIMEOUT)
+        self.urls = {"redis_url": cache_url, "broker_url": broker_url, "cache_url": cache_url}
+        return self.urls
+
+    def start_worker(self) -> None:
+        """Start the worker and wait until its model is loaded (``EmbqError`` if it cannot start); called
+        once, before the first task is sent, so that a fully cached input costs no model load."""
+        with self._guard:
+            if self.stopped or self.redis is None:
+                raise EmbqError("the private stack is stopping")
+            assert self.lock.fd is not None
+            env = {"EMBQ_BROKER_URL": self.urls["broker_url"], "EMBQ_CACHE_URL": self.urls["cache_url"]}
+            if self.truncate:  # this private cache is ours alone: a cutting worker may take a failing one's place
+                env["EMBQ_TRUNCATE"] = "1"
+                cache = redis.Redis.from_url(self.urls["cache_url"])
+                try:
+                    forget_if_only_uncut(
+                        cache, Settings.from_env(None, model=self.model, redis_url=self.urls["cache_url"])
+                    )
+                finally:
+                    cache.close()
+            self.say(f"starting a {self.engine} worker for the texts not cached (loading the model)…")
+            started = time.monotonic()
+            self.worker = LocalWorker(
+                self.urls["cache_url"],
+                engine=self.engine,
+                model=self.model,
+                env=env,
+                run_dir=self.dir / "run" / f"worker-{os.getpid()}",
+                private=True,
+                pass_fds=(self.lock.fd,),
+            )
+            worker = self.worker
+        worker.start(timeout=START_TIMEOUT)
         self.say(f"worker ready in {time.monotonic() - started:.1f}s")
-        return {"redis_url": cache_url, "broker_url": broker_url, "cache_url": cache_url}
 
     def _busy(self, holder: int | None) -> None:
         who = f"the embq embed (pid {holder})" if holder else "another embq embed"
         self.say(f"waiting for {who} that uses {self.dir} to finish…")
 
+    def stop_worker(self, fast: bool) -> None:
+        """Stop the worker, if it runs or is loading, and start no other; Redis stays up."""
+        with self._guard:
+            self.stopped = True
+            worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.stop(grace=(FAST_GRACE if fast else GRACE)[0])
+
     def stop(self, fast: bool) -> None:
         """Worker first (it must not outlive its Redis), then Redis; ``fast`` after an interruption.
 
         Each step runs even when the one before failed or was interrupted."""
-        worker_grace, redis_grace = FAST_GRACE if fast else GRACE
-        worker, self.worker = self.worker, None
-        redis_server, self.redis = self.redis, None
+        redis_grace = (FAST_GRACE if fast else GRACE)[1]
         try:
-            if worker is not None:
-                worker.stop(grace=worker_grace)
+            self.stop_worker(fast)
         finally:
+            redis_server, self.redis = self.redis, None
             try:
                 if redis_server is not None:
                     redis_server.stop(grace=redis_grace)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.errors import ConfigurationError
+from producer.keys import HASH_DEFAULT_MODEL, HASH_MODEL_PREFIX
 from producer.settings import Settings, read_env
 
 DTYPES = ("float32", "float16")
@@ -24,11 +25,13 @@ class WorkerSettings:
     #: Tasks executed at once (Celery threads). Their texts are what the batcher
     #: can coalesce, so it bounds the batch size under many small producers.
     concurrency: int = 64
-    #: Estimated tokens (characters / 4) per engine call. Raise it on big GPUs
-    #: until throughput stops growing; lower it if a call runs out of memory.
-    batch_tokens: int = 16384
-    #: Texts per engine call, whatever their length.
-    batch_max_texts: int = 512
+    #: Tokens per engine pass: the tokenizer's count where the engine has one (else characters / 4),
+    #: padded (longest text x texts) for engines that pad. None takes the engine's choice for its
+    #: device, logged at start (sentence-transformers: 2,048 on a CPU, 32,768 on a GPU; 16,384 for
+    #: SGLang calls). Raise it while throughput grows; lower it if a pass runs out of memory.
+    batch_tokens: int | None = None
+    #: Texts per engine pass, whatever their length; None takes the engine's choice.
+    batch_max_texts: int | None = None
     #: How long the batcher waits for more texts before it calls an idle engine.
     #: Under load batches fill while the engine runs, so this only adds latency
     #: to a lone request (the batcher's own short wait after a long call is apart).
@@ -42,6 +45,8 @@ class WorkerSettings:
     engine_batch_size: int | None = None
     #: Width of the hash engine's vectors.
     hash_dim: int = 384
+    #: Seconds the hash engine spends per text, to load-test the queue against a slow model (0: none).
+    hash_seconds_per_text: float = 0.0
     #: Weights dtype: ``auto`` takes the model's own (bfloat16 for Qwen3-Embedding).
     dtype: str = "auto"
     #: Let the engine run custom model code shipped with the checkpoint.
@@ -90,6 +95,7 @@ class WorkerSettings:
     metrics_port: int = field(default=9808, metadata={"zero_means": "no metrics"})
 
     def __post_init__(self) -> None:
+        check_engine_model(self.engine, self.shared.model)
         if self.cache_dtype not in DTYPES:
             raise ConfigurationError(f"EMBQ_CACHE_DTYPE must be one of {DTYPES}, got {self.cache_dtype!r}")
         if not 0 < self.mem_fraction_static < 1:
@@ -112,7 +118,8 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         env = os.environ if environ is None else environ
-        shared = Settings.from_env(env, model=overrides.pop("model", None))
+        engine = overrides.get("engine") or env.get(ENV_NAMES["engine"]) or cls.engine
+        shared = Settings.from_env(env, model=default_model(engine, overrides.pop("model", None), env))
         values = read_env(cls, env, ENV_NAMES)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(shared=shared, **values)
@@ -123,6 +130,7 @@ class WorkerSettings:
             "device": self.device,
             "batch_size": self.engine_batch_size,
             "dim": self.hash_dim,
+            "seconds_per_text": self.hash_seconds_per_text,
             "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code,
             "truncate": self.truncate,
@@ -140,6 +148,30 @@ class WorkerSettings:
         }
 
 
+def default_model(engine: str, model: str | None, env: Mapping[str, str]) -> str | None:
+    """The model asked for; for the hash engine with none asked for, ``HASH_DEFAULT_MODEL``
+    (None lets ``Settings`` take ``EMBQ_MODEL`` or its default)."""
+    if model or env.get("EMBQ_MODEL") or engine != "hash":
+        return model
+    return HASH_DEFAULT_MODEL
+
+
+def check_engine_model(engine: str, model: str) -> None:
+    """Hash pseudo-vectors and real vectors never share model ids, so never keys or queues: a hash
+    worker started with a real model's name would otherwise answer its producers with noise."""
+    if engine == "hash" and not model.startswith(HASH_MODEL_PREFIX):
+        raise ConfigurationError(
+            f"the hash engine makes pseudo-vectors, so it serves only model ids that start with "
+            f"{HASH_MODEL_PREFIX!r}, never a real model's such as {model!r}: use --model {HASH_MODEL_PREFIX}NAME "
+            "(and the same model id in the producers)"
+        )
+    if engine != "hash" and model.startswith(HASH_MODEL_PREFIX):
+        raise ConfigurationError(
+            f"model ids that start with {HASH_MODEL_PREFIX!r} belong to the hash engine's pseudo-vectors; "
+            f"the {engine} engine cannot serve {model!r}"
+        )
+
+
 ENV_NAMES: dict[str, str] = {
     "engine": "EMBQ_ENGINE",
     "concurrency": "EMBQ_CONCURRENCY",
@@ -150,6 +182,7 @@ ENV_NAMES: dict[str, str] = {
     "device": "EMBQ_DEVICE",
     "engine_batch_size": "EMBQ_ENGINE_BATCH_SIZE",
     "hash_dim": "EMBQ_HASH_DIM",
+    "hash_seconds_per_text": "EMBQ_HASH_SECONDS_PER_TEXT",
     "ready_file": "EMBQ_READY_FILE",
     "metrics_port": "EMBQ_METRICS_PORT",
     "redis_wait": "EMBQ_REDIS_WAIT",

@@ -22,6 +22,7 @@ from typing import Any, cast
 import redis
 
 from producer import keys
+from producer.backend import connect_once
 from producer.errors import ConfigurationError
 from producer.settings import Settings
 from worker.engines import Engine
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: The fields two workers must agree on to share a cache. ``None`` means "not known yet" and is
 #: not compared; ``truncate_at`` is 0 for an engine that never cuts texts (it fails them instead).
-COMPARED = ("engine", "dim", "checkpoint", "template", "truncate_at")
+COMPARED = ("engine", "dim", "checkpoint", "template", "truncates", "truncate_at")
 #: How engines that take no template put an instruction before a text.
 PREFIX_TEMPLATE = "{instruction}{text}"
 
@@ -50,6 +51,8 @@ def signature_of(engine: Engine) -> dict[str, Any]:
         "template": engine.format_query("{instruction}", "{text}"),
         # A worker that cuts long texts caches vectors of their beginnings under the whole
         # text's key: one that fails them, or cuts elsewhere, must not share those keys.
+        # ``truncates`` is known before the model loads, where it cuts only after.
+        "truncates": truncates,
         "truncate_at": (engine.max_tokens or None) if truncates else 0,
     }
 
@@ -83,6 +86,29 @@ def describe(signature: dict[str, Any]) -> str:
     if signature.get("by"):
         parts.append(f"claimed by worker {signature['by']}")
     return ", ".join(parts)
+
+
+def preflight(engine: Engine, settings: Settings, timeout: float) -> None:
+    """Before Celery starts (so before its banner and any weights): raise ``SignatureConflict`` when what is
+    known of ``engine`` already disagrees with the model's stored signature. A cache that cannot be read now
+    is left to the worker's own start, which waits for it."""
+    client = connect_once(settings.cache, timeout=timeout)
+    try:
+        SignatureGuard(client, settings).check(signature_of(engine))
+    except redis.exceptions.RedisError as e:
+        log.debug("signature not checked before start: %s", e)
+    finally:
+        client.close()
+
+
+def forget_if_only_uncut(cache: redis.Redis, settings: Settings) -> None:
+    """Remove a stored signature that differs from a cutting worker's only in that its worker failed long
+    texts: none of its vectors is of a cut text, so a worker that cuts may take the model over. For a
+    private cache (``embq embed --truncate``), where no other worker can be running."""
+    guard = SignatureGuard(cache, settings)
+    stored = guard.stored()
+    if stored is not None and stored.get("truncate_at") == 0:
+        cache.delete(guard.key)
 
 
 class SignatureGuard:

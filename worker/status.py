@@ -28,6 +28,12 @@ def _hashes(cache: Any, prefix: str) -> dict[str, dict[str, str]]:
     return found
 
 
+def served(worker: dict[str, str]) -> str:
+    """A worker's model as its queue names it: ``model``, or ``model@namespace`` off the default namespace."""
+    queue = keys.queue_name(worker.get("model", "?"), worker.get("namespace", keys.DEFAULT_NAMESPACE))
+    return queue[len(keys.QUEUE_PREFIX) :]
+
+
 def hit_rate(counts: dict[str, Any]) -> str:
     """``hits / (hits + misses)``, or ``n/a`` before the first lookup."""
     hits, misses = int(counts.get("hits", 0)), int(counts.get("misses", 0))
@@ -50,7 +56,8 @@ def render_status(settings: Settings) -> str:
         size = cast(int, cache.dbsize())
     online: dict[str, int] = {}
     for worker in workers.values():
-        online[worker.get("model", "?")] = online.get(worker.get("model", "?"), 0) + 1
+        label = served(worker)
+        online[label] = online.get(label, 0) + 1
     lines = [f"{'model':<48} {'queued':>8} {'workers':>8} {'tasks':>10} {'texts':>12} {'failed':>8} {'hit rate':>9}"]
     for model in sorted(set(queues) | set(stats) | set(online)):
         s = stats.get(model, {})
@@ -64,7 +71,7 @@ def render_status(settings: Settings) -> str:
         up = now - float(w.get("started", now))
         port = w.get("metrics_port", "0")
         lines.append(
-            f"  {name:<32} {w.get('model', '?'):<40} {w.get('engine', '?'):<22} "
+            f"  {name:<32} {served(w):<40} {w.get('engine', '?'):<22} "
             f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s  "
             + (f"metrics :{port}" if port not in ("", "0") else "no metrics")
         )

@@ -1,11 +1,13 @@
 """The body of the ``embq.embed`` task: check, embed through the batcher, store and notify in one pipeline.
 
-A task whose texts were in the engine when it died comes back (requeued at
-once, or redelivered after the visibility timeout when the whole worker died)
-suspected: embedded together, its texts could kill the next engine too. So it
-is split into one task per text, each embedded in an engine call of its own
-with no other call beside it, and a text that has been in the engine at
-``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates succeed.
+A task some of whose rows were inside an engine pass when the engine died
+comes back (requeued at once, or redelivered after the visibility timeout when
+the whole worker died) with those rows suspected (``worker.app.Runtime.on_pass``
+marks them): they could kill the next engine too. So each suspect row becomes a
+task of its own, embedded in an engine call of its own with no other call
+beside it, the task's other rows go on as one task, and a text that has been in
+the engine at ``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates
+succeed. Rows that were only waiting are never suspected.
 
 Only a task delivered again looks in the cache before embedding (its first
 delivery may have stored part of it): a first delivery holds only texts its
@@ -38,8 +40,9 @@ log = logging.getLogger(__name__)
 MAX_ENGINE_DEATHS = 2
 
 
-def payload_problem(payload: Any, model: str) -> str | None:
-    """Why a whole message cannot be served, or None."""
+def payload_problem(payload: Any, model: str, namespace: str) -> str | None:
+    """Why a whole message cannot be served, or None. A task of another model or cache namespace
+    is refused: this worker's signature vouches for its own keys only."""
     if not isinstance(payload, dict):
         return f"payload is {type(payload).__name__}, not a map"
     if payload.get("v") != PAYLOAD_VERSION:
@@ -52,6 +55,11 @@ def payload_problem(payload: Any, model: str) -> str | None:
         return f"payload must hold a list of at most {MAX_TASK_TEXTS} texts"
     if payload["model"] != model:
         return f"payload is for model {payload['model']!r}, this worker serves {model!r}"
+    if payload["namespace"] != namespace:
+        return (
+            f"payload is for cache namespace {payload['namespace']!r}, this worker serves {namespace!r} "
+            "(start a worker with EMBQ_CACHE_NAMESPACE set to the producers' namespace)"
+        )
     return None
 
 
@@ -69,13 +77,13 @@ def run_embed(
     store: ResultStore,
     *,
     engine_deaths: int = 0,
+    suspects: list[int] | None = None,
     redelivered: bool = False,
     split: Callable[[EmbedPayload, int], None] | None = None,
     task: str = "",
 ) -> dict[str, int]:
     """Embed one task's texts; every text ends as a cached vector or a reported failure."""
-    model = settings.shared.model
-    problem = payload_problem(payload, model)
+    problem = payload_problem(payload, settings.shared.model, settings.shared.cache_namespace)
     if problem is not None:
         return refuse(payload, problem, store, task)
     texts: list[Any] = payload["texts"]
@@ -83,30 +91,28 @@ def run_embed(
     sent = payload.get("sent")
     if isinstance(sent, int | float) and not isinstance(sent, bool):
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - sent))
-    if engine_deaths and len(texts) > 1 and split is not None:
-        log.warning("a task of %d texts was running when an engine died; splitting it", len(texts))
-        for index, text in enumerate(texts):
-            split({**payload, "texts": [text], "alone": True}, index)  # type: ignore[typeddict-item]
-        return {"embedded": 0, "failed": 0, "split": len(texts)}
+    suspected = [row for row in suspects or () if 0 <= row < len(texts)]
+    if suspected and len(texts) > 1 and split is not None:
+        return split_suspects(payload, suspected, split)
 
     max_bytes = settings.shared.max_text_bytes
     digests = digests_or_none(payload, texts)
     failures: dict[str, str] = {}
-    good: list[tuple[str, str]] = []  # (digest, text)
-    for digest, text in zip(digests, texts, strict=True):
+    good: list[tuple[str, str, int]] = []  # (digest, text, row in the task)
+    for row, (digest, text) in enumerate(zip(digests, texts, strict=True)):
         why = item_problem(text, max_bytes)
         if digest is None:
             log.error("dropped an item no producer can wait for: it %s", why)
         elif why is not None:
             failures[digest] = f"text {why}"
         else:
-            good.append((digest, text))
+            good.append((digest, text, row))
 
     # A task delivered again may have been done already (by its first delivery, or another copy).
-    cached = cached_digests(store.cache, [d for d, _ in good]) if redelivered else set()
-    todo = [(d, t) for d, t in good if d not in cached] if cached else good
+    cached = cached_digests(store.cache, [d for d, _, _ in good], engine.dim) if redelivered else set()
+    todo = [item for item in good if item[0] not in cached] if cached else good
     if engine_deaths >= MAX_ENGINE_DEATHS:
-        for digest, _ in todo:
+        for digest, _, _ in todo:
             failures[digest] = f"the engine died {engine_deaths} times while embedding this text; it is refused"
         todo = []
     metrics.TEXTS_SKIPPED.inc(len(cached))
@@ -114,7 +120,12 @@ def run_embed(
     done: list[str] = []
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
-        job = batcher.embed([engine.format_query(instruction, text) for _, text in todo], alone=alone)
+        job = batcher.embed(
+            [engine.format_query(instruction, text) for _, text, _ in todo],
+            alone=alone,
+            task=task,
+            origin=[row for _, _, row in todo],
+        )
         embedded = np.flatnonzero(job.ok)
         values: bytes | memoryview = b""
         width = 0
@@ -133,7 +144,7 @@ def run_embed(
         reason = f"worker error: {type(e).__name__}: {e}"
         metrics.ERRORS.labels(metrics.WORKER).inc()
         try:
-            store.store(reply, [], b"", 0, {d: reason for d, _ in todo} | failures, task=task)
+            store.store(reply, [], b"", 0, {d: reason for d, _, _ in todo} | failures, task=task)
         except Exception as again:
             log.error("could not report the failure of %d texts either: %s", len(todo), again)
         raise
@@ -141,6 +152,25 @@ def run_embed(
         metrics.ERRORS.labels(metrics.ITEM).inc(len(failures))
         log.warning("%d of %d texts failed in this task", len(failures), len(texts))
     return {"embedded": len(done), "cached": len(cached), "failed": len(failures)}
+
+
+def split_suspects(payload: Any, suspected: list[int], split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
+    """Each suspect row in a task of its own, alone in the engine; the other rows in one task, as usual."""
+    texts: list[Any] = payload["texts"]
+    log.warning(
+        "%d of the %d texts of a task were in an engine pass when the engine died: each runs alone, "
+        "the other %d as one task",
+        len(suspected),
+        len(texts),
+        len(texts) - len(suspected),
+    )
+    for index, row in enumerate(suspected):
+        split({**payload, "texts": [texts[row]], "alone": True}, index)  # type: ignore[typeddict-item]
+    chosen = set(suspected)
+    rest = [text for row, text in enumerate(texts) if row not in chosen]
+    if rest:
+        split({**payload, "texts": rest, "alone": False}, len(suspected))  # type: ignore[typeddict-item]
+    return {"embedded": 0, "failed": 0, "split": len(suspected) + bool(rest)}
 
 
 def digests_or_none(payload: dict[str, Any], texts: list[Any]) -> list[str | None]:
@@ -158,11 +188,11 @@ def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
         return None
 
 
-def cached_digests(cache: redis.Redis, digests: list[str]) -> set[str]:
+def cached_digests(cache: redis.Redis, digests: list[str], dim: int) -> set[str]:
     """Digests whose vector is already cached: a redelivered task costs no engine time for them."""
     if not digests:
         return set()
-    _, valid = unpack_many(cache.mget([keys.vector_key(d) for d in digests]))  # type: ignore[arg-type]
+    _, valid = unpack_many(cache.mget([keys.vector_key(d) for d in digests]), dim)  # type: ignore[arg-type]
     return {d for d, ok in zip(digests, valid, strict=True) if ok}
 
 

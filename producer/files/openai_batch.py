@@ -19,8 +19,9 @@ Where embq differs, on purpose: every request is embedded by the client's model
 (a batch serves one model, as OpenAI's does; the body's ``model`` is not
 checked); token arrays as ``input`` are refused (embq embeds text); ``usage``
 counts are 0 (producers do not tokenise); a failed request has both a
-``response`` with status 400 (bad request) or 500 (the worker failed) and an
-``error``, so a consumer that checks either finds it; ``id`` and
+``response`` with status 400 (bad request) or 422 (a text the worker refused,
+as the gateway answers) and an ``error``, so a consumer that checks either
+finds it; ``id`` and
 ``request_id`` are derived from the ``custom_id`` and the line, so a rerun
 writes the same file.
 """
@@ -134,8 +135,10 @@ def success_line(request: BatchRequest, vectors: np.ndarray, model: str) -> dict
 
 
 def failure_line(request: BatchRequest, message: str, *, status: int) -> dict[str, Any]:
-    """The output line of a refused (400) or failed (500) request."""
-    kind, code = ("invalid_request_error", "invalid_request") if status < 500 else ("server_error", "embedding_failed")
+    """The output line of a refused (400) request, or of one whose text the worker could not embed (422)."""
+    kind, code = (
+        ("invalid_request_error", "invalid_request") if status == 400 else ("invalid_request_error", "item_failed")
+    )
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     response = {"status_code": status, "request_id": _stable_id("req_", request), "body": body}
     return _line(request, response, {"code": code, "message": message})

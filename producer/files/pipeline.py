@@ -32,7 +32,7 @@ SHOWN_FAILURES = 20
 
 @dataclass
 class Summary:
-    """What a job did; ``cached`` and ``computed`` are the stream's counts (texts, not rows)."""
+    """What a job did, in rows: ``cached``, ``computed`` and ``failed`` add up to ``rows``."""
 
     rows: int = 0
     failed: int = 0
@@ -160,7 +160,7 @@ def embed_rows(
     write(final=True)
     if pending:
         raise RuntimeError(f"the stream ended with {len(pending)} input chunks unanswered")
-    summary.cached, summary.computed = stream.cached, stream.computed
+    summary.cached, summary.computed = stream.cached_rows, stream.computed_rows
     return summary
 
 

@@ -4,12 +4,14 @@
 suffix        what each row becomes
 ============  ================================================================
 ``.parquet``  ``row`` (int64, input row) or the id column under its own name,
-              and ``embedding``: ``fixed_size_list<float32>[d]``, null for a failed row
+              ``embedding``: ``fixed_size_list<float32>[d]``, null for a failed row,
+              and ``error``: why it failed (string), null for the others
 ``.jsonl``    ``{"row" | ID_FIELD: ..., "embedding": [...]}``; a failed row has
               ``"embedding": null`` and ``"error"``
 ``.npy``      row i of a float32 ``(rows, d)`` array, NaN for a failed row;
-              written through a memory map of each chunk's rows, so it needs the
-              row count before the first row (a cheap first pass over a file)
+              written through a memory map of each chunk's rows when the row
+              count is known first (a cheap first pass over a file), appended
+              after a header completed at the end from a stream
 Batch input   OpenAI Batch output lines (``producer.files.openai_batch``), one per request
 ============  ================================================================
 
@@ -111,21 +113,28 @@ class Sink(ABC):
 
 
 class NpySink(Sink):
-    """A float32 ``(rows, width)`` array; each chunk is written through a memory map of its own rows only,
-    so resident memory holds one chunk, not the file."""
+    """A float32 ``(rows, width)`` array. With the row count known before the first row, each chunk is written
+    through a memory map of its own rows only; from a stream (standard input, a pipe) rows are appended after
+    a header whose room is reserved, and the header says their count at the end. Either way resident memory
+    holds one chunk, not the file."""
 
-    def __init__(self, path: Path, *, rows: int, width: int | None = None) -> None:
+    def __init__(self, path: Path, *, rows: int | None, width: int | None = None) -> None:
         super().__init__(path, width=width)
         self.expected = rows
         self.offset: int | None = None
 
     def _open(self, width: int) -> None:
+        if self.expected is None:
+            with open(self.tmp, "wb") as f:
+                f.write(npy_header((0, width)))
+            self.offset = STREAM_HEADER
+            return
         array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(self.expected, width))
         self.offset = int(array.offset)
         del array  # unmapped: rows are mapped one chunk at a time
 
     def _write(self, chunk: Chunk, vectors: np.ndarray, failed: dict[int, str]) -> None:
-        if chunk.first + len(chunk) > self.expected:
+        if self.expected is not None and chunk.first + len(chunk) > self.expected:
             raise InvalidInputError(
                 f"the input has more than the {self.expected} rows counted before the job: did it change meanwhile?"
             )
@@ -135,6 +144,11 @@ class NpySink(Sink):
         if not len(chunk) or not width:
             return
         offset = (self.offset or 0) + chunk.first * width * 4
+        if self.expected is None:
+            with open(self.tmp, "r+b") as f:
+                f.seek(offset)
+                f.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+            return
         part = np.memmap(self.tmp, dtype=np.float32, mode="r+", offset=offset, shape=(len(chunk), width))
         part[:] = vectors
         part.flush()
@@ -143,10 +157,55 @@ class NpySink(Sink):
     def _close(self) -> None:
         if self.offset is None:
             self._open(self.width or 0)
-        if self.rows != self.expected:
+        if self.expected is None:
+            with open(self.tmp, "r+b") as f:
+                f.write(npy_header((self.rows, self.width or 0)))
+        elif self.rows != self.expected:
             raise InvalidInputError(
                 f"the input had {self.rows} rows, not the {self.expected} counted before the job: did it change?"
             )
+
+
+#: Bytes of the header of a .npy written from a stream: room for any row count, a multiple of 64 as numpy aligns.
+STREAM_HEADER = 128
+
+
+def npy_header(shape: tuple[int, int]) -> bytes:
+    """A version 1.0 .npy header for a float32 C-order array of ``shape``, padded to ``STREAM_HEADER`` bytes."""
+    text = repr({"descr": "<f4", "fortran_order": False, "shape": shape})
+    body = (text.ljust(STREAM_HEADER - 11) + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + (STREAM_HEADER - 10).to_bytes(2, "little") + body
+
+
+#: Python types of ids (from JSON lines) and the pyarrow type of the Parquet column that keeps them exactly.
+ID_TYPES = {"int": "int64", "float": "float64", "str": "string", "bool": "bool_"}
+
+
+def id_kind(ids: list[Any], first: int) -> str:
+    """The one Python type of these ids ('' when all are missing); ``InvalidInputError`` naming the
+    first row that differs, since a Parquet column would silently convert it (7.9 to 7, 1 to "1")."""
+    kind = ""
+    for offset, value in enumerate(ids):
+        if value is None:
+            continue
+        name = type(value).__name__
+        if name not in ID_TYPES:
+            raise InvalidInputError(
+                f"row {first + offset}: id {value!r} is a {name}; ids are text, numbers or booleans"
+            )
+        if kind and name != kind:
+            raise InvalidInputError(
+                f"row {first + offset}: id {value!r} is a {name} where earlier ids are {kind}s: a Parquet column "
+                "holds one type. Make the ids one type, or write .jsonl, which keeps each id as it is"
+            )
+        kind = name
+    return kind
+
+
+def schema(id_name: str, id_type: Any, embedding: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(id_name, id_type), ("embedding", embedding), ("error", pa.string())])
 
 
 class ParquetSink(Sink):
@@ -155,6 +214,7 @@ class ParquetSink(Sink):
         self.writer: Any = None
         self.schema: Any = None
         self.id_type: Any = None
+        self.id_kind = ""
         self.buffer: list[Any] = []
         self.buffered = 0
 
@@ -168,22 +228,20 @@ class ParquetSink(Sink):
             if self.id_type is None:
                 self.id_type = ids.type
             return ids if ids.type == self.id_type else ids.cast(self.id_type)
+        kind = id_kind(ids, chunk.first)
         if self.id_type is None:
-            try:
-                first = pa.array(ids)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):  # ids of mixed types: keep them all as text
-                first = pa.array([None if v is None else str(v) for v in ids], pa.string())
-            self.id_type = pa.string() if pa.types.is_null(first.type) else first.type
-            return first.cast(self.id_type)
+            self.id_type = getattr(pa, ID_TYPES[kind])() if kind else pa.string()
+            self.id_kind = kind
+        elif kind and kind != self.id_kind:
+            raise InvalidInputError(
+                f"ids of rows {chunk.first + 1}..{chunk.first + len(chunk)} are {kind}s where earlier ids are "
+                f"{self.id_kind}s: a Parquet column holds one type. Make the ids one type, or write .jsonl, "
+                "which keeps each id as it is"
+            )
         try:
             return pa.array(ids, self.id_type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            if pa.types.is_string(self.id_type):
-                return pa.array([None if v is None else str(v) for v in ids], pa.string())
-            raise InvalidInputError(
-                f"ids of rows {chunk.first + 1}..{chunk.first + len(chunk)} do not fit the type of the earlier ids "
-                f"({self.id_type}): {e}"
-            ) from e
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            raise InvalidInputError(f"ids of rows {chunk.first + 1}..{chunk.first + len(chunk)}: {e}") from e
 
     def _embeddings(self, vectors: np.ndarray, failed: dict[int, str]) -> Any:
         import pyarrow as pa
@@ -200,9 +258,10 @@ class ParquetSink(Sink):
     def _write(self, chunk: Chunk, vectors: np.ndarray, failed: dict[int, str]) -> None:
         import pyarrow as pa
 
-        columns = [self._ids(chunk), self._embeddings(vectors, failed)]
+        errors = pa.array([failed.get(offset) for offset in range(len(chunk))], pa.string())
+        columns = [self._ids(chunk), self._embeddings(vectors, failed), errors]
         if self.schema is None:
-            self.schema = pa.schema([(self.id_field or "row", columns[0].type), ("embedding", columns[1].type)])
+            self.schema = schema(self.id_field or "row", columns[0].type, columns[1].type)
         self.buffer.append(pa.RecordBatch.from_arrays(columns, schema=self.schema))
         self.buffered += len(chunk)
         if self.buffered >= ROW_GROUP_MIN_ROWS and self.buffered * max(self.width or 0, 1) * 4 >= ROW_GROUP_BYTES:
@@ -224,7 +283,7 @@ class ParquetSink(Sink):
         if self.schema is None:  # no rows: the schema still says what rows would be
             id_type = self.id_type or (pa.int64() if self.id_field is None else pa.string())
             kind = pa.list_(pa.float32(), self.width or 0)
-            self.schema = pa.schema([(self.id_field or "row", id_type), ("embedding", kind)])
+            self.schema = schema(self.id_field or "row", id_type, kind)
         self._flush()
         self.writer.close()
 
@@ -292,7 +351,8 @@ class BatchSink(LinesSink):
                 rows = range(start, start + request.inputs)
                 bad = next((row for row in rows if row in failed), None)
                 if bad is not None:
-                    status = 400 if bad in chunk.problems else 500
+                    # As the gateway answers: 422 for a text the worker refused (it would again), not 5xx.
+                    status = 400 if bad in chunk.problems else 422
                     message = f"input {bad - start}: {failed[bad]}"
                     line = openai_batch.failure_line(request, message, status=status)
                 else:
@@ -341,11 +401,6 @@ def open_sink(
         )
     if id_field is not None and kind == "npy":
         raise ConfigurationError(f"{path}: a .npy holds only vectors; name a .parquet or .jsonl output to keep ids")
-    if kind == "npy" and rows is None:
-        raise ConfigurationError(
-            f"{path}: a .npy needs the row count before the first row, which standard input cannot tell; "
-            "name a .parquet or .jsonl output"
-        )
     if not path.parent.is_dir():
         raise ConfigurationError(f"{path.parent}: no such directory")
     remove_stale_temporaries(path)
@@ -356,7 +411,7 @@ def open_sink(
     if batch:
         return BatchSink(path, model=model, dimensions=dim)
     if kind == "npy":
-        return NpySink(path, rows=rows or 0, width=dim)
+        return NpySink(path, rows=rows, width=dim)
     if kind == "parquet":
         return ParquetSink(path, id_field=id_field, width=dim)
     return JsonlSink(path, id_field=id_field, width=dim)

@@ -5,21 +5,25 @@ format       one row per
 ===========  ==================================================================================
 ``txt``      line; only the line break (``\\n`` or ``\\r\\n``) is removed, nothing is stripped
 ``jsonl``    non-blank line: field ``field`` of its JSON object
-``csv``      record: column ``field`` (pyarrow's streaming reader: quoted newlines work)
+``csv``      record: column ``field`` (quoted line breaks work; a record may be of any size)
 ``parquet``  record: column ``field``, read one record batch at a time
 ``batch``    input of an OpenAI Batch request (a ``.jsonl`` of ``/v1/embeddings`` requests)
 ===========  ==================================================================================
 
-``-`` reads standard input (``txt`` unless ``input_format`` says otherwise). A
+``-`` reads standard input (``txt`` unless ``input_format`` says otherwise), and
+a path that is no regular file (a named pipe, ``<(command)``, a device) is read
+the same way: once, as a stream, never counted or reopened. A
 UTF-8 byte order mark opening the input is dropped, as readers of UTF-8 text
 do. A row that cannot be embedded (not valid JSON, no such field) is not an
 error of the file: it lands in ``Chunk.problems`` and fails alone. Memory holds
 one chunk, whatever the size of the input; pyarrow is imported only for csv
-and parquet, torch never.
+for parquet, torch never.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import sys
@@ -37,8 +41,9 @@ STDIN = "-"
 BOM = b"\xef\xbb\xbf"
 #: Bytes read at a time when counting lines.
 COUNT_BLOCK = 1 << 20
-#: Bytes pyarrow's CSV reader parses at a time.
-CSV_BLOCK = 1 << 20
+#: Characters a CSV value may hold (the csv module's default, 131,072, would stop a job at one long
+#: text; a text over ``max_text_bytes`` fails alone instead).
+CSV_FIELD_LIMIT = (1 << 31) - 1
 
 FORMATS = ("txt", "jsonl", "csv", "parquet")
 #: Input suffix -> format; any other suffix is read as text, one text per line.
@@ -126,9 +131,10 @@ class Source(ABC):
     #: ``txt``, ``jsonl``, ``csv``, ``parquet`` or ``batch``.
     format = ""
 
-    def __init__(self, path: Path | None, field: str, id_field: str | None) -> None:
+    def __init__(self, path: Path | None, field: str, id_field: str | None, name: str | None = None) -> None:
+        #: The file, read as often as needed; None for a stream (standard input, a pipe), read once.
         self.path = path
-        self.name = str(path) if path is not None else "<stdin>"
+        self.name = name or (str(path) if path is not None else "<stdin>")
         self.field = field
         self.id_field = id_field
 
@@ -144,16 +150,16 @@ class Source(ABC):
         return self.count() == 0
 
     def where(self, chunk: Chunk, offset: int) -> str:
-        """Where a row is, for messages."""
-        return f"{self.name} row {chunk.first + offset + 1}"
+        """Where a row is, for messages: its row as the output numbers it (from 0)."""
+        return f"{self.name} row {chunk.first + offset}"
 
 
 class TextSource(Source):
     format = "txt"
 
-    def __init__(self, path: Path | None) -> None:
-        super().__init__(path, "", None)
-        self.lines = Lines(path)
+    def __init__(self, path: Path | None, lines: Lines, name: str | None = None) -> None:
+        super().__init__(path, "", None, name)
+        self.lines = lines
 
     def count(self) -> int | None:
         if self.path is None:
@@ -179,7 +185,7 @@ class TextSource(Source):
             yield Chunk(first, texts)
 
     def where(self, chunk: Chunk, offset: int) -> str:
-        return f"{self.name}:{chunk.first + offset + 1}"
+        return f"{self.name}:{chunk.first + offset + 1} (row {chunk.first + offset})"
 
 
 def load_json(line: bytes) -> Any:
@@ -190,8 +196,10 @@ def load_json(line: bytes) -> Any:
 class JsonlSource(Source):
     format = "jsonl"
 
-    def __init__(self, path: Path | None, lines: Lines, field: str, id_field: str | None) -> None:
-        super().__init__(path, field, id_field)
+    def __init__(
+        self, path: Path | None, lines: Lines, field: str, id_field: str | None, name: str | None = None
+    ) -> None:
+        super().__init__(path, field, id_field, name)
         self.lines = lines
         first = lines.first(nonblank=True)
         if first is None:
@@ -249,80 +257,114 @@ class JsonlSource(Source):
         return record[self.field], id_, None
 
     def where(self, chunk: Chunk, offset: int) -> str:
-        return f"{self.name}:{chunk.lines[offset]}" if chunk.lines else super().where(chunk, offset)
+        if not chunk.lines:
+            return super().where(chunk, offset)
+        return f"{self.name}:{chunk.lines[offset]} (row {chunk.first + offset})"
 
 
 class CsvSource(Source):
-    """A header line names the columns; values are text (ids too: CSV has no types)."""
+    """A header line names the columns; values are text (ids too: CSV has no types).
+
+    Read with the standard library's reader: a record of any size (a 2 MB text
+    fails alone, as too long, instead of stopping the job), quoted line breaks,
+    and bytes that are not UTF-8 kept as lone surrogates, which validation names
+    for a text; an id that is not UTF-8 fails its row alone."""
 
     format = "csv"
 
-    def __init__(self, path: Path | None, field: str, id_field: str | None) -> None:
-        super().__init__(path, field, id_field)
-        import pyarrow as pa
-        import pyarrow.csv as pcsv
-
-        self._errors = (pa.ArrowInvalid, pa.ArrowKeyError)
-        columns = list(dict.fromkeys([field, *([id_field] if id_field else [])]))
-        types = {name: pa.string() for name in columns} | {field: pa.binary()}
-        self._read = pcsv.ReadOptions(block_size=CSV_BLOCK)
-        self._convert = pcsv.ConvertOptions(include_columns=columns, column_types=types)
-        self._stdin_reader: Any = None
-        if path is None:
-            if sys.stdin.buffer.peek(1):  # type: ignore[union-attr]  # empty is an empty input, not a CSV error
-                self._stdin_reader = self._open(sys.stdin.buffer)
+    def __init__(
+        self,
+        path: Path | None,
+        field: str,
+        id_field: str | None,
+        stream: IO[bytes] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(path, field, id_field, name)
+        self._stream = stream
+        self._records: Iterator[list[str]] | None = None
+        self._columns: tuple[int, int | None] | None = None
+        reader = self._reader()
+        header = next(reader, None)
+        if header is None:  # an empty input: no rows, not a CSV error
             return
-        if path.stat().st_size == 0:
-            return
-        try:
-            names = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
-        except self._errors as e:
-            raise InvalidInputError(f"{self.name}: not a CSV file pyarrow can read ({e})") from e
-        for name, option in ((field, "--field"), (id_field, "--id-field")):
-            if name is not None and name not in names:
+        names = header
+        for name_, option in ((field, "--field"), (id_field, "--id-field")):
+            if name_ is not None and name_ not in names:
                 has = ", ".join(map(repr, names[:20]))
-                raise InvalidInputError(f"{self.name}: no column {name!r} (columns: {has}); choose with {option}")
+                raise InvalidInputError(f"{self.name}: no column {name_!r} (columns: {has}); choose with {option}")
+        self._columns = (names.index(field), names.index(id_field) if id_field else None)
+        if path is None:
+            self._records = reader  # a stream is read once: its records go on after the header
 
-    def _open(self, source: Any) -> Any:
-        import pyarrow.csv as pcsv
-
+    def _reader(self) -> Iterator[list[str]]:
+        """Each record's values, the header's first; a BOM opening the input is dropped."""
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+        if self.path is not None:
+            binary: IO[bytes] = open(self.path, "rb")  # closed when the generator ends
+        else:
+            binary = self._stream if self._stream is not None else sys.stdin.buffer
+        text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
         try:
-            return pcsv.open_csv(source, read_options=self._read, convert_options=self._convert)
-        except self._errors as e:
-            raise InvalidInputError(f"{self.name}: {e}") from e
+            yield from csv.reader(text)
+        except csv.Error as e:
+            raise InvalidInputError(f"{self.name}: not a CSV file Python can read ({e})") from e
+        finally:
+            if self.path is not None:
+                text.close()
+            else:
+                text.detach()
 
-    def _batches(self) -> Iterator[Any]:
-        if self.path is None and self._stdin_reader is None:
+    def _rows(self) -> Iterator[list[str]]:
+        if self._columns is None:
             return
-        if self.path is not None and self.path.stat().st_size == 0:
-            return
-        reader = self._stdin_reader or self._open(self.path)
-        while True:
-            try:
-                yield reader.read_next_batch()
-            except StopIteration:
-                return
-            except self._errors as e:
-                raise InvalidInputError(f"{self.name}: {e}") from e
+        if self.path is not None:
+            records = self._reader()
+            next(records)  # the header
+        else:
+            records, self._records = self._records or iter(()), None
+        for values in records:
+            if values:  # a blank line is no record
+                yield values
 
     def count(self) -> int | None:
         if self.path is None:
             return None
-        return sum(batch.num_rows for batch in self._batches())
+        return sum(1 for _ in self._rows())
 
     def empty(self) -> bool:
-        return self._stdin_reader is None if self.path is None else super().empty()
+        return self._columns is None or (self.path is not None and super().empty())
 
     def chunks(self, rows: int) -> Iterator[Chunk]:
-        first = 0
-        for batch in self._batches():
-            for start in range(0, batch.num_rows, rows):
-                part = batch.slice(start, rows)
-                raw = part.column(self.field).to_pylist()
-                texts = [None if value is None else value.decode("utf-8", "surrogateescape") for value in raw]
-                ids = part.column(self.id_field) if self.id_field else None
-                yield Chunk(first, texts, ids)
-                first += len(texts)
+        if self._columns is None:
+            return
+        text_at, id_at = self._columns
+        chunk = Chunk(0, [], [] if id_at is not None else None)
+        for values in self._rows():
+            offset = len(chunk.texts)
+            chunk.texts.append(values[text_at] if text_at < len(values) else None)
+            if text_at >= len(values):
+                chunk.problems[offset] = f"has no value in column {self.field!r}"
+            if chunk.ids is not None and id_at is not None:
+                id_ = values[id_at] if id_at < len(values) else None
+                if id_ is not None and not is_utf8(id_):
+                    chunk.problems[offset] = "has an id that is not valid UTF-8"
+                    id_ = id_.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                chunk.ids.append(id_)
+            if len(chunk.texts) == rows:
+                yield chunk
+                chunk = Chunk(chunk.first + rows, [], [] if id_at is not None else None)
+        if chunk.texts:
+            yield chunk
+
+
+def is_utf8(value: str) -> bool:
+    """False for text read with ``surrogateescape`` from bytes that were not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ParquetSource(Source):
@@ -365,8 +407,8 @@ class BatchSource(Source):
 
     format = "batch"
 
-    def __init__(self, path: Path | None, lines: Lines) -> None:
-        super().__init__(path, "input", None)
+    def __init__(self, path: Path | None, lines: Lines, name: str | None = None) -> None:
+        super().__init__(path, "input", None, name)
         self.lines = lines
 
     def _requests(self) -> Iterator[tuple[BatchRequest, list[str]]]:
@@ -421,6 +463,8 @@ def open_source(
     """
     stdin = str(path) == STDIN
     file = None if stdin else Path(path)
+    stream: IO[bytes] | None = None
+    name = None
     if file is not None:
         if not file.exists():
             raise InvalidInputError(f"{file}: no such file")
@@ -431,20 +475,24 @@ def open_source(
     if input_format is not None and input_format not in FORMATS:
         raise InvalidInputError(f"unknown input format {input_format!r}; choose one of {', '.join(FORMATS)}")
     kind = input_format or ("txt" if file is None else SUFFIXES.get(file.suffix.lower(), "txt"))
+    if file is not None and not file.is_file():  # a pipe or <(command): one pass, as standard input
+        if kind == "parquet":
+            raise InvalidInputError(f"{file}: Parquet cannot be read from a pipe (its index ends the file)")
+        name, stream, file = str(file), open(file, "rb"), None  # read until the job ends
     if kind == "txt":
         if field is not None or id_field is not None:
             raise InvalidInputError(
                 f"{path}: a text input is one text per line, with no fields; "
                 "--field and --id-field need a .jsonl, .csv or .parquet input (or --input-format)"
             )
-        return TextSource(file)
+        return TextSource(file, Lines(file, stream), name)
     if kind == "csv":
-        return CsvSource(file, field or "text", id_field)
+        return CsvSource(file, field or "text", id_field, stream, name)
     if kind == "parquet":
         if file is None:
             raise InvalidInputError("Parquet cannot be read from standard input (its index ends the file): give a file")
         return ParquetSource(file, field or "text", id_field)
-    lines = Lines(file)
+    lines = Lines(file, stream)
     first = lines.first(nonblank=True)
     try:
         batch = first is not None and is_batch_record(load_json(first[1]))
@@ -456,5 +504,5 @@ def open_source(
                 f"{path} is an OpenAI Batch file: its texts are each request's body.input and its ids the "
                 "custom_id; drop --field and --id-field"
             )
-        return BatchSource(file, lines)
-    return JsonlSource(file, lines, field or "text", id_field)
+        return BatchSource(file, lines, name)
+    return JsonlSource(file, lines, field or "text", id_field, name)

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 #: Seconds ``/health`` waits for each Redis to answer PING before it calls it unreachable.
 HEALTH_TIMEOUT = 2.0
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+#: Seconds each connection gets to close at shutdown.
+CLOSE_TIMEOUT = 2.0
 
 
 class Gateway:
@@ -56,7 +58,7 @@ class Gateway:
         self.cache = aioredis.Redis.from_url(settings.cache, **options)
         same = settings.broker == settings.cache
         self.broker = self.cache if same else aioredis.Redis.from_url(settings.broker, **options)
-        self.catalog = ModelCatalog(self.cache, limits.models)
+        self.catalog = ModelCatalog(self.cache, limits.models, namespace=settings.cache_namespace)
         self.clients: dict[str, AsyncEmbeddingClient] = {}
         self._healthy: bool | None = None
 
@@ -137,21 +139,29 @@ class Gateway:
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    async def watch_workers(self) -> None:
-        """Keep the catalog current, so that a model whose workers are all gone stops being served."""
-        while True:
+    async def watch_workers(self, stop: asyncio.Event) -> None:
+        """Keep the catalog current, so that a model whose workers are all gone stops being served. Ends when
+        ``stop`` is set: redis-py's asyncio client can swallow a cancellation, a loop of ours must not."""
+        while not stop.is_set():
             try:
-                await self.catalog.look()
+                await self.catalog.look()  # its connection times out after HEALTH_TIMEOUT
             except REDIS_ERRORS as e:
                 log.debug("cannot list workers: %s", e)
-            await asyncio.sleep(keys.HEARTBEAT_SECONDS)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), keys.HEARTBEAT_SECONDS)
 
     async def close(self) -> None:
-        for client in self.clients.values():
-            await client.aclose()
-        await self.cache.aclose()
+        """Close every connection, each within ``CLOSE_TIMEOUT``: a Redis that hangs cannot hold the exit."""
+        closing = [client.aclose() for client in self.clients.values()] + [self.cache.aclose()]
         if self.broker is not self.cache:
-            await self.broker.aclose()
+            closing.append(self.broker.aclose())
+        tasks = [asyncio.ensure_future(close) for close in closing]
+        _, hanging = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)  # waits for no cancellation
+        if hanging:
+            log.info("%d connections did not close within %.0fs; leaving them", len(hanging), CLOSE_TIMEOUT)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.info("a connection did not close cleanly: %s", task.exception())
 
 
 def model_object(info: ModelInfo) -> dict[str, Any]:
@@ -219,13 +229,13 @@ def create_app(settings: Settings, limits: GatewaySettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        watcher = asyncio.create_task(gateway.watch_workers())
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(gateway.watch_workers(stop))
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            stop.set()
+            await asyncio.wait([watcher], timeout=CLOSE_TIMEOUT + HEALTH_TIMEOUT)  # a look in flight may hang
             await gateway.close()
 
     routes = [

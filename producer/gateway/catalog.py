@@ -34,9 +34,13 @@ class ModelInfo:
 
 
 class ModelCatalog:
-    def __init__(self, cache: Any, named: tuple[str, ...], started: float | None = None) -> None:
-        """``cache``: an asyncio Redis client of the cache Redis."""
+    def __init__(
+        self, cache: Any, named: tuple[str, ...], started: float | None = None, namespace: str = keys.DEFAULT_NAMESPACE
+    ) -> None:
+        """``cache``: an asyncio Redis client of the cache Redis. Only workers of ``namespace`` count:
+        one of another cache namespace consumes another queue."""
         self.cache = cache
+        self.namespace = namespace
         self.named = tuple(dict.fromkeys(named))
         self.started = int(started if started is not None else time.time())
         self._online: dict[str, ModelInfo] = {}
@@ -53,10 +57,12 @@ class ModelCatalog:
             names = [n.decode() if isinstance(n, bytes) else n for n in await self.cache.zrange(keys.WORKERS, 0, -1)]
             pipe = self.cache.pipeline(transaction=False)
             for name in names:
-                pipe.hmget(keys.worker_key(name), "model", "started")
+                pipe.hmget(keys.worker_key(name), "model", "started", "namespace")
             online: dict[str, ModelInfo] = {}
-            for model, started in await pipe.execute() if names else []:
+            for model, started, namespace in await pipe.execute() if names else []:
                 if model is None:  # its hash expired: the worker is gone
+                    continue
+                if (namespace.decode() if namespace else keys.DEFAULT_NAMESPACE) != self.namespace:
                     continue
                 model = model.decode()
                 since = int(float(started or time.time()))

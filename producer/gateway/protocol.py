@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from producer.validation import item_problem, validate_texts
 #: Characters per token of the ``usage`` estimate: embq's workers budget batches with the same ratio.
 CHARS_PER_TOKEN = 4
 ENCODINGS = ("float", "base64")
+#: Far above any model's dimension: a larger ``dimensions`` is refused before it is used.
+MAX_DIMENSIONS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise APIError(400, "the request body nests JSON too deeply", code="invalid_json") from e
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
@@ -57,11 +62,13 @@ def parse_embedding_request(data: dict[str, Any], *, max_texts: int, max_text_by
         raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", param="encoding_format")
     dimensions = data.get("dimensions")
     if dimensions is not None and (
-        isinstance(dimensions, bool) or not isinstance(dimensions, numbers.Integral) or dimensions <= 0
+        isinstance(dimensions, bool)
+        or not isinstance(dimensions, numbers.Integral)
+        or not 0 < int(dimensions) <= MAX_DIMENSIONS
     ):
         raise APIError(
             400,
-            f"'dimensions' must be a positive integer no larger than the model's dimension, got {dimensions!r}",
+            f"'dimensions' must be a positive integer no larger than the model's dimension, got {clipped(dimensions)}",
             code="invalid_dimensions",
             param="dimensions",
         )
@@ -70,6 +77,15 @@ def parse_embedding_request(data: dict[str, Any], *, max_texts: int, max_text_by
     if problem is not None:
         raise APIError(400, f"'instruction' {problem}", param="instruction")
     return EmbeddingRequest(model, texts, encoding, None if dimensions is None else int(dimensions), instruction)
+
+
+def clipped(value: Any, most: int = 40) -> str:
+    """``repr(value)`` cut to ``most`` characters: a refusal never echoes a huge value."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4,300-digit conversion limit
+        return f"an integer of over {sys.get_int_max_str_digits():,} digits"
+    return text if len(text) <= most else f"{text[: most - 3]}... ({len(text):,} characters)"
 
 
 def parse_input(value: Any, *, max_texts: int, max_text_bytes: int) -> list[str]:

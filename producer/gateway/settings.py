@@ -32,6 +32,9 @@ class GatewaySettings:
     #: and is cached, so a retry (the ``openai`` client retries 504 by itself)
     #: collects it; raise it for large uncached batches on a busy queue.
     request_timeout: float = 60.0
+    #: Connections and requests the gateway holds at once; past it, new ones get 503 at once. Each
+    #: waiting request costs little (an asyncio task); the limit bounds a flood, not normal load.
+    max_connections: int = 4096
     #: Models always served, with or without a worker online (``--model``).
     models: tuple[str, ...] = ()
 
@@ -50,4 +53,5 @@ ENV_NAMES: dict[str, str] = {
     "max_request_texts": "EMBQ_MAX_REQUEST_TEXTS",
     "max_request_bytes": "EMBQ_MAX_REQUEST_BYTES",
     "request_timeout": "EMBQ_REQUEST_TIMEOUT",
+    "max_connections": "EMBQ_MAX_CONNECTIONS",
 }

@@ -98,6 +98,51 @@ def build_model(directory: Path) -> Path:
     return directory
 
 
+#: The shapes of the released Qwen3-Embedding checkpoints (their config.json), and a tiny one for CPUs.
+SHAPES: dict[str, dict[str, int]] = {
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+}  # fmt: skip
+
+
+def build_sentence_transformer(directory: Path, shape: str = "tiny", *, dtype: str = "float32") -> Path:
+    """A random-weight Qwen3-Embedding-shaped checkpoint laid out as the released repos are (Transformer,
+    last-token Pooling, Normalize), loadable by ``SentenceTransformer`` and so by embq's worker (once)."""
+    import json
+
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    if (directory / "modules.json").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+        architectures=["Qwen3Model"], eos_token_id=151643, bos_token_id=151643, torch_dtype=dtype, **SHAPES[shape],
+    )  # fmt: skip
+    torch.manual_seed(SEED)
+    Qwen3Model(config).to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"  # as Qwen3-Embedding's tokenizer pads
+    tokenizer.save_pretrained(directory)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8192, "do_lower_case": False}))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": SHAPES[shape]["hidden_size"], "pooling_mode_lasttoken": True}
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    return directory
+
+
 @functools.cache
 def _reference(directory: str) -> tuple[Any, Any]:
     import torch

@@ -8,11 +8,32 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from producer.errors import ConfigurationError
+
+#: Rough characters per token, for engines that do not tokenise before their call.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 2
+
+
+class Prepared(NamedTuple):
+    """What an engine makes of texts before any pass, on the calling task's thread (so, ahead of
+    the device): each text's tokens, its input to ``encode_prepared``, and the texts it refuses."""
+
+    tokens: list[int]
+    inputs: list[Any]
+    errors: dict[int, str]
+
+
+def prepare_by_estimate(texts: list[str]) -> Prepared:
+    """``prepare`` for engines that take texts as they are: tokens estimated from characters."""
+    return Prepared([estimate_tokens(t) for t in texts], list(texts), {})
 
 
 class Engine(Protocol):
@@ -20,12 +41,22 @@ class Engine(Protocol):
 
     ``encode`` may raise ``EngineItemErrors`` to refuse some texts of a call,
     ``EngineDead`` when the engine can serve no more, and anything else for a
-    failure the batcher isolates by splitting the call.
+    failure the batcher isolates by splitting the call. The batcher calls
+    ``prepare`` once per task and ``encode_prepared`` once per pass, with the
+    inputs ``prepare`` made.
     """
 
     name: str
     dim: int
     max_tokens: int
+    #: True when a pass costs its longest text times its texts (padded batches): the batcher then
+    #: budgets ``pass_tokens`` as padded tokens; False when the engine packs texts (SGLang) or
+    #: does not care (hash), and the budget is the sum of tokens.
+    pads: bool
+    #: Tokens and texts per pass the engine suggests for its device, set by ``load``; the worker's
+    #: settings override them.
+    pass_tokens: int
+    pass_texts: int
     #: Engine calls the batcher keeps in flight at once: 1 for engines that run
     #: in the caller's thread; 2 lets an engine with its own scheduler start on
     #: the next call while the last one's results are written.
@@ -43,6 +74,10 @@ class Engine(Protocol):
     def load(self) -> None: ...
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
+
+    def prepare(self, texts: list[str]) -> Prepared: ...
+
+    def encode_prepared(self, inputs: list[Any]) -> np.ndarray: ...
 
     def format_query(self, instruction: str, text: str) -> str: ...
 

@@ -7,11 +7,12 @@ compute the exact expected array with ``hash_vector``.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import numpy as np
 
-from worker.engines import apply_instruction
+from worker.engines import Prepared, apply_instruction, prepare_by_estimate
 
 
 def hash_vector(text: str, dim: int) -> np.ndarray:
@@ -28,14 +29,26 @@ class HashEngine:
     name = "hash"
     concurrent_calls = 1
     counts_tokens = False
+    pads = False
+    pass_tokens = 16384
+    pass_texts = 512
 
     def __init__(
-        self, model: str, *, dim: int = 384, max_tokens: int = 8192, instruction_template: str | None = None, **_: Any
+        self,
+        model: str,
+        *,
+        dim: int = 384,
+        max_tokens: int = 8192,
+        instruction_template: str | None = None,
+        seconds_per_text: float = 0.0,
+        **_: Any,
     ) -> None:
         self.model = model
         self.instruction_template = instruction_template
         self.dim = dim
         self.max_tokens = max_tokens
+        #: Time each call spends per text, as a model would: the queue tested against a slow engine.
+        self.seconds_per_text = seconds_per_text
 
     def checkpoint(self) -> str | None:
         """None needed: a vector depends only on the text and ``dim``."""
@@ -45,10 +58,18 @@ class HashEngine:
         """Nothing to load."""
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        if self.seconds_per_text:
+            time.sleep(self.seconds_per_text * len(texts))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             out[row] = hash_vector(text, self.dim)
         return out
+
+    def prepare(self, texts: list[str]) -> Prepared:
+        return prepare_by_estimate(texts)
+
+    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
+        return self.encode(inputs)
 
     def format_query(self, instruction: str, text: str) -> str:
         return apply_instruction(self.instruction_template, instruction, text)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from producer.errors import EngineError
-from worker.engines import EngineItemErrors, apply_instruction
+from worker.engines import EngineItemErrors, Prepared, apply_instruction
 from worker.engines.checkpoint import BUNDLED_MINILM, fingerprint, local_model_dir, locate
 
 __all__ = ["BUNDLED_MINILM", "SentenceTransformersEngine", "resolve_model_path"]
@@ -39,16 +39,20 @@ def resolve_model_path(model: str) -> str:
 #: Most UTF-8 bytes any Unicode normalisation makes of one byte of text (NFKC of U+FDFA: 3 bytes to 33).
 WORST_EXPANSION = 11.0
 
-#: Texts per forward pass when none is set, by device.
-CPU_PASS, GPU_PASS = 8, 64
+#: Padded tokens (longest text x texts) and texts per forward pass, by device, when the worker sets
+#: none. The batcher forms each pass from texts of one length across every task it holds, so little
+#: of a pass is padding whatever its size. A CPU's cost grows with padded tokens, and small passes
+#: lose little parallelism; a GPU needs wide passes to be busy (vLLM pools 32,768 tokens a step).
+CPU_PASS_TOKENS, CPU_PASS_TEXTS = 2048, 64
+GPU_PASS_TOKENS, GPU_PASS_TEXTS = 32768, 1024
 
 
 class SentenceTransformersEngine:
     """Instructions are prepended to the text, as sentence-transformers prompts are."""
 
     name = "sentence-transformers"
-    concurrent_calls = 1
     counts_tokens = False
+    pads = True
 
     def __init__(
         self,
@@ -66,8 +70,12 @@ class SentenceTransformersEngine:
         self.truncate = truncate
         self.instruction_template = instruction_template
         self.device = device
-        #: Texts per forward pass inside one engine call; None picks by device at load.
+        #: Texts per forward pass of ``encode``; None picks by device at load.
         self.batch_size = batch_size
+        #: Passes kept in flight (see ``load``), and the pass size suggested to the batcher.
+        self.concurrent_calls = 1
+        self.pass_tokens = CPU_PASS_TOKENS
+        self.pass_texts = CPU_PASS_TEXTS
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self.dim = 0
@@ -78,6 +86,11 @@ class SentenceTransformersEngine:
         self._tokens_per_byte = 1.0
         self._extra_tokens = 0
         self._path: Path | str | None = None
+
+    @property
+    def model(self) -> Any:
+        """The loaded ``SentenceTransformer``: what a user would call directly (benchmarks compare with it)."""
+        return self._model
 
     def locate(self) -> Path | str:
         """The model's local directory, or its hub id once the hub said it has it; fails fast (``EngineError``)."""
@@ -117,13 +130,14 @@ class SentenceTransformersEngine:
         self.max_tokens = int(self._model.max_seq_length or 512)
         self._tokenizer = self._model.tokenizer
         self._tokens_per_byte, self._extra_tokens = token_bound(self._tokenizer)
+        self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        self._pad_left = getattr(self._tokenizer, "padding_side", "right") == "left"
+        self._extra_inputs = [n for n in ("token_type_ids",) if n in getattr(self._tokenizer, "model_input_names", ())]
+        if self._model.device.type != "cpu":
+            # Two runners: one pads and copies the next pass while the device computes this one.
+            self.pass_tokens, self.pass_texts, self.concurrent_calls = GPU_PASS_TOKENS, GPU_PASS_TEXTS, 2
         if self.batch_size is None:
-            # Every text of a forward pass is padded to its longest. On a CPU, compute
-            # grows with padded tokens and small passes lose little parallelism: with
-            # MiniLM on 2 cores, calls of 26 mixed-length texts ran at 64 texts/s with
-            # passes of 8 and at 28 with passes of 32 (and 94 vs 89 for calls of 520).
-            # A GPU needs wide passes to be busy.
-            self.batch_size = CPU_PASS if self._model.device.type == "cpu" else GPU_PASS
+            self.batch_size = self.pass_texts
         log.info(
             "loaded %s from %s on %s: dim=%d max_tokens=%d",
             self.model_id,
@@ -145,6 +159,47 @@ class SentenceTransformersEngine:
         )
         return np.asarray(vectors, dtype=np.float32)
 
+    def prepare(self, texts: list[str]) -> Prepared:
+        """Token ids of each text, with its special tokens: tokenised once, on the calling task's thread
+        (the tokenizer releases the GIL), so that passes are formed by real length and the device never
+        waits for a tokenizer. A text over the context is refused here, or cut when ``truncate`` is set."""
+        limit = self.max_tokens
+        # One token past the limit tells a text that is too long without keeping all of its tokens.
+        ids = self._tokenizer(
+            texts, add_special_tokens=True, truncation=True, max_length=limit if self.truncate else limit + 1,
+            return_attention_mask=False, return_token_type_ids=False, verbose=False,
+        )["input_ids"]  # fmt: skip
+        errors: dict[int, str] = {}
+        if not self.truncate:
+            long = [i for i, tokens in enumerate(ids) if len(tokens) > limit]
+            if long:
+                full = self._tokenizer([texts[i] for i in long], add_special_tokens=True, verbose=False)["input_ids"]
+                errors = {i: too_long(len(tokens), limit) for i, tokens in zip(long, full, strict=True)}
+        return Prepared([len(tokens) for tokens in ids], ids, errors)
+
+    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
+        """One forward pass over token ids from ``prepare``: padded to the longest, on the tokenizer's side."""
+        import torch
+
+        longest = max(map(len, inputs))
+        ids = np.full((len(inputs), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(inputs), longest), dtype=np.int64)
+        for row, tokens in enumerate(inputs):
+            span = slice(longest - len(tokens), longest) if self._pad_left else slice(0, len(tokens))
+            ids[row, span] = tokens
+            mask[row, span] = 1
+        device = self._model.device
+        features = {
+            "input_ids": torch.from_numpy(ids).to(device, non_blocking=True),
+            "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True),
+        }
+        for name in self._extra_inputs:
+            features[name] = torch.zeros_like(features["input_ids"])
+        with torch.inference_mode():
+            vectors = self._model(features)["sentence_embedding"]
+            vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=1)
+        return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+
     def _refuse_too_long(self, texts: list[str]) -> None:
         """Fail the texts the model would cut. Only texts whose bound (``token_bound``) exceeds the limit are
         tokenised: with MiniLM, texts under ~250 UTF-8 bytes never are."""
@@ -157,16 +212,11 @@ class SentenceTransformersEngine:
         if not suspects:
             return
         ids = self._tokenizer([texts[i] for i in suspects], add_special_tokens=True, verbose=False)["input_ids"]
-        too_long = {
-            i: (
-                f"the input ({len(tokens)} tokens) is longer than this model takes ({limit} tokens); "
-                "shorten it, or start the worker with EMBQ_TRUNCATE=1 to truncate"
-            )
-            for i, tokens in zip(suspects, ids, strict=True)
-            if len(tokens) > limit
+        refused = {
+            i: too_long(len(tokens), limit) for i, tokens in zip(suspects, ids, strict=True) if len(tokens) > limit
         }
-        if too_long:
-            raise EngineItemErrors(too_long)
+        if refused:
+            raise EngineItemErrors(refused)
 
     def format_query(self, instruction: str, text: str) -> str:
         return apply_instruction(self.instruction_template, instruction, text)
@@ -176,6 +226,13 @@ class SentenceTransformersEngine:
 
     def close(self) -> None:
         self._model = None
+
+
+def too_long(tokens: int, limit: int) -> str:
+    return (
+        f"the input ({tokens} tokens) is longer than this model takes ({limit} tokens); "
+        "shorten it, or have it cut: EMBQ_TRUNCATE=1 for a worker, --truncate for embq embed"
+    )
 
 
 def token_bound(tokenizer: Any) -> tuple[float, int]:

@@ -62,7 +62,7 @@ import numpy as np
 
 from producer.errors import EngineError
 from worker import metrics
-from worker.engines import EngineDead, EngineItemErrors, apply_instruction
+from worker.engines import EngineDead, EngineItemErrors, Prepared, apply_instruction, prepare_by_estimate
 from worker.engines.checkpoint import fingerprint, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,10 @@ class SGLangEngine:
         self.call_timeout = call_timeout
         self.concurrent_calls = concurrent_calls
         self.counts_tokens = True
+        #: SGLang packs the texts of a call and runs its own passes: a call is budgeted in tokens, unpadded.
+        self.pads = False
+        self.pass_tokens = 16384
+        self.pass_texts = 512
         self.dim = 0
         self.max_tokens = 0
         self._engine: Any = None
@@ -308,13 +312,19 @@ class SGLangEngine:
         too_long = {
             i: (
                 f"the input ({len(tokens)} tokens) is longer than this engine takes ({self.max_tokens - 1} tokens); "
-                "shorten it, or start the worker with EMBQ_TRUNCATE=1 to truncate"
+                "shorten it, or have it cut: EMBQ_TRUNCATE=1 for a worker, --truncate for embq embed"
             )
             for i, tokens in zip(suspects, ids, strict=True)
             if len(tokens) >= self.max_tokens
         }
         if too_long:
             raise EngineItemErrors(too_long)
+
+    def prepare(self, texts: list[str]) -> Prepared:
+        return prepare_by_estimate(texts)
+
+    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
+        return self.encode(inputs)
 
     def format_query(self, instruction: str, text: str) -> str:
         return apply_instruction(self.instruction_template, instruction, text)

