@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -265,3 +266,68 @@ def test_two_worker_kills_suspect_only_the_texts_inside_the_engine(
     splits = [int(n) for n in re.findall(r"(\d+) of the \d+ texts of a task were in an engine pass", said)]
     assert splits and all(n <= 10 for n in splits), splits  # one pass at most, not every text held
     assert "refused" not in said
+
+
+def test_workers_and_producers_ride_out_redis_restarts_under_load(tmp_path: Path) -> None:
+    """Redis killed (SIGKILL) and back on its port 1.5 s later, three times, while four producers embed:
+    the worker keeps running, and every call succeeds."""
+    data = tmp_path / "redis"
+    server = LocalRedis(data_dir=data).start()
+    model = "hash/restarts"
+    worker = LocalWorker(server.url, engine="hash", model=model, env={"EMBQ_HASH_SECONDS_PER_TEXT": "0.0005"})
+    results: list[object] = []
+    try:
+        worker.start()
+
+        def produce(n: int) -> None:
+            client = EmbeddingClient(settings=Settings(redis_url=server.url, model=model))
+            for k in range(3):
+                texts = [f"restart {n} {k} {i}" for i in range(2000)]
+                try:
+                    results.append(np.array_equal(client.embed(texts, timeout=120), hashed(texts)))
+                except Exception as e:
+                    results.append(e)
+            client.close()
+
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for _ in range(3):
+            time.sleep(2)
+            assert server.process is not None
+            server.process.kill()
+            server.process.wait()
+            time.sleep(1.5)
+            server = LocalRedis(data_dir=data, port=server.port).start()
+        for thread in threads:
+            thread.join(300)
+        assert results == [True] * 12, results
+        assert worker.process is not None and worker.process.poll() is None, worker.log_tail()
+        assert "Unrecoverable" not in worker.log_path.read_text()
+        assert worker.stop() == 0
+    finally:
+        worker.cleanup()
+        server.stop()
+
+
+def test_a_worker_rides_out_a_full_redis(start_worker: Start, make_client: Client, r: redis.Redis) -> None:
+    """A shared Redis at its memory cap, with noeviction: calls fail with Redis's reason, the worker lives
+    on (it exits 0 when stopped), and serves again once there is room."""
+    model = "hash/full-broker"
+    worker = start_worker(model)
+    client = make_client(model=model)
+    client.embed(["before it was full"], timeout=30)
+    r.set("ballast", b"\0" * (8 << 20))
+    r.config_set("maxmemory", str(int(r.info("memory")["used_memory"]) - (1 << 20)))
+    try:
+        for k in range(3):
+            with pytest.raises((ItemFailedError, BackendUnavailableError)):
+                client.embed([f"full {k} {i}" for i in range(3000)], timeout=30)
+        assert worker.process is not None and worker.process.poll() is None, worker.log_tail()
+    finally:
+        r.config_set("maxmemory", "0")
+        r.delete("ballast")
+    texts = [f"room again {i}" for i in range(100)]
+    np.testing.assert_array_equal(make_client(model=model).embed(texts, timeout=60), hashed(texts))
+    assert "Unrecoverable" not in worker.log_path.read_text()
+    assert worker.stop() == 0

@@ -65,3 +65,4 @@ def test_status_shows_embqs_own_hit_rate_per_model(
     row = next(line for line in shown.splitlines() if line.startswith("hash/test "))
     assert row.split()[-1] == "33.3%"
     assert "Redis keyspace hit rate" in shown and "not only vectors" in shown
+    assert re.search(r"now: [\d.,]+ texts/s, [\d,]+ tokens/s, engine busy \d+%", shown), shown

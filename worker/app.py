@@ -26,7 +26,7 @@ from producer import keys
 from producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
 from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
 from producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
-from worker import metrics
+from worker import kombu_fixes, metrics
 from worker.batcher import Batcher, BatcherStopped, Call
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
@@ -72,6 +72,8 @@ class Runtime:
         self.dead: str | None = None
         #: The status the worker process must exit with, when not 0.
         self.exit_code: int | None = None
+        #: The batcher's counters at the last heartbeat: ``(time, texts, tokens, padded, busy seconds)``.
+        self._last_beat: tuple[float, ...] | None = None
         #: Marks of passes that left the engine alive, removed with the next pass's marks (one round trip).
         self._left: list[tuple[str, str]] = []
         self._marks = threading.Lock()
@@ -138,9 +140,23 @@ class Runtime:
             log.critical("stopping: %s", conflict)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def progress(self) -> dict[str, int]:
+    def progress(self) -> dict[str, str]:
+        """For the heartbeat: totals, and the rates since the last beat (``embq status`` shows them)."""
         batcher = self.batcher
-        return {"texts": batcher.texts_done, "calls": batcher.calls} if batcher else {}
+        if batcher is None:
+            return {}
+        now = (time.monotonic(), batcher.texts_done, batcher.tokens_done, batcher.padded_done, batcher.busy_time())
+        last, self._last_beat = self._last_beat or now, now
+        seconds = max(now[0] - last[0], 1e-9)
+        texts, tokens, padded, busy = (now[i] - last[i] for i in range(1, 5))
+        return {
+            "texts": str(batcher.texts_done),
+            "calls": str(batcher.calls),
+            "texts_per_s": f"{texts / seconds:.1f}",
+            "tokens_per_s": f"{tokens / seconds:.0f}",
+            "busy": f"{busy / seconds:.3f}",
+            "padding": f"{padded / tokens:.3f}" if tokens else "",
+        }
 
     def set_ready(self, ready: bool) -> None:
         metrics.READY.set(int(ready))
@@ -356,6 +372,7 @@ def check_pool(pool_cls: Any) -> None:
 
 def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app that serves ``settings.shared.model`` with one engine in this process."""
+    kombu_fixes.apply()
     app = make_celery(settings.shared, main="embq.worker")
     app.conf.update(
         worker_pool="threads",

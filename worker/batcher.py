@@ -145,13 +145,14 @@ class Batcher:
         #: Told ``(call, True)`` before a pass enters the engine and ``(call, False)`` once it left it alive:
         #: a worker killed meanwhile leaves the mark of the texts that were inside (``worker.app``).
         self.on_pass = on_pass
+        self._marks_failing = False
         self.calls = 0
         self.texts_done = 0
         #: Real and padded tokens of the passes so far, and seconds with at least one pass in the engine.
         self.tokens_done = 0
         self.padded_done = 0
         self.busy_seconds = 0.0
-        self._busy_since = 0.0
+        self._busy_mark = 0.0  # busy time is counted up to here
         self.dead: str | None = None
         self._jobs: deque[Job] = deque()  # jobs with texts not yet in a pass, oldest first
         self._backlog = Backlog()  # their texts by length (not those of lone suspects)
@@ -240,7 +241,7 @@ class Batcher:
             with self._cond:
                 self.calls += 1
                 if len(self._inflight) == 1:  # the device was idle until now
-                    self._busy_since = started
+                    self._busy_mark = started
             died = False
             try:
                 self._mark(call, True)
@@ -258,20 +259,32 @@ class Batcher:
                     self._last_call_ended = time.monotonic()
                     self._last_call_seconds = self._last_call_ended - started
                     del self._inflight[id(call)]
-                    if not self._inflight:
-                        busy = self._last_call_ended - self._busy_since
-                        self.busy_seconds += busy
-                        metrics.ENGINE_BUSY_SECONDS.inc(busy)
+                    busy = self._last_call_ended - self._busy_mark  # counted at each pass, not only when idle
+                    self._busy_mark = self._last_call_ended
+                    self.busy_seconds += busy
+                    metrics.ENGINE_BUSY_SECONDS.inc(busy)
                     if call.alone:
                         self._exclusive = False
                     self._cond.notify_all()
 
+    def busy_time(self) -> float:
+        """Seconds with at least one pass in the engine so far, the pass running now included."""
+        with self._cond:
+            return self.busy_seconds + (time.monotonic() - self._busy_mark if self._inflight else 0.0)
+
     def _mark(self, call: Call, entering: bool) -> None:
-        if self.on_pass is not None:
-            try:
-                self.on_pass(call, entering)
-            except Exception as e:  # a mark is evidence for later, never a reason to fail a pass
-                log.warning("could not mark a pass %s the engine: %s", "entering" if entering else "leaving", e)
+        if self.on_pass is None:
+            return
+        try:
+            self.on_pass(call, entering)
+        except Exception as e:  # a mark is evidence for later, never a reason to fail a pass
+            if not self._marks_failing:
+                log.warning("cannot mark passes in the engine (%s); passes go on without marks", e)
+            self._marks_failing = True
+            return
+        if self._marks_failing and entering:  # leaving is only noted: entering is what reaches Redis
+            log.info("passes in the engine are marked again")
+            self._marks_failing = False
 
     def _next_call(self) -> Call | None:
         with self._cond:

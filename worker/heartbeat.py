@@ -33,7 +33,7 @@ class Heartbeat:
         self,
         cache: redis.Redis,
         fields: dict[str, str],
-        progress: Callable[[], dict[str, int]],
+        progress: Callable[[], dict[str, str]],
         also: Callable[[], None] | None = None,
     ) -> None:
         self.cache = cache

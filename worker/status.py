@@ -75,6 +75,12 @@ def render_status(settings: Settings) -> str:
             f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s  "
             + (f"metrics :{port}" if port not in ("", "0") else "no metrics")
         )
+        if "texts_per_s" in w:  # over its last heartbeat interval
+            padding = f", padded/real tokens {w['padding']}" if w.get("padding") else ""
+            lines.append(
+                f"    now: {float(w['texts_per_s']):,.1f} texts/s, {float(w.get('tokens_per_s', 0)):,.0f} tokens/s, "
+                f"engine busy {float(w.get('busy', 0)):.0%}{padding}"
+            )
     keyspace = {"hits": info.get("keyspace_hits", 0), "misses": info.get("keyspace_misses", 0)}
     lines += [
         "",
