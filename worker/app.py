@@ -190,7 +190,10 @@ class Runtime:
         for task, rows in tasks.items():
             pipe.hset(keys.attempts_key(task), name, np.asarray(rows, dtype="<u4").tobytes())
             pipe.expire(keys.attempts_key(task), keys.ATTEMPTS_TTL)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError as e:  # said without the commands: they would show keys and rows
+            raise BackendUnavailableError(f"the cache Redis refused the marks: {refusal(e)}") from None
 
     def on_engine_dead(self, reason: str) -> None:
         """Never a worker that takes tasks it cannot serve: unready, warm shutdown, exit."""

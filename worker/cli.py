@@ -233,12 +233,12 @@ def run_cache(args: argparse.Namespace) -> int:
 def run_flower(args: argparse.Namespace) -> int:
     """Flower reads its own options from FLOWER_* variables too (FLOWER_BASIC_AUTH=user:password);
     without auth its /api answers 401 unless FLOWER_UNAUTHENTICATED_API=true."""
-    import importlib.util
-
     from producer.contract import make_celery
 
-    if importlib.util.find_spec("flower") is None:
-        raise ConfigurationError("embq flower needs the extra embq[flower]: pip install 'embq[flower]'")
+    try:
+        import flower  # noqa: F401  # Celery finds its command through the package
+    except ImportError as e:
+        raise ConfigurationError(f"embq flower needs the extra embq[flower]: pip install 'embq[flower]' ({e})") from e
     if args.address not in ("127.0.0.1", "localhost", "::1"):
         log.warning("Flower listens on %s:%d: set FLOWER_BASIC_AUTH=user:password", args.address, args.port)
     app = make_celery(Settings.from_env())
