@@ -237,10 +237,14 @@ class LocalWorker:
             **child_options(self.private, signal.SIGKILL, self.pass_fds),
         )
         log.info("started worker pid=%d (%s, %s)", self.process.pid, self.engine, self.model)
-        if not wait:
-            return self
+        if wait:
+            self.wait_ready(timeout)
+        return self
 
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Return once the worker is ready; raise ``EmbqError`` (and stop it) if it exits or times out first."""
         process = self.process
+        assert process is not None, "start the worker first"
 
         def ready() -> bool:  # ``process``, not ``self.process``: another thread's ``stop`` clears that
             if process.poll() is not None:
@@ -252,7 +256,6 @@ class LocalWorker:
         except BaseException:
             self.stop(grace=1)  # never leave a half-started worker behind; it holds no work yet
             raise
-        return self
 
     def why_it_stopped(self) -> str:
         """The worker's own one-line reason (its CRITICAL lines), else the tail of its log."""

@@ -80,6 +80,7 @@ class PrivateStack:
         #: Set by ``stop``: a worker must not start after it (``start_worker`` runs on another thread).
         self.stopped = False
         self._guard = threading.Lock()
+        self._keeper_done = threading.Event()
 
     def start(self) -> dict[str, str]:
         """Start the private Redis; the worker starts with ``start_worker``, at the first text not cached."""
@@ -125,8 +126,29 @@ class PrivateStack:
                 pass_fds=(self.lock.fd,),
             )
             worker = self.worker
-        worker.start(timeout=START_TIMEOUT)
+        self._launch(worker)
+        worker.wait_ready(timeout=START_TIMEOUT)
         self.say(f"worker ready in {time.monotonic() - started:.1f}s")
+
+    def _launch(self, worker: LocalWorker) -> None:
+        """Start the worker process from a thread that lives until ``stop_worker``: the signal that kills
+        a private child when its parent dies (``PR_SET_PDEATHSIG``) follows the thread that started it, and
+        the caller's thread (the client's dispatcher) ends before the job does."""
+        launched = threading.Event()
+        failed: list[BaseException] = []
+
+        def keep() -> None:
+            try:
+                worker.start(wait=False)
+            except BaseException as e:
+                failed.append(e)
+            launched.set()
+            self._keeper_done.wait()
+
+        threading.Thread(target=keep, name="embq-private-worker", daemon=True).start()
+        launched.wait()
+        if failed:
+            raise failed[0]
 
     def _busy(self, holder: int | None) -> None:
         who = f"the embq embed (pid {holder})" if holder else "another embq embed"
@@ -137,8 +159,11 @@ class PrivateStack:
         with self._guard:
             self.stopped = True
             worker, self.worker = self.worker, None
-        if worker is not None:
-            worker.stop(grace=(FAST_GRACE if fast else GRACE)[0])
+        try:
+            if worker is not None:
+                worker.stop(grace=(FAST_GRACE if fast else GRACE)[0])
+        finally:
+            self._keeper_done.set()
 
     def stop(self, fast: bool) -> None:
         """Worker first (it must not outlive its Redis), then Redis; ``fast`` after an interruption.
