@@ -205,7 +205,7 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLa
 def test_flower_without_its_extra_is_one_line(tmp_path: Path, redis_url: str) -> None:
     shim = tmp_path / "flower"
     shim.mkdir()
-    (shim / "__init__.py").write_text('raise ImportError("No module named \'flower\'")\n', encoding="utf-8")
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'flower'\")\n", encoding="utf-8")
     done = embq("flower", env=clean_env(EMBQ_REDIS_URL=redis_url, PYTHONPATH=str(tmp_path)), timeout=60)
     assert done.returncode == 2, done.stderr
     assert "pip install 'embq[flower]'" in done.stderr and "Traceback" not in done.stderr
