@@ -259,10 +259,6 @@ class Runtime:
             pipe.execute()
         return int(starts), deaths, suspects
 
-    def requeue(self, task_id: str, stopped: BatcherStopped) -> Reject:
-        """Send a task back; its marks (``on_pass``) say which of its rows were in the engine when it died."""
-        return Reject(str(stopped), requeue=True)
-
 
 def wait_for_redis(role: str, url: str, wait: float) -> None:
     """Return once the Redis at ``url`` answers; raise ``BackendUnavailableError`` after ``wait`` seconds.
@@ -400,8 +396,8 @@ def create_app(settings: WorkerSettings) -> Celery:
                 return runtime.embed(
                     payload, self.request.id, lambda part, index: send_part(self.request.id, part, index)
                 )
-            except BatcherStopped as e:
-                raise runtime.requeue(self.request.id, e) from e
+            except BatcherStopped as e:  # back to the queue; the marks of ``on_pass`` name its suspects
+                raise Reject(str(e), requeue=True) from e
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             raise  # retried (autoretry_for)
         except redis.exceptions.RedisError as e:

@@ -51,13 +51,8 @@ LINGER_MAX = 0.05
 class BatcherStopped(RuntimeError):
     """Raised to a task whose texts were not embedded because the worker stops or its engine died.
 
-    ``in_engine`` tells whether its texts were inside the engine call that died
-    (they may be the cause) or only waiting for one (they are not).
+    Which of its texts were inside the engine when it died is told by the marks of ``on_pass``.
     """
-
-    def __init__(self, message: str, in_engine: bool = False) -> None:
-        super().__init__(message)
-        self.in_engine = in_engine
 
 
 @dataclass(eq=False)
@@ -76,7 +71,6 @@ class Job:
     errors: dict[int, str] = field(default_factory=dict)
     remaining: int = field(init=False)
     aborted: str | None = None
-    aborted_in_engine: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
     #: Each text's tokens, and the engine's input for it (``Engine.prepare``).
@@ -213,7 +207,7 @@ class Batcher:
                 self._cond.notify_all()
         job.done.wait()
         if job.aborted:
-            raise BatcherStopped(job.aborted, job.aborted_in_engine)
+            raise BatcherStopped(job.aborted)
         return job
 
     def _prepare(self, job: Job) -> None:
@@ -449,16 +443,14 @@ class Batcher:
         with self._cond:
             first = self.dead is None
             self.dead = self.dead or reason
-            in_engine = {id(job) for call in self._inflight.values() for job in call.jobs}
             jobs = {id(job): job for call in self._inflight.values() for job in call.jobs}
             jobs.update({id(job): job for job in self._jobs})
             self._jobs.clear()
             self._backlog.clear()
             self._queued_texts = self._queued_tokens = 0
-            for key, job in jobs.items():
+            for job in jobs.values():
                 if not job.done.is_set():
                     job.aborted = f"engine dead: {reason}"
-                    job.aborted_in_engine = key in in_engine
                     job.done.set()
             self._cond.notify_all()
         if first:
