@@ -1,12 +1,13 @@
-"""CPU per text in a worker's own process around the real SGLang tokenizer manager, batch encode off and on.
+"""CPU per text in a worker's own process around the real SGLang engine: hosted in the worker's process,
+or in a host process of its own (the worker's way, ``worker.engines.sglang_host``).
 
 Run with the SGLang test environment (``python -m tests.sglang_cpu.environment``
-builds it): ``.venv-sglang/bin/python -m bench.sglang_tokenizer``. It hosts the
-worker's ``SGLangEngine`` on the real ``sglang.Engine`` with the CPU scheduler of
-``tests/sglang_cpu`` and measures, with ``psutil``, the CPU time of this process
-alone (its threads: the tokenizer manager's event loop, our engine calls), which
-on a GPU machine is the process that also runs the queue. The scheduler child's
-own CPU (the forward pass, here on the CPU) is reported apart and is not the point.
+builds it): ``.venv-sglang/bin/python -m bench.sglang_tokenizer``. Both ways run
+the real ``sglang.Engine`` with the CPU scheduler of ``tests/sglang_cpu``; ``psutil``
+measures the CPU time of this process alone (on a GPU machine, the process that
+also runs the queue), of the host process when there is one (SGLang's tokenizer
+manager), and of SGLang's scheduler and detokenizer (here the forward pass on
+the CPU, which is not the point).
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import argparse
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from bench.texts import make_texts
 from tests.sglang_cpu.model import build_model
 from worker.engines.sglang import SGLangEngine
+from worker.engines.sglang_host import SGLangHostEngine
 
 ENGINE_CLASS = "tests.sglang_cpu.engine:CpuSchedulerEngine"
+#: What SGLang's scheduler and detokenizer processes are named (``sglang::scheduler``, ...).
+SGLANG_CHILDREN = ("schedul", "detoken")
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -31,30 +37,32 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def measure(model: Path, texts: list[str], batch: int, batch_encode: bool) -> tuple[float, float, float]:
-    """(µs of this process's CPU per text, µs of the children's, texts/s)."""
-    engine = SGLangEngine(
-        str(model),
-        context_length=512,
-        engine_class=ENGINE_CLASS,
-        concurrent_calls=1,
-        sglang_args={"device": "cpu", "enable_tokenizer_batch_encode": batch_encode},
-    )
+def measure(model: Path, texts: list[str], batch: int, fronts: int) -> tuple[float, float, float, float]:
+    """(µs of CPU per text of this process, of SGLang's front ends, of SGLang's scheduler and detokenizer;
+    texts/s). ``fronts`` 0 hosts SGLang in this process; otherwise in a host process with that many fronts.
+    Calls are made as the worker makes them: ``concurrent_calls`` at once."""
+    options: dict[str, Any] = {"context_length": 512, "engine_class": ENGINE_CLASS, "sglang_args": {"device": "cpu"}}
+    if fronts > 1:
+        options["sglang_args"]["tokenizer_worker_num"] = fronts
+    engine = SGLangHostEngine(str(model), **options) if fronts else SGLangEngine(str(model), **options)
     engine.load()
     try:
         me = psutil.Process()
-        children = me.children(recursive=True)
-        engine.encode(texts[:batch])  # warm
-        mine, theirs = cpu_seconds(me), sum(cpu_seconds(c) for c in children)
+        processes = me.children(recursive=True)
+        sglang = [p for p in processes if any(n in p.name() for n in SGLANG_CHILDREN)]
+        front_ends = [p for p in processes if p not in sglang]
+        batches = [texts[start : start + batch] for start in range(0, len(texts), batch)]
+        engine.encode(batches[0])  # warm
+        before = [cpu_seconds(me), sum(map(cpu_seconds, front_ends)), sum(map(cpu_seconds, sglang))]
         started = time.perf_counter()
-        for start in range(0, len(texts), batch):
-            engine.encode(texts[start : start + batch])
+        with ThreadPoolExecutor(max(1, engine.concurrent_calls)) as calls:
+            list(calls.map(engine.encode, batches))
         wall = time.perf_counter() - started
-        mine = cpu_seconds(me) - mine
-        theirs = sum(cpu_seconds(c) for c in children) - theirs
+        after = [cpu_seconds(me), sum(map(cpu_seconds, front_ends)), sum(map(cpu_seconds, sglang))]
     finally:
         engine.close()
-    return mine / len(texts) * 1e6, theirs / len(texts) * 1e6, len(texts) / wall
+    mine, fronts_cpu, theirs = ((b - a) * 1e6 / len(texts) for a, b in zip(before, after, strict=True))
+    return mine, fronts_cpu, theirs, len(texts) / wall
 
 
 def main() -> None:
@@ -66,11 +74,14 @@ def main() -> None:
     texts = make_texts(args.texts, seed=11, max_words=60)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "tiny-qwen3")
-        rows = [(on, *measure(model, texts, args.batch, on)) for on in (False, True)]
+        rows = [(fronts, *measure(model, texts, args.batch, fronts)) for fronts in (0, 1, 2)]
     print(f"{args.texts} texts, {args.batch} per engine call, median {sorted(map(len, texts))[len(texts) // 2]} chars")
-    print(f"{'enable_tokenizer_batch_encode':<32}{'worker µs/text':>16}{'scheduler µs/text':>19}{'texts/s':>10}")
-    for on, mine, theirs, rate in rows:
-        print(f"{on!s:<32}{mine:>16.1f}{theirs:>19.1f}{rate:>10.0f}")
+    print(
+        f"{'SGLang hosted in':<32}{'worker µs/text':>16}{'fronts µs/text':>16}{'scheduler µs/text':>19}{'texts/s':>10}"
+    )
+    for fronts, mine, front_ends, theirs, rate in rows:
+        where = f"a host process, {fronts} front{'s' if fronts > 1 else ''}" if fronts else "the worker's process"
+        print(f"{where:<32}{mine:>19.1f}{front_ends:>19.1f}{theirs:>19.1f}{rate:>19.0f}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,17 @@ for name in list(os.environ):
 
 
 def alive(pid: int) -> bool:
-    """Whether a process of that PID exists (zombies of our own children count as gone once reaped)."""
+    """Whether a process of that PID runs: a zombie (dead, waiting for its parent or for init to reap it)
+    does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True  # no procfs: existing is all we can tell
 
 
 class Background:

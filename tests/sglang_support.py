@@ -66,7 +66,18 @@ def sglang(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangCpu]:
 
 
 def pids_in_log(worker: LocalWorker) -> list[int]:
-    """The engine's child processes, as the worker logged them at start."""
-    found = re.search(r"SGLang children: \[([\d, ]*)\]", worker.log_path.read_text())
+    """The engine's processes, as the worker logged them at start: its host and SGLang's children."""
+    log = worker.log_path.read_text()
+    host = re.search(r"SGLang host process: (\d+)", log)
+    children = re.search(r"SGLang children: \[([\d, ]*)\]", log)
+    assert host and children, worker.log_tail()
+    fronts = re.search(r"SGLang front processes: \[([\d, ]*)\]", log)
+    listed = children.group(1) + "," + (fronts.group(1) if fronts else "")
+    return [int(host.group(1))] + [int(p) for p in listed.split(",") if p.strip()]
+
+
+def front_pids(worker: LocalWorker) -> list[int]:
+    """The processes that joined the host's engine as SGLang tokenizer workers (``tokenizer_worker_num``)."""
+    found = re.search(r"SGLang front processes: \[([\d, ]*)\]", worker.log_path.read_text())
     assert found, worker.log_tail()
     return [int(p) for p in found.group(1).split(",") if p.strip()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,12 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import redis
 
 from producer import EmbeddingClient, ItemFailedError, keys
 from tests.conftest import Background, alive, embed_in_background
-from tests.sglang_support import CONTEXT, SGLangCpu, pids_in_log
+from tests.sglang_support import CONTEXT, SGLangCpu, front_pids, pids_in_log
 from worker.local import LocalWorker, wait_until
 from worker.tasks import MAX_ENGINE_DEATHS
 
@@ -250,3 +252,43 @@ def test_sigterm_finishes_the_batch_in_flight_and_returns_the_rest(
     assert not any(alive(pid) for pid in children)
     start_sglang(start_worker, sglang)
     np.testing.assert_allclose(join(), sglang.expected(texts), atol=1e-5)
+
+
+def test_a_killed_engine_host_makes_the_worker_requeue_and_exit(
+    start_worker: Start, make_client: Client, sglang: SGLangCpu, r: redis.Redis
+) -> None:
+    worker = start_sglang(start_worker, sglang, env=sglang.env(EMBQ_TEST_SCHEDULER_DELAY="3", EMBQ_CONCURRENCY="1"))
+    host, *children = pids_in_log(worker)
+    model = str(sglang.model)
+    texts = ["hosted 1", "hosted 2"]
+    join = embed_in_background(make_client(model=model), texts)
+    wait_until(lambda: int(r.llen(keys.queue_name(model))) == 0, 30, "the worker to take the task")
+    time.sleep(1)  # the pass is in the engine
+    os.kill(host, signal.SIGKILL)
+    assert worker.process is not None
+    wait_until(lambda: worker.process.poll() is not None, 60, "the worker to exit")
+    assert worker.process.returncode == 4, worker.log_tail()
+    assert "the SGLang host process or one of its fronts exited" in worker.log_path.read_text()
+    wait_until(lambda: not any(alive(pid) for pid in children), 30, "SGLang's children to follow their host")
+    assert r.llen(keys.queue_name(model)) == 1, worker.log_tail(80)
+    start_sglang(start_worker, sglang)
+    np.testing.assert_allclose(join(), sglang.expected(texts), atol=1e-5)
+
+
+def test_fronts_of_sglangs_multi_tokenizer_mode_share_the_work_and_die_with_the_worker(
+    start_worker: Start, make_client: Client, sglang: SGLangCpu
+) -> None:
+    env = sglang.env({"tokenizer_worker_num": 2}, EMBQ_BATCH_MAX_TEXTS="64")
+    worker = start_sglang(start_worker, sglang, env=env)
+    engine = pids_in_log(worker)
+    (front,) = front_pids(worker)
+    before = psutil.Process(front).cpu_times()
+    client = make_client(model=str(sglang.model), task_max_texts=64)
+    texts = [f"front text {i} " + "word " * (i % 30) for i in range(2000)]
+    np.testing.assert_allclose(client.embed(texts, timeout=120), sglang.expected(texts), atol=1e-5)
+    after = psutil.Process(front).cpu_times()
+    assert after.user + after.system - before.user - before.system > 0.1  # the joined front answered passes
+    assert worker.process is not None
+    worker.process.kill()
+    worker.process.wait(timeout=10)
+    wait_until(lambda: not any(alive(pid) for pid in engine), 30, "the engine host and SGLang's children to end")

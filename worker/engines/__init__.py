@@ -112,7 +112,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 #: Engine name -> "module:class". ``sglang`` hosts one SGLang engine per GPU.
 ENGINES: dict[str, str] = {
-    "sglang": "worker.engines.sglang:SGLangEngine",
+    "sglang": "worker.engines.sglang_host:SGLangHostEngine",
     "sentence-transformers": "worker.engines.sentence_transformers:SentenceTransformersEngine",
     "hash": "worker.engines.hash:HashEngine",
 }

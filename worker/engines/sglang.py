@@ -154,9 +154,13 @@ class SGLangEngine:
         concurrent_calls: int = 2,
         sglang_args: dict[str, Any] | None = None,
         engine_class: str = DEFAULT_ENGINE_CLASS,
+        attach_to: int | None = None,
         **_: Any,
     ) -> None:
         self.model = model
+        #: The PID of a process hosting an engine with ``tokenizer_worker_num`` > 1: this one then joins it
+        #: as one more tokenizer worker (``Engine.attach_tokenizer_worker``) instead of starting its own.
+        self.attach_to = attach_to
         self.options: dict[str, Any] = {
             "mem_fraction_static": mem_fraction_static,
             "max_running_requests": max_running_requests,
@@ -224,14 +228,17 @@ class SGLangEngine:
         if threading.current_thread() is not threading.main_thread():
             log.warning("SGLang is created off the main thread: it cannot install its child-failure handler")
         kwargs = self.engine_kwargs()
-        log.info("starting SGLang engine %s: %s", self.engine_class, kwargs)
         # SGLang's loggers at SGLang's own level (``log_level``, "error" unless given):
         # ours stays at the worker's, which keep_logging restores.
         logging.getLogger("sglang").setLevel(str(kwargs.get("log_level", "error")).upper())
-        _hosted = self
         try:
             with keep_logging():
-                self._engine = engine_class(**kwargs)
+                if self.attach_to is not None:
+                    self._engine = engine_class.attach_tokenizer_worker(self.attach_to)
+                else:
+                    log.info("starting SGLang engine %s: %s", self.engine_class, kwargs)
+                    _hosted = self
+                    self._engine = engine_class(**kwargs)
         except TypeError as e:
             raise EngineError(f"sglang.Engine refused its options: {e}") from e
         except Exception as e:
@@ -246,13 +253,20 @@ class SGLangEngine:
         limits = [manager.context_len, getattr(manager, "max_req_input_len", None)]
         self.max_tokens = int(min(limit for limit in limits if limit))
         self._tokenizer = _own_copy(manager.tokenizer)
-        self._children = multiprocessing.active_children()  # SGLang's scheduler and detokenizer
-        log.info("SGLang children: %s", [p.pid for p in self._children])
+        if self.attach_to is None:
+            self._children = multiprocessing.active_children()  # SGLang's scheduler and detokenizer
+            log.info("SGLang children: %s", [p.pid for p in self._children])
         probe = self._call(["embq warm-up"], timeout=max(self.call_timeout, WARMUP_TIMEOUT))
         self.dim = len(probe[0]["embedding"])
         log.info("SGLang engine ready: model=%s dim=%d max input tokens=%d", self.model, self.dim, self.max_tokens)
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        vectors, tokens = self.encode_counted(texts)
+        metrics.TOKENS_EMBEDDED.inc(tokens)
+        return vectors
+
+    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """The vectors of ``texts`` and the tokens SGLang counted in them."""
         if not self.truncate:
             self._refuse_too_long(texts)
         results = self._call(texts)
@@ -263,10 +277,10 @@ class SGLangEngine:
         }
         if refused:
             raise EngineItemErrors(refused)
-        metrics.TOKENS_EMBEDDED.inc(sum(int(r.get("meta_info", {}).get("prompt_tokens", 0)) for r in results))
+        tokens = sum(int(r.get("meta_info", {}).get("prompt_tokens", 0)) for r in results)
         vectors = np.asarray([r["embedding"] for r in results], dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # Qwen3 pools normalised; others may not
-        return np.divide(vectors, norms, out=vectors, where=norms > 0)
+        return np.divide(vectors, norms, out=vectors, where=norms > 0), tokens
 
     def _call(self, texts: list[str], timeout: float | None = None) -> list[dict[str, Any]]:
         if self._dead or self._loop is None or self._engine is None:
