@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", nargs="+", choices=list(TEXTS), default=["0.6b", "4b"])
     parser.add_argument("--texts", type=int, help="texts per shape (default: by shape)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--packed", action="store_true", help="the worker runs packed passes (EMBQ_PACKED_PASSES=1; flex attention)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
@@ -89,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
             path = build_sentence_transformer(Path(scratch) / shape, shape, dtype=dtype)
             texts = make_texts(args.texts or TEXTS[shape], seed=7)
-            comparison = compare(str(path), texts, device=device, batch_sizes=(64, 256), sampler=DeviceSampler)
-            print(f"Qwen3-Embedding-{shape} shape, random weights, {dtype} on {device}", flush=True)
+            env = {"EMBQ_PACKED_PASSES": "1"} if args.packed else {}
+            comparison = compare(
+                str(path), texts, device=device, batch_sizes=(64, 256), worker_env=env, sampler=DeviceSampler
+            )
+            passes = "packed" if args.packed else "padded"
+            print(f"Qwen3-Embedding-{shape} shape, random weights, {dtype} on {device}, {passes} passes", flush=True)
             print("\n".join(comparison.lines()), flush=True)
             results[shape] = {**comparison.__dict__, "ratio": comparison.ratio}
             shutil.rmtree(path, ignore_errors=True)

@@ -54,3 +54,33 @@ def test_mixed_lengths_cost_little_padding_and_give_the_models_own_vectors(
     want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
     assert (vectors * want).sum(axis=1).min() >= 0.999
     assert np.isfinite(vectors).all()
+
+
+@pytest.mark.parametrize("model", ["minilm", "qwen3-shaped"])
+def test_packed_passes_pad_nothing_and_give_the_padded_paths_vectors(
+    model: str,
+    start_worker: Callable[..., LocalWorker],
+    make_client: Callable[..., EmbeddingClient],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``EMBQ_PACKED_PASSES=1``: each pass is one sequence of its texts' tokens (transformers' packed-sequence
+    masks; flex attention on CUDA, a dense mask on this CPU), pooled per text (mean for MiniLM, last token for
+    Qwen3-Embedding): not one padded token, and ``SentenceTransformer.encode``'s vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    path = (
+        resolve_model_path(DEFAULT_MODEL)
+        if model == "minilm"
+        else str(build_sentence_transformer(Path(tmp_path_factory.mktemp("qwen3")), "tiny"))
+    )
+    port = free_port()
+    env = {"EMBQ_METRICS_PORT": str(port), "EMBQ_TRUNCATE": "1", "EMBQ_PACKED_PASSES": "1"}
+    worker = start_worker(path, engine="sentence-transformers", env=env)
+    assert "packed passes:" in worker.log_path.read_text() and "packed passes\n" in worker.log_path.read_text()
+    texts = make_texts(300, seed=4343, min_words=4, max_words=200)
+    before = pass_tokens(port)
+    vectors = make_client(model=path, task_max_texts=64).embed(texts, timeout=600)
+    real, padded = (after - was for after, was in zip(pass_tokens(port), before, strict=True))
+    assert real > 0 and padded == real, (real, padded)
+    want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
+    assert (vectors * want).sum(axis=1).min() >= 0.999

@@ -43,6 +43,10 @@ class WorkerSettings:
     #: Texts per forward pass inside one sentence-transformers call; None picks
     #: by device (see ``SentenceTransformersEngine``).
     engine_batch_size: int | None = None
+    #: sentence-transformers: run each pass padding-free, its texts packed into one sequence with
+    #: attention kept within each text (flex attention on CUDA), where the model allows it; checked
+    #: against the padded path at load, which stays the fallback (see ``SentenceTransformersEngine``).
+    packed_passes: bool = False
     #: Width of the hash engine's vectors.
     hash_dim: int = 384
     #: Seconds the hash engine spends per text, to load-test the queue against a slow model (0: none).
@@ -129,6 +133,7 @@ class WorkerSettings:
         return {
             "device": self.device,
             "batch_size": self.engine_batch_size,
+            "packed": self.packed_passes,
             "dim": self.hash_dim,
             "seconds_per_text": self.hash_seconds_per_text,
             "dtype": self.dtype,
@@ -181,6 +186,7 @@ ENV_NAMES: dict[str, str] = {
     "cache_dtype": "EMBQ_CACHE_DTYPE",
     "device": "EMBQ_DEVICE",
     "engine_batch_size": "EMBQ_ENGINE_BATCH_SIZE",
+    "packed_passes": "EMBQ_PACKED_PASSES",
     "hash_dim": "EMBQ_HASH_DIM",
     "hash_seconds_per_text": "EMBQ_HASH_SECONDS_PER_TEXT",
     "ready_file": "EMBQ_READY_FILE",

