@@ -14,7 +14,7 @@ from bench.texts import make_texts
 from producer import EmbeddingClient
 from producer.settings import DEFAULT_MODEL
 from tests.sglang_cpu.model import build_sentence_transformer
-from worker.engines.sentence_transformers import resolve_model_path
+from worker.engines.sentence_transformers import activation_bytes, pass_budget, resolve_model_path
 from worker.local import LocalWorker, free_port
 
 pytestmark = pytest.mark.model
@@ -84,3 +84,15 @@ def test_packed_passes_pad_nothing_and_give_the_padded_paths_vectors(
     assert real > 0 and padded == real, (real, padded)
     want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
     assert (vectors * want).sum(axis=1).min() >= 0.999
+
+
+def test_gpu_passes_grow_with_the_memory_the_weights_leave() -> None:
+    """Qwen3-Embedding shapes in bf16 (hidden, intermediate): on an H200 with the weights loaded, the widest
+    passes; on a 24 GB card holding the 4B model, narrower ones; never under the GPU defaults."""
+    gib = 2**30
+    small, large = activation_bytes(1024, 3072, 2), activation_bytes(2560, 9728, 2)
+    assert pass_budget(138 * gib, small) == (131072, 2048)
+    assert pass_budget(130 * gib, large) == (131072, 2048)
+    assert pass_budget(14 * gib, large) == (32768, 1024)
+    assert pass_budget(80 * gib, large) == (65536, 1024)
+    assert pass_budget(1 * gib, large) == (32768, 1024)
