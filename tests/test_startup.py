@@ -115,6 +115,21 @@ def test_a_worker_that_lost_redis_exits_promptly_on_sigterm() -> None:
         worker.cleanup()
 
 
+def test_ctrl_c_stops_a_worker_warmly_with_the_status_of_an_interrupt(
+    start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient]
+) -> None:
+    """Celery's own Ctrl-C handler stops with the exit code of a failure, which read as "Celery stopped on an
+    error" (5): a supervisor or a shell must tell a user's interrupt (130) from a crash."""
+    worker = start_worker("hash/interrupted")
+    texts = ["before the interrupt", "and another"]
+    vectors = make_client(model="hash/interrupted").embed(texts, timeout=30)
+    np.testing.assert_array_equal(vectors, [hash_vector(t, 384) for t in texts])
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGINT)
+    assert worker.process.wait(30) == 130, worker.log_tail()
+    assert "Warm shutdown" in worker.log_path.read_text()
+
+
 @pytest.mark.parametrize("offline", [True, False])
 def test_a_model_that_is_nowhere_fails_fast_in_one_line(redis_url: str, offline: bool) -> None:
     env = {"EMBQ_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1" if offline else ""}

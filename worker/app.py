@@ -45,6 +45,8 @@ EXIT_ENGINE_DEAD = 4
 #: Exit status of a worker Celery stopped on an error it could not recover from (its tasks return to the
 #: queue after the visibility timeout): its supervisor restarts it.
 EXIT_WORKER_FAILED = 5
+#: Exit status of a worker stopped by Ctrl-C (SIGINT) after a warm shutdown, as shells report an interrupt.
+EXIT_INTERRUPTED = 130
 #: Seconds a heartbeat, signature or shutdown command may wait for the cache Redis: they are tiny,
 #: and a shutdown must not wait long for a Redis that hangs.
 CONTROL_TIMEOUT = 2.0
@@ -425,6 +427,22 @@ def create_app(settings: WorkerSettings) -> Celery:
     def on_ready(sender: Any, **_: Any) -> None:
         if sender.app is app:
             runtime.set_ready(True)
+            note_interrupts()
+
+    def note_interrupts() -> None:
+        """Celery's Ctrl-C handler stops the worker with the exit code of a failure: tell it apart."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        celerys = signal.getsignal(signal.SIGINT)
+        if not callable(celerys):
+            return
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            if runtime.exit_code is None:
+                runtime.exit_code = EXIT_INTERRUPTED
+            celerys(signum, frame)
+
+        signal.signal(signal.SIGINT, on_interrupt)
 
     def on_shutdown(sender: Any, **_: Any) -> None:
         # Celery stops with exitcode 1 after an "Unrecoverable error" but its CLI exits 0: a supervisor
