@@ -36,6 +36,25 @@ def prepare_by_estimate(texts: list[str]) -> Prepared:
     return Prepared([estimate_tokens(t) for t in texts], list(texts), {})
 
 
+class TextsAsTheyAre:
+    """The part of ``Engine`` shared by engines that take texts as they are, untokenised, and prefix
+    instructions by ``instruction_template``: their passes are budgeted by estimated tokens."""
+
+    instruction_template: str | None
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def prepare(self, texts: list[str]) -> Prepared:
+        return prepare_by_estimate(texts)
+
+    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
+        return self.encode(inputs)
+
+    def format_query(self, instruction: str, text: str) -> str:
+        return apply_instruction(self.instruction_template, instruction, text)
+
+
 class Engine(Protocol):
     """The surface the batcher needs. ``encode`` returns float32 ``(len(texts), dim)``, L2-normalised.
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.engines import Prepared, apply_instruction, prepare_by_estimate
+from worker.engines import TextsAsTheyAre
 
 
 def hash_vector(text: str, dim: int) -> np.ndarray:
@@ -23,7 +23,7 @@ def hash_vector(text: str, dim: int) -> np.ndarray:
     return vector
 
 
-class HashEngine:
+class HashEngine(TextsAsTheyAre):
     """Any model name; ``dim`` sets the width. Instructions prefix the text, as for sentence-transformers."""
 
     name = "hash"
@@ -64,15 +64,6 @@ class HashEngine:
         for row, text in enumerate(texts):
             out[row] = hash_vector(text, self.dim)
         return out
-
-    def prepare(self, texts: list[str]) -> Prepared:
-        return prepare_by_estimate(texts)
-
-    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
-        return self.encode(inputs)
-
-    def format_query(self, instruction: str, text: str) -> str:
-        return apply_instruction(self.instruction_template, instruction, text)
 
     def healthy(self) -> bool:
         return True

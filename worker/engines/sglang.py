@@ -62,7 +62,7 @@ import numpy as np
 
 from producer.errors import EngineError
 from worker import metrics
-from worker.engines import EngineDead, EngineItemErrors, Prepared, apply_instruction, prepare_by_estimate
+from worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
 from worker.engines.checkpoint import fingerprint, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def load_class(path: str) -> Any:
         raise EngineError(f"no engine class {path!r}: {e}") from e
 
 
-class SGLangEngine:
+class SGLangEngine(TextsAsTheyAre):
     """Hosts one SGLang engine; options map one to one onto ``sglang.Engine`` keywords."""
 
     name = "sglang"
@@ -333,15 +333,6 @@ class SGLangEngine:
         }
         if too_long:
             raise EngineItemErrors(too_long)
-
-    def prepare(self, texts: list[str]) -> Prepared:
-        return prepare_by_estimate(texts)
-
-    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
-        return self.encode(inputs)
-
-    def format_query(self, instruction: str, text: str) -> str:
-        return apply_instruction(self.instruction_template, instruction, text)
 
     def healthy(self) -> bool:
         if self._dead or self._loop_thread is None or not self._loop_thread.is_alive():

@@ -40,7 +40,7 @@ import numpy as np
 
 from producer.errors import EngineError
 from worker import metrics
-from worker.engines import EngineDead, EngineItemErrors, Prepared, apply_instruction, prepare_by_estimate
+from worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
 from worker.engines.sglang import QWEN3_INSTRUCTION, WARMUP_TIMEOUT, SGLangEngine
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Front:
     calls: dict[int, concurrent.futures.Future[Any]] = field(default_factory=dict)
 
 
-class SGLangHostEngine:
+class SGLangHostEngine(TextsAsTheyAre):
     """The ``sglang`` engine of a worker; takes the options of ``SGLangEngine``."""
 
     name = "sglang"
@@ -206,15 +206,6 @@ class SGLangHostEngine:
         for future in calls:
             if not future.done():
                 future.set_result(("dead", self._dead))
-
-    def prepare(self, texts: list[str]) -> Prepared:
-        return prepare_by_estimate(texts)
-
-    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
-        return self.encode(inputs)
-
-    def format_query(self, instruction: str, text: str) -> str:
-        return apply_instruction(self.instruction_template, instruction, text)
 
     def healthy(self) -> bool:
         return self._dead is None and self._process is not None and self._process.is_alive()
