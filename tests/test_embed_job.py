@@ -277,13 +277,14 @@ def test_cache_clear_removes_vectors_and_never_broker_keys(
     redis_url: str, r: redis.Redis, make_client: Client, hash_worker: LocalWorker
 ) -> None:
     make_client().embed([f"to clear {i}" for i in range(2500)])
-    r.set(keys.signature_key("v1", HASH_MODEL), b"hash/384")
+    # Another model's: the session's worker would stop at its next heartbeat on a signature not its own.
+    r.set(keys.signature_key("v1", "hash/cleared"), b"hash/384")
     r.rpush(keys.queue_name("hash/queued"), b"a queued task")
     r.hset("unacked", "tag", b"a task a worker holds")
     try:
         done = embq("cache", "clear", env=clean_env(EMBQ_REDIS_URL=redis_url))
         assert done.returncode == 0, done.stderr
-        assert "removed 2,501 cache keys" in done.stderr
+        assert "removed 2,502 cache keys" in done.stderr  # the vectors and both signatures
         assert not list(r.scan_iter(match=keys.VECTOR + "*")) and not list(r.scan_iter(match=keys.SIGNATURE + "*"))
         assert r.llen(keys.queue_name("hash/queued")) == 1 and r.hexists("unacked", "tag")
         assert stats_texts(r, HASH_MODEL) > 0
