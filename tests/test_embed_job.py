@@ -284,7 +284,8 @@ def test_cache_clear_removes_vectors_and_never_broker_keys(
     try:
         done = embq("cache", "clear", env=clean_env(EMBQ_REDIS_URL=redis_url))
         assert done.returncode == 0, done.stderr
-        assert "removed 2,502 cache keys" in done.stderr  # the vectors and both signatures
+        # The vectors, the fake signature, and the worker's own unless a heartbeat is yet to claim it again.
+        assert re.search(r"removed 2,50[12] cache keys", done.stderr), done.stderr
         assert not list(r.scan_iter(match=keys.VECTOR + "*")) and not list(r.scan_iter(match=keys.SIGNATURE + "*"))
         assert r.llen(keys.queue_name("hash/queued")) == 1 and r.hexists("unacked", "tag")
         assert stats_texts(r, HASH_MODEL) > 0
