@@ -65,19 +65,22 @@ def sglang(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangCpu]:
     yield SGLangCpu(python=python, model=model.build_model(tmp_path_factory.mktemp("tiny-qwen3")))
 
 
+def logged_pids(worker: LocalWorker, label: str) -> list[int] | None:
+    """The PIDs the worker's log lists after ``label`` (``label: [1, 2]`` or ``label: 1``); None if not logged."""
+    found = re.search(re.escape(label) + r": \[?([\d, ]*)\]?", worker.log_path.read_text())
+    return None if found is None else [int(p) for p in found.group(1).split(",") if p.strip()]
+
+
 def pids_in_log(worker: LocalWorker) -> list[int]:
-    """The engine's processes, as the worker logged them at start: its host and SGLang's children."""
-    log = worker.log_path.read_text()
-    host = re.search(r"SGLang host process: (\d+)", log)
-    children = re.search(r"SGLang children: \[([\d, ]*)\]", log)
-    assert host and children, worker.log_tail()
-    fronts = re.search(r"SGLang front processes: \[([\d, ]*)\]", log)
-    listed = children.group(1) + "," + (fronts.group(1) if fronts else "")
-    return [int(host.group(1))] + [int(p) for p in listed.split(",") if p.strip()]
+    """The engine's processes, as the worker logged them at start: its host, SGLang's children, and the
+    fronts that joined the host's engine, if any."""
+    host, children = logged_pids(worker, "SGLang host process"), logged_pids(worker, "SGLang children")
+    assert host and children is not None, worker.log_tail()
+    return host + children + (logged_pids(worker, "SGLang front processes") or [])
 
 
 def front_pids(worker: LocalWorker) -> list[int]:
     """The processes that joined the host's engine as SGLang tokenizer workers (``tokenizer_worker_num``)."""
-    found = re.search(r"SGLang front processes: \[([\d, ]*)\]", worker.log_path.read_text())
-    assert found, worker.log_tail()
-    return [int(p) for p in found.group(1).split(",") if p.strip()]
+    fronts = logged_pids(worker, "SGLang front processes")
+    assert fronts is not None, worker.log_tail()
+    return fronts
