@@ -190,7 +190,7 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLa
     try:
         wait_until(lambda: len(started()) == 2 and "row/s" in log.read_text(), 120, "the job to start embedding")
         process.terminate()
-        assert process.wait(5) == 128 + 15  # the engine hangs: the worker is not waited for
+        assert process.wait(5) == 128 + 15, log.read_text()  # the engine hangs: the worker is not waited for
     finally:
         if process.poll() is None:
             process.kill()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from producer import ConfigurationError, EmbeddingClient, Settings
+from tests.conftest import alive
 from worker.engines.hash import hash_vector
 from worker.local import LocalRedis, LocalWorker, free_port, wait_until
 
@@ -113,6 +115,30 @@ def test_a_worker_that_lost_redis_exits_promptly_on_sigterm() -> None:
         assert worker.process.wait(10) == 0
     finally:
         worker.cleanup()
+
+
+def test_threads_that_stop_one_server_at_once_all_return_cleanly() -> None:
+    """An interrupted ``embq embed`` stops its private worker while the thread that waits for the worker's
+    model sees it exit and stops it too: a stop that read ``self.process`` after the other cleared it
+    raised in the interrupted thread, which then exited 1 instead of 128 + the signal."""
+    server = LocalRedis().start()
+    assert server.process is not None
+    pid = server.process.pid
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            server.stop(grace=5)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=stop) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert server.process is None and not alive(pid)
 
 
 def test_ctrl_c_stops_a_worker_warmly_with_the_status_of_an_interrupt(

@@ -165,10 +165,10 @@ class LocalRedis:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM (a persistent one syncs its file), SIGKILL after ``grace``; a throwaway one's directory goes."""
-        if self.process is not None:
-            stop_process(self.process, grace=grace)
-            log.info("stopped redis-server pid=%d", self.process.pid)
-            self.process = None
+        process, self.process = self.process, None  # taken first: another thread may stop it at once
+        if process is not None:
+            stop_process(process, grace=grace)
+            log.info("stopped redis-server pid=%d", process.pid)
         if not self.persistent:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -274,13 +274,13 @@ class LocalWorker:
     def stop(self, grace: float = 60.0) -> int | None:
         """Warm shutdown (SIGTERM), SIGKILL after ``grace``; returns the exit status."""
         code = None
-        if self.process is not None:
-            code = stop_process(self.process, grace=grace)
-            log.info("stopped worker pid=%d (exit %s)", self.process.pid, code)
-            self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        process, self.process = self.process, None  # taken first: another thread may stop it at once
+        if process is not None:
+            code = stop_process(process, grace=grace)
+            log.info("stopped worker pid=%d (exit %s)", process.pid, code)
+        output, self._log = self._log, None
+        if output is not None:
+            output.close()
         return code
 
     def kill(self) -> None:
@@ -358,13 +358,13 @@ class LocalGateway:
     def stop(self, grace: float = 30.0) -> int | None:
         """SIGTERM (requests in flight finish first), SIGKILL after ``grace``; returns the exit status."""
         code = None
-        if self.process is not None:
-            code = stop_process(self.process, grace=grace)
-            log.info("stopped gateway pid=%d (exit %s)", self.process.pid, code)
-            self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        process, self.process = self.process, None  # taken first: another thread may stop it at once
+        if process is not None:
+            code = stop_process(process, grace=grace)
+            log.info("stopped gateway pid=%d (exit %s)", process.pid, code)
+        output, self._log = self._log, None
+        if output is not None:
+            output.close()
         return code
 
     def cleanup(self) -> None:
