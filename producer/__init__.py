@@ -10,6 +10,7 @@ from producer.errors import (
     EngineError,
     InvalidInputError,
     ItemFailedError,
+    ModelNotServedError,
 )
 from producer.settings import Settings
 from producer.stream import EmbedStream
@@ -25,5 +26,6 @@ __all__ = [
     "EngineError",
     "InvalidInputError",
     "ItemFailedError",
+    "ModelNotServedError",
     "Settings",
 ]

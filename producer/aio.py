@@ -21,7 +21,7 @@ from celery import Celery
 
 from producer import keys
 from producer.backend import aconnect, backend_errors
-from producer.call import Call, before_sending
+from producer.call import Call, before_sending, choose_lane
 from producer.client import send_tasks
 from producer.contract import make_celery, signature_dimension
 from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
@@ -57,19 +57,26 @@ class AsyncEmbeddingClient:
         self._dimension: int | None = None
 
     async def embed(
-        self, texts: Any, *, dim: int | None = None, instruction: str = "", timeout: float | None = None
+        self,
+        texts: Any,
+        *,
+        dim: int | None = None,
+        instruction: str = "",
+        timeout: float | None = None,
+        priority: str | None = None,
     ) -> np.ndarray:
         """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
 
         The arguments mean what they mean for ``EmbeddingClient.embed``."""
         items = validate_texts(texts, self.settings.max_text_bytes)
         validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        lane = choose_lane(priority, len(items), self.settings)
         if not items or dim is not None:
             settled = before_sending(items, dim, await self.dimension())
             if settled is not None:
                 return settled
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(items, instruction, dim=dim, deadline=deadline)
+        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane)
         driver = self._get_driver()
         await driver.submit(call)
         await driver.wait(call)

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from producer import metrics
+from producer import keys, metrics
 from producer.codec import normalize_rows
 from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
+from producer.settings import Settings
 
 
 class Call:
@@ -28,9 +29,12 @@ class Call:
         dim: int | None = None,
         deadline: float | None = None,
         on_progress: Callable[[int], None] | None = None,
+        lane: str = keys.INTERACTIVE,
     ) -> None:
         self.texts = texts
         self.instruction = instruction
+        #: ``keys.INTERACTIVE`` or ``keys.BULK``: which queue its tasks go to, and who goes first.
+        self.lane = lane
         self.dim = dim
         self.deadline = deadline
         self.on_progress = on_progress
@@ -164,3 +168,19 @@ def before_sending(texts: list[str], dim: int | None, full: int | None) -> np.nd
     if not texts:
         return np.zeros((0, dim or full or 0), dtype=np.float32)
     return None
+
+
+#: What ``priority=`` takes: a lane, or None for the default by size.
+PRIORITIES = (None, *keys.LANES)
+
+
+def choose_lane(priority: str | None, texts: int, settings: Settings, default: str | None = None) -> str:
+    """The lane of a call: ``priority`` if given, else ``default`` (a stream is bulk), else by size:
+    a call of at most ``interactive_max_texts`` texts is someone waiting, a larger one is a batch."""
+    if priority not in PRIORITIES:
+        raise InvalidInputError(f"priority must be 'interactive', 'bulk' or None (by size), got {priority!r}")
+    if priority is not None:
+        return priority
+    if default is not None:
+        return default
+    return keys.INTERACTIVE if texts <= settings.interactive_max_texts else keys.BULK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -15,8 +16,8 @@ from celery import Celery
 
 from producer import keys
 from producer.backend import backend_errors, connect
-from producer.call import Call, before_sending
-from producer.contract import TASK_EMBED, describe_task, make_celery, signature_dimension
+from producer.call import Call, before_sending, choose_lane
+from producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
 from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
 from producer.errors import EmbqError
 from producer.settings import Settings
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between the caller's checks that the dispatcher thread is still alive.
 CALLER_POLL = 1.0
+#: Seconds a program's exit waits for its dispatcher to release its claims.
+AT_EXIT_TIMEOUT = 3.0
 
 
 class EmbeddingClient:
@@ -68,6 +71,7 @@ class EmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        priority: str | None = None,
     ) -> np.ndarray:
         """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
 
@@ -75,17 +79,20 @@ class EmbeddingClient:
         ``instruction`` is the model's query instruction; it is part of the cache key.
         ``timeout`` (seconds) bounds the wait for workers; None waits as long as
         the work is alive (lost tasks are sent again, dead producers' texts taken over).
+        ``priority`` is the call's lane: ``"interactive"`` goes ahead of ``"bulk"`` work on the same
+        workers; None decides by size (at most ``EMBQ_INTERACTIVE_MAX_TEXTS`` texts: interactive).
         An empty list gives shape ``(0, dim)``, else ``(0, d)`` with the model's dimension once a
         worker of it has run, else ``(0, 0)``.
         """
         items = validate_texts(texts, self.settings.max_text_bytes)
         validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        lane = choose_lane(priority, len(items), self.settings)
         if not items or dim is not None:
             settled = before_sending(items, dim, self.dimension())
             if settled is not None:
                 return settled
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(items, instruction, dim=dim, deadline=deadline)
+        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane)
         driver = self.driver()
         driver.submit(call)
         driver.wait(call)
@@ -103,10 +110,12 @@ class EmbeddingClient:
         timeout: float | None = None,
         failures: Failures = "raise",
         on_progress: Callable[[int], None] | None = None,
+        priority: str | None = None,
     ) -> EmbedStream:
         """Stream any number of texts: yields ``(start, vectors)`` chunks of ``batch`` rows, in input order,
         with at most ``window`` chunks in flight. See ``EmbedStream`` for failures and counters;
-        ``on_progress(n)`` is called (from the dispatcher thread) as texts are resolved."""
+        ``on_progress(n)`` is called (from the dispatcher thread) as texts are resolved. A stream is bulk
+        work (``priority="bulk"``) unless ``priority`` says otherwise."""
         return EmbedStream(
             self,
             texts,
@@ -117,6 +126,7 @@ class EmbeddingClient:
             timeout=timeout,
             failures=failures,
             on_progress=on_progress,
+            priority=priority,
         )
 
     def dimension(self) -> int | None:
@@ -135,8 +145,8 @@ class EmbeddingClient:
             return self._driver
 
     def close(self) -> None:
-        """Stop the dispatcher and release connections. Texts still queued keep their claims, so that
-        others wait for them; the client must not be used afterwards."""
+        """Stop the dispatcher and release connections. Calls still waiting fail, and their claims are
+        released: workers skip their queued texts. The client must not be used afterwards."""
         with self._lock:
             driver, self._driver = self._driver, None
         if driver is not None and driver.pid == os.getpid():
@@ -156,7 +166,7 @@ class ThreadDriver:
         self.settings = settings
         self.before_first_task = before_first_task
         self.pid = os.getpid()
-        self.core = Dispatcher(settings)
+        self.core = Dispatcher(settings, check_served=before_first_task is None)
         self.cache = connect(settings.cache)
         self.broker = self.cache if settings.broker == settings.cache else connect(settings.broker)
         self.cond = threading.Condition()
@@ -164,6 +174,9 @@ class ThreadDriver:
         self._celery: Celery | None = None
         self.thread = threading.Thread(target=self._run, name="embq-dispatcher", daemon=True)
         self.thread.start()
+        # A program that ends (Ctrl-C included) without closing its client still releases what it claimed,
+        # so that workers skip its queued texts rather than compute them for nobody.
+        atexit.register(self._at_exit)
 
     # -- the callers' side ------------------------------------------------------------------
 
@@ -196,17 +209,22 @@ class ThreadDriver:
         if wake:  # the dispatcher blocks on its stream: a wake entry ends the read at once
             self._wake()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        atexit.unregister(self._at_exit)
         with self.cond:
             self.core.closing = True
             self.cond.notify()
         self._wake()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
         self.cache.close()
         if self.broker is not self.cache:
             self.broker.close()
         if self._celery is not None:
             self._celery.close()
+
+    def _at_exit(self) -> None:
+        if self.pid == os.getpid() and self.thread.is_alive():
+            self.close(timeout=AT_EXIT_TIMEOUT)
 
     def _wake(self) -> None:
         try:
@@ -288,9 +306,9 @@ def send_tasks(app: Celery, op: Send) -> None:
     """Publish ``op``'s tasks through one producer connection."""
     if not op.tasks:
         return
-    queue = keys.queue_name(op.tasks[0][1]["model"], op.tasks[0][1]["namespace"])
     with app.producer_or_acquire() as producer:
         for task_id, payload in op.tasks:
+            queue = payload_queue(payload)
             app.send_task(
                 TASK_EMBED,
                 args=[payload],
@@ -304,4 +322,4 @@ def send_tasks(app: Celery, op: Send) -> None:
                 routing_key=queue,
                 producer=producer,
             )
-    log.debug("sent %d tasks to %s", len(op.tasks), queue)
+    log.debug("sent %d tasks to %s", len(op.tasks), payload_queue(op.tasks[0][1]))

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from celery import Celery
 from celery.app.amqp import AMQP
 
+from producer import keys
 from producer.backend import RedactedConnection
 from producer.settings import TASK_TEXTS_LIMIT, Settings
 
@@ -37,6 +38,8 @@ class EmbedPayload(TypedDict):
     alone: NotRequired[bool]
     #: Optional: the producer's clock (Unix seconds) when it sent the task, for the queue-wait metric.
     sent: NotRequired[float]
+    #: Optional: ``keys.BULK`` for bulk work (its queue says so too); absent, interactive.
+    lane: NotRequired[str]
 
 
 def split_task_id(task_id: str, index: int) -> str:
@@ -50,8 +53,10 @@ def root_task_id(task_id: str) -> str:
     return task_id.split("/", 1)[0]
 
 
-def make_payload(settings: Settings, instruction: str, texts: list[str], reply: str) -> EmbedPayload:
-    return {
+def make_payload(
+    settings: Settings, instruction: str, texts: list[str], reply: str, lane: str = keys.INTERACTIVE
+) -> EmbedPayload:
+    payload: EmbedPayload = {
         "v": PAYLOAD_VERSION,
         "model": settings.model,
         "namespace": settings.cache_namespace,
@@ -60,6 +65,18 @@ def make_payload(settings: Settings, instruction: str, texts: list[str], reply: 
         "reply": reply,
         "sent": time.time(),
     }
+    if lane == keys.BULK:
+        payload["lane"] = keys.BULK
+    return payload
+
+
+def payload_lane(payload: Any) -> str:
+    """The lane a payload asks for; anything but ``keys.BULK`` is interactive (older producers)."""
+    return keys.BULK if isinstance(payload, dict) and payload.get("lane") == keys.BULK else keys.INTERACTIVE
+
+
+def payload_queue(payload: EmbedPayload) -> str:
+    return keys.queue_name(payload["model"], payload["namespace"], payload_lane(payload))
 
 
 def signature_dimension(raw: bytes | str | None) -> int | None:

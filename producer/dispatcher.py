@@ -34,7 +34,8 @@ from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from producer.call import Call
 from producer.codec import unpack_concat, unpack_many
 from producer.contract import EmbedPayload, make_payload, root_task_id, signature_dimension
-from producer.errors import BackendUnavailableError, EmbqError
+from producer.errors import BackendUnavailableError, EmbqError, ModelNotServedError
+from producer.keys import BULK, INTERACTIVE
 from producer.pending import OURS, THEIRS, Pending
 from producer.settings import Settings
 
@@ -51,8 +52,11 @@ MAX_BLOCK = 2.0
 NOTICES_PER_READ = 16
 #: Sends of one text before it fails: a task that keeps vanishing is not retried for ever.
 MAX_ATTEMPTS = 3
-#: How often a dispatcher that waits with no progress says so in the log.
-STALL_LOG_SECONDS = 60.0
+#: Seconds between looks for a worker of a model none has served yet (``unknown_model_grace``).
+MODEL_RECHECK = 0.5
+#: Fewest texts in a bulk task, however slow the model's workers: a task costs a worker a few
+#: Celery round trips, which must stay small beside its texts.
+MIN_TASK_TEXTS = 16
 
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OperationalError, OSError)
 
@@ -112,7 +116,9 @@ def script(name: str, keys: list[str], args: list[Any], target: str = "cache") -
 class Dispatcher:
     """The state of one client's calls; see the module docstring."""
 
-    def __init__(self, settings: Settings, token: str | None = None) -> None:
+    def __init__(self, settings: Settings, token: str | None = None, *, check_served: bool = True) -> None:
+        """``check_served``: fail calls for a model no worker has ever served (``unknown_model_grace``);
+        a caller that starts its own worker on demand (``embq embed``'s private one) turns it off."""
         self.settings = settings
         self.model = settings.model
         self.namespace = settings.cache_namespace
@@ -150,6 +156,15 @@ class Dispatcher:
         self.hit_rate = 1.0
         #: Set by the driver while it blocks on the stream, so that a new call wakes it.
         self.reading = False
+        #: Whether a worker serves the model, or has (its signature); until then nothing is claimed
+        #: nor sent, so that a mistyped model leaves no queue behind.
+        self.model_known = not check_served or settings.unknown_model_grace <= 0
+        self.unknown_since: float | None = None
+        self.said_no_worker = False
+        #: Texts per bulk task: what the model's slowest worker embeds in ``task_seconds``.
+        self.bulk_task_texts = settings.task_max_texts
+        #: Texts each worker of the model had embedded at the last look: a worker that embeds is progress.
+        self.worker_texts: dict[str, int] = {}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -182,15 +197,21 @@ class Dispatcher:
             yield Pause(linger)
             self._take_inbox()
         yield from self._drop_cancelled()
+        if not self.model_known:
+            yield from self._find_model()
+            if not self.model_known:
+                yield from self._drop_expired(time.monotonic())
+                yield Pause(MODEL_RECHECK) if self.calls or self.inbox else Wait(None)
+                return
         if time.monotonic() >= self.next_tick:  # first: after a quiet spell our liveness must hold before we claim
             yield from self._tick()
             self.next_tick = time.monotonic() + self.tick
-        while self.active and len(self.entries) < self.settings.inflight_texts:
-            yield from self._admit()
+        while self.active and (len(self.entries) < self.settings.inflight_texts or self.active[0].lane != BULK):
+            yield from self._admit()  # interactive calls are admitted past the window: they are small
         if self.recheck:
             digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
             yield from self._claim(digests, count=False)
-        self._drop_expired(time.monotonic())
+        yield from self._drop_expired(time.monotonic())
         if self.inbox or (self.active and len(self.entries) < self.settings.inflight_texts):
             if self.tasks:  # a steady stream of new calls must not keep the notices of sent tasks unread
                 response = yield Read(self.last_id, 0)
@@ -232,17 +253,23 @@ class Dispatcher:
         return self.active[0].arrived + self.coalesce - time.monotonic()
 
     def _take_inbox(self) -> None:
+        """New calls join the active ones: interactive calls ahead of every bulk call."""
         while self.inbox:
             call = self.inbox.popleft()
             self.calls.append(call)
-            self.active.append(call)
+            if call.lane == BULK:
+                self.active.append(call)
+            else:
+                first_bulk = next((i for i, c in enumerate(self.active) if c.lane == BULK), len(self.active))
+                self.active.insert(first_bulk, call)
 
     # -- admitting and claiming -------------------------------------------------------------
 
     def _admit(self) -> Generator[Op, Any, None]:
         """The next texts of the active calls: those cached are placed at once (one MGET, no script);
         the others wait in entries, and those no entry had yet are claimed."""
-        budget = min(CLAIM_CHUNK, self.settings.inflight_texts - len(self.entries))
+        room = self.settings.inflight_texts - len(self.entries)
+        budget = min(CLAIM_CHUNK, room if self.active[0].lane == BULK else max(room, CLAIM_CHUNK))
         pieces: list[tuple[Call, int, list[str], list[str]]] = []  # (call, first row, texts, digests)
         while self.active and budget > 0:
             call = self.active[0]
@@ -343,7 +370,7 @@ class Dispatcher:
     def _send(self, digests: list[str], why: str = "") -> Generator[Op, Any, None]:
         """Send ``digests`` (ours) as tasks of at most ``task_max_texts`` texts and ``task_max_chars`` characters."""
         pending = self.entries
-        by_instruction: dict[str, list[tuple[str, int]]] = {}
+        groups: dict[tuple[int, str], list[tuple[str, int]]] = {}  # by (bulk, instruction)
         given_up: list[str] = []
         for digest in digests:
             slot = pending.slots[digest]
@@ -351,12 +378,14 @@ class Dispatcher:
                 given_up.append(digest)
                 continue
             pending.attempts[slot] += 1
-            by_instruction.setdefault(pending.instructions[slot], []).append((digest, slot))
-        if why and by_instruction:
-            log.warning("sending %d texts again: %s", sum(map(len, by_instruction.values())), why)
+            groups.setdefault((pending.bulk[slot], pending.instructions[slot]), []).append((digest, slot))
+        if why and groups:
+            log.warning("sending %d texts again: %s", sum(map(len, groups.values())), why)
         tasks: list[tuple[str, EmbedPayload]] = []
-        most_texts, most_chars = self.settings.task_max_texts, self.settings.task_max_chars
-        for instruction, group in by_instruction.items():
+        most_chars = self.settings.task_max_chars
+        for (bulk, instruction), group in groups.items():
+            lane = BULK if bulk else INTERACTIVE
+            most_texts = self.bulk_task_texts if bulk else self.settings.task_max_texts
             batch: list[str] = []
             texts: list[str] = []
             chars = 0
@@ -364,7 +393,7 @@ class Dispatcher:
                 text = pending.texts[slot] if slot >= 0 else ""
                 if batch and (slot < 0 or len(batch) >= most_texts or chars + len(text) > most_chars):
                     task_id = uuid.uuid4().hex
-                    tasks.append((task_id, make_payload(self.settings, instruction, texts, self.reply)))
+                    tasks.append((task_id, make_payload(self.settings, instruction, texts, self.reply, lane)))
                     self.tasks[task_id] = batch
                     for sent in batch:
                         pending.sent[pending.slots[sent]] = task_id
@@ -476,14 +505,86 @@ class Dispatcher:
             yield from self._open()
         yield from self._claim(list(self.entries), count=False)
         yield from self._resend_lost()
-        if self.entries and time.monotonic() - self.last_progress >= STALL_LOG_SECONDS:
+        if self.entries or self.active:
+            self._learn_from_workers((yield from self._look_at_workers()))
+        if self.entries and time.monotonic() - self.last_progress >= self.settings.stall_warning_seconds:
             log.warning(
-                "%d texts still pending with no progress for %.0fs: is a worker consuming queue %r?",
+                "%d texts still pending with no progress for %.0fs (no worker of the model embedded "
+                "anything): is a worker consuming queues %s?",
                 len(self.entries),
                 time.monotonic() - self.last_progress,
-                self.queue,
+                " and ".join(repr(q) for q in self.settings.queues),
             )
             self.last_progress = time.monotonic()
+
+    # -- the model's workers ----------------------------------------------------------------
+
+    def _look_at_workers(self) -> Generator[Op, Any, list[dict[str, str]]]:
+        """The workers online (their heartbeats, found through ``keys.WORKERS``): O(workers), no SCAN.
+        ``fresh`` is "1" for a worker that beat within the last 1.5 heartbeats: one killed since
+        stays listed until its heartbeat expires, but its rate no longer counts."""
+        now = time.time()
+        (found,) = yield Redis("cache", [("ZRANGEBYSCORE", keys.WORKERS, now, "+inf", "WITHSCORES")])
+        pairs = _scored(found)
+        if not pairs:
+            return []
+        names = [name for name, _ in pairs]
+        replies = yield Redis("cache", [("HMGET", keys.worker_key(name), *WORKER_FIELDS) for name in names])
+        recent = now + keys.HEARTBEAT_TTL - 1.5 * keys.HEARTBEAT_SECONDS
+        return [
+            {
+                "name": name,
+                "fresh": "1" if expires >= recent else "",
+                **{f: _text(v) for f, v in zip(WORKER_FIELDS, values, strict=True)},
+            }
+            for (name, expires), values in zip(pairs, replies, strict=True)
+            if values[0] is not None  # its hash expired: gone
+        ]
+
+    def _serves(self, worker: dict[str, str]) -> bool:
+        return worker["model"] == self.model and (worker["namespace"] or keys.DEFAULT_NAMESPACE) == self.namespace
+
+    def _learn_from_workers(self, workers: list[dict[str, str]]) -> None:
+        """Bulk tasks sized to the slowest worker's rate; a worker that embedded since the last look is progress."""
+        mine = [w for w in workers if self._serves(w)]
+        speeds = [float(w["speed"]) for w in mine if w["fresh"] and w["speed"] and float(w["speed"]) > 0]
+        if speeds:
+            texts = int(self.settings.task_seconds * min(speeds))
+            self.bulk_task_texts = max(MIN_TASK_TEXTS, min(self.settings.task_max_texts, texts))
+        seen = {w["name"]: int(w["texts"] or 0) for w in mine}
+        if any(count > self.worker_texts.get(name, count) for name, count in seen.items()):
+            self.last_progress = time.monotonic()
+        self.worker_texts = seen
+
+    def _find_model(self) -> Generator[Op, Any, None]:
+        """Is the model served, or was it (its signature)? A worker that is loading counts. Raises
+        ``ModelNotServedError`` after ``unknown_model_grace`` seconds of neither."""
+        (signature,) = yield Redis("cache", [("GET", self.signature)])
+        workers = yield from self._look_at_workers()
+        mine = [w for w in workers if self._serves(w)]
+        if signature is not None or mine:
+            self.model_known, self.unknown_since = True, None
+            if not mine and not self.said_no_worker:
+                self.said_no_worker = True
+                log.warning(
+                    "no worker of model %r is online (workers have served it before): its texts wait in queue %r "
+                    "until one starts",
+                    self.model,
+                    self.queue,
+                )
+            return
+        now = time.monotonic()
+        if self.unknown_since is None:
+            self.unknown_since = now
+            log.info("no worker serves model %r yet; waiting up to %.0fs for one", self.model, self._grace())
+        if now - self.unknown_since >= self._grace():
+            self.unknown_since = None
+            namespace = self.namespace
+            served = sorted({w["model"] for w in workers if (w["namespace"] or keys.DEFAULT_NAMESPACE) == namespace})
+            raise ModelNotServedError(self.model, served, self._grace())
+
+    def _grace(self) -> float:
+        return self.settings.unknown_model_grace
 
     def _watching(self, digest: str) -> bool:
         return self.entries.state(digest) == THEIRS
@@ -502,7 +603,8 @@ class Dispatcher:
             self.suspects.clear()
             return
         try:
-            (raw,) = yield script("held", [UNACKED_KEY, *queue_lists(self.queue)], [], "broker")
+            lists = [name for queue in self.settings.queues for name in queue_lists(queue)]
+            (raw,) = yield script("held", [UNACKED_KEY, *lists], [], "broker")
         except redis.exceptions.ResponseError as e:  # an ACL or a managed Redis without scripts
             log.warning("cannot look for lost tasks in the broker (%s); allow EVALSHA to have them found", e)
             self.broker_checks = False
@@ -535,20 +637,21 @@ class Dispatcher:
                 call.finish()
             yield from self._release(self._forget(cancelled))
 
-    def _drop_expired(self, now: float) -> None:
-        """Calls past their deadline end with a timeout; texts only they wanted are no longer watched.
-        Texts of ours stay claimed and tracked: their tasks are queued, a later call collects them."""
+    def _drop_expired(self, now: float) -> Generator[Op, Any, None]:
+        """Calls past their deadline end with a timeout; texts only they wanted are released, as for
+        a cancelled call: a worker skips them rather than compute what nobody waits for (what was
+        computed before stays cached for a later call)."""
         expired = {c for c in self.calls if c.expire(now)}
-        if expired:
-            self._forget(expired, keep_ours=True)
         self.calls = [c for c in self.calls if not c.finished]
+        if expired:
+            yield from self._release(self._forget(expired))
 
-    def _forget(self, calls: set[Call], keep_ours: bool = False) -> list[str]:
+    def _forget(self, calls: set[Call]) -> list[str]:
         """Drop the rows of ``calls``; returns the digests of ours no row waits for any more."""
         orphans: list[str] = []
         pending = self.entries
         for digest, slot in list(pending.slots.items()):
-            if pending.forget(slot, calls) and not (keep_ours and pending.states[slot] == OURS):
+            if pending.forget(slot, calls):
                 state, _ = pending.take(digest)  # type: ignore[misc]
                 if state == OURS:
                     orphans.append(digest)
@@ -594,15 +697,30 @@ class Dispatcher:
             yield from self._drop_cancelled()
         except BACKEND_ERRORS as e:
             log.info("could not release the claims of cancelled calls (%s); they lapse with our liveness", e)
-        outstanding = any(self.entries.state(d) == OURS for d in self.entries)
+        ours = [d for d in self.entries if self.entries.state(d) == OURS]
         for call in [*self.calls, *self.inbox]:
             call.fail(EmbqError("the client was closed while this call waited"))
         try:
-            # Tasks still queued keep their claims, so that others wait for them rather than send them again.
-            keep = ("SET", self.alive, 1, "PX", self.hold_ms) if outstanding else ("DEL", self.alive)
-            yield Redis("cache", [keep, ("DEL", self.reply), *self._hits_to_report()])
+            # Nobody waits for our queued texts any more: workers skip them, watchers claim them again.
+            yield from self._release(ours)
+            yield Redis("cache", [("DEL", self.alive), ("DEL", self.reply), *self._hits_to_report()])
         except BACKEND_ERRORS as e:
             log.info("could not close the reply stream (%s); it expires by itself", e)
+
+
+#: What a producer reads of a worker's heartbeat (``worker.heartbeat``); ``model`` first.
+WORKER_FIELDS = ("model", "namespace", "ready", "speed", "texts")
+
+
+def _scored(reply: Any) -> list[tuple[str, float]]:
+    """``ZRANGEBYSCORE ... WITHSCORES`` as ``(member, score)`` pairs, whether RESP2 (flat) or pairs."""
+    if reply and not isinstance(reply[0], list | tuple):
+        reply = list(zip(reply[::2], reply[1::2], strict=True))
+    return [(_text(member), float(score)) for member, score in reply or []]
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else ("" if raw is None else str(raw))
 
 
 def describe(error: BaseException) -> str:

@@ -36,6 +36,22 @@ class BackendUnavailableError(EmbqError):
     """Raised when Redis (broker or cache) cannot be reached or refuses a command."""
 
 
+class ModelNotServedError(EmbqError, LookupError):
+    """Raised when no worker has ever served the model asked for (a mistyped name, most often).
+
+    ``served`` lists the models that workers serve now, for the message and for a caller that
+    wants to offer them."""
+
+    def __init__(self, model: str, served: list[str], waited: float) -> None:
+        listed = ", ".join(repr(m) for m in served) if served else "none: start a worker"
+        super().__init__(
+            f"no worker serves model {model!r} nor has served it (none online, no vectors of it), "
+            f"after waiting {waited:.0f}s; models served now: {listed}"
+        )
+        self.model = model
+        self.served = served
+
+
 class EmbqTimeoutError(EmbqError, TimeoutError):
     """Raised when vectors did not arrive within the caller's timeout."""
 

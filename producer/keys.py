@@ -29,10 +29,12 @@ key                        type        TTL                  written by          
 ``embq:signature:{ns}:{model}`` string ``cache_ttl``,       the first worker of    every worker at start
                                        renewed by every     the model (SET NX):    and at each heartbeat
                                        heartbeat            JSON, see below
-``embq.{model}``           list        none (broker key)    producers (Celery)     workers (Celery)
-``embq.{model}@{ns}``                   of that namespace
-                                                            (a namespace other
-                                                            than the default)
+``embq.{model}``           list        none (broker key)    producers (Celery):    workers (Celery),
+``embq.{model}@{ns}``                                       interactive tasks      first
+                                                            (``@{ns}``: another
+                                                            cache namespace)
+``embq.{model}@{ns}@bulk`` list        none (broker key)    producers: bulk tasks  workers, up to their
+                                                                                   bulk share of slots
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
 =========================  ==========  ===================  =====================  ======================
@@ -92,6 +94,11 @@ HASH_MODEL_PREFIX = "hash/"
 HASH_DEFAULT_MODEL = HASH_MODEL_PREFIX + "default"
 #: The cache namespace of a default install; its queues keep the plain ``embq.{model}`` name.
 DEFAULT_NAMESPACE = "v1"
+#: Lanes of a model's work: someone waits for an interactive text now (a query, a gateway request);
+#: bulk work (a backfill, a file) takes what the engine has left, never less than a share of it.
+INTERACTIVE = "interactive"
+BULK = "bulk"
+LANES = (INTERACTIVE, BULK)
 
 ATTEMPTS = f"{PREFIX}:attempts:"
 WORKER = f"{PREFIX}:worker:"
@@ -173,10 +180,22 @@ def signature_key(namespace: str, model: str) -> str:
     return f"{SIGNATURE}{namespace}:{model}"
 
 
-def queue_name(model: str, namespace: str = DEFAULT_NAMESPACE) -> str:
-    """One Celery queue (one Redis list) per model and cache namespace: a worker takes only work it
-    can answer, since it writes under the namespace whose signature it checked. The default
-    namespace keeps the plain ``embq.{model}``."""
+def queue_name(model: str, namespace: str = DEFAULT_NAMESPACE, lane: str = INTERACTIVE) -> str:
+    """One Celery queue (one Redis list) per model, cache namespace and lane: a worker takes only work
+    it can answer, since it writes under the namespace whose signature it checked. The interactive
+    lane of the default namespace keeps the plain ``embq.{model}``; the bulk lane always names its
+    namespace (``embq.{model}@{namespace}@bulk``), so that no model and namespace can spell it."""
+    if lane == BULK:
+        return f"{QUEUE_PREFIX}{model}{QUEUE_NAMESPACE_SEPARATOR}{namespace}{QUEUE_NAMESPACE_SEPARATOR}{BULK}"
     if namespace == DEFAULT_NAMESPACE:
         return QUEUE_PREFIX + model
     return f"{QUEUE_PREFIX}{model}{QUEUE_NAMESPACE_SEPARATOR}{namespace}"
+
+
+def queue_lane(queue: str) -> tuple[str, str]:
+    """``(model as a queue names it, lane)`` of a queue list's name (without ``QUEUE_PREFIX``)."""
+    suffix = QUEUE_NAMESPACE_SEPARATOR + BULK
+    if queue.endswith(suffix) and queue.count(QUEUE_NAMESPACE_SEPARATOR) == 2:
+        model, namespace = queue[: -len(suffix)].split(QUEUE_NAMESPACE_SEPARATOR)
+        return (model if namespace == DEFAULT_NAMESPACE else f"{model}{QUEUE_NAMESPACE_SEPARATOR}{namespace}"), BULK
+    return queue, INTERACTIVE

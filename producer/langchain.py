@@ -21,6 +21,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
 
 from producer.aio import AsyncEmbeddingClient
 from producer.client import EmbeddingClient
+from producer.keys import INTERACTIVE
 
 __all__ = ["EmbqEmbeddings"]
 
@@ -34,7 +35,9 @@ class EmbqEmbeddings(Embeddings):
     only (``embed_query``), as instruction-tuned models such as Qwen3-Embedding
     expect; documents are embedded without one. ``timeout`` (seconds) bounds
     each call's wait for workers; ``embq``'s errors (``EmbqTimeoutError``,
-    ``ItemFailedError``, ...) reach the caller unchanged.
+    ``ItemFailedError``, ``ModelNotServedError`` for a model no worker serves, ...)
+    reach the caller unchanged. Queries go in the interactive lane, ahead of bulk
+    work; documents by their number (``EMBQ_INTERACTIVE_MAX_TEXTS``).
 
     Safe to share between threads and event loops. Nothing connects before the
     first call.
@@ -63,7 +66,9 @@ class EmbqEmbeddings(Embeddings):
         return self._client.embed(texts, dim=self.dim, timeout=self.timeout).tolist()  # type: ignore[no-any-return]
 
     def embed_query(self, text: str) -> list[float]:
-        vectors = self._client.embed([text], dim=self.dim, instruction=self.query_instruction, timeout=self.timeout)
+        vectors = self._client.embed(
+            [text], dim=self.dim, instruction=self.query_instruction, timeout=self.timeout, priority=INTERACTIVE
+        )
         return vectors[0].tolist()  # type: ignore[no-any-return]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
@@ -72,7 +77,9 @@ class EmbqEmbeddings(Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         client = self._async_client()
-        vectors = await client.embed([text], dim=self.dim, instruction=self.query_instruction, timeout=self.timeout)
+        vectors = await client.embed(
+            [text], dim=self.dim, instruction=self.query_instruction, timeout=self.timeout, priority=INTERACTIVE
+        )
         return vectors[0].tolist()  # type: ignore[no-any-return]
 
     def _async_client(self) -> AsyncEmbeddingClient:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from producer.call import Call
+from producer.keys import BULK
 
 #: Who computes a text.
 NEW, OURS, THEIRS = 0, 1, 2
@@ -27,6 +28,8 @@ class Pending:
         self.states = bytearray()
         self.attempts = bytearray()
         self.sent: list[str] = []
+        #: 1 for a text only bulk calls wait for, 0 once an interactive call waits for it too.
+        self.bulk = bytearray()
         self._calls: list[Call | None] = []
         self._rows: list[int] = []
         self._more: dict[int, list[tuple[Call, int]]] = {}  # further rows, for texts asked for twice
@@ -44,8 +47,11 @@ class Pending:
     def add(self, digest: str, text: str, instruction: str, call: Call, row: int) -> bool:
         """Another row waits for ``digest``; True if it is a text no row waited for yet."""
         slot = self.slots.get(digest)
+        bulk = call.lane == BULK
         if slot is not None:
             self._more.setdefault(slot, []).append((call, row))
+            if not bulk:
+                self.bulk[slot] = 0
             return False
         if self._free:
             slot = self._free.pop()
@@ -58,6 +64,7 @@ class Pending:
             self.states[slot] = NEW
             self.attempts[slot] = 0
             self.sent[slot] = ""
+            self.bulk[slot] = bulk
         else:
             slot = len(self.texts)
             self.texts.append(text)
@@ -67,6 +74,7 @@ class Pending:
             self.states.append(NEW)
             self.attempts.append(0)
             self.sent.append("")
+            self.bulk.append(bulk)
         self.slots[digest] = slot
         return True
 

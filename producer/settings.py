@@ -70,6 +70,18 @@ class Settings:
     #: texts are already in flight, so that concurrent callers share one round
     #: trip and one task. A lone caller never waits; 0 turns it off.
     coalesce_ms: float = dataclasses.field(default=2.0, metadata={"zero_means": "no coalescing"})
+    #: ``embed`` calls of at most this many texts go in the interactive lane, ahead of bulk work
+    #: (larger calls, ``embed_iter``, ``embq embed``); a call's ``priority`` overrides it.
+    interactive_max_texts: int = 128
+    #: Engine seconds a bulk task should take on the model's slowest worker: tasks shrink to what
+    #: its workers embed in that time (they publish their rate), so that none runs for a minute.
+    task_seconds: float = 2.0
+    #: Seconds a call for a model no worker has ever served (no signature, no worker online, not
+    #: even one loading) waits for one to appear before it fails; 0 waits as long as it takes.
+    unknown_model_grace: float = dataclasses.field(default=10.0, metadata={"zero_means": "wait for ever"})
+    #: Seconds without progress (none of ours answered, no worker of the model embedding) before a
+    #: producer says so in its log.
+    stall_warning_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("redis_url", "broker_url", "cache_url"):
@@ -98,8 +110,13 @@ class Settings:
 
     @property
     def queue(self) -> str:
-        """The broker queue of this model and cache namespace (``keys.queue_name``)."""
+        """The interactive queue of this model and cache namespace (``keys.queue_name``)."""
         return keys.queue_name(self.model, self.cache_namespace)
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue of this model and namespace, the interactive one first (``keys.LANES``)."""
+        return tuple(keys.queue_name(self.model, self.cache_namespace, lane) for lane in keys.LANES)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -144,6 +161,10 @@ ENV_NAMES: dict[str, str] = {
     "task_max_chars": "EMBQ_TASK_MAX_CHARS",
     "inflight_texts": "EMBQ_INFLIGHT_TEXTS",
     "coalesce_ms": "EMBQ_COALESCE_MS",
+    "interactive_max_texts": "EMBQ_INTERACTIVE_MAX_TEXTS",
+    "task_seconds": "EMBQ_TASK_SECONDS",
+    "unknown_model_grace": "EMBQ_UNKNOWN_MODEL_GRACE",
+    "stall_warning_seconds": "EMBQ_STALL_WARNING_SECONDS",
 }
 
 

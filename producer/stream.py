@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from producer.call import Call
+from producer import keys
+from producer.call import Call, choose_lane
 from producer.errors import InvalidInputError, ItemFailedError
 from producer.validation import validate_options, validate_texts
 
@@ -54,6 +55,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         timeout: float | None,
         failures: Failures,
         on_progress: Callable[[int], None] | None,
+        priority: str | None = None,
     ) -> None:
         if isinstance(texts, (str, bytes, bytearray)):
             raise InvalidInputError("texts must be an iterable of str, not a single str; wrap it in a list: [text]")
@@ -65,6 +67,8 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         if failures not in ("raise", "nan"):
             raise InvalidInputError(f"failures must be 'raise' or 'nan', got {failures!r}")
         validate_options(instruction, dim, timeout, client.settings.max_text_bytes)
+        #: A stream is bulk work unless told otherwise: nobody waits for its next text in particular.
+        self.lane = choose_lane(priority, 0, client.settings, default=keys.BULK)
         self.client = client
         self.source = iter(texts)
         self.batch = batch
@@ -101,7 +105,9 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
                 problems = {start + i: reason for i, reason in e.problems.items()}
                 raise InvalidInputError(str(e).replace("texts[", "chunk texts["), problems) from e
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            call = Call(chunk, self.instruction, dim=self.dim, deadline=deadline, on_progress=self.on_progress)
+            call = Call(
+                chunk, self.instruction, dim=self.dim, deadline=deadline, on_progress=self.on_progress, lane=self.lane
+            )
             driver.submit(call)
             self._pending.append((start, call))
 

@@ -129,8 +129,10 @@ def test_status_shows_queues_and_counters(
     done = embq("status", env=clean_env(EMBQ_REDIS_URL=redis_url))
     assert done.returncode == 0, done.stderr
     row = next(line for line in done.stdout.splitlines() if line.startswith(HASH_MODEL))
-    assert row.split()[-3:] == ["7", "0", "0.0%"]  # texts embedded, failed, cache hit rate
-    assert row.split()[2] == "1"  # workers online for the model
+    # model, queries and oldest query's age, bulk, workers, tasks, texts, bulk texts, failed, dropped, hit rate
+    _, queries, oldest, bulk, workers, _, texts, bulk_texts, failed, dropped, hits = row.split()
+    assert (queries, oldest, bulk, workers) == ("0", "-", "0", "1")
+    assert (texts, bulk_texts, failed, dropped, hits) == ("7", "0", "0", "0", "0.0%")
     worker = next(line for line in done.stdout.splitlines() if f" {HASH_MODEL} " in line and "ready" in line)
     assert " hash " in worker and "not ready" not in worker
     assert "cache:" in done.stdout and "hit rate" in done.stdout

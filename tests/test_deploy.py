@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from producer.keys import queue_name
+from producer.keys import BULK, queue_name
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -594,10 +594,15 @@ def test_scaled_object_follows_the_queue(overlay: str) -> None:
     find(docs, "Deployment", target["name"])
     assert target["name"] == "embq-worker"
 
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "redis"
+    trigger, bulk = spec["triggers"]
+    assert trigger["type"] == bulk["type"] == "redis"
     meta = trigger["metadata"]
-    assert meta["listName"] == queue_name(worker_model(docs)), "KEDA must watch the list the workers consume"
+    assert meta["listName"] == queue_name(worker_model(docs)), "KEDA must watch the lists the workers consume"
+    assert bulk["metadata"]["listName"] == queue_name(worker_model(docs), lane=BULK)
+    assert {k: v for k, v in bulk["metadata"].items() if k not in ("listName", "listLength")} == {
+        k: v for k, v in meta.items() if k not in ("listName", "listLength")
+    }
+    assert bulk["authenticationRef"] == trigger["authenticationRef"]
     assert meta["databaseIndex"] == "0"
     assert int(meta["listLength"]) > 0
     # KEDA connects from its own namespace: the broker's name must carry ours.

@@ -370,9 +370,10 @@ def test_ctrl_c_while_embedding_stops_everything(tmp_path: Path) -> None:
 def test_ctrl_c_stops_a_producer_that_waits_for_absent_workers(tmp_path: Path, redis_url: str, r: redis.Redis) -> None:
     source = write_input(tmp_path / "in.txt", [f"nobody embeds {i}" for i in range(5000)])
     output = tmp_path / "out.jsonl"
-    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/nobody")
+    env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/nobody", EMBQ_UNKNOWN_MODEL_GRACE="0")
     job = Embed(tmp_path, str(source), "-o", str(output), env=env)
-    wait_until(lambda: r.llen(keys.queue_name("hash/nobody")) > 0, 60, "tasks in the queue")
+    bulk = keys.queue_name("hash/nobody", lane=keys.BULK)  # a file is bulk work
+    wait_until(lambda: r.llen(bulk) > 0, 60, "tasks in the queue")
     code, seconds = job.signal(signal.SIGINT)
     assert code == 130, job.text()
     assert seconds < STOP_WITHIN, job.text()

@@ -84,7 +84,7 @@ def test_a_producer_waiting_through_a_redis_restart_resends_what_was_lost(
 ) -> None:
     url = restartable[0].url
     model = "hash/lost-queue"
-    client = EmbeddingClient(settings=Settings(redis_url=url, model=model, lease_seconds=2.0))
+    client = EmbeddingClient(settings=Settings(redis_url=url, model=model, lease_seconds=2.0, unknown_model_grace=0))
     texts = [f"queued {i}" for i in range(30)]
     join = embed_in_background(client, texts, timeout=90)
     broker = redis.Redis.from_url(url)
@@ -103,7 +103,7 @@ def test_a_task_the_broker_lost_is_sent_again_by_its_producer(
     killed between the two loses the message. Deleting the queued task is that loss."""
     model = "hash/lost-task"
     texts = [f"lost {i}" for i in range(30)]
-    join = embed_in_background(make_client(model=model, lease_seconds=2.0), texts, timeout=90)
+    join = embed_in_background(make_client(model=model, lease_seconds=2.0, unknown_model_grace=0), texts, timeout=90)
     wait_until(lambda: r.llen(keys.queue_name(model)) == 1, 30, "the task to be queued")
     r.delete(keys.queue_name(model))
     start_worker(model)
@@ -114,7 +114,8 @@ def test_a_task_the_broker_lost_is_sent_again_by_its_producer(
 def test_a_task_that_keeps_vanishing_fails_instead_of_looping(make_client: Client, r: redis.Redis) -> None:
     model = "hash/vanishing"
     queue = keys.queue_name(model)
-    join = embed_in_background(make_client(model=model, lease_seconds=1.0), ["never answered"], timeout=60)
+    client = make_client(model=model, lease_seconds=1.0, unknown_model_grace=0)
+    join = embed_in_background(client, ["never answered"], timeout=60)
     for _ in range(3):  # each send of the task is lost
         wait_until(lambda: r.llen(queue) == 1, 30, "the task to be queued")
         r.delete(queue)
@@ -128,7 +129,11 @@ def test_a_broker_restart_alone_loses_no_task() -> None:
         brokers = [LocalRedis().start()]
         try:
             settings = Settings(
-                broker_url=brokers[0].url, cache_url=cache.url, model="hash/broker-restart", lease_seconds=2.0
+                broker_url=brokers[0].url,
+                cache_url=cache.url,
+                model="hash/broker-restart",
+                lease_seconds=2.0,
+                unknown_model_grace=0,
             )
             client = EmbeddingClient(settings=settings)
             texts = [f"broker restart {i}" for i in range(30)]
@@ -246,7 +251,8 @@ def test_two_worker_kills_suspect_only_the_texts_inside_the_engine(
         "EMBQ_VISIBILITY_TIMEOUT": visibility,
     }
     texts = [f"killed twice {i}" for i in range(400)]
-    join = embed_in_background(make_client(model=model, visibility_timeout=2), texts, timeout=300)
+    client = make_client(model=model, visibility_timeout=2, unknown_model_grace=0)  # its workers start after it
+    join = embed_in_background(client, texts, timeout=300)
 
     def visible_again() -> bool:
         scores = [score for _, score in r.zrange("unacked_index", 0, -1, withscores=True)]

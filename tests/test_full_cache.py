@@ -24,7 +24,8 @@ def test_a_full_cache_is_named_in_the_worker_log_without_vectors_or_commands() -
             texts = [f"never stored {i}" for i in range(3)]
             app.send_task(
                 TASK_EMBED,
-                args=[make_payload(settings, "", texts, keys.reply_key("nobody-waits"))],
+                # No reply stream: nobody's claims to look at, so the worker embeds every text.
+                args=[make_payload(settings, "", texts, "")],
                 task_id=task_id,
                 queue=queue,
                 exchange="",

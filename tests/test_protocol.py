@@ -74,8 +74,9 @@ def test_a_call_larger_than_the_window_holds_only_a_window_of_claims(
 ) -> None:
     model = "hash/window"
     texts = [f"windowed {i}" for i in range(3000)]
-    join = embed_in_background(make_client(model=model, inflight_texts=300), texts, timeout=120)
-    queue = keys.queue_name(model)
+    client = make_client(model=model, inflight_texts=300, unknown_model_grace=0)  # its worker comes later
+    join = embed_in_background(client, texts, timeout=120)
+    queue = keys.queue_name(model, lane=keys.BULK)
     wait_until(lambda: r.llen(queue) > 0, 30, "the first tasks to be queued")
     assert claims(r) == 300  # the rest waits in the producer, unclaimed
     start_worker(model)
@@ -135,7 +136,8 @@ def test_the_async_client_keeps_the_contract(hash_worker: LocalWorker, redis_url
 
 def test_a_cancelled_async_call_releases_its_claims(redis_url: str, r: redis.Redis) -> None:
     async def main() -> None:
-        async with AsyncEmbeddingClient(redis_url, model="hash/async-cancel") as client:
+        settings = Settings(redis_url=redis_url, model="hash/async-cancel", unknown_model_grace=0)  # claims at once
+        async with AsyncEmbeddingClient(settings=settings) as client:
             call = asyncio.ensure_future(client.embed([f"given up {i}" for i in range(10)]))
             await asyncio.sleep(0.5)
             assert claims(r) == 10

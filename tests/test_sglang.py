@@ -174,7 +174,8 @@ def test_a_text_that_crashes_the_scheduler_fails_alone(
 ) -> None:
     texts = [f"mate {i}" for i in range(12)]
     texts[5] = "a POISON text"
-    background = embed_in_background(make_client(model=str(sglang.model)), texts, timeout=600)
+    client = make_client(model=str(sglang.model), unknown_model_grace=0)  # its workers start after it
+    background = embed_in_background(client, texts, timeout=600)
     env = sglang.env(EMBQ_TEST_SCHEDULER_POISON="POISON")
     deaths = run_workers_until_done(start_worker, sglang, background, env, most=6)
     # the batch once, then the text alone on each of its MAX_ENGINE_DEATHS deliveries
@@ -190,7 +191,8 @@ def test_a_batch_that_runs_the_scheduler_out_of_memory_succeeds_split(
     start_worker: Start, make_client: Client, sglang: SGLangCpu
 ) -> None:
     texts = [f"crowd {i}" for i in range(20)]
-    background = embed_in_background(make_client(model=str(sglang.model)), texts, timeout=600)
+    client = make_client(model=str(sglang.model), unknown_model_grace=0)  # its workers start after it
+    background = embed_in_background(client, texts, timeout=600)
     env = sglang.env(EMBQ_TEST_SCHEDULER_OOM_ABOVE="8")
     assert run_workers_until_done(start_worker, sglang, background, env, most=4) == 1
     np.testing.assert_allclose(background(), sglang.expected(texts), atol=1e-5)

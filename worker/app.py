@@ -21,15 +21,17 @@ import redis
 from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
+from kombu import Exchange, Queue
 
 from producer import keys
 from producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
-from producer.contract import TASK_EMBED, EmbedPayload, make_celery, split_task_id
+from producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
 from producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
 from worker import kombu_fixes, metrics
 from worker.batcher import Batcher, BatcherStopped, Call
 from worker.engines import Engine, create_engine
 from worker.heartbeat import Heartbeat
+from worker.lanes import BulkSlots
 from worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
 from worker.settings import WorkerSettings
 from worker.signature import SignatureGuard, signature_of
@@ -52,6 +54,8 @@ EXIT_INTERRUPTED = 130
 CONTROL_TIMEOUT = 2.0
 #: Field of a task's attempts hash marking one of its passes in the engine (``Runtime.on_pass``).
 PASS_MARK = "in:"
+#: Seconds of engine time between two heartbeats below which the worker's rate is not measured again.
+SPEED_MIN_BUSY = 0.5
 #: Eviction policies that may drop queue keys when broker and cache share a Redis.
 UNSAFE_EVICTION = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
@@ -80,6 +84,9 @@ class Runtime:
         self._left: list[tuple[str, str]] = []
         self._marks = threading.Lock()
         self.heartbeat: Heartbeat | None = None
+        self.bulk_slots = BulkSlots(settings.shared.queues[1], settings.bulk_task_limit)
+        #: Texts per second of engine time, as last measured (0 before any): the ``speed`` of the heartbeat.
+        self._speed = 0.0
 
     def start(self) -> None:
         """Load the engine once; idempotent, so a second ``worker_init`` is harmless."""
@@ -94,6 +101,10 @@ class Runtime:
             wait_for_redis("cache", s.shared.cache, s.redis_wait)
         check_eviction_policy(s)
         keep_task_buffers_in_heap()
+        # Online while loading (not ready): producers then know the model is being served, and wait.
+        fields = {"model": s.shared.model, "namespace": s.shared.cache_namespace, "engine": s.engine}
+        self.heartbeat = Heartbeat(self.control, fields, self.progress, also=self.renew_signature)
+        self.heartbeat.start()
         engine = create_engine(s.engine, s.shared.model, **s.engine_options())
         # Before gigabytes are loaded: a worker whose vectors cannot match the cached ones stops here.
         self.signature.check(signature_of(engine))
@@ -122,15 +133,14 @@ class Runtime:
         self.batcher.start()
         metrics.ENGINE_LOADED.set(1)
         self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)
-        fields = {
-            "model": s.shared.model,
-            "namespace": s.shared.cache_namespace,
-            "engine": s.engine,
-            "metrics_port": str(self.metrics_port),
-        }
-        self.heartbeat = Heartbeat(self.control, fields, self.progress, also=self.renew_signature)
-        self.heartbeat.start()
-        log.info("engine ready: dim=%d, consuming queue %s", engine.dim, s.shared.queue)
+        self.heartbeat.fields["metrics_port"] = str(self.metrics_port)
+        log.info(
+            "engine ready: dim=%d, consuming queues %s (bulk tasks hold at most %d of %d slots)",
+            engine.dim,
+            " then ".join(s.shared.queues),
+            s.bulk_task_limit,
+            s.concurrency,
+        )
 
     def renew_signature(self) -> None:
         """At every heartbeat: a worker of another kind that took the model's signature (after
@@ -151,6 +161,8 @@ class Runtime:
         last, self._last_beat = self._last_beat or now, now
         seconds = max(now[0] - last[0], 1e-9)
         texts, tokens, padded, busy = (now[i] - last[i] for i in range(1, 5))
+        if busy >= SPEED_MIN_BUSY:  # an idle spell keeps the last rate: producers size tasks by it
+            self._speed = texts / busy
         return {
             "texts": str(batcher.texts_done),
             "calls": str(batcher.calls),
@@ -158,6 +170,7 @@ class Runtime:
             "tokens_per_s": f"{tokens / seconds:.0f}",
             "busy": f"{busy / seconds:.3f}",
             "padding": f"{padded / tokens:.3f}" if tokens else "",
+            "speed": f"{self._speed:.1f}" if self._speed else "",
         }
 
     def set_ready(self, ready: bool) -> None:
@@ -225,21 +238,28 @@ class Runtime:
             # Taken between the engine's death and the consumer's stop (a task this worker
             # has just requeued comes straight back): return it untouched and uncounted.
             raise Reject(f"engine dead: {self.batcher.dead}", requeue=True)
-        starts, deaths, suspects = self.deliveries(task_id)
-        result = run_embed(
-            payload,
-            self.settings,
-            self.engine,
-            self.batcher,
-            self.store,
-            engine_deaths=deaths,
-            suspects=suspects,
-            redelivered=starts > 1,
-            split=split,
-            task=task_id,
-        )
-        self.cache.delete(keys.attempts_key(task_id))
-        return result
+        bulk = payload_lane(payload) == keys.BULK
+        if bulk:
+            self.bulk_slots.enter()
+        try:
+            starts, deaths, suspects = self.deliveries(task_id)
+            result = run_embed(
+                payload,
+                self.settings,
+                self.engine,
+                self.batcher,
+                self.store,
+                engine_deaths=deaths,
+                suspects=suspects,
+                redelivered=starts > 1,
+                split=split,
+                task=task_id,
+            )
+            self.cache.delete(keys.attempts_key(task_id))
+            return result
+        finally:
+            if bulk:
+                self.bulk_slots.leave()
 
     def deliveries(self, task_id: str) -> tuple[int, int, list[int]]:
         """``(starts, deaths, suspects)`` of a task: how often it was started, at how many of those starts an
@@ -362,6 +382,18 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
     return EngineStep
 
 
+def lane_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
+    """A consumer bootstep that hands the consumer to ``BulkSlots`` (again after each reconnection)."""
+
+    class LaneStep(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, consumer: Any) -> None:
+            runtime.bulk_slots.attach(consumer)
+
+    return LaneStep
+
+
 def check_pool(pool_cls: Any) -> None:
     pool = pool_cls if isinstance(pool_cls, str) else f"{pool_cls.__module__}.{pool_cls.__name__}"
     if not any(name in pool for name in ("thread", "solo")):
@@ -376,6 +408,8 @@ def create_app(settings: WorkerSettings) -> Celery:
     kombu_fixes.apply()
     app = make_celery(settings.shared, main="embq.worker")
     app.conf.update(
+        # Both lanes, the interactive one first (a plain ``celery worker`` without -Q consumes these).
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in settings.shared.queues],
         worker_pool="threads",
         worker_concurrency=settings.concurrency,
         # A lost connection must not cancel tasks that late acks will redeliver anyway.
@@ -407,10 +441,9 @@ def create_app(settings: WorkerSettings) -> Celery:
             # its command with every argument, vectors included: only Redis's reason goes on.
             raise BackendUnavailableError(f"the cache Redis refused a command: {refusal(e)}") from None
 
-    queue = settings.shared.queue
-
     def send_part(task_id: str, part: EmbedPayload, index: int) -> None:
         part_id = split_task_id(task_id, index)
+        queue = payload_queue(part)
         app.send_task(TASK_EMBED, args=[part], task_id=part_id, queue=queue, exchange="", routing_key=queue)
 
     def on_init(sender: Any, **_: Any) -> None:
@@ -453,6 +486,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         runtime.stop()
 
     app.steps["worker"].add(engine_step(runtime))
+    app.steps["consumer"].add(lane_step(runtime))
     signals.worker_init.connect(on_init, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from producer.keys import BULK, INTERACTIVE
 from worker import metrics
 from worker.backlog import Backlog
 from worker.engines import Engine, EngineDead, EngineItemErrors, Prepared, is_out_of_memory
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 #: Retries of a lone text that ran out of memory, and the first backoff in seconds (doubling).
 OOM_RETRIES = 3
 OOM_BACKOFF = 0.5
+#: Most of a pass interactive texts take while bulk texts wait: bulk keeps the rest of every pass
+#: under any load of queries, and queries still go in the very next pass.
+INTERACTIVE_SHARE = 0.5
+#: Seconds between a waiting task's looks at whether its texts are still wanted (``Batcher.embed``).
+WANTED_RECHECK = 1.0
 #: After an engine call, the share of its duration (at most ``LINGER_MAX`` seconds) that the next call
 #: waits for company: the callers the last call answered come back within moments, and without the wait
 #: a steady load splits into two halves that alternate in half-full calls.
@@ -66,9 +72,13 @@ class Job:
     #: (``Batcher.on_pass``); no ``origin``: row i is the task's row i.
     task: str = ""
     origin: list[int] | None = None
+    #: ``keys.INTERACTIVE`` texts go in the next pass, ahead of ``keys.BULK`` ones.
+    lane: str = INTERACTIVE
     matrix: np.ndarray | None = None
     ok: np.ndarray = field(init=False)
     errors: dict[int, str] = field(default_factory=dict)
+    #: Rows withdrawn before they entered a pass: nobody waited for them any more.
+    dropped: list[int] = field(default_factory=list)
     remaining: int = field(init=False)
     aborted: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -149,7 +159,8 @@ class Batcher:
         self._busy_mark = 0.0  # busy time is counted up to here
         self.dead: str | None = None
         self._jobs: deque[Job] = deque()  # jobs with texts not yet in a pass, oldest first
-        self._backlog = Backlog()  # their texts by length (not those of lone suspects)
+        # Their texts by lane, by length (not those of lone suspects).
+        self._backlogs = {INTERACTIVE: Backlog(), BULK: Backlog()}
         self._inflight: dict[int, Call] = {}  # the calls runner threads are encoding
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_texts = 0
@@ -176,15 +187,24 @@ class Batcher:
             if thread.is_alive():
                 thread.join(timeout)
 
-    def embed(self, texts: list[str], alone: bool = False, task: str = "", origin: list[int] | None = None) -> Job:
+    def embed(
+        self,
+        texts: list[str],
+        alone: bool = False,
+        task: str = "",
+        origin: list[int] | None = None,
+        lane: str = INTERACTIVE,
+        unwanted: Callable[[list[int]], list[int]] | None = None,
+    ) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
         ``alone`` gives each text an engine call of its own (texts suspected of
         killing an engine must not take others down with them). Raises
         ``BatcherStopped`` when the texts were not embedded and the task should
-        be requeued.
+        be requeued. While they wait, ``unwanted(rows)`` is asked every ``WANTED_RECHECK`` seconds which
+        of the rows not yet in a pass nobody waits for any more: those are withdrawn (``Job.dropped``).
         """
-        job = Job(texts, alone, task=task, origin=origin)
+        job = Job(texts, alone, task=task, origin=origin, lane=lane)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
@@ -201,14 +221,40 @@ class Batcher:
                 self._jobs.append(job)
                 rows = np.flatnonzero(job.waiting).tolist()
                 if not alone:
-                    self._backlog.add(job, rows)
+                    self._backlogs[job.lane].add(job, rows)
                 self._queued_texts += job.untaken
                 self._queued_tokens += sum(job.tokens[r] for r in rows)
                 self._cond.notify_all()
-        job.done.wait()
+        while not job.done.wait(WANTED_RECHECK if unwanted is not None else None):
+            self._withdraw_unwanted(job, unwanted)  # type: ignore[arg-type]
         if job.aborted:
             raise BatcherStopped(job.aborted)
         return job
+
+    def _withdraw_unwanted(self, job: Job, unwanted: Callable[[list[int]], list[int]]) -> None:
+        with self._cond:
+            rows = np.flatnonzero(job.waiting).tolist()
+        if not rows:
+            return
+        try:
+            gone = unwanted(rows)
+        except Exception as e:  # a look that fails (Redis away) withdraws nothing: the texts are embedded
+            log.debug("could not look whether %d texts are still wanted: %s", len(rows), e)
+            return
+        with self._cond:
+            for row in gone:
+                if not job.waiting[row]:  # entered a pass meanwhile
+                    continue
+                job.waiting[row] = False
+                job.untaken -= 1
+                if not job.alone:
+                    self._backlogs[job.lane].remove(job, row)
+                self._queued_texts -= 1
+                self._queued_tokens -= job.tokens[row]
+                job.dropped.append(row)
+                self._settle(job, 1)
+            if job.untaken == 0:
+                self._jobs = deque(j for j in self._jobs if j.untaken)
 
     def _prepare(self, job: Job) -> None:
         """The engine's tokens and inputs for the job's texts, on the caller's thread; texts it refuses
@@ -311,11 +357,25 @@ class Batcher:
         return self._call([(job, job.oldest_waiting())], alone=True)
 
     def _take_pass(self) -> Call:
-        """The oldest waiting text and those nearest it in length, within the budgets (lock held)."""
-        job = next(j for j in self._jobs if not j.alone)
-        picks = self._backlog.pass_around((job, job.oldest_waiting()), self.max_tokens, self.max_texts, self.padded)
+        """The oldest waiting interactive text and those nearest it in length, within ``INTERACTIVE_SHARE`` of
+        the budgets while bulk texts wait; then the oldest bulk text and those nearest it, in what is left
+        (lock held)."""
+        quick = next((j for j in self._jobs if not j.alone and j.lane == INTERACTIVE), None)
+        bulk = next((j for j in self._jobs if not j.alone and j.lane == BULK), None)
+        picks: list[tuple[Job, int]] = []
+        if quick is not None:
+            share = INTERACTIVE_SHARE if bulk is not None else 1.0
+            budget, most = max(1, int(self.max_tokens * share)), max(1, int(self.max_texts * share))
+            picks = self._backlogs[INTERACTIVE].pass_around((quick, quick.oldest_waiting()), budget, most, self.padded)
+        if bulk is not None and len(picks) < self.max_texts:
+            anchor = (bulk, bulk.oldest_waiting())
+            used = self._cost(picks)
+            if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
+                picks += self._backlogs[BULK].pass_around(
+                    anchor, self.max_tokens - used, self.max_texts - len(picks), self.padded
+                )
         for pick_job, row in picks:
-            self._backlog.remove(pick_job, row)
+            self._backlogs[pick_job.lane].remove(pick_job, row)
         picks.sort(key=lambda pick: pick[0].tokens[pick[1]])  # for engines that cut a call into batches
         return self._call(picks, alone=False)
 
@@ -337,6 +397,13 @@ class Batcher:
         )
         self._inflight[id(call)] = call
         return call
+
+    def _cost(self, picks: list[tuple[Job, int]]) -> int:
+        """Tokens of a pass of ``picks``: padded (longest x texts) or summed."""
+        sizes = [job.tokens[row] for job, row in picks]
+        if not sizes:
+            return 0
+        return max(sizes) * len(sizes) if self.padded else sum(sizes)
 
     def _full(self) -> bool:
         return self._queued_texts >= self.max_texts or self._queued_tokens >= self.max_tokens
@@ -446,7 +513,8 @@ class Batcher:
             jobs = {id(job): job for call in self._inflight.values() for job in call.jobs}
             jobs.update({id(job): job for job in self._jobs})
             self._jobs.clear()
-            self._backlog.clear()
+            for backlog in self._backlogs.values():
+                backlog.clear()
             self._queued_texts = self._queued_tokens = 0
             for job in jobs.values():
                 if not job.done.is_set():

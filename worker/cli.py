@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     e.add_argument("--instruction", default="", help="query instruction (part of the cache key)")
     e.add_argument("--timeout", type=float, help="seconds to wait for each chunk")
+    e.add_argument(
+        "--priority",
+        choices=["bulk", "interactive"],
+        default="bulk",
+        help="lane of the file's texts (default bulk: queries of live services go first)",
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bar (the summary stays)")
     e.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -174,7 +180,7 @@ def run_worker(args: argparse.Namespace) -> int:
         "worker",
         "--pool=threads",
         f"--concurrency={settings.concurrency}",
-        f"--queues={settings.shared.queue}",
+        f"--queues={','.join(settings.shared.queues)}",
         f"--hostname={args.hostname or f'embq-{settings.engine}@%h'}",
         f"--loglevel={args.loglevel}",
         "--without-mingle",
@@ -207,6 +213,7 @@ def run_embed(args: argparse.Namespace) -> int:
             dim=args.dim,
             instruction=args.instruction,
             timeout=args.timeout,
+            priority=args.priority,
             progress=not args.no_progress,
             quiet=args.quiet,
         )

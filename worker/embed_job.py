@@ -54,6 +54,7 @@ class EmbedOptions:
     dim: int | None = None
     instruction: str = ""
     timeout: float | None = None
+    priority: str = "bulk"
     progress: bool = True
     quiet: bool = False
 
@@ -162,6 +163,7 @@ class Job:
                 instruction=o.instruction,
                 timeout=o.timeout,
                 on_progress=progress.update,
+                priority=o.priority,
             )
         self.sink.commit()
         self.done = True

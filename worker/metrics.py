@@ -32,6 +32,9 @@ ENGINE_BUSY_SECONDS = Counter(
     "embq_engine_busy_seconds", "Seconds with at least one pass in the engine: its rate is the device's busy share"
 )
 TEXTS_SKIPPED = Counter("embq_texts_already_cached", "Texts of a task found in the cache: no engine time spent")
+TEXTS_ABANDONED = Counter(
+    "embq_texts_abandoned", "Texts of a task nobody waited for any more (timed out, cancelled, producer gone): skipped"
+)
 ENGINE_BATCH_TEXTS = Histogram(
     "embq_engine_batch_texts", "Texts per engine call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 )

@@ -25,6 +25,9 @@ class WorkerSettings:
     #: Tasks executed at once (Celery threads). Their texts are what the batcher
     #: can coalesce, so it bounds the batch size under many small producers.
     concurrency: int = 64
+    #: Of those, the most bulk tasks may hold (``worker.lanes``); the rest stay free for interactive
+    #: tasks. None: a quarter of ``concurrency``. Raise it on a GPU whose passes need a deeper backlog.
+    bulk_tasks: int | None = None
     #: Tokens per engine pass: the tokenizer's count where the engine has one (else characters / 4),
     #: padded (longest text x texts) for engines that pad. None takes the engine's choice for its
     #: device, logged at start (sentence-transformers: 2,048 on a CPU, 32,768 on a GPU; 16,384 for
@@ -128,6 +131,11 @@ class WorkerSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(shared=shared, **values)
 
+    @property
+    def bulk_task_limit(self) -> int:
+        """Task slots bulk work may hold: ``bulk_tasks``, else a quarter of ``concurrency``."""
+        return min(self.concurrency, self.bulk_tasks or max(1, self.concurrency // 4))
+
     def engine_options(self) -> dict[str, Any]:
         """Keyword options for ``create_engine``; each engine takes the ones it knows."""
         return {
@@ -180,6 +188,7 @@ def check_engine_model(engine: str, model: str) -> None:
 ENV_NAMES: dict[str, str] = {
     "engine": "EMBQ_ENGINE",
     "concurrency": "EMBQ_CONCURRENCY",
+    "bulk_tasks": "EMBQ_BULK_TASKS",
     "batch_tokens": "EMBQ_BATCH_TOKENS",
     "batch_max_texts": "EMBQ_BATCH_MAX_TEXTS",
     "batch_wait_ms": "EMBQ_BATCH_WAIT_MS",

@@ -8,8 +8,12 @@ every lookup of that Redis, embq's markers and queues included.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any, cast
+
+import msgpack
 
 from producer import keys
 from producer.backend import backend_errors, connect
@@ -40,14 +44,40 @@ def hit_rate(counts: dict[str, Any]) -> str:
     return f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
 
 
+def oldest_sent(message: bytes | None) -> float | None:
+    """When the producer sent a queued task (its payload's ``sent``), from kombu's message in the list."""
+    if not message:
+        return None
+    try:
+        envelope = json.loads(message)
+        body = msgpack.unpackb(base64.b64decode(envelope["body"]), raw=False)
+        sent = body[0][0].get("sent")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, msgpack.UnpackException):
+        return None
+    return float(sent) if isinstance(sent, int | float) else None
+
+
+def lanes_of(broker: Any) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """Tasks queued per model (as its queue names it) and lane, and the age of each model's oldest
+    interactive task (the list's tail: producers push at the head)."""
+    depth: dict[str, dict[str, int]] = {}
+    oldest: dict[str, float] = {}
+    now = time.time()
+    for key in broker.scan_iter(match=keys.QUEUE_PREFIX + "*", _type="list"):
+        model, lane = keys.queue_lane(_name(key)[len(keys.QUEUE_PREFIX) :])
+        depth.setdefault(model, dict.fromkeys(keys.LANES, 0))[lane] += cast(int, broker.llen(key))
+        if lane == keys.INTERACTIVE:
+            sent = oldest_sent(broker.lindex(key, -1))
+            if sent is not None:
+                oldest[model] = max(0.0, now - sent)
+    return depth, oldest
+
+
 def render_status(settings: Settings) -> str:
     """One screen of text; SCANs only embq's own queue, stats and worker keys, never the vectors."""
     broker, cache = connect(settings.broker), connect(settings.cache)
     with backend_errors("broker", settings.broker):
-        queues = {
-            _name(key)[len(keys.QUEUE_PREFIX) :]: cast(int, broker.llen(key))
-            for key in broker.scan_iter(match=keys.QUEUE_PREFIX + "*", _type="list")
-        }
+        queues, oldest = lanes_of(broker)
     with backend_errors("cache", settings.cache):
         stats = _hashes(cache, keys.STATS)
         workers = _hashes(cache, keys.WORKER)
@@ -58,13 +88,30 @@ def render_status(settings: Settings) -> str:
     for worker in workers.values():
         label = served(worker)
         online[label] = online.get(label, 0) + 1
-    lines = [f"{'model':<48} {'queued':>8} {'workers':>8} {'tasks':>10} {'texts':>12} {'failed':>8} {'hit rate':>9}"]
+    lines = [
+        f"{'model':<44} {'queries':>8} {'oldest':>7} {'bulk':>6} {'workers':>8} {'tasks':>9} {'texts':>11} "
+        f"{'bulk texts':>11} {'failed':>7} {'dropped':>8} {'hit rate':>9}"
+    ]
+    unserved = []
     for model in sorted(set(queues) | set(stats) | set(online)):
         s = stats.get(model, {})
+        depth = queues.get(model, dict.fromkeys(keys.LANES, 0))
+        age = f"{oldest[model]:.1f}s" if model in oldest else "-"
+        serving = str(online.get(model, 0))
+        if not online.get(model) and any(depth.values()):
+            serving = "0 (!)"
+            unserved.append(model)
         lines.append(
-            f"{model:<48} {queues.get(model, 0):>8} {online.get(model, 0):>8} {s.get('tasks', '0'):>10} "
-            f"{s.get('texts', '0'):>12} {s.get('failed', '0'):>8} {hit_rate(s):>9}"
+            f"{model:<44} {depth[keys.INTERACTIVE]:>8} {age:>7} {depth[keys.BULK]:>6} {serving:>8} "
+            f"{s.get('tasks', '0'):>9} {s.get('texts', '0'):>11} {s.get('texts_bulk', '0'):>11} "
+            f"{s.get('failed', '0'):>7} {s.get('abandoned', '0'):>8} {hit_rate(s):>9}"
         )
+    lines.append(
+        "  queries/bulk: tasks queued per lane (queries go first); oldest: the oldest queued query's age; "
+        "dropped: texts skipped because nobody waited for them any more"
+    )
+    for model in unserved:
+        lines.append(f"  (!) {model}: tasks queued and no worker online")
     lines += ["", f"workers online: {len(workers)}"]
     now = time.time()
     for name, w in sorted(workers.items()):

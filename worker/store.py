@@ -42,6 +42,8 @@ class ResultStore:
         failures: dict[str, str],
         cached: list[str] | None = None,
         task: str = "",
+        abandoned: int = 0,
+        lane: str = keys.INTERACTIVE,
     ) -> int:
         """Write the vectors of ``done`` (``values``: their packed vectors end to end, ``width`` bytes each),
         report ``failures``, tell the owner (``reply``, for its ``task``) and the watchers; ``cached``
@@ -62,7 +64,7 @@ class ResultStore:
                 owner = reply[len(keys.REPLY) :] if reply else ""
                 released = self._release(args=[owner, "".join(failed)])
                 told = protocol.watchers_of(released, list(failed))
-            old = self._write(reply, task, done, values, width, stored, failed)
+            old = self._write(reply, task, done, values, width, stored, failed, abandoned, lane)
         except redis.exceptions.ResponseError as e:
             # The server's reason only: the arguments (vectors) never reach a message or a log.
             raise BackendUnavailableError(f"the cache Redis refused the results: {refusal(e)}") from None
@@ -89,6 +91,8 @@ class ResultStore:
         width: int,
         stored: int,
         failed: dict[str, str],
+        abandoned: int = 0,
+        lane: str = keys.INTERACTIVE,
     ) -> list[Any]:
         """One round trip: the SETs, the owner's notice, the counters. Returns what the SETs replaced."""
         connection = self.cache.connection_pool.get_connection()
@@ -99,10 +103,11 @@ class ResultStore:
                 fields = protocol.notice_fields(done, values, failed, task=task)
                 commands += connection.pack_command("XADD", reply, "NOMKSTREAM", "*", *protocol.flat(fields))
                 count += 1
-            for field, amount in (("tasks", 1), ("texts", stored), ("failed", len(failed))):
+            counts = (("tasks", 1), ("texts", stored), (f"texts_{lane}", stored), ("failed", len(failed)))
+            for field, amount in (*counts, ("abandoned", abandoned)):
                 commands += connection.pack_command("HINCRBY", self.stats, field, amount)
             commands += connection.pack_command("EXPIRE", self.stats, keys.STATS_TTL)
-            count += 4
+            count += 6
             connection.send_packed_command(commands)
             replies: list[Any] = []
             error: redis.exceptions.ResponseError | None = None

@@ -9,9 +9,12 @@ beside it, the task's other rows go on as one task, and a text that has been in
 the engine at ``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates
 succeed. Rows that were only waiting are never suspected.
 
-Only a task delivered again looks in the cache before embedding (its first
-delivery may have stored part of it): a first delivery holds only texts its
-producer claimed because they were missing.
+Before embedding, a task looks at its texts' keys (one MGET): a text whose
+claim is gone or is another producer's, or whose producer is gone, has nobody
+waiting for it (its call timed out, was cancelled or its producer died; a
+producer watching it has claimed it again and sent it itself), so it is skipped,
+and counted; a text already cached (a task delivered again, or another copy)
+is reported as done.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import numpy as np
 import redis
 
 from producer import keys
-from producer.codec import pack_rows, unpack_many
-from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload
+from producer.codec import CLAIM_PREFIX, pack_rows, unpack_many
+from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane
 from producer.validation import item_problem
 from worker import metrics
 from worker.batcher import Batcher, BatcherStopped
@@ -108,9 +111,10 @@ def run_embed(
         else:
             good.append((digest, text, row))
 
-    # A task delivered again may have been done already (by its first delivery, or another copy).
-    cached = cached_digests(store.cache, [d for d, _, _ in good], engine.dim) if redelivered else set()
-    todo = [item for item in good if item[0] not in cached] if cached else good
+    owner = reply[len(keys.REPLY) :]
+    cached, abandoned = look_before_embedding(store.cache, [d for d, _, _ in good], engine.dim, owner, redelivered)
+    skip = cached | abandoned
+    todo = [item for item in good if item[0] not in skip] if skip else good
     if engine_deaths >= MAX_ENGINE_DEATHS:
         for digest, _, _ in todo:
             failures[digest] = f"the engine died {engine_deaths} times while embedding this text; it is refused"
@@ -118,6 +122,12 @@ def run_embed(
     metrics.TEXTS_SKIPPED.inc(len(cached))
     instruction = payload["instruction"]
     done: list[str] = []
+
+    def unwanted(rows: list[int]) -> list[int]:
+        digests = [todo[row][0] for row in rows]
+        _, gone = look_before_embedding(store.cache, digests, engine.dim, owner, False)
+        return [row for row, digest in zip(rows, digests, strict=True) if digest in gone]
+
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
         job = batcher.embed(
@@ -125,7 +135,13 @@ def run_embed(
             alone=alone,
             task=task,
             origin=[row for _, _, row in todo],
+            lane=payload_lane(payload),
+            unwanted=unwanted if owner else None,
         )
+        abandoned |= {todo[row][0] for row in job.dropped}
+        metrics.TEXTS_ABANDONED.inc(len(abandoned))
+        if abandoned:
+            log.info("skipped %d of %d texts nobody waits for any more", len(abandoned), len(texts))
         embedded = np.flatnonzero(job.ok)
         values: bytes | memoryview = b""
         width = 0
@@ -133,10 +149,22 @@ def run_embed(
             rows = job.matrix if len(embedded) == len(todo) else job.matrix[embedded]
             values, width = pack_rows(rows, settings.cache_dtype)
         done = [todo[i][0] for i in embedded]
-        if len(done) < len(todo):
+        if len(done) + len(job.dropped) < len(todo):
+            dropped = set(job.dropped)
             for row in np.flatnonzero(~job.ok).tolist():
-                failures[todo[row][0]] = job.errors.get(row, "failed")
-        store.store(reply, done, values, width, failures, cached=sorted(cached), task=task)
+                if row not in dropped:
+                    failures[todo[row][0]] = job.errors.get(row, "failed")
+        store.store(
+            reply,
+            done,
+            values,
+            width,
+            failures,
+            cached=sorted(cached),
+            task=task,
+            abandoned=len(abandoned),
+            lane=payload_lane(payload),
+        )
     except (BatcherStopped, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         raise  # the message goes back to the queue or is retried: producers keep waiting
     except Exception as e:
@@ -151,7 +179,7 @@ def run_embed(
     if failures:
         metrics.ERRORS.labels(metrics.ITEM).inc(len(failures))
         log.warning("%d of %d texts failed in this task", len(failures), len(texts))
-    return {"embedded": len(done), "cached": len(cached), "failed": len(failures)}
+    return {"embedded": len(done), "cached": len(cached), "failed": len(failures), "skipped": len(abandoned)}
 
 
 def split_suspects(payload: Any, suspected: list[int], split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
@@ -188,12 +216,30 @@ def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
         return None
 
 
-def cached_digests(cache: redis.Redis, digests: list[str], dim: int) -> set[str]:
-    """Digests whose vector is already cached: a redelivered task costs no engine time for them."""
-    if not digests:
-        return set()
-    _, valid = unpack_many(cache.mget([keys.vector_key(d) for d in digests]), dim)  # type: ignore[arg-type]
-    return {d for d, ok in zip(digests, valid, strict=True) if ok}
+def look_before_embedding(
+    cache: redis.Redis, digests: list[str], dim: int, owner: str, redelivered: bool
+) -> tuple[set[str], set[str]]:
+    """``(cached, abandoned)`` among ``digests``, in one round trip: cached ones cost no engine time;
+    abandoned ones nobody waits for (see the module doc). ``owner``: the token of the producer that
+    sent the task ("" for a producer that names no reply stream: everything is embedded)."""
+    if not digests or not (owner or redelivered):
+        return set(), set()
+    pipe = cache.pipeline(transaction=False)
+    pipe.mget([keys.vector_key(d) for d in digests])
+    pipe.exists(keys.alive_key(owner or "-"))
+    values, alive = pipe.execute()
+    _, valid = unpack_many(values, dim)
+    cached = {d for d, ok in zip(digests, valid, strict=True) if ok}
+    if not owner:
+        return cached, set()
+    claim, token = len(CLAIM_PREFIX), len(CLAIM_PREFIX) + 1  # a claim: the prefix, a flag byte, the token
+    abandoned = {
+        d
+        for d, value in zip(digests, values, strict=True)
+        if value is None
+        or (value[:claim] == CLAIM_PREFIX and (value[token:].decode(errors="replace") != owner or not alive))
+    }
+    return cached, abandoned
 
 
 def refuse(payload: Any, problem: str, store: ResultStore, task: str = "") -> dict[str, int]:

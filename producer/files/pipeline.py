@@ -92,6 +92,7 @@ def embed_rows(
     instruction: str = "",
     timeout: float | None = None,
     on_progress: Callable[[int], None] | None = None,
+    priority: str | None = None,
 ) -> Summary:
     """Embed every row of ``source`` into ``sink`` in input order; the caller commits or aborts the sink.
 
@@ -150,6 +151,7 @@ def embed_rows(
         timeout=timeout,
         failures="nan",
         on_progress=on_progress,
+        priority=priority,
     )
     with stream:
         for _, vectors in stream:

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds ``/health`` waits for each Redis to answer PING before it calls it unreachable.
 HEALTH_TIMEOUT = 2.0
+#: Header naming a request's lane (``interactive`` or ``bulk``), for clients that cannot add a body field.
+PRIORITY_HEADER = "X-Embq-Priority"
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 #: Seconds each connection gets to close at shutdown.
 CLOSE_TIMEOUT = 2.0
@@ -66,7 +68,9 @@ class Gateway:
         """The model's client, created on first use (only for models the catalog serves)."""
         found = self.clients.get(model)
         if found is None:
-            found = self.clients[model] = AsyncEmbeddingClient(settings=self.settings, model=model)
+            # The catalog already refused models no worker has served; a named one waits for its workers.
+            settings = self.settings.with_overrides(unknown_model_grace=0)
+            found = self.clients[model] = AsyncEmbeddingClient(settings=settings, model=model)
             log.info("serving model %s", model)
         return found
 
@@ -78,7 +82,8 @@ class Gateway:
         if not served:
             raise APIError(
                 404,
-                f"The model {model!r} does not exist or has no worker online; GET /v1/models lists the models served.",
+                f"The model {model!r} does not exist: no worker serves it nor has served it; "
+                "GET /v1/models lists the models served.",
                 code="model_not_found",
                 param="model",
             )
@@ -90,9 +95,10 @@ class Gateway:
         )
         await self.require_model(query.model)
         timeout = self.limits.request_timeout
+        priority = request_priority(query.priority, request.headers.get(PRIORITY_HEADER))
         try:
             vectors = await self.client(query.model).embed(
-                query.texts, dim=query.dimensions, instruction=query.instruction, timeout=timeout
+                query.texts, dim=query.dimensions, instruction=query.instruction, timeout=timeout, priority=priority
             )
         except EmbqError as e:
             raise from_embq(e, model=query.model, timeout=timeout) from e
@@ -162,6 +168,18 @@ class Gateway:
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.info("a connection did not close cleanly: %s", task.exception())
+
+
+def request_priority(field: str | None, header: str | None) -> str:
+    """A request's lane: the body's ``priority``, else the header, else interactive (someone waits on it)."""
+    if field is not None:
+        return field
+    if header is None or not header.strip():
+        return keys.INTERACTIVE
+    value = header.strip().lower()
+    if value not in keys.LANES:
+        raise APIError(400, f"header {PRIORITY_HEADER} must be 'interactive' or 'bulk', got {header[:40]!r}")
+    return value
 
 
 def model_object(info: ModelInfo) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Workers announce themselves in the cache Redis (``embq:workers`` indexes their
 heartbeat hashes, see ``producer.keys``), so a look costs one ZRANGE and one
 HGET per worker, never a SCAN of the vectors. A request for a model seen
 online in the last look is served without any look; a model not seen triggers
-a fresh look (concurrent misses share one; at most ten a second) before the 404.
+a fresh look (concurrent misses share one; at most ten a second), then a look
+for the model's signature (served before, its workers all down: its requests
+wait), before the 404.
 A model is served from the moment ``GET /v1/models`` lists it.
 """
 
@@ -80,6 +82,11 @@ class ModelCatalog:
         return models + [online[m] for m in sorted(online) if m not in self.named]
 
     async def serves(self, model: str) -> bool:
+        """Named, online, or served before (its workers' signature is in the cache): a model whose workers
+        are all down is still served, its requests wait for one as a client's calls do; only a model no
+        worker has ever served is refused (``producer.errors.ModelNotServedError``)."""
         if model in self.named or model in self._online:
             return True
-        return model in await self.look(MISS_RECHECK)
+        if model in await self.look(MISS_RECHECK):
+            return True
+        return bool(await self.cache.exists(keys.signature_key(self.namespace, model)))

@@ -16,6 +16,7 @@ from producer.errors import (
     EmbqTimeoutError,
     InvalidInputError,
     ItemFailedError,
+    ModelNotServedError,
 )
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,14 @@ def from_embq(error: EmbqError, *, model: str, timeout: float) -> APIError:
             param="input",
             failed=error.failures,
         )
+    if isinstance(error, ModelNotServedError):
+        return APIError(404, f"The model {model!r} does not exist: {error}", code="model_not_found", param="model")
     if isinstance(error, EmbqTimeoutError):
         return APIError(
             504,
             f"{error.missing} of {error.total} vectors were not ready within {timeout:g}s "
-            f"(are workers serving {model!r}?). The work goes on and is cached: retry to collect it.",
+            f"(are workers serving {model!r}?). What was computed is cached and what was not is dropped: "
+            "a retry computes only the rest.",
             type=SERVER,
             code="timeout",
         )

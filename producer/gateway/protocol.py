@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from producer import keys
 from producer.errors import InvalidInputError
 from producer.gateway.errors import APIError, bad_items
 from producer.validation import item_problem, validate_texts
@@ -35,6 +36,9 @@ class EmbeddingRequest:
     dimensions: int | None
     #: embq's extension: a query instruction (part of the cache key), e.g. for Qwen3-Embedding.
     instruction: str
+    #: embq's extension: the lane (``interactive``, the default, or ``bulk``); the header
+    #: ``X-Embq-Priority`` says the same for clients that cannot add a field.
+    priority: str | None = None
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -76,7 +80,12 @@ def parse_embedding_request(data: dict[str, Any], *, max_texts: int, max_text_by
     problem = item_problem(instruction, max_text_bytes)
     if problem is not None:
         raise APIError(400, f"'instruction' {problem}", param="instruction")
-    return EmbeddingRequest(model, texts, encoding, None if dimensions is None else int(dimensions), instruction)
+    priority = data.get("priority")
+    if priority is not None and priority not in keys.LANES:
+        raise APIError(400, f"'priority' must be 'interactive' or 'bulk', got {clipped(priority)}", param="priority")
+    return EmbeddingRequest(
+        model, texts, encoding, None if dimensions is None else int(dimensions), instruction, priority
+    )
 
 
 def clipped(value: Any, most: int = 40) -> str:

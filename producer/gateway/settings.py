@@ -28,9 +28,10 @@ class GatewaySettings:
     #: (about 1.2 MB of English); 8 MiB leaves room for JSON escapes of other
     #: scripts while bounding what a single request can make the gateway hold.
     max_request_bytes: int = 8 * 1024 * 1024
-    #: Seconds a request waits for its vectors before a 504. The work goes on
-    #: and is cached, so a retry (the ``openai`` client retries 504 by itself)
-    #: collects it; raise it for large uncached batches on a busy queue.
+    #: Seconds a request waits for its vectors before a 504. What was computed
+    #: is cached and the rest is dropped (nobody waits for it), so a retry (the
+    #: ``openai`` client retries 504 by itself) computes only the rest; raise it
+    #: for large uncached batches.
     request_timeout: float = 60.0
     #: Connections and requests the gateway holds at once; past it, new ones get 503 at once. Each
     #: waiting request costs little (an asyncio task); the limit bounds a flood, not normal load.
