@@ -12,6 +12,15 @@ same tasks, and answered by the same notices. Large calls are admitted in
 windows: at most ``inflight_texts`` texts are being resolved at once, so a call
 of a million texts has its first task queued at once and never holds more than
 a window of claims.
+
+Calls go in one of two lanes (``keys.INTERACTIVE``, ``keys.BULK``): interactive
+calls are admitted before bulk ones and past the window, and their texts go in
+tasks of the interactive queue; bulk tasks are sized to what the model's slowest
+worker embeds in ``task_seconds`` (workers publish their rate in their
+heartbeat). A call that times out, or is cancelled, releases the claims of the
+texts only it wanted, so that workers skip them. Until a worker serves the model
+or has served it, nothing is claimed or sent; after ``unknown_model_grace``
+seconds of neither, the calls fail with ``ModelNotServedError``.
 """
 
 from __future__ import annotations

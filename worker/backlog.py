@@ -6,6 +6,7 @@ of them: padding then costs little however mixed the workload, as when one
 ``encode`` call sorts all of its texts. A pass is formed around the oldest
 waiting text (so every task keeps moving and a lone request goes at once),
 then grows with the texts nearest in length, from any task, up to the budget.
+The batcher keeps one backlog per lane (interactive, bulk).
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ join the backlog of every text the worker holds (``worker.backlog``). A runner
 thread forms each engine call, one pass, from the oldest waiting text and the
 texts nearest it in length across all tasks, up to a budget of real tokens
 (padded: the longest times the texts, for engines that pad), after a short wait
-for company (after a long call, a small share of that call), and isolates failures:
+for company (after a long call, a small share of that call). Interactive texts
+(queries) form the next pass first, taking at most ``INTERACTIVE_SHARE`` of it
+while bulk texts wait; bulk texts fill the rest. A task's texts that nobody
+waits for any more are withdrawn before they enter a pass (``unwanted``). It
+isolates failures:
 
 - texts the engine refuses (``EngineItemErrors``) fail alone, the rest go again;
 - out of memory splits the call in halves, and a lone text is retried with backoff;
