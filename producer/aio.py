@@ -81,7 +81,7 @@ class AsyncEmbeddingClient:
         await driver.submit(call)
         await driver.wait(call)
         call.count(self.model)
-        return call.result(self.queue)
+        return call.result(self.settings)
 
     async def dimension(self) -> int | None:
         """The model's full dimension, as its workers state it (None before any worker of it ran)."""

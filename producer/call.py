@@ -110,7 +110,8 @@ class Call:
         self.fail(
             EmbqTimeoutError(
                 f"{self.remaining} of {len(self.texts)} texts still missing after the timeout; are workers "
-                "consuming the model's queue? Their work is not lost: a later call collects what they finish.",
+                "consuming the model's queue? What was computed stays cached; workers skip the rest, "
+                "which nobody waits for any more, and a later call computes only that.",
                 missing=self.remaining,
                 total=len(self.texts),
             )
@@ -130,10 +131,12 @@ class Call:
         """Into the client's Prometheus counters."""
         metrics.count_call(model, self.cached, self.computed, self.waited, self.failed, time.monotonic() - self.arrived)
 
-    def result(self, queue: str) -> np.ndarray:
-        """The caller's side, once finished: the rows, or the error they end in."""
+    def result(self, settings: Settings) -> np.ndarray:
+        """The caller's side, once finished: the rows, or the error they end in (a timeout names the
+        queue of the call's lane)."""
         if self.error is not None:
             if isinstance(self.error, EmbqTimeoutError):
+                queue = keys.queue_name(settings.model, settings.cache_namespace, self.lane)
                 raise EmbqTimeoutError(
                     str(self.error).replace("the model's queue", f"queue {queue!r}"),
                     missing=self.error.missing,

@@ -97,7 +97,7 @@ class EmbeddingClient:
         driver.submit(call)
         driver.wait(call)
         call.count(self.model)
-        return call.result(self.queue)
+        return call.result(self.settings)
 
     def embed_iter(
         self,

@@ -131,7 +131,6 @@ class Dispatcher:
         self.settings = settings
         self.model = settings.model
         self.namespace = settings.cache_namespace
-        self.queue = settings.queue
         self.token = token or uuid.uuid4().hex
         self.reply = keys.reply_key(self.token)
         self.alive = keys.alive_key(self.token)
@@ -169,6 +168,7 @@ class Dispatcher:
         #: nor sent, so that a mistyped model leaves no queue behind.
         self.model_known = not check_served or settings.unknown_model_grace <= 0
         self.unknown_since: float | None = None
+        self.said_unknown = False  # the wait for an unknown model is logged once, not at each call
         self.said_no_worker = False
         #: Texts per bulk task: what the model's slowest worker embeds in ``task_seconds``.
         self.bulk_task_texts = settings.task_max_texts
@@ -576,15 +576,17 @@ class Dispatcher:
             if not mine and not self.said_no_worker:
                 self.said_no_worker = True
                 log.warning(
-                    "no worker of model %r is online (workers have served it before): its texts wait in queue %r "
+                    "no worker of model %r is online (workers have served it before): its texts wait in queues %s "
                     "until one starts",
                     self.model,
-                    self.queue,
+                    " and ".join(repr(q) for q in self.settings.queues),
                 )
             return
         now = time.monotonic()
         if self.unknown_since is None:
             self.unknown_since = now
+        if not self.said_unknown:
+            self.said_unknown = True
             log.info("no worker serves model %r yet; waiting up to %.0fs for one", self.model, self._grace())
         if now - self.unknown_since >= self._grace():
             self.unknown_since = None

@@ -125,7 +125,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
             self.cached_rows += call.rows_found["cached"]
             self.computed_rows += call.rows_found["computed"] + call.rows_found["waited"]
             try:
-                vectors = call.result(self.client.queue)
+                vectors = call.result(self.client.settings)
             except ItemFailedError as e:
                 failed = {start + i: reason for i, reason in e.failures.items()}
                 if self.on_failure == "raise":

@@ -142,8 +142,9 @@ def test_a_timed_out_call_is_dropped_and_a_later_call_computes_only_the_rest(
     start_worker(model, env=slow(0.005))  # ~200 texts/s: 3,000 texts would take 15 s
     texts = [f"given up {i}" for i in range(3000)]
     client = make_client(model=model)
-    with pytest.raises(EmbqTimeoutError):
+    with pytest.raises(EmbqTimeoutError) as late:
         client.embed(texts, timeout=2)
+    assert repr(keys.queue_name(model, lane=keys.BULK)) in str(late.value)  # the queue of the call's lane
     start = time.monotonic()
     for i in range(3):
         text = f"after the timeout {i}"
@@ -289,5 +290,21 @@ def test_the_gateway_takes_the_lane_from_the_request(redis_url: str, r: redis.Re
         assert late.value.status_code == 504 and r.llen(keys.queue_name(model, lane=keys.BULK)) == 2
         with pytest.raises(openai.BadRequestError) as refused:
             api.embeddings.create(model=model, input=["x"], extra_headers={"X-Embq-Priority": "urgent"})
-        assert "X-Embq-Priority" in refused.value.message
+        assert "X-Embq-Priority" in refused.value.message and refused.value.code == "invalid_priority"
+        with pytest.raises(openai.BadRequestError) as refused:  # checked even where the field would win
+            api.embeddings.create(
+                model=model, input=["x"], extra_body={"priority": "bulk"}, extra_headers={"X-Embq-Priority": "soon"}
+            )
+        assert refused.value.code == "invalid_priority"
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.embeddings.create(model=model, input=["x"], extra_body={"priority": "Bulk"})
+        assert refused.value.code == "invalid_priority" and refused.value.param == "priority"
+        with pytest.raises(openai.APIStatusError) as late:  # the field wins over the header
+            api.embeddings.create(
+                model=model,
+                input=["a third document"],
+                extra_body={"priority": "bulk"},
+                extra_headers={"X-Embq-Priority": "interactive"},
+            )
+        assert late.value.status_code == 504 and r.llen(keys.queue_name(model, lane=keys.BULK)) == 3
         assert server.stop() == 0

@@ -25,7 +25,8 @@ import psutil
 import pytest
 import redis
 
-from producer import EmbeddingClient, ItemFailedError, keys
+from producer import EmbeddingClient, EmbqError, ItemFailedError, keys
+from producer.broker import UNACKED_KEY
 from tests.conftest import Background, alive, embed_in_background
 from tests.sglang_support import CONTEXT, SGLangCpu, front_pids, pids_in_log
 from worker.local import LocalWorker, wait_until
@@ -148,6 +149,19 @@ def test_vectors_instructions_dims_and_long_texts(
     np.testing.assert_allclose(cut[0], sglang.embed_ids(sglang.token_ids(long_text)[:limit]), atol=1e-5)
 
 
+def broker_state(worker: LocalWorker) -> str:
+    """The model's queues and the broker's unacknowledged tasks: where a stalled task sits."""
+    client = redis.Redis.from_url(worker.env["EMBQ_REDIS_URL"])
+    try:
+        queues = {name: client.llen(name) for name in (keys.queue_name(worker.model, lane=lane) for lane in keys.LANES)}
+        unacked = [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals(UNACKED_KEY)]
+        return f"queues {queues}, unacked tasks {unacked}"
+    except (redis.RedisError, ValueError, KeyError, IndexError, TypeError) as e:
+        return f"broker state unreadable: {e}"
+    finally:
+        client.close()
+
+
 def run_workers_until_done(
     start_worker: Start, sglang: SGLangCpu, background: Background, env: dict[str, str], most: int
 ) -> int:
@@ -161,7 +175,11 @@ def run_workers_until_done(
         def ended(process: subprocess.Popen[bytes] = process) -> bool:
             return background.finished or process.poll() is not None
 
-        wait_until(ended, 180, "the call or the worker to end")
+        try:
+            wait_until(ended, 180, "the call or the worker to end")
+        except EmbqError as e:
+            tail = worker.log_tail(80)
+            raise AssertionError(f"{e}\n{broker_state(worker)}\nworker {deaths + 1}'s log ends:\n{tail}") from None
         if background.finished:
             return deaths
         assert process.returncode == 4, worker.log_tail()  # engine dead: tasks requeued, worker exits

@@ -171,15 +171,15 @@ class Gateway:
 
 
 def request_priority(field: str | None, header: str | None) -> str:
-    """A request's lane: the body's ``priority``, else the header, else interactive (someone waits on it)."""
+    """A request's lane: the body's ``priority``, else the header, else interactive (someone waits on it).
+    A header that is set is checked even when the body wins: a typo must not pass unseen."""
+    given = (header or "").strip()
+    if given and given.lower() not in keys.LANES:
+        wrong = f"header {PRIORITY_HEADER} must be 'interactive' or 'bulk', got {given[:40]!r}"
+        raise APIError(400, wrong, code="invalid_priority")
     if field is not None:
         return field
-    if header is None or not header.strip():
-        return keys.INTERACTIVE
-    value = header.strip().lower()
-    if value not in keys.LANES:
-        raise APIError(400, f"header {PRIORITY_HEADER} must be 'interactive' or 'bulk', got {header[:40]!r}")
-    return value
+    return given.lower() or keys.INTERACTIVE
 
 
 def model_object(info: ModelInfo) -> dict[str, Any]:

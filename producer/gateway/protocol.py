@@ -82,7 +82,12 @@ def parse_embedding_request(data: dict[str, Any], *, max_texts: int, max_text_by
         raise APIError(400, f"'instruction' {problem}", param="instruction")
     priority = data.get("priority")
     if priority is not None and priority not in keys.LANES:
-        raise APIError(400, f"'priority' must be 'interactive' or 'bulk', got {clipped(priority)}", param="priority")
+        raise APIError(
+            400,
+            f"'priority' must be 'interactive' or 'bulk', got {clipped(priority)}",
+            param="priority",
+            code="invalid_priority",
+        )
     return EmbeddingRequest(
         model, texts, encoding, None if dimensions is None else int(dimensions), instruction, priority
     )
