@@ -18,13 +18,15 @@ import numpy as np
 import redis
 import redis.asyncio
 from celery import Celery
+from redis.cluster import RedisCluster
 
 from producer import keys
 from producer.backend import aconnect, backend_errors
 from producer.call import Call, before_sending, choose_lane
-from producer.client import send_tasks
+from producer.client import run_commands, send_tasks
+from producer.cluster import connect_cluster, look, per_text, read_stream
 from producer.contract import make_celery, signature_dimension
-from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
+from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
 from producer.errors import EmbqError
 from producer.settings import Settings
 from producer.validation import validate_options, validate_texts
@@ -120,7 +122,11 @@ class AsyncDriver:
         self.loop = loop
         self.core = Dispatcher(settings)
         self.cache = aconnect(settings.cache)
-        self.broker = self.cache if settings.broker == settings.cache else aconnect(settings.broker)
+        self.broker = aconnect(settings.broker)
+        #: On a Redis Cluster (found out at the first use), the cache's work runs in threads with
+        #: redis-py's cluster client, whose per-node scripts (``producer.cluster``) have no asyncio twin.
+        self.cluster: RedisCluster | None = None
+        self.looked_at_cache = False
         self.arrived = asyncio.Event()
         self.woken = False
         self.pokes: set[asyncio.Task[None]] = set()
@@ -166,14 +172,30 @@ class AsyncDriver:
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self.task), 10)
         await self.cache.aclose()
-        if self.broker is not self.cache:
-            await self.broker.aclose()
+        await self.broker.aclose()
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.close)
         if self._celery is not None:
             self._celery.close()
 
     async def _wake(self) -> None:
         with contextlib.suppress(redis.exceptions.RedisError):
-            await self.cache.xadd(self.core.reply, {"w": b""}, nomkstream=True)
+            if self.cluster is not None:
+                await asyncio.to_thread(self.cluster.xadd, self.core.reply, {"w": b""}, nomkstream=True)
+            elif self.looked_at_cache:
+                await self.cache.xadd(self.core.reply, {"w": b""}, nomkstream=True)
+
+    async def _look_at_cache(self) -> None:
+        """Whether the cache is a cluster, asked once, at the first use."""
+        if self.looked_at_cache:
+            return
+        try:
+            clustered = (await self.cache.info("cluster")).get("cluster_enabled")
+        except redis.exceptions.ResponseError:  # INFO refused (an ACL): a single Redis, as in producer.cluster
+            clustered = False
+        if clustered:
+            self.cluster = await asyncio.to_thread(connect_cluster, self.settings.cache)
+        self.looked_at_cache = True
 
     async def _run(self) -> None:
         steps = self.core.run()
@@ -191,6 +213,13 @@ class AsyncDriver:
                 error = e
 
     async def execute(self, op: Op) -> Any:
+        if isinstance(op, PerText | Look | Read) or (isinstance(op, Redis) and op.target == "cache"):
+            await self._look_at_cache()
+            if self.cluster is not None:
+                return await asyncio.to_thread(self._on_cluster, self.cluster, op)
+        if isinstance(op, PerText | Look):
+            replies = await self._redis(op.on_one_redis())
+            return replies[0] if replies else []
         if isinstance(op, Redis):
             return await self._redis(op)
         if isinstance(op, Read):
@@ -220,6 +249,21 @@ class AsyncDriver:
                 for source in op.scripts.values():  # a restarted Redis forgot them
                     await client.script_load(source)
         raise AssertionError("unreachable")
+
+    def _on_cluster(self, cluster: RedisCluster, op: Redis | PerText | Look | Read) -> Any:
+        if isinstance(op, PerText):
+            return per_text(cluster, op.name, op.args, op.digests)
+        if isinstance(op, Look):
+            return look(cluster, op.digests)
+        if isinstance(op, Redis):
+            return run_commands(cluster, op)
+        block = 0.0 if self.core.inbox or self.core.closing else op.block  # read in a thread: a new call pokes it
+        self.core.reading = block > 0
+        try:
+            wait_ms = max(1, int(block * 1000)) if block else None
+            return read_stream(cluster, self.core.reply, op.last_id, NOTICES_PER_READ, wait_ms)
+        finally:
+            self.core.reading = self.woken = False
 
     async def _read(self, op: Read) -> Any:
         block = 0.0 if self.core.inbox or self.core.closing else op.block

@@ -17,8 +17,9 @@ from celery import Celery
 from producer import keys
 from producer.backend import backend_errors, connect
 from producer.call import Call, before_sending, choose_lane
+from producer.cluster import CacheClient, connect_cache, look, per_text, read_stream
 from producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
-from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Op, Read, Redis, Send, Wait
+from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
 from producer.errors import EmbqError
 from producer.settings import Settings
 from producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW, EmbedStream, Failures
@@ -167,8 +168,10 @@ class ThreadDriver:
         self.before_first_task = before_first_task
         self.pid = os.getpid()
         self.core = Dispatcher(settings, check_served=before_first_task is None)
-        self.cache = connect(settings.cache)
-        self.broker = self.cache if settings.broker == settings.cache else connect(settings.broker)
+        #: Connected at the first use, when the cache says whether it is a cluster (``producer.cluster``).
+        self._cache: CacheClient | None = None
+        self._connecting = threading.Lock()
+        self.broker = connect(settings.broker)
         self.cond = threading.Condition()
         self.woken = False
         self._celery: Celery | None = None
@@ -216,9 +219,9 @@ class ThreadDriver:
             self.cond.notify()
         self._wake()
         self.thread.join(timeout=timeout)
-        self.cache.close()
-        if self.broker is not self.cache:
-            self.broker.close()
+        if self._cache is not None:
+            self._cache.close()
+        self.broker.close()
         if self._celery is not None:
             self._celery.close()
 
@@ -226,9 +229,18 @@ class ThreadDriver:
         if self.pid == os.getpid() and self.thread.is_alive():
             self.close(timeout=AT_EXIT_TIMEOUT)
 
+    @property
+    def cache(self) -> CacheClient:
+        with self._connecting:
+            if self._cache is None:
+                self._cache = connect_cache(self.settings.cache)
+            return self._cache
+
     def _wake(self) -> None:
+        if self._cache is None:
+            return  # nothing was read yet
         try:
-            self.cache.xadd(self.core.reply, {"w": b""}, nomkstream=True)
+            self._cache.xadd(self.core.reply, {"w": b""}, nomkstream=True)
         except redis.exceptions.RedisError:
             pass  # the read ends within MAX_BLOCK anyway
 
@@ -252,6 +264,10 @@ class ThreadDriver:
     def execute(self, op: Op) -> Any:
         if isinstance(op, Redis):
             return self._redis(op)
+        if isinstance(op, PerText):
+            return per_text(self.cache, op.name, op.args, op.digests)
+        if isinstance(op, Look):
+            return look(self.cache, op.digests)
         if isinstance(op, Read):
             return self._read(op)
         if isinstance(op, Send):
@@ -268,29 +284,15 @@ class ThreadDriver:
         return None
 
     def _redis(self, op: Redis) -> list[Any]:
-        client = self.cache if op.target == "cache" else self.broker
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            for command in op.commands:
-                pipe.execute_command(*command)
-            try:
-                return pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                for source in op.scripts.values():  # a restarted Redis forgot them
-                    client.script_load(source)
-        raise AssertionError("unreachable")
+        return run_commands(self.cache if op.target == "cache" else self.broker, op)
 
     def _read(self, op: Read) -> Any:
         with self.cond:
             block = 0.0 if self.core.inbox or self.core.closing else op.block
             self.core.reading = block > 0
         try:
-            return self.cache.xread(
-                {self.core.reply: op.last_id},
-                count=NOTICES_PER_READ,
-                block=max(1, int(block * 1000)) if block else None,
+            return read_stream(
+                self.cache, self.core.reply, op.last_id, NOTICES_PER_READ, max(1, int(block * 1000)) if block else None
             )
         finally:
             with self.cond:
@@ -300,6 +302,22 @@ class ThreadDriver:
         if self._celery is None:
             self._celery = make_celery(self.settings)
         return self._celery
+
+
+def run_commands(client: CacheClient, op: Redis) -> list[Any]:
+    """``op``'s commands in one pipeline (one round trip per node on a cluster); their replies."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for command in op.commands:
+            pipe.execute_command(*command)
+        try:
+            return pipe.execute()  # type: ignore[no-any-return]
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            for source in op.scripts.values():  # a restarted Redis forgot them
+                client.script_load(source)
+    raise AssertionError("unreachable")
 
 
 def send_tasks(app: Celery, op: Send) -> None:

@@ -83,6 +83,33 @@ class Redis:
 
 
 @dataclass(frozen=True)
+class PerText:
+    """Run ``producer.protocol``'s script ``name`` ("claim", "release") over ``digests`` in the cache, ARGV
+    ``args`` then the digests end to end: one round trip on one Redis, one per node on a cluster
+    (``producer.cluster.per_text``). Returns the script's reply over all of ``digests``."""
+
+    name: str
+    args: list[Any]
+    digests: list[str]
+
+    def on_one_redis(self) -> Redis:
+        """The same as one EVALSHA, for a single Redis."""
+        source = protocol.CLAIM if self.name == "claim" else protocol.RELEASE
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        return Redis("cache", [("EVALSHA", sha, 0, *self.args, "".join(self.digests))], {sha: source})
+
+
+@dataclass(frozen=True)
+class Look:
+    """The cache's values of ``digests`` (vectors, claims or None), in order."""
+
+    digests: list[str]
+
+    def on_one_redis(self) -> Redis:
+        return Redis("cache", [("MGET", *(keys.vector_key(d) for d in self.digests))] if self.digests else [])
+
+
+@dataclass(frozen=True)
 class Read:
     """XREAD our stream after ``last_id``, blocking up to ``block`` seconds (0: do not block); a call
     that arrives meanwhile wakes it."""
@@ -112,9 +139,9 @@ class Pause:
     seconds: float
 
 
-Op = Redis | Read | Send | Wait | Pause
+Op = Redis | PerText | Look | Read | Send | Wait | Pause
 
-SCRIPTS = {"claim": protocol.CLAIM, "release": protocol.RELEASE, "held": HELD_SCRIPT}
+SCRIPTS = {"held": HELD_SCRIPT}
 SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
 
 
@@ -303,8 +330,8 @@ class Dispatcher:
                         fresh.append(digest)
             yield from self._claim(fresh, count=True)
             return
-        names = [keys.vector_key(d) for _, _, _, digests in pieces for d in digests]
-        values, *_ = yield Redis("cache", [("MGET", *names), *self._hits_to_report()])
+        looked = [d for _, _, _, digests in pieces for d in digests]
+        values = yield Look(looked)
         matrix, valid = unpack_many(values, self.dim)
         add, position = self.entries.add, 0
         for call, start, texts, digests in pieces:
@@ -321,7 +348,7 @@ class Dispatcher:
                 distinct = len({digests[row - start] for row in rows})
                 call.place(rows, matrix[picks], "cached", distinct)
                 self.unreported_hits += distinct
-        self._learn_hit_rate(int(valid.sum()), len(names))
+        self._learn_hit_rate(int(valid.sum()), len(looked))
         yield from self._claim(fresh, count=True)
 
     def _learn_hit_rate(self, hits: int, looked: int) -> None:
@@ -339,10 +366,8 @@ class Dispatcher:
         """CLAIM ``digests`` (entries that exist); resolve the cached, send what we now own."""
         for start in range(0, len(digests), CLAIM_CHUNK):
             part = digests[start : start + CLAIM_CHUNK]
-            args = protocol.claim_args(
-                self.token, self.hold_ms, self.reply, 2 * self.lease_ms, self.stats if count else "", part
-            )
-            (reply,) = yield script("claim", [], args)
+            args = [self.token, self.hold_ms, self.reply, 2 * self.lease_ms, self.stats if count else ""]
+            reply = yield PerText("claim", args, part)
             send: list[str] = []
             hit_digests: list[str] = []
             hit_values: list[bytes] = []
@@ -673,7 +698,7 @@ class Dispatcher:
         """Delete our claims of ``digests`` and tell whoever watches them to claim them again."""
         for start in range(0, len(digests), CLAIM_CHUNK):
             part = digests[start : start + CLAIM_CHUNK]
-            (reply,) = yield script("release", [], [self.token, "".join(part)])
+            reply = yield PerText("release", [self.token], part)
             watchers = protocol.watchers_of(reply, part)
             if watchers:
                 notices = {stream: protocol.notice_fields(released=ds) for stream, ds in watchers.items()}

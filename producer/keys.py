@@ -9,7 +9,7 @@ key                        type        TTL                  written by          
                            (claim)                          claims it (CLAIM)      the worker replaces it
 ``embq:alive:{token}``     string      ``lease_seconds``,   the producer process   producers meeting its
                                        renewed every tick   that owns the token    claims (CLAIM)
-``embq:watch:{digest}``    set         2 x lease, renewed   producers waiting for  worker (after SET GET),
+``embq:watch:{embq:v:D}``  set         2 x lease, renewed   producers waiting for  worker (after SET GET),
                                                             another's claim        owner (RELEASE)
 ``embq:reply:{token}``     stream      2 x lease, renewed   its producer creates   its producer (XREAD
                                                             it; workers XADD       BLOCK)
@@ -38,6 +38,9 @@ key                        type        TTL                  written by          
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
 =========================  ==========  ===================  =====================  ======================
+
+``embq:watch:{embq:v:D}``: ``D`` is the digest, and the vector key in braces is
+the hash tag, so that a text's watch set shares its slot on a Redis Cluster.
 
 The scripts that read and write these keys, and why one call per batch is
 enough to compute each text once, are in ``producer.protocol``.
@@ -156,7 +159,9 @@ def alive_key(token: str) -> str:
 
 
 def watch_key(digest: str) -> str:
-    return WATCH + digest
+    """The text's vector key is the hash tag: on a Redis Cluster both keys share a slot, so the scripts
+    that flag a claim and add its watcher change one node."""
+    return f"{WATCH}{{{VECTOR}{digest}}}"
 
 
 def reply_key(call_id: str) -> str:

@@ -32,13 +32,17 @@ key                        type    CLAIM / RELEASE / worker's store
                                    / deleted if our claim / vector written over
                                    the claim (SET EX GET)
 ``embq:alive:{token}``     string  read (the owner's liveness) / - / -
-``embq:watch:{digest}``    set     watcher added / read, deleted / read, deleted
+``embq:watch:{embq:v:D}``  set     watcher added / read, deleted / read, deleted
 ``embq:reply:{token}``     stream  - / - / owner's notice added (NOMKSTREAM)
 ``embq:stats:{model}``     hash    hits, misses / - / tasks, texts, failed
 =========================  ======  ==============================================
 
-Scripts build key names from digests themselves, so they need a standalone
-Redis (or a single shard), which embq requires anyway.
+(``D``: the text's digest; the braces make its vector key the watch set's hash
+tag, so that both share a slot on a Redis Cluster.)
+
+Scripts build key names from digests themselves. On one Redis a call covers
+a whole batch; on a Redis Cluster ``producer.cluster`` runs the ``*_ON_NODE``
+variants once per node over the texts of that node's slots.
 """
 
 from __future__ import annotations
@@ -68,14 +72,33 @@ _UNPACK = 4000
 _CLAIM = "'EQ\\0'"
 _W = keys.DIGEST_HEX
 
-_HELPERS = f"""
-local function each_key(prefix, joined, from, to)
-  local names = {{}}
-  for i = from, to do
-    names[#names + 1] = prefix .. string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+#: The watch set of the text whose digest is ``d`` (a Lua expression): ``keys.watch_key``.
+_WATCH_OF = f"'{keys.WATCH}{{{keys.VECTOR}' .. d .. '}}'"
+
+
+def _helpers(cluster: bool) -> str:
+    """Lua shared by the scripts. On a Redis Cluster a script runs on one node over the texts of that
+    node's slots: each command may name keys of one slot only (GET per key, not MGET), and the
+    owners' liveness keys live on other nodes, so the caller says which owners it knows to be alive
+    or dead (ARGV[7], ARGV[8]: tokens joined by spaces) and ``alive`` answers nil for the others."""
+    if cluster:
+        read = """
+local function mget(names)
+  local out = {}
+  for i = 1, #names do
+    out[i] = redis.call('GET', names[i])
   end
-  return names
+  return out
 end
+local known = {}
+for owner in string.gmatch(ARGV[7] or '', '%S+') do known[owner] = true end
+for owner in string.gmatch(ARGV[8] or '', '%S+') do known[owner] = false end
+local function alive(owner)
+  return known[owner]
+end
+"""
+    else:
+        read = f"""
 local function mget(names)
   local out = {{}}
   for start = 1, #names, {_UNPACK} do
@@ -85,8 +108,21 @@ local function mget(names)
   end
   return out
 end
+local function alive(owner)
+  return redis.call('EXISTS', '{keys.ALIVE}' .. owner) == 1
+end
+"""
+    return (
+        f"""
+local function each_key(prefix, joined, from, to)
+  local names = {{}}
+  for i = from, to do
+    names[#names + 1] = prefix .. string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+  end
+  return names
+end
 local function tell_watchers(d, i, out)
-  local watch = '{keys.WATCH}' .. d
+  local watch = {_WATCH_OF}
   for _, watcher in ipairs(redis.call('SMEMBERS', watch)) do
     out[#out + 1] = i
     out[#out + 1] = watcher
@@ -94,13 +130,18 @@ local function tell_watchers(d, i, out)
   redis.call('DEL', watch)
 end
 """
+        + read
+    )
 
-CLAIM = (
-    _HELPERS
-    + f"""
+
+def _claim(cluster: bool) -> str:
+    return (
+        _helpers(cluster)
+        + f"""
 -- ARGV: token, claim ttl ms, reply stream, watch ttl ms, stats key ('' = no counting),
---       digests ({_W} hex characters each, end to end).
--- Returns one item per digest: the cached value, or CLAIMED, OURS or WATCHING.
+--       digests ({_W} hex characters each, end to end)[, owners alive, owners dead (cluster)].
+-- Returns one item per digest: the cached value, or CLAIMED, OURS or WATCHING; on a cluster, {{owner}}
+-- for a text claimed by an owner whose liveness the caller did not say (it asks again, saying it).
 local token, hold, reply, watch_ttl, stats, joined = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local count = #joined / {_W}
 local names = each_key('{keys.VECTOR}', joined, 1, count)
@@ -118,14 +159,18 @@ for i = 1, count do
       out[i] = {CLAIMED}
     else
       local flag, owner = string.sub(value, 4, 4), string.sub(value, 5)
+      local live = owner == token or alive(owner)
       if owner == token then
         redis.call('PEXPIRE', key, hold)
         out[i] = {OURS}
-      elseif redis.call('EXISTS', '{keys.ALIVE}' .. owner) == 0 then
+      elseif live == nil then
+        out[i] = {{owner}}
+      elseif not live then
         redis.call('SET', key, {_CLAIM} .. flag .. token, 'PX', hold)
         out[i] = {CLAIMED}
       else
-        local watch = '{keys.WATCH}' .. string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+        local d = string.sub(joined, (i - 1) * {_W} + 1, i * {_W})
+        local watch = {_WATCH_OF}
         redis.call('SADD', watch, reply)
         redis.call('PEXPIRE', watch, watch_ttl)
         if flag ~= 'W' then
@@ -143,10 +188,28 @@ if stats ~= '' then
 end
 return out
 """
+    )
+
+
+CLAIM = _claim(cluster=False)
+#: CLAIM for one node of a Redis Cluster (``producer.cluster``): stats '' (the caller counts).
+CLAIM_ON_NODE = _claim(cluster=True)
+
+#: The values of the texts' keys (ARGV[1]: digests end to end), on one node of a Redis Cluster,
+#: where one MGET cannot name keys of several slots.
+LOOK_ON_NODE = (
+    _helpers(cluster=True)
+    + """
+return mget(each_key('"""
+    + keys.VECTOR
+    + """', ARGV[1], 1, #ARGV[1] / """
+    + str(_W)
+    + """))
+"""
 )
 
 RELEASE = (
-    _HELPERS
+    _helpers(cluster=False)
     + f"""
 -- ARGV: a producer's token, digests ({_W} hex each, end to end). Deletes the texts' claims that are
 -- still that producer's (never a vector, never another's claim: a text may have been sent again since),
@@ -173,10 +236,6 @@ return out
 def watched(old_value: bytes | None) -> bool:
     """Whether the value a vector replaced (``SET ... GET``) was a claim that someone watches."""
     return old_value is not None and old_value[:4] == CLAIM_PREFIX + b"W"
-
-
-def claim_args(token: str, hold_ms: int, reply: str, watch_ms: int, stats: str, digests: Sequence[str]) -> list[Any]:
-    return [token, hold_ms, reply, watch_ms, stats, "".join(digests)]
 
 
 def watchers_of(reply: Sequence[Any], digests: Sequence[str]) -> dict[bytes, list[str]]:

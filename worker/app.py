@@ -25,6 +25,7 @@ from kombu import Exchange, Queue
 
 from producer import keys
 from producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
+from producer.cluster import CacheClient, cluster_enabled, connect_cache, connect_cache_once, is_cluster, pipeline
 from producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
 from producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
 from worker import kombu_fixes, metrics
@@ -67,10 +68,11 @@ class Runtime:
         self.settings = settings
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
-        self.cache: redis.Redis = connect(settings.shared.cache)
+        # A single Redis until the cache answers, which says whether it is a cluster (``_open_cache``).
+        self.cache: CacheClient = connect(settings.shared.cache)
         self.store = ResultStore(self.cache, settings.shared.model, settings.shared.cache_ttl)
         #: For the heartbeat, the signature and shutdown: never retries, so a lost Redis delays nothing.
-        self.control: redis.Redis = connect_once(settings.shared.cache, timeout=CONTROL_TIMEOUT)
+        self.control: CacheClient = connect_once(settings.shared.cache, timeout=CONTROL_TIMEOUT)
         self.signature = SignatureGuard(self.control, settings.shared)
         #: The port /metrics is served on (0: none), which may differ from the one asked for.
         self.metrics_port = 0
@@ -100,6 +102,7 @@ class Runtime:
         if s.shared.cache != s.shared.broker:
             wait_for_redis("cache", s.shared.cache, s.redis_wait)
         check_eviction_policy(s)
+        self._open_cache()
         keep_task_buffers_in_heap()
         # Online while loading (not ready): producers then know the model is being served, and wait.
         fields = {"model": s.shared.model, "namespace": s.shared.cache_namespace, "engine": s.engine}
@@ -219,6 +222,19 @@ class Runtime:
         log.critical("engine died (%s): stopping; its tasks return to the queue", reason)
         os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: stop consuming, finish, requeue
 
+    def _open_cache(self) -> None:
+        """On a Redis Cluster, clients of the whole cluster in place of the single node's."""
+        if is_cluster(self.cache) or not cluster_enabled(self.control):  # type: ignore[arg-type]
+            return
+        url, shared = self.settings.shared.cache, self.settings.shared
+        self.cache.close()
+        self.control.close()
+        self.cache = connect_cache(url)
+        self.control = connect_cache_once(url, timeout=CONTROL_TIMEOUT)
+        self.store = ResultStore(self.cache, shared.model, shared.cache_ttl)
+        self.signature = SignatureGuard(self.control, shared)
+        log.info("the cache is a Redis Cluster of %d masters", len(self.cache.get_primaries()))  # type: ignore[union-attr]
+
     def stop(self) -> None:
         self.set_ready(False)
         if self.heartbeat is not None:
@@ -266,7 +282,7 @@ class Runtime:
         engine died with some of its rows inside a pass, and which rows were inside at the last death (the
         marks ``on_pass`` left). Rows that were only waiting are not suspected."""
         key = keys.attempts_key(task_id)
-        pipe = self.cache.pipeline(transaction=True)
+        pipe = pipeline(self.cache, atomic=True)
         pipe.hincrby(key, "starts", 1)
         pipe.hgetall(key)
         pipe.expire(key, keys.ATTEMPTS_TTL)
@@ -275,7 +291,7 @@ class Runtime:
         suspects = sorted({int(row) for name in marks for row in np.frombuffer(fields[name], dtype="<u4")})
         deaths = int(fields.get(b"deaths", 0)) + (1 if marks else 0)
         if marks:
-            pipe = self.cache.pipeline(transaction=True)
+            pipe = pipeline(self.cache, atomic=True)
             pipe.hdel(key, *marks)
             pipe.hset(key, "deaths", deaths)
             pipe.execute()

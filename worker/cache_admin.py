@@ -18,10 +18,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import redis
-
 from producer import keys
-from producer.backend import backend_errors, connect, redact
+from producer.backend import backend_errors, redact
+from producer.cluster import CacheClient, connect_cache
 from producer.settings import Settings
 from worker.home import HomeLock
 
@@ -29,8 +28,9 @@ from worker.home import HomeLock
 STEP = 1000
 
 
-def clear_keys(cache: redis.Redis) -> int:
-    """UNLINK every key of ``CACHE_PATTERNS``; returns how many went."""
+def clear_keys(cache: CacheClient) -> int:
+    """UNLINK every key of ``CACHE_PATTERNS``; returns how many went. On a cluster SCAN visits every
+    master and UNLINK is split by slot (redis-py's cluster client)."""
     removed = 0
     for pattern in keys.CACHE_PATTERNS:
         found: list[bytes] = []
@@ -45,12 +45,12 @@ def clear_keys(cache: redis.Redis) -> int:
 
 
 def clear_configured(settings: Settings, say: Callable[[str], None]) -> None:
-    cache = connect(settings.cache)
-    try:
-        with backend_errors("cache", settings.cache):
+    with backend_errors("cache", settings.cache):
+        cache = connect_cache(settings.cache)
+        try:
             removed = clear_keys(cache)
-    finally:
-        cache.close()
+        finally:
+            cache.close()
     say(f"removed {removed:,} cache keys from {redact(settings.cache)}")
 
 

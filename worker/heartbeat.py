@@ -20,6 +20,7 @@ import redis
 
 from producer import keys
 from producer.backend import redis_reason
+from producer.cluster import CacheClient, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        cache: redis.Redis,
+        cache: CacheClient,
         fields: dict[str, str],
         progress: Callable[[], dict[str, str]],
         also: Callable[[], None] | None = None,
@@ -56,7 +57,7 @@ class Heartbeat:
             "ready": str(int(self.ready)),
         }
         now = time.time()
-        pipe = self.cache.pipeline(transaction=True)
+        pipe = pipeline(self.cache, atomic=True)
         pipe.hset(self.key, mapping=mapping)
         pipe.expire(self.key, keys.HEARTBEAT_TTL)
         pipe.zadd(keys.WORKERS, {self.name: now + keys.HEARTBEAT_TTL})
@@ -90,7 +91,7 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         try:
-            pipe = self.cache.pipeline(transaction=True)
+            pipe = pipeline(self.cache, atomic=True)
             pipe.zrem(keys.WORKERS, self.name)
             pipe.delete(self.key)
             pipe.execute()

@@ -22,7 +22,7 @@ from typing import Any, cast
 import redis
 
 from producer import keys
-from producer.backend import connect_once
+from producer.cluster import CacheClient, connect_cache_once
 from producer.errors import ConfigurationError
 from producer.settings import Settings
 from worker.engines import Engine
@@ -92,7 +92,11 @@ def preflight(engine: Engine, settings: Settings, timeout: float) -> None:
     """Before Celery starts (so before its banner and any weights): raise ``SignatureConflict`` when what is
     known of ``engine`` already disagrees with the model's stored signature. A cache that cannot be read now
     is left to the worker's own start, which waits for it."""
-    client = connect_once(settings.cache, timeout=timeout)
+    try:
+        client = connect_cache_once(settings.cache, timeout=timeout)
+    except redis.exceptions.RedisError as e:
+        log.debug("signature not checked before start: %s", e)
+        return
     try:
         SignatureGuard(client, settings).check(signature_of(engine))
     except redis.exceptions.RedisError as e:
@@ -101,7 +105,7 @@ def preflight(engine: Engine, settings: Settings, timeout: float) -> None:
         client.close()
 
 
-def forget_if_only_uncut(cache: redis.Redis, settings: Settings) -> None:
+def forget_if_only_uncut(cache: CacheClient, settings: Settings) -> None:
     """Remove a stored signature that differs from a cutting worker's only in that its worker failed long
     texts: none of its vectors is of a cut text, so a worker that cuts may take the model over. For a
     private cache (``embq embed --truncate``), where no other worker can be running."""
@@ -114,7 +118,7 @@ def forget_if_only_uncut(cache: redis.Redis, settings: Settings) -> None:
 class SignatureGuard:
     """Checks, claims and renews one model's signature in the cache Redis."""
 
-    def __init__(self, cache: redis.Redis, settings: Settings) -> None:
+    def __init__(self, cache: CacheClient, settings: Settings) -> None:
         self.cache = cache
         self.model = settings.model
         self.namespace = settings.cache_namespace

@@ -17,11 +17,26 @@ import msgpack
 
 from producer import keys
 from producer.backend import backend_errors, connect
+from producer.cluster import CacheClient, connect_cache, is_cluster
 from producer.settings import Settings
 
 
 def _name(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def cache_info(cache: CacheClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """INFO's stats and memory sections; a cluster's summed over its masters."""
+    nodes: list[Any] = [cache]
+    if is_cluster(cache):
+        nodes = [cache.get_redis_connection(n) for n in cache.get_primaries()]
+    stats = [cast(dict, node.info("stats")) for node in nodes]
+    memory = [cast(dict, node.info("memory")) for node in nodes]
+    if len(nodes) == 1:
+        return stats[0], memory[0]
+    summed = {name: sum(int(s.get(name, 0)) for s in stats) for name in ("keyspace_hits", "keyspace_misses")}
+    used = sum(int(m.get("used_memory", 0)) for m in memory) / 2**20
+    return summed, {**memory[0], "used_memory_human": f"{used:.2f}M over {len(nodes)} masters"}
 
 
 def _hashes(cache: Any, prefix: str) -> dict[str, dict[str, str]]:
@@ -75,14 +90,15 @@ def lanes_of(broker: Any) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
 
 def render_status(settings: Settings) -> str:
     """One screen of text; SCANs only embq's own queue, stats and worker keys, never the vectors."""
-    broker, cache = connect(settings.broker), connect(settings.cache)
+    broker = connect(settings.broker)
+    with backend_errors("cache", settings.cache):
+        cache = connect_cache(settings.cache)
     with backend_errors("broker", settings.broker):
         queues, oldest = lanes_of(broker)
     with backend_errors("cache", settings.cache):
         stats = _hashes(cache, keys.STATS)
         workers = _hashes(cache, keys.WORKER)
-        info = cast(dict, cache.info("stats"))
-        memory = cast(dict, cache.info("memory"))
+        info, memory = cache_info(cache)
         size = cast(int, cache.dbsize())
     online: dict[str, int] = {}
     for worker in workers.values():

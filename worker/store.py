@@ -20,6 +20,7 @@ import redis
 
 from producer import codec, keys, protocol
 from producer.backend import redis_reason
+from producer.cluster import CacheClient, is_cluster, look, per_node, release
 from producer.errors import BackendUnavailableError
 from worker import metrics
 
@@ -27,11 +28,10 @@ from worker import metrics
 class ResultStore:
     """The worker's side of ``producer.protocol``; one per worker process."""
 
-    def __init__(self, cache: redis.Redis, model: str, ttl: int) -> None:
+    def __init__(self, cache: CacheClient, model: str, ttl: int) -> None:
         self.cache = cache
         self.ttl = ttl
         self.stats = keys.stats_key(model)
-        self._release = cache.register_script(protocol.RELEASE)
 
     def store(
         self,
@@ -53,7 +53,7 @@ class ResultStore:
             known = set(done)
             extra = [d for d in cached if d not in known]
             if extra:  # their values are in the cache: read them so that the owner needs no round trip
-                found: list[bytes | None] = self.cache.mget([keys.vector_key(d) for d in extra])  # type: ignore[assignment]
+                found = look(self.cache, extra)
                 done = done + [d for d, v in zip(extra, found, strict=True) if v is not None]
                 values = b"".join([values, *(v for v in found if v is not None)])
         stored_now = set(done)
@@ -62,7 +62,7 @@ class ResultStore:
         try:
             if failed:
                 owner = reply[len(keys.REPLY) :] if reply else ""
-                released = self._release(args=[owner, "".join(failed)])
+                released = release(self.cache, owner, list(failed))
                 told = protocol.watchers_of(released, list(failed))
             old = self._write(reply, task, done, values, width, stored, failed, abandoned, lane)
         except redis.exceptions.ResponseError as e:
@@ -94,37 +94,34 @@ class ResultStore:
         abandoned: int = 0,
         lane: str = keys.INTERACTIVE,
     ) -> list[Any]:
-        """One round trip: the SETs, the owner's notice, the counters. Returns what the SETs replaced."""
-        connection = self.cache.connection_pool.get_connection()
-        try:
-            commands: list[bytes | memoryview] = [pack_sets(done[:stored], values, width, self.ttl)] if stored else []
-            count = stored
-            if reply:
-                fields = protocol.notice_fields(done, values, failed, task=task)
-                commands += connection.pack_command("XADD", reply, "NOMKSTREAM", "*", *protocol.flat(fields))
-                count += 1
-            counts = (("tasks", 1), ("texts", stored), (f"texts_{lane}", stored), ("failed", len(failed)))
-            for field, amount in (*counts, ("abandoned", abandoned)):
-                commands += connection.pack_command("HINCRBY", self.stats, field, amount)
-            commands += connection.pack_command("EXPIRE", self.stats, keys.STATS_TTL)
-            count += 6
-            connection.send_packed_command(commands)
-            replies: list[Any] = []
-            error: redis.exceptions.ResponseError | None = None
-            for _ in range(count):  # read every reply, errors included, so the connection stays in step
-                try:
-                    replies.append(connection.read_response())
-                except redis.exceptions.ResponseError as e:
-                    error = error or e
-                    replies.append(None)
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            self.cache.connection_pool.release(connection)
-        if error is not None:
-            raise error
-        return replies[:stored]
+        """One round trip: the SETs, the owner's notice, the counters. Returns what the SETs replaced.
+        On a cluster, one round trip per node for the SETs, then the notice and the counters."""
+        commands: list[tuple[Any, ...]] = []
+        if reply:
+            fields = protocol.notice_fields(done, values, failed, task=task)
+            commands.append(("XADD", reply, "NOMKSTREAM", "*", *protocol.flat(fields)))
+        counts = (("tasks", 1), ("texts", stored), (f"texts_{lane}", stored), ("failed", len(failed)))
+        for field, amount in (*counts, ("abandoned", abandoned)):
+            commands.append(("HINCRBY", self.stats, field, amount))
+        commands.append(("EXPIRE", self.stats, keys.STATS_TTL))
+        if not is_cluster(self.cache):
+            sets = pack_sets(done[:stored], values, width, self.ttl) if stored else b""
+            return send_packed(self.cache, sets, stored, commands)[:stored]  # type: ignore[arg-type]
+        old = self._write_on_nodes(done[:stored], values, width) if stored else []
+        pipe = self.cache.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        pipe.execute()
+        return old
+
+    def _write_on_nodes(self, digests: list[str], values: bytes | memoryview, width: int) -> list[Any]:
+        view = memoryview(values)
+
+        def write(node: redis.Redis, indices: list[int]) -> list[Any]:
+            part = b"".join(view[i * width : (i + 1) * width] for i in indices)
+            return send_packed(node, pack_sets([digests[i] for i in indices], part, width, self.ttl), len(indices), [])
+
+        return per_node(self.cache, [keys.vector_key(d) for d in digests], write)  # type: ignore[arg-type]
 
     def _tell(
         self, told: dict[bytes, list[str]], done: list[str], values: bytes | memoryview, failed: dict[str, str]
@@ -141,6 +138,33 @@ class ResultStore:
             # NOMKSTREAM: a producer that has already returned deleted its stream; recreating it would leak.
             pipe.xadd(watcher, notice, nomkstream=True)  # type: ignore[arg-type]
         pipe.execute()
+
+
+def send_packed(client: redis.Redis, sets: bytes, count: int, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``sets`` (``count`` packed commands) then ``commands`` on one connection, in one round trip; every
+    reply read, errors included, so that the connection stays in step; the first error raised after."""
+    connection = client.connection_pool.get_connection()
+    try:
+        packed: list[bytes | memoryview] = [sets] if count else []
+        for command in commands:
+            packed += connection.pack_command(*command)
+        connection.send_packed_command(packed)
+        replies: list[Any] = []
+        error: redis.exceptions.ResponseError | None = None
+        for _ in range(count + len(commands)):
+            try:
+                replies.append(connection.read_response())
+            except redis.exceptions.ResponseError as e:
+                error = error or e
+                replies.append(None)
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        client.connection_pool.release(connection)
+    if error is not None:
+        raise error
+    return replies
 
 
 def pack_sets(digests: list[str], values: bytes | memoryview, width: int, ttl: int) -> bytes:

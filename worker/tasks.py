@@ -28,6 +28,7 @@ import numpy as np
 import redis
 
 from producer import keys
+from producer.cluster import CacheClient, look
 from producer.codec import CLAIM_PREFIX, pack_rows, unpack_many
 from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane
 from producer.validation import item_problem
@@ -217,21 +218,19 @@ def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
 
 
 def look_before_embedding(
-    cache: redis.Redis, digests: list[str], dim: int, owner: str, redelivered: bool
+    cache: CacheClient, digests: list[str], dim: int, owner: str, redelivered: bool
 ) -> tuple[set[str], set[str]]:
     """``(cached, abandoned)`` among ``digests``, in one round trip: cached ones cost no engine time;
     abandoned ones nobody waits for (see the module doc). ``owner``: the token of the producer that
     sent the task ("" for a producer that names no reply stream: everything is embedded)."""
     if not digests or not (owner or redelivered):
         return set(), set()
-    pipe = cache.pipeline(transaction=False)
-    pipe.mget([keys.vector_key(d) for d in digests])
-    pipe.exists(keys.alive_key(owner or "-"))
-    values, alive = pipe.execute()
+    values = look(cache, digests)
     _, valid = unpack_many(values, dim)
     cached = {d for d, ok in zip(digests, valid, strict=True) if ok}
     if not owner:
         return cached, set()
+    alive = cache.exists(keys.alive_key(owner))
     claim, token = len(CLAIM_PREFIX), len(CLAIM_PREFIX) + 1  # a claim: the prefix, a flag byte, the token
     abandoned = {
         d

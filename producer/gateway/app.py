@@ -60,7 +60,13 @@ class Gateway:
         self.cache = aioredis.Redis.from_url(settings.cache, **options)
         same = settings.broker == settings.cache
         self.broker = self.cache if same else aioredis.Redis.from_url(settings.broker, **options)
-        self.catalog = ModelCatalog(self.cache, limits.models, namespace=settings.cache_namespace)
+        self.catalog = ModelCatalog(
+            self.cache,
+            limits.models,
+            namespace=settings.cache_namespace,
+            cache_url=settings.cache,
+            cache_options=options,
+        )
         self.clients: dict[str, AsyncEmbeddingClient] = {}
         self._healthy: bool | None = None
 
@@ -158,7 +164,7 @@ class Gateway:
 
     async def close(self) -> None:
         """Close every connection, each within ``CLOSE_TIMEOUT``: a Redis that hangs cannot hold the exit."""
-        closing = [client.aclose() for client in self.clients.values()] + [self.cache.aclose()]
+        closing = [client.aclose() for client in self.clients.values()] + [self.cache.aclose(), self.catalog.aclose()]
         if self.broker is not self.cache:
             closing.append(self.broker.aclose())
         tasks = [asyncio.ensure_future(close) for close in closing]

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from producer import keys
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,22 @@ class ModelInfo:
 
 class ModelCatalog:
     def __init__(
-        self, cache: Any, named: tuple[str, ...], started: float | None = None, namespace: str = keys.DEFAULT_NAMESPACE
+        self,
+        cache: Any,
+        named: tuple[str, ...],
+        started: float | None = None,
+        namespace: str = keys.DEFAULT_NAMESPACE,
+        cache_url: str = "",
+        cache_options: dict[str, Any] | None = None,
     ) -> None:
-        """``cache``: an asyncio Redis client of the cache Redis. Only workers of ``namespace`` count:
-        one of another cache namespace consumes another queue."""
+        """``cache``: an asyncio Redis client of the cache Redis; ``cache_url`` and ``cache_options``: how to
+        reach the whole cluster if that Redis is a node of one. Only workers of ``namespace`` count: one of
+        another cache namespace consumes another queue."""
         self.cache = cache
+        #: Replaced by a client of the whole cluster when the cache turns out to be a Redis Cluster node.
+        self.cluster: RedisCluster | None = None
+        self.cache_url, self.cache_options = cache_url, cache_options or {}
+        self._looked_at_cache = not cache_url
         self.namespace = namespace
         self.named = tuple(dict.fromkeys(named))
         self.started = int(started if started is not None else time.time())
@@ -56,6 +69,7 @@ class ModelCatalog:
         async with self._lock:  # concurrent callers share one look
             if time.monotonic() - self._looked < max_age:
                 return self._online
+            await self._look_at_cache()
             names = [n.decode() if isinstance(n, bytes) else n for n in await self.cache.zrange(keys.WORKERS, 0, -1)]
             pipe = self.cache.pipeline(transaction=False)
             for name in names:
@@ -89,4 +103,18 @@ class ModelCatalog:
             return True
         if model in await self.look(MISS_RECHECK):
             return True
+        await self._look_at_cache()
         return bool(await self.cache.exists(keys.signature_key(self.namespace, model)))
+
+    async def _look_at_cache(self) -> None:
+        """On a Redis Cluster the workers' keys live on several nodes: read them through the cluster."""
+        if self._looked_at_cache:
+            return
+        if (await self.cache.info("cluster")).get("cluster_enabled"):
+            self.cluster = RedisCluster.from_url(self.cache_url, **self.cache_options)
+            self.cache = self.cluster
+        self._looked_at_cache = True
+
+    async def aclose(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.aclose()
