@@ -19,13 +19,16 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
+from producer import sentinel
 from producer.errors import BackendUnavailableError
 
 BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OperationalError, OSError)
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, safe to log."""
+    """``url`` without its password, safe to log; each of a ``sentinel://`` URL's parts."""
+    if ";" in url:
+        return ";".join(redact(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -121,36 +124,42 @@ COMMAND_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).en
 
 
 def connect(url: str) -> redis.Redis:
-    """A pooled client; it connects on first use. Binary replies: vectors are bytes."""
+    """A pooled client; it connects on first use. Binary replies: vectors are bytes. A ``sentinel://``
+    URL gives a client of its current master (``producer.sentinel``)."""
     tcp: dict[str, Any] = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
-    return redis.Redis.from_url(
-        url,
-        health_check_interval=30,
-        retry=ConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        command_packer=COMMAND_PACKER,
+    options: dict[str, Any] = {
+        "health_check_interval": 30,
+        "retry": ConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        "command_packer": COMMAND_PACKER,
         **tcp,
-    )
+    }
+    if sentinel.is_sentinel(url):
+        return sentinel.master_client(url, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def aconnect(url: str) -> redis.asyncio.Redis:
     """``connect`` for redis-py's asyncio client (which packs commands without copying large arguments)."""
     tcp: dict[str, Any] = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
-    return redis.asyncio.Redis.from_url(
-        url,
-        health_check_interval=30,
-        retry=AsyncConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    options: dict[str, Any] = {
+        "health_check_interval": 30,
+        "retry": AsyncConnectionRetry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         **tcp,
-    )
+    }
+    if sentinel.is_sentinel(url):
+        return sentinel.amaster_client(url, **options)
+    return redis.asyncio.Redis.from_url(url, **options)
 
 
 def connect_once(url: str, timeout: float = 5.0) -> redis.Redis:
     """A client that never retries and waits at most ``timeout`` seconds per command: for heartbeats,
     start-up probes and shutdown, where riding out an outage would only delay what comes next."""
-    return redis.Redis.from_url(
-        url, socket_timeout=timeout, retry=Retry(NoBackoff(), 0), **_connect_timeout(url, timeout)
-    )
+    options = {"socket_timeout": timeout, "retry": Retry(NoBackoff(), 0), **_connect_timeout(url, timeout)}
+    if sentinel.is_sentinel(url):
+        return sentinel.master_client(url, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def _connect_timeout(url: str, timeout: float) -> dict[str, Any]:

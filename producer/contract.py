@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from celery import Celery
 from celery.app.amqp import AMQP
 
-from producer import keys
+from producer import keys, sentinel
 from producer.backend import RedactedConnection
 from producer.settings import TASK_TEXTS_LIMIT, Settings
 
@@ -109,6 +109,8 @@ def broker_tls(url: str) -> dict[str, Any] | None:
 def kombu_url(url: str) -> str:
     """The broker URL as kombu spells it: redis-py's ``unix:///path?db=N`` is kombu's
     ``redis+socket:///path?virtual_host=N``; other URLs are the same for both."""
+    if sentinel.is_sentinel(url):
+        return sentinel.kombu_url(url)
     parts = urlsplit(url)
     if parts.scheme != "unix":
         return url
@@ -122,7 +124,7 @@ PUBLISH_RETRY = {"max_retries": 9, "interval_start": 0.1, "interval_step": 0.5, 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings both sides must share; the worker adds its own on top."""
-    transport = {
+    transport: dict[str, Any] = {
         # Unacknowledged late-ack messages come back after this long: it must
         # exceed the longest batch, and be the same wherever Celery reads it.
         "visibility_timeout": settings.visibility_timeout,
@@ -132,6 +134,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout / 4)),
         "unacked_restore_throttle": 1,
     }
+    if sentinel.is_sentinel(settings.broker):
+        transport[sentinel.MASTER_NAME] = sentinel.parse(settings.broker).master
     config: dict[str, Any] = {
         "broker_url": kombu_url(settings.broker),
         "broker_transport_options": transport,

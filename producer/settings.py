@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from producer import keys
+from producer import keys, sentinel
 from producer.errors import ConfigurationError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -170,6 +170,8 @@ ENV_NAMES: dict[str, str] = {
 
 #: The forms a Redis URL may take, for error messages.
 URL_FORMS = "redis://[[user]:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/redis.sock[?db=N]"
+#: What a broker may be besides.
+SENTINEL_FORM = "sentinel://[[user]:password@]host:port[;sentinel://host:port...][/db]?master_name=NAME"
 
 
 def check_redis_url(setting: str, url: str) -> None:
@@ -178,6 +180,14 @@ def check_redis_url(setting: str, url: str) -> None:
     Checked here, where settings are made, so that a scheme-less ``localhost:6379``
     fails with the expected form rather than deep inside redis-py or kombu."""
     shown = _without_password(url)
+    if sentinel.is_sentinel(url):
+        if not setting.startswith("broker_url"):
+            raise ConfigurationError(f"{setting}={shown!r}: only the broker may be behind Sentinel ({SENTINEL_FORM})")
+        try:
+            sentinel.parse(url)
+        except ValueError as e:
+            raise ConfigurationError(f"{setting}={shown!r} is not a Sentinel URL: {e}; expected {SENTINEL_FORM}") from e
+        return
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (parsing the port raises for a non-number)

@@ -1,4 +1,5 @@
-"""Real Redis topologies for the tests, from the same ``redis-server`` binary: a Redis Cluster."""
+"""Real Redis topologies for the tests, from the same ``redis-server`` binary: a Redis Cluster, and a
+master with a replica watched by three sentinels."""
 
 from __future__ import annotations
 
@@ -152,6 +153,111 @@ class LocalCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalSentinel:
+    """A master, its replica and three sentinels (quorum 2) that fail it over within a few seconds."""
+
+    def __init__(self, master_name: str = "embq") -> None:
+        self.master_name = master_name
+        self.dir = Path(tempfile.mkdtemp(prefix="embq-sentinel-"))
+        self.servers: dict[int, subprocess.Popen[bytes]] = {}
+        self.sentinel_processes: list[subprocess.Popen[bytes]] = []
+        self.sentinels: list[tuple[str, int]] = []
+
+    @property
+    def url(self) -> str:
+        """The broker URL embq takes: Kombu's sentinel URL with the master's name."""
+        parts = [f"sentinel://127.0.0.1:{port}" for _, port in self.sentinels]
+        return ";".join(parts) + f"/0?master_name={self.master_name}"
+
+    def start(self, timeout: float = 30.0) -> LocalSentinel:
+        master, replica = free_port(), free_port()
+        self._server(master)
+        self._server(replica, "--replicaof", "127.0.0.1", str(master))
+        for _ in range(3):
+            port = free_port()
+            conf = self.dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor {self.master_name} 127.0.0.1 {master} 2\n"
+                f"sentinel down-after-milliseconds {self.master_name} 1000\n"
+                f"sentinel failover-timeout {self.master_name} 5000\n"
+                f"sentinel parallel-syncs {self.master_name} 1\n"
+            )
+            self.sentinel_processes.append(
+                subprocess.Popen(
+                    [redis_server_binary(), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            self.sentinels.append(("127.0.0.1", port))
+        wait_until(self._watching, timeout, "three sentinels that see the master, its replica and each other")
+        return self
+
+    def _server(self, port: int, *extra: str) -> None:
+        home = self.dir / str(port)
+        home.mkdir()
+        args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home)]
+        args += ["--save", "", "--appendonly", "no", *extra]
+        self.servers[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _ask(self, port: int, *command: str) -> object:
+        return redis.Redis(port=port, socket_timeout=2, decode_responses=True).execute_command(*command)
+
+    def _watching(self) -> bool:
+        try:
+            for _, port in self.sentinels:
+                seen = self._ask(port, "SENTINEL", "MASTER", self.master_name)
+                state = dict(zip(seen[::2], seen[1::2], strict=True)) if isinstance(seen, list) else dict(seen)  # type: ignore[arg-type]
+                if int(state["num-other-sentinels"]) != 2 or int(state["num-slaves"]) != 1:
+                    return False
+            return True
+        except (redis.exceptions.RedisError, KeyError):
+            return False
+
+    def master_address(self) -> tuple[str, int]:
+        for _, port in self.sentinels:
+            try:
+                host, master = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)  # type: ignore[misc]
+                return str(host), int(master)
+            except redis.exceptions.RedisError:
+                continue
+        raise AssertionError("no sentinel answers")
+
+    def kill_master(self, timeout: float = 30.0) -> float:
+        """SIGKILL the master; returns the seconds until the sentinels name another that says it is one."""
+        started = time.monotonic()
+        _, old = self.master_address()
+        os.kill(self.servers[old].pid, signal.SIGKILL)
+        self.servers[old].wait()
+
+        def promoted() -> bool:
+            _, port = self.master_address()
+            try:
+                return port != old and self._ask(port, "ROLE")[0] == "master"  # type: ignore[index]
+            except redis.exceptions.RedisError:
+                return False
+
+        wait_until(promoted, timeout, "the sentinels to promote the replica")
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        for process in [*self.sentinel_processes, *self.servers.values()]:
+            if process.poll() is None:
+                stop_process(process, grace=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalSentinel:
         try:
             return self.start()
         except BaseException:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from producer import keys
+from producer import keys, sentinel
 from producer.aio import AsyncEmbeddingClient
 from producer.errors import EmbqError
 from producer.gateway.auth import ApiKeys, BearerAuth
@@ -59,7 +59,12 @@ class Gateway:
         options: dict[str, Any] = {"socket_connect_timeout": HEALTH_TIMEOUT, "socket_timeout": HEALTH_TIMEOUT}
         self.cache = aioredis.Redis.from_url(settings.cache, **options)
         same = settings.broker == settings.cache
-        self.broker = self.cache if same else aioredis.Redis.from_url(settings.broker, **options)
+        if same:
+            self.broker = self.cache
+        elif sentinel.is_sentinel(settings.broker):
+            self.broker = sentinel.amaster_client(settings.broker, **options)
+        else:
+            self.broker = aioredis.Redis.from_url(settings.broker, **options)
         self.catalog = ModelCatalog(
             self.cache,
             limits.models,
