@@ -22,7 +22,12 @@ from redis.retry import Retry
 from producer import sentinel
 from producer.errors import BackendUnavailableError
 
-BACKEND_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OperationalError, OSError)
+BACKEND_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,  # a cluster cache with a slot no node serves (not a RedisError)
+    OperationalError,
+    OSError,
+)
 
 
 def redact(url: str) -> str:

@@ -52,6 +52,7 @@ _RETRIED = (
     redis.exceptions.AskError,  # MOVED, ASK
     redis.exceptions.TryAgainError,
     redis.exceptions.ReadOnlyError,  # a master demoted to replica
+    redis.exceptions.RedisClusterException,  # a slot no node covers yet (not a RedisError)
 )
 #: A script's words for a key whose slot this node no longer serves.
 _NOT_HERE = "non local key"
@@ -146,7 +147,9 @@ def per_node(
         if not failed:
             break
         if time.monotonic() + pause > deadline:
-            raise error  # type: ignore[misc]
+            if isinstance(error, redis.exceptions.RedisError):
+                raise error
+            raise redis.exceptions.ConnectionError(f"the cache cluster did not recover: {error}") from error
         log.info("cache cluster node failed (%s); retrying %d texts on a fresh view of the cluster", error, len(failed))
         time.sleep(pause)
         pause = min(RETRY_CAP, pause * 2)

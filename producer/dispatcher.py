@@ -38,7 +38,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from producer import keys, protocol
-from producer.backend import redact, redis_reason
+from producer.backend import BACKEND_ERRORS, redact, redis_reason
 from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from producer.call import Call
 from producer.codec import unpack_concat, unpack_many
@@ -67,7 +67,6 @@ MODEL_RECHECK = 0.5
 #: Celery round trips, which must stay small beside its texts.
 MIN_TASK_TEXTS = 16
 
-BACKEND_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OperationalError, OSError)
 
 
 @dataclass(frozen=True)

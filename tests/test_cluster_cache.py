@@ -141,12 +141,11 @@ def test_claims_on_a_cluster_watch_live_owners_and_take_over_dead_ones(cache: Re
 def test_a_master_killed_mid_run_costs_neither_vectors_nor_calls(
     cluster: LocalCluster, cache: RedisCluster, redis_server: LocalRedis
 ) -> None:
-    """Four producers, 40,000 texts with 30% repeats; a master dies while they run and its replica
+    """Four producers, 100,000 texts with 30% repeats; a master dies while they run and its replica
     takes over: every call returns, every vector is right, each text is computed once (give or take
     what the dead master had not yet passed to its replica)."""
     rng = np.random.default_rng(7)
-    distinct = 28_000
-    calls = [[f"doc {i}" for i in rng.integers(0, distinct, 10_000)] for _ in range(4)]
+    calls = [[f"doc {i}" for i in rng.integers(0, 70_000, 25_000)] for _ in range(4)]
     wanted = len(set().union(*calls))
     with worker(redis_server, cluster.url, EMBQ_HASH_SECONDS_PER_TEXT="0.0001") as running:
         clients = [EmbeddingClient(settings=settings(redis_server.url, cluster.url)) for _ in calls]
@@ -155,7 +154,7 @@ def test_a_master_killed_mid_run_costs_neither_vectors_nor_calls(
         try:
             killer.start()
             started = time.monotonic()
-            results = embed_concurrently(clients, calls, timeout=180)
+            results = embed_concurrently(clients, calls, timeout=240)
             took = time.monotonic() - started
         finally:
             killer.join()

@@ -76,20 +76,20 @@ def test_embedding_status_and_queues_through_sentinel(
 def test_a_broker_failover_costs_neither_vectors_nor_calls(
     broker: LocalSentinel, redis_url: str, cache: redis.Redis
 ) -> None:
-    """Four producers, 20,000 texts with 30% repeats; the broker's master dies while they run and a
+    """Four producers, 100,000 texts with 30% repeats; the broker's master dies while they run and a
     sentinel promotes its replica: every call returns with the right vectors, and what the dead master
     had not passed on (tasks, acknowledgements) is sent again rather than lost."""
     rng = np.random.default_rng(11)
-    calls = [[f"row {i}" for i in rng.integers(0, 14_000, 5000)] for _ in range(4)]
+    calls = [[f"row {i}" for i in rng.integers(0, 70_000, 25_000)] for _ in range(4)]
     wanted = len(set().union(*calls))
-    with worker(broker, redis_url, EMBQ_HASH_SECONDS_PER_TEXT="0.0006") as running:
+    with worker(broker, redis_url, EMBQ_HASH_SECONDS_PER_TEXT="0.0001") as running:
         clients = [EmbeddingClient(settings=settings(broker, redis_url)) for _ in calls]
         failover: list[float] = []
         killer = threading.Timer(1.5, lambda: failover.append(broker.kill_master()))
         try:
             killer.start()
             started = time.monotonic()
-            results = embed_concurrently(clients, calls, timeout=150)
+            results = embed_concurrently(clients, calls, timeout=240)
             took = time.monotonic() - started
         finally:
             killer.join()
