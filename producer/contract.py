@@ -134,15 +134,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout / 4)),
         "unacked_restore_throttle": 1,
     }
+    publish_retry = dict(PUBLISH_RETRY)
     if sentinel.is_sentinel(settings.broker):
-        transport[sentinel.MASTER_NAME] = sentinel.parse(settings.broker).master
+        sentinels = sentinel.parse(settings.broker)
+        transport[sentinel.MASTER_NAME] = sentinels.master
+        # Kombu takes the sentinels for alternates and counts a retry per sentinel, waiting only once
+        # per round: the same ~13 s of publishing retries take that many more.
+        publish_retry["max_retries"] *= len(sentinels.sentinels)
     config: dict[str, Any] = {
         "broker_url": kombu_url(settings.broker),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         # Publishing rides out a broker restart or failover of ~10 s, as every other command of embq's does
         # (``producer.backend.RETRIES``); Celery's default gives up after 0.6 s.
-        "task_publish_retry_policy": PUBLISH_RETRY,
+        "task_publish_retry_policy": publish_retry,
         # No pickle anywhere: a pickled message is refused, not executed.
         "task_serializer": "msgpack",
         "accept_content": ["msgpack", "json"],

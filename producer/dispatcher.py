@@ -68,7 +68,6 @@ MODEL_RECHECK = 0.5
 MIN_TASK_TEXTS = 16
 
 
-
 @dataclass(frozen=True)
 class Redis:
     """Run ``commands`` on the ``cache`` or the ``broker`` Redis in one round trip; returns their replies.

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from producer import EmbeddingClient, Settings, keys
+from producer.contract import PUBLISH_RETRY, celery_config
 from producer.errors import ConfigurationError
 from tests.test_cluster_cache import embed_concurrently, expected, worries
 from tests.topology import LocalSentinel
@@ -51,7 +52,12 @@ def test_a_sentinel_url_must_name_its_master_and_serves_only_the_broker(redis_se
         Settings(broker_url="sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380")
     with pytest.raises(ConfigurationError, match="only the broker"):
         Settings(cache_url="sentinel://127.0.0.1:26379?master_name=embq")
-    assert Settings(broker_url="sentinel://h1:26379;sentinel://h2:26379?master_name=embq").broker
+    two = Settings(broker_url="sentinel://h1:26379;sentinel://h2:26379?master_name=embq")
+    config = celery_config(two)
+    assert config["broker_url"] == "sentinel://h1:26379;sentinel://h2:26379"
+    assert config["broker_transport_options"]["master_name"] == "embq"
+    # Kombu counts a publishing retry per sentinel: a failover is ridden out as long as with one Redis.
+    assert config["task_publish_retry_policy"]["max_retries"] == 2 * PUBLISH_RETRY["max_retries"]
 
 
 def test_embedding_status_and_queues_through_sentinel(
