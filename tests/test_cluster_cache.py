@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,17 +11,13 @@ from redis.cluster import RedisCluster
 
 from producer import AsyncEmbeddingClient, EmbeddingClient, Settings, keys, protocol
 from producer.cluster import claim, connect_cache, look, release
+from tests.failover import embed_concurrently, embed_while_killing, expected, worries
 from tests.topology import LocalCluster
 from worker.cache_admin import clear_keys
-from worker.engines.hash import hash_vector
 from worker.local import LocalGateway, LocalRedis, LocalWorker
 from worker.status import render_status
 
 MODEL = "hash/cluster"
-
-
-def expected(texts: list[str]) -> np.ndarray:
-    return np.stack([hash_vector(t, 384) for t in texts])
 
 
 @pytest.fixture(scope="module")
@@ -50,32 +44,8 @@ def worker(broker: LocalRedis, cache_url: str, model: str = MODEL, **env: str) -
     )
 
 
-def worries(worker: LocalWorker) -> str:
-    """The worker's log lines above INFO."""
-    lines = worker.log_path.read_text(errors="replace").splitlines()
-    return "\n".join(line[:300] for line in lines if "] Task" not in line)
-
-
 def computed(cache: RedisCluster, model: str = MODEL) -> int:
     return int(cache.hget(keys.stats_key(model), "texts") or 0)
-
-
-def embed_concurrently(clients: list[EmbeddingClient], calls: list[list[str]], timeout: float) -> list[object]:
-    """Each client embeds its texts in its own thread; the vectors, or the error, of each."""
-    results: list[object] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = clients[i].embed(calls[i], timeout=timeout)
-        except Exception as e:  # reported by the test
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout + 30)
-    return results
 
 
 def test_the_cache_is_found_to_be_a_cluster_and_spreads_over_every_master(
@@ -149,24 +119,16 @@ def test_a_master_killed_mid_run_costs_neither_vectors_nor_calls(
     wanted = len(set().union(*calls))
     with worker(redis_server, cluster.url, EMBQ_HASH_SECONDS_PER_TEXT="0.0001") as running:
         clients = [EmbeddingClient(settings=settings(redis_server.url, cluster.url)) for _ in calls]
-        killer = threading.Timer(1.5, lambda: failover.append(cluster.kill_master(cluster.masters()[1][0])))
-        failover: list[float] = []
-        try:
-            killer.start()
-            started = time.monotonic()
-            results = embed_concurrently(clients, calls, timeout=240)
-            took = time.monotonic() - started
-        finally:
-            killer.join()
-            for client in clients:
-                client.close()
+        results, took, failover = embed_while_killing(
+            clients, calls, lambda: cluster.kill_master(cluster.masters()[1][0])
+        )
         assert running.process is not None and running.process.poll() is None, worries(running)
     for texts, result in zip(calls, results, strict=True):
         assert isinstance(result, np.ndarray), result
         np.testing.assert_array_equal(result, expected(texts))
-    assert failover and len(cluster.masters()) == 3
+    assert len(cluster.masters()) == 3
     done = computed(cache)
-    print(f"failover {failover[0]:.1f}s, calls {took:.1f}s, computed {done} of {wanted} distinct")
+    print(f"failover {failover:.1f}s, calls {took:.1f}s, computed {done} of {wanted} distinct")
     assert wanted <= done <= wanted * 1.05
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,7 +11,7 @@ import redis
 from producer import EmbeddingClient, Settings, keys
 from producer.contract import PUBLISH_RETRY, celery_config
 from producer.errors import ConfigurationError
-from tests.test_cluster_cache import embed_concurrently, expected, worries
+from tests.failover import embed_while_killing, expected, worries
 from tests.topology import LocalSentinel
 from worker.local import LocalRedis, LocalWorker
 from worker.status import render_status
@@ -90,21 +88,11 @@ def test_a_broker_failover_costs_neither_vectors_nor_calls(
     wanted = len(set().union(*calls))
     with worker(broker, redis_url, EMBQ_HASH_SECONDS_PER_TEXT="0.0001") as running:
         clients = [EmbeddingClient(settings=settings(broker, redis_url)) for _ in calls]
-        failover: list[float] = []
-        killer = threading.Timer(1.5, lambda: failover.append(broker.kill_master()))
-        try:
-            killer.start()
-            started = time.monotonic()
-            results = embed_concurrently(clients, calls, timeout=240)
-            took = time.monotonic() - started
-        finally:
-            killer.join()
-            for client in clients:
-                client.close()
+        results, took, failover = embed_while_killing(clients, calls, broker.kill_master)
         assert running.process is not None and running.process.poll() is None, worries(running)
     for texts, result in zip(calls, results, strict=True):
         assert isinstance(result, np.ndarray), result
         np.testing.assert_array_equal(result, expected(texts))
     done = computed(cache)
-    print(f"broker failover {failover[0]:.1f}s, calls {took:.1f}s, computed {done} of {wanted} distinct")
-    assert failover and wanted <= done <= wanted * 1.1
+    print(f"broker failover {failover:.1f}s, calls {took:.1f}s, computed {done} of {wanted} distinct")
+    assert wanted <= done <= wanted * 1.1

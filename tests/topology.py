@@ -1,35 +1,61 @@
-"""Real Redis topologies for the tests, from the same ``redis-server`` binary: a Redis Cluster, and a
-master with a replica watched by three sentinels."""
+"""Real Redis topologies for the tests, from the very ``redis-server`` the tests already use: a Redis
+Cluster of three masters and three replicas, and a master with a replica watched by three sentinels.
+
+Every process is started here, owned by this one (it gets a signal if we die, so none outlives a
+crashed test run) and stopped by its own PID; nothing else is touched.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from worker.local import free_port, redis_server_binary, stop_process, wait_until
+from producer.errors import EmbqError
+from worker.local import LocalRedis, child_options, free_port, redis_server_binary, stop_process, wait_until
 
-#: Where a cluster node listens for its peers: its port plus this.
+#: A cluster node listens for its peers on its port plus this.
 BUS_OFFSET = 10000
+#: Hash slots of a Redis Cluster; all must be served for ``cluster_state:ok``.
+CLUSTER_SLOTS = 16384
+#: Masters of a ``LocalCluster``; each gets one replica.
+MASTERS = 3
+#: Seconds a node or sentinel has between SIGTERM and SIGKILL in ``stop``: nothing here persists.
+STOP_GRACE = 5.0
 
 
 def redis_cli() -> str:
+    """``redis-cli`` from beside ``redis-server``: the same build, so ``--cluster create`` speaks its dialect."""
     return str(Path(redis_server_binary()).with_name("redis-cli"))
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (``port + 10000``) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + BUS_OFFSET < 65536 and port_is_free(port + BUS_OFFSET):
-            return port
+def ask(port: int, *command: str | int) -> Any:
+    """One command to ``127.0.0.1:port`` on a connection of its own, closed at once. Multi-word commands go
+    as separate words so that redis-py parses nothing: the raw reply, strings decoded."""
+    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True) as client:
+        return client.execute_command(*command)
+
+
+def answers(port: int) -> bool:
+    try:
+        return bool(ask(port, "PING"))
+    except redis.exceptions.RedisError:
+        return False
+
+
+def cluster_info(port: int) -> dict[str, str]:
+    """``CLUSTER INFO`` of the node on ``port``, field by field."""
+    fields = (line.split(":", 1) for line in str(ask(port, "CLUSTER", "INFO")).split() if ":" in line)
+    return {name: value for name, value in fields}
 
 
 def port_is_free(port: int) -> bool:
@@ -41,116 +67,175 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-class LocalCluster:
-    """Three masters and three replicas on loopback ports; a replica may always fail over."""
+def cluster_port() -> int:
+    """A free port whose cluster bus port (``port + 10000``) is valid and free too."""
+    while True:
+        port = free_port()
+        if port + BUS_OFFSET < 65536 and port_is_free(port + BUS_OFFSET):
+            return port
 
-    def __init__(self, masters: int = 3, node_timeout_ms: int = 1000) -> None:
-        self.size = masters
+
+def distinct_ports(count: int, pick: Callable[[], int] = free_port) -> list[int]:
+    """``count`` different free ports: two quick ``free_port`` calls may hand out the same one."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = pick()
+        if port not in ports and port + BUS_OFFSET not in ports and port - BUS_OFFSET not in ports:
+            ports.append(port)
+    return ports
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One line of ``CLUSTER NODES``: who a node is, as the node asked sees it."""
+
+    id: str
+    port: int
+    flags: frozenset[str]
+    master_id: str  # "-" for a master
+    slots: tuple[str, ...]  # ranges such as "0-5460"; empty for a replica or a master that lost its slots
+
+    @classmethod
+    def parse(cls, line: str) -> ClusterNode:
+        fields = line.split()
+        address = fields[1].split("@")[0]  # ip:port@bus-port
+        return cls(
+            fields[0], int(address.rsplit(":", 1)[1]), frozenset(fields[2].split(",")), fields[3], tuple(fields[8:])
+        )
+
+    @property
+    def serving(self) -> bool:
+        """A master with slots that nobody has marked failed."""
+        return "master" in self.flags and bool(self.slots) and not {"fail", "fail?"} & self.flags
+
+
+class LocalCluster:
+    """Three masters and three replicas on loopback ports, each its own ``redis-server`` and temporary
+    directory. ``cluster-replica-validity-factor 0`` lets a replica fail over however stale it is, so a
+    killed master's slots always come back."""
+
+    def __init__(self, node_timeout_ms: int = 1000) -> None:
         self.node_timeout_ms = node_timeout_ms
-        self.dir = Path(tempfile.mkdtemp(prefix="embq-cluster-"))
-        self.ports = [cluster_port() for _ in range(2 * masters)]
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        args = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-replica-validity-factor", "0",
+        ]  # fmt: skip
+        # LocalRedis adds --bind 127.0.0.1, --save "" and --appendonly no; ``private``: they die with us.
+        self.nodes = {
+            port: LocalRedis(*args, port=port, private=True) for port in distinct_ports(2 * MASTERS, cluster_port)
+        }
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.live_ports()[0]}/0"
+        """A master that serves now (the first by port); any node would do, a client follows redirects."""
+        return f"redis://127.0.0.1:{self.masters()[0][0]}/0"
 
     def live_ports(self) -> list[int]:
-        return [port for port, process in self.processes.items() if process.poll() is None]
+        return [port for port, node in self.nodes.items() if node.process is not None and node.process.poll() is None]
+
+    def pid(self, port: int) -> int:
+        process = self.nodes[port].process
+        assert process is not None, f"node {port} was never started"
+        return process.pid
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
-        for port in self.ports:
-            home = self.dir / str(port)
-            home.mkdir()
-            self.processes[port] = subprocess.Popen(
-                [
-                    redis_server_binary(),
-                    "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home),
-                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                    "--cluster-replica-validity-factor", "0",
-                    "--save", "", "--appendonly", "no",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        for port in self.ports:
-            wait_until(lambda port=port: self._answers(port), 10, f"cluster node {port}")
-        addresses = [f"127.0.0.1:{port}" for port in self.ports]
-        subprocess.run(
-            [redis_cli(), "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=timeout,
+        for node in self.nodes.values():
+            node.start()
+        create = [redis_cli(), "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.nodes)]
+        created = subprocess.run(
+            [*create, "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True, timeout=timeout
         )
-        wait_until(self._ok, timeout, "the cluster's state ok on every node")
+        if created.returncode != 0:
+            raise EmbqError(
+                f"redis-cli --cluster create failed ({created.returncode}):\n{created.stdout}{created.stderr}"
+            )
+        wait_until(self._formed, timeout, "every cluster node ok, every slot served, every replica in sync")
         return self
 
-    def _answers(self, port: int) -> bool:
-        try:
-            return bool(redis.Redis(port=port, socket_timeout=1).ping())
-        except redis.exceptions.RedisError:
-            return False
+    def nodes_seen(self) -> list[ClusterNode]:
+        """``CLUSTER NODES`` as the first live node that answers sees it."""
+        return [ClusterNode.parse(line) for line in self.cluster_nodes().splitlines() if line.strip()]
 
-    def _info(self, port: int) -> dict[str, str]:
-        info = redis.Redis(port=port, socket_timeout=2, decode_responses=True).execute_command("CLUSTER INFO")
-        return {name: str(value) for name, value in info.items()}
-
-    def _ok(self) -> bool:
-        try:
-            return (
-                all(
-                    self._info(p).get("cluster_state") == "ok" and self._info(p).get("cluster_slots_ok") == "16384"
-                    for p in self.live_ports()
-                )
-                and len(self.masters()) == self.size
-            )
-        except redis.exceptions.RedisError:
-            return False
-
-    def _nodes(self) -> list[tuple[int, list[str]]]:
-        """``(port, flags)`` of every node as a live node sees the cluster."""
-        seen = redis.Redis(port=self.live_ports()[0], socket_timeout=2, decode_responses=True).execute_command(
-            "CLUSTER NODES"
-        )
-        return [
-            (int(address.split("@")[0].rsplit(":", 1)[1]), node["flags"].split(",")) for address, node in seen.items()
-        ]
+    def cluster_nodes(self) -> str:
+        for port in self.live_ports():
+            try:
+                return str(ask(port, "CLUSTER", "NODES"))
+            except redis.exceptions.RedisError:
+                continue
+        raise EmbqError("no cluster node answers")
 
     def masters(self) -> list[tuple[int, int]]:
-        """``(port, pid)`` of the masters serving now."""
-        live = set(self.live_ports())
-        return sorted(
-            (port, self.processes[port].pid)
-            for port, flags in self._nodes()
-            if "master" in flags and "fail" not in flags and port in live
-        )
+        """``(port, pid)`` of the live nodes that are masters now, by port."""
+        live = self.live_ports()
+        return sorted((n.port, self.pid(n.port)) for n in self.nodes_seen() if "master" in n.flags and n.port in live)
 
     def replicas(self) -> list[tuple[int, int]]:
-        live = set(self.live_ports())
-        return sorted(
-            (port, self.processes[port].pid) for port, flags in self._nodes() if "slave" in flags and port in live
-        )
+        """``(port, pid)`` of the live nodes that are replicas now, by port."""
+        live = self.live_ports()
+        return sorted((n.port, self.pid(n.port)) for n in self.nodes_seen() if "slave" in n.flags and n.port in live)
 
     def keys_per_master(self) -> dict[int, int]:
-        return {port: int(redis.Redis(port=port).dbsize()) for port, _ in self.masters()}
+        return {port: int(ask(port, "DBSIZE")) for port, _ in self.masters()}
+
+    def ok(self) -> bool:
+        """Every live node says ``cluster_state:ok`` with every slot served by a master nobody suspects."""
+        try:
+            for port in self.live_ports():
+                info = cluster_info(port)
+                if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != str(CLUSTER_SLOTS):
+                    return False
+            return True
+        except redis.exceptions.RedisError:
+            return False
+
+    def _formed(self) -> bool:
+        """``ok``, every node knows the other five, and each master has a replica whose link is up: only
+        then can ``kill_master`` count on a promotion, and keys written before it on their copy."""
+        if not self.ok():
+            return False
+        try:
+            if any(cluster_info(port).get("cluster_known_nodes") != str(len(self.nodes)) for port in self.nodes):
+                return False
+            seen = self.nodes_seen()
+            replicas = [n for n in seen if "slave" in n.flags]
+            if sum(n.serving for n in seen) != MASTERS or len({n.master_id for n in replicas}) != MASTERS:
+                return False
+            return all("master_link_status:up" in str(ask(n.port, "INFO", "replication")) for n in replicas)
+        except redis.exceptions.RedisError:
+            return False
 
     def kill_master(self, port: int, timeout: float = 30.0) -> float:
-        """SIGKILL the master on ``port``; returns the seconds until its replica serves its slots."""
+        """SIGKILL the master on ``port``, as a crash would; return the seconds until one of its replicas
+        serves its slots and the cluster is ok again. The node stays dead."""
+        seen = self.nodes_seen()
+        master = next((n for n in seen if n.port == port and "master" in n.flags), None)
+        if master is None:
+            raise EmbqError(f"{port} is no master:\n{self.cluster_nodes()}")
+        heirs = {n.port for n in seen if n.master_id == master.id}
+        process = self.nodes[port].process
+        assert process is not None and process.poll() is None, f"node {port} is not running"
         started = time.monotonic()
-        os.kill(self.processes[port].pid, signal.SIGKILL)
-        self.processes[port].wait()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+        def promoted() -> bool:
+            try:
+                return any(n.port in heirs and n.serving for n in self.nodes_seen()) and self.ok()
+            except (redis.exceptions.RedisError, EmbqError):
+                return False
+
         try:
-            wait_until(self._ok, timeout, "a replica promoted and the cluster ok")
-        except Exception as e:
-            raise AssertionError(f"no failover after {timeout}s: {self._nodes()}") from e
+            wait_until(promoted, timeout, f"a replica of {port} ({sorted(heirs)}) promoted and the cluster ok")
+        except EmbqError as e:
+            raise EmbqError(f"{e}; CLUSTER NODES says:\n{self.cluster_nodes()}") from e
         return time.monotonic() - started
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                stop_process(process, grace=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop every node started here (SIGTERM, then SIGKILL); killed ones are only reaped. Idempotent."""
+        for node in self.nodes.values():
+            node.stop(grace=STOP_GRACE)  # also removes its directory
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -164,97 +249,115 @@ class LocalCluster:
 
 
 class LocalSentinel:
-    """A master, its replica and three sentinels (quorum 2) that fail it over within a few seconds."""
+    """A master, its replica and three sentinels (quorum 2) that fail the master over within seconds."""
 
     def __init__(self, master_name: str = "embq") -> None:
         self.master_name = master_name
+        master, replica, *sentinel_ports = distinct_ports(5)
+        self.servers = {
+            master: LocalRedis(port=master, private=True),
+            replica: LocalRedis("--replicaof", "127.0.0.1", str(master), port=replica, private=True),
+        }
+        self.first_master = master
+        self.sentinels: list[tuple[str, int]] = [("127.0.0.1", port) for port in sentinel_ports]
+        #: Sentinel configuration files, one directory per sentinel: Sentinel rewrites its file.
         self.dir = Path(tempfile.mkdtemp(prefix="embq-sentinel-"))
-        self.servers: dict[int, subprocess.Popen[bytes]] = {}
-        self.sentinel_processes: list[subprocess.Popen[bytes]] = []
-        self.sentinels: list[tuple[str, int]] = []
+        self.sentinel_processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
-        """The broker URL embq takes: Kombu's sentinel URL with the master's name."""
-        parts = [f"sentinel://127.0.0.1:{port}" for _, port in self.sentinels]
-        return ";".join(parts) + f"/0?master_name={self.master_name}"
+        """Kombu's sentinel URL, with the ``master_name`` that embq's settings require of it."""
+        hosts = ";".join(f"sentinel://{host}:{port}" for host, port in self.sentinels)
+        return f"{hosts}/0?master_name={self.master_name}"
 
     def start(self, timeout: float = 30.0) -> LocalSentinel:
-        master, replica = free_port(), free_port()
-        self._server(master)
-        self._server(replica, "--replicaof", "127.0.0.1", str(master))
-        for _ in range(3):
-            port = free_port()
-            conf = self.dir / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                f"sentinel monitor {self.master_name} 127.0.0.1 {master} 2\n"
-                f"sentinel down-after-milliseconds {self.master_name} 1000\n"
-                f"sentinel failover-timeout {self.master_name} 5000\n"
-                f"sentinel parallel-syncs {self.master_name} 1\n"
-            )
-            self.sentinel_processes.append(
-                subprocess.Popen(
-                    [redis_server_binary(), str(conf), "--sentinel"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            self.sentinels.append(("127.0.0.1", port))
+        for server in self.servers.values():
+            server.start()
+        for _, port in self.sentinels:
+            self.sentinel_processes[port] = self._start_sentinel(port)
         wait_until(self._watching, timeout, "three sentinels that see the master, its replica and each other")
         return self
 
-    def _server(self, port: int, *extra: str) -> None:
+    def _start_sentinel(self, port: int) -> subprocess.Popen[bytes]:
         home = self.dir / str(port)
         home.mkdir()
-        args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home)]
-        args += ["--save", "", "--appendonly", "no", *extra]
-        self.servers[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def _ask(self, port: int, *command: str) -> object:
-        return redis.Redis(port=port, socket_timeout=2, decode_responses=True).execute_command(*command)
+        name = self.master_name
+        conf = home / "sentinel.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {home}\n"
+            f"sentinel monitor {name} 127.0.0.1 {self.first_master} 2\n"  # before the lines that name it
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 5000\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        return subprocess.Popen(
+            [redis_server_binary(), str(conf), "--sentinel"],  # the file must come first
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            **child_options(True, signal.SIGKILL),
+        )
 
     def _watching(self) -> bool:
-        try:
-            for _, port in self.sentinels:
-                seen = self._ask(port, "SENTINEL", "MASTER", self.master_name)
-                state = dict(zip(seen[::2], seen[1::2], strict=True)) if isinstance(seen, list) else dict(seen)  # type: ignore[arg-type]
-                if int(state["num-other-sentinels"]) != 2 or int(state["num-slaves"]) != 1:
-                    return False
-            return True
-        except (redis.exceptions.RedisError, KeyError):
-            return False
+        for port, process in self.sentinel_processes.items():
+            if process.poll() is not None:
+                raise EmbqError(f"sentinel on {port} exited with {process.returncode}")
+            try:
+                reply = ask(port, "SENTINEL", "MASTER", self.master_name)  # a flat list: name, value, ...
+            except redis.exceptions.RedisError:
+                return False
+            state = dict(zip(reply[::2], reply[1::2], strict=True))
+            if int(state["num-other-sentinels"]) != 2 or int(state["num-slaves"]) != 1:
+                return False
+        return True
 
-    def master_address(self) -> tuple[str, int]:
+    def addresses(self) -> list[tuple[str, int]]:
+        """The master's address as each sentinel that answers reports it."""
+        found = []
         for _, port in self.sentinels:
             try:
-                host, master = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)  # type: ignore[misc]
-                return str(host), int(master)
+                reply = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
             except redis.exceptions.RedisError:
                 continue
-        raise AssertionError("no sentinel answers")
+            if reply:
+                found.append((str(reply[0]), int(reply[1])))
+        return found
+
+    def master_address(self) -> tuple[str, int]:
+        """``(host, port)`` of the master, as the first sentinel that answers says."""
+        found = self.addresses()
+        if not found:
+            raise EmbqError(f"no sentinel knows master {self.master_name!r}")
+        return found[0]
 
     def kill_master(self, timeout: float = 30.0) -> float:
-        """SIGKILL the master; returns the seconds until the sentinels name another that says it is one."""
-        started = time.monotonic()
+        """SIGKILL the current master, as a crash would; return the seconds until every sentinel names
+        another master and that one answers ``ROLE`` as a master. The old one stays dead."""
         _, old = self.master_address()
-        os.kill(self.servers[old].pid, signal.SIGKILL)
-        self.servers[old].wait()
+        process = self.servers[old].process
+        assert process is not None and process.poll() is None, f"master {old} is not running"
+        started = time.monotonic()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
 
         def promoted() -> bool:
-            _, port = self.master_address()
+            found = set(self.addresses())
+            if len(found) != 1 or next(iter(found))[1] == old:
+                return False
             try:
-                return port != old and self._ask(port, "ROLE")[0] == "master"  # type: ignore[index]
+                return bool(ask(next(iter(found))[1], "ROLE")[0] == "master")
             except redis.exceptions.RedisError:
                 return False
 
-        wait_until(promoted, timeout, "the sentinels to promote the replica")
+        wait_until(promoted, timeout, f"the sentinels to promote a replica of {old}")
         return time.monotonic() - started
 
     def stop(self) -> None:
-        for process in [*self.sentinel_processes, *self.servers.values()]:
-            if process.poll() is None:
-                stop_process(process, grace=10)
+        """Stop the sentinels first (so none fails anything over meanwhile), then the servers. Idempotent."""
+        processes, self.sentinel_processes = self.sentinel_processes, {}
+        for process in processes.values():
+            stop_process(process, grace=STOP_GRACE)
+        for server in self.servers.values():
+            server.stop(grace=STOP_GRACE)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalSentinel:
