@@ -73,7 +73,7 @@ def embed_costs(client: EmbeddingClient, groups: dict[str, list[psutil.Process]]
 def claim_ways(cluster: RedisCluster, groups: dict[str, list[psutil.Process]], count: int, run: int) -> dict[str, Any]:
     """Master CPU per text of claiming ``count`` new texts: per node per batch, and per text."""
     digests = [hashlib.blake2b(f"{run} {i}".encode(), digest_size=32).hexdigest() for i in range(2 * count)]
-    args = ["bench", 600_000, keys.reply_key("bench"), 60_000, ""]
+    args: list[Any] = ["bench", 600_000, keys.reply_key("bench"), 60_000, ""]
 
     def per_node() -> None:
         for start in range(0, count, CHUNK):

@@ -34,6 +34,7 @@ def redact(url: str) -> str:
     """``url`` without its password, safe to log; each of a ``sentinel://`` URL's parts."""
     if ";" in url:
         return ";".join(redact(part) for part in url.split(";"))
+    url = sentinel.hide_password(url)
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -137,7 +137,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     publish_retry = dict(PUBLISH_RETRY)
     if sentinel.is_sentinel(settings.broker):
         sentinels = sentinel.parse(settings.broker)
-        transport[sentinel.MASTER_NAME] = sentinels.master
+        transport.update(sentinel.transport_options(settings.broker))
         # Kombu takes the sentinels for alternates and counts a retry per sentinel, waiting only once
         # per round: the same ~13 s of publishing retries take that many more.
         publish_retry["max_retries"] *= len(sentinels.sentinels)

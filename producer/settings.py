@@ -171,7 +171,9 @@ ENV_NAMES: dict[str, str] = {
 #: The forms a Redis URL may take, for error messages.
 URL_FORMS = "redis://[[user]:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/redis.sock[?db=N]"
 #: What a broker may be besides.
-SENTINEL_FORM = "sentinel://[[user]:password@]host:port[;sentinel://host:port...][/db]?master_name=NAME"
+SENTINEL_FORM = (
+    "sentinel://[[user]:password@]host:port[/db][;sentinel://host:port...]?master_name=NAME[&sentinel_password=P]"
+)
 
 
 def check_redis_url(setting: str, url: str) -> None:
@@ -212,8 +214,9 @@ _CREDENTIALS = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*):[^/@]*@")
 
 
 def _without_password(url: str) -> str:
-    """``url`` with its password masked, even when the URL is malformed (it is shown in the error)."""
-    return _CREDENTIALS.sub(r"\1:***@", url)
+    """``url`` with its password masked, even when the URL is malformed (it is shown in the error); each
+    part of a ``sentinel://`` URL's, and the sentinels' own."""
+    return ";".join(_CREDENTIALS.sub(r"\1:***@", sentinel.hide_password(part)) for part in url.split(";"))
 
 
 def read_env(cls: type, env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, Any]:

@@ -162,5 +162,5 @@ async def test_the_asyncio_client_and_the_gateway_use_the_whole_cluster(
     assert MODEL in [m["id"] for m in listed.json()["data"]], listed.text
     assert answer.status_code == 200, answer.text
     got = np.array([d["embedding"] for d in answer.json()["data"]], dtype=np.float32)
-    np.testing.assert_array_equal(got, expected(body["input"]))
+    np.testing.assert_array_equal(got, expected(list(body["input"])))
     assert computed(cache) == 1501
