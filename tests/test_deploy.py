@@ -1,6 +1,8 @@
 """Deployment files, validated offline.
 
-docker-compose.yml is checked against the Compose specification; every kustomize
+docker-compose.yml and its override docker-compose.cluster.yml (the cache on a Redis
+Cluster, whose creation script also runs here against real nodes on loopback) are checked
+against the Compose specification; every kustomize
 overlay under k8s/overlays is rendered with ``kubectl kustomize`` and what it renders
 is validated: built-in kinds against Kubernetes' own schemas (unknown fields refused),
 KEDA's objects against the CRD schemas in k8s/schemas. Then the settings embq relies
@@ -8,8 +10,9 @@ on are checked in the files as they would be applied: a queue name, a probe path
 an eviction policy that drifts from the code breaks production quietly, so it fails
 here instead.
 
-Needs ``kubectl`` (with its built-in kustomize) and the PyPI packages
-``check-jsonschema``, ``kubernetes-validate``, ``jsonschema`` and ``pyyaml``.
+Needs ``kubectl`` (with its built-in kustomize), the PyPI packages
+``check-jsonschema``, ``kubernetes-validate``, ``jsonschema`` and ``pyyaml``, and the
+``redis-server`` the other tests use.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import copy
 import functools
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,17 +31,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
+from producer.cluster import FAILOVER_WAIT
 from producer.keys import BULK, queue_name
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+#: The override that puts the cache on a Redis Cluster: cache-1 ... cache-6 and cache-init.
+CLUSTER_COMPOSE = ROOT / "docker-compose.cluster.yml"
+#: The network alias every cluster node carries in it: the host of its EMBQ_CACHE_URL.
+CLUSTER_ALIAS = "cache-cluster"
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 #: Overlays that run without a GPU.
 CPU_OVERLAYS = {"cpu-dev"}
+#: Overlays whose cache is a Redis Cluster from the Bitnami chart redis-cluster (installed with
+#: Helm, so not rendered here) instead of the base's one cache Redis.
+CLUSTER_CACHE_OVERLAYS = {"cluster-cache"}
+CLUSTER_VALUES = K8S / "overlays" / "cluster-cache" / "redis-cluster-values.yaml"
+#: The chart's Helm release (k8s/README.md), hence its Service (the release name plus the chart's,
+#: the host of the Secret's cache-url) and the labels of its pods.
+CLUSTER_RELEASE = "embq-cache"
+CLUSTER_SERVICE = f"{CLUSTER_RELEASE}-redis-cluster"
+CLUSTER_POD_LABELS = {"app.kubernetes.io/name": "redis-cluster", "app.kubernetes.io/instance": CLUSTER_RELEASE}
+REDIS_PORT = 6379
+CLUSTER_BUS_PORT = REDIS_PORT + 10000
 #: Oldest Kubernetes the manifests must work on (kubernetes-validate ships its schemas).
 K8S_VERSION = "1.30.0"
 NAMESPACE = "embq"
@@ -136,10 +157,11 @@ def option(args: list[str], name: str) -> str:
     return args[args.index(f"--{name}") + 1]
 
 
-def test_compose_file_matches_the_compose_spec() -> None:
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER_COMPOSE], ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_spec(path: Path) -> None:
     require("check_jsonschema", "check-jsonschema")
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -260,6 +282,162 @@ def test_compose_sets_only_variables_embq_reads() -> None:
         for var in svc.get("environment", {}):
             if var.startswith("EMBQ_"):
                 assert var in known, f"{name}: {var} is read nowhere in producer/ or worker/"
+
+
+# --------------------------------------------------------------------------- compose: the cache on a Redis Cluster
+
+
+@functools.cache
+def cluster_compose() -> Doc:
+    return load_yaml(CLUSTER_COMPOSE)
+
+
+def cluster_service(name: str) -> Doc:
+    services = cluster_compose()["services"]
+    assert name in services, f"docker-compose.cluster.yml has no service {name!r}"
+    return services[name]
+
+
+def cluster_nodes() -> dict[str, Doc]:
+    return {name: svc for name, svc in cluster_compose()["services"].items() if re.fullmatch(r"cache-\d+", name)}
+
+
+def cluster_init_script() -> str:
+    """cache-init's shell script as the shell gets it: Compose turns ``$$`` into ``$``."""
+    command = cluster_service("cache-init")["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3
+    assert "$" not in command[2].replace("$$", ""), "Compose would interpolate a lone $ before the shell sees it"
+    return command[2].replace("$$", "$")
+
+
+def test_compose_cluster_nodes_are_bounded_lru() -> None:
+    nodes = cluster_nodes()
+    assert len(nodes) == 6, "3 masters and a replica each"
+    for name, node in nodes.items():
+        assert node["image"] == service("cache")["image"], f"{name}: the image of docker-compose.yml's cache"
+        args = redis_args(node)
+        assert option(args, "cluster-enabled") == "yes"
+        assert option(args, "maxmemory-policy") == "allkeys-lru", f"{name}: a cache, on every node"
+        assert byte_value(option(args, "maxmemory")) > 0
+        assert option(args, "save") == "" and option(args, "appendonly") == "no", "a cache writes nothing to disk"
+        # A replica serves a dead master's slots after the node timeout plus an election; embq retries
+        # work on those slots for FAILOVER_WAIT seconds.
+        assert 2 * int(option(args, "cluster-node-timeout")) / 1000 < FAILOVER_WAIT
+        assert option(args, "cluster-replica-validity-factor") == "0", "a replica may always take over"
+        assert node["networks"]["default"]["aliases"] == [CLUSTER_ALIAS]
+        assert "redis-cli ping" in " ".join(node["healthcheck"]["test"])
+        assert "ports" not in node, "nodes redirect clients to container addresses the host cannot reach"
+        assert "profiles" not in node
+    others = [name for name, svc in cluster_compose()["services"].items() if name not in nodes]
+    assert not [name for name in others if "networks" in cluster_compose()["services"][name]], "the alias is the nodes'"
+
+
+def test_compose_cluster_init_joins_every_node() -> None:
+    init = cluster_service("cache-init")
+    nodes = cluster_nodes()
+    assert init["image"] == service("cache")["image"], "its redis-cli matches the nodes"
+    assert init["environment"]["CACHE_NODES"].split() == [f"{name}:{REDIS_PORT}" for name in nodes]
+    assert {name: dep["condition"] for name, dep in init["depends_on"].items()} == dict.fromkeys(
+        nodes, "service_healthy"
+    ), "it joins the nodes once every one answers"
+    assert init.get("restart", "no") == "no", "a one-shot service"
+    script = cluster_init_script()
+    create = re.search(r"redis-cli --cluster create .*", script)
+    assert create, "the nodes are joined by redis-cli --cluster create"
+    assert "--cluster-replicas 1" in create.group(0) and "--cluster-yes" in create.group(0)
+
+
+def test_compose_cluster_points_embq_at_the_cluster() -> None:
+    services = cluster_compose()["services"]
+    # An override cannot remove a service: the one cache gets a profile that nothing else uses.
+    (profile,) = services["cache"]["profiles"]
+    assert services["cache"] == {"profiles": [profile]}
+    for name, svc in compose()["services"].items():
+        assert profile not in svc.get("profiles", []) or name == "cache", f"--profile {profile} is the one cache's"
+    readers = {name for name, svc in compose()["services"].items() if "EMBQ_CACHE_URL" in svc.get("environment", {})}
+    waiting = {name for name, svc in compose()["services"].items() if "cache" in svc.get("depends_on", {})}
+    assert readers and waiting <= readers
+    for name in sorted(readers):
+        assert name in services, f"{name} reads the cache: the override must point it at the cluster"
+        svc = services[name]
+        url = urlsplit(svc["environment"]["EMBQ_CACHE_URL"])
+        assert (url.scheme, url.hostname, url.port) == ("redis", CLUSTER_ALIAS, REDIS_PORT)
+        assert set(svc) == {"environment", "depends_on"}, f"{name}: the override changes only the cache"
+        assert svc["depends_on"]["cache"]["required"] is False, "a dependency on the cache left out is dropped"
+        assert svc["depends_on"]["cache-init"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_cluster_images_are_pinned() -> None:
+    for name, svc in cluster_compose()["services"].items():
+        if "image" in svc:
+            assert_pinned(svc["image"])
+        else:
+            assert name in compose()["services"], f"{name}: name the image, or compose tags it latest"
+
+
+def test_compose_cluster_sets_only_variables_embq_reads() -> None:
+    known = embq_env_names()
+    for name, svc in cluster_compose()["services"].items():
+        for var in svc.get("environment", {}):
+            if var.startswith("EMBQ_"):
+                assert var in known, f"{name}: {var} is read nowhere in producer/ or worker/"
+
+
+def test_compose_cluster_init_forms_a_cluster_embq_finds(tmp_path: Path) -> None:
+    """cache-init's script against seven nodes started with the compose file's own flags, on
+    loopback: it joins six into 3 masters with a replica each, which embq takes for a cluster; run
+    again it leaves them be; a node outside the cluster makes it fail, saying how to start over."""
+    redis = require("redis", "redis")
+    from producer.cluster import connect_cache
+    from tests.topology import cluster_port, redis_cli
+    from worker.local import redis_server_binary, stop_process, wait_until
+
+    flags = redis_args(next(iter(cluster_nodes().values())))
+    ports = [cluster_port() for _ in range(7)]
+    processes = []
+    try:
+        for port in ports:
+            (tmp_path / str(port)).mkdir()
+            processes.append(
+                subprocess.Popen(
+                    [redis_server_binary(), *flags, "--port", str(port), "--bind", "127.0.0.1"],
+                    cwd=tmp_path / str(port),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in ports:
+            wait_until(lambda port=port: redis.Redis(port=port).ping(), 10, f"node {port}")
+        path = f"{Path(redis_cli()).parent}:{os.environ['PATH']}"
+
+        def init(nodes: list[int]) -> subprocess.CompletedProcess[str]:
+            env = {**os.environ, "PATH": path, "CACHE_NODES": " ".join(f"127.0.0.1:{p}" for p in nodes)}
+            script = cluster_init_script()
+            return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+
+        first = init(ports[:6])
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr
+        roles = sorted(redis.Redis(port=port).execute_command("ROLE")[0] for port in ports[:6])
+        assert roles == [b"master"] * 3 + [b"slave"] * 3
+        for port in ports[:6]:
+            policy = redis.Redis(port=port).config_get("maxmemory-policy")["maxmemory-policy"]
+            assert policy == "allkeys-lru"
+        cache = connect_cache(f"redis://127.0.0.1:{ports[5]}/0")
+        try:
+            assert type(cache).__name__ == "RedisCluster", "embq finds the whole cluster from any node"
+            cache.set("embq:probe", "1")
+            assert cache.get("embq:probe") == b"1"
+        finally:
+            cache.close()
+        again = init(ports[:6])
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.strip() == "cache-init: the cluster is ok", "a cluster already formed is left as it is"
+        stranger = init(ports)
+        assert stranger.returncode == 1
+        assert "1 of 7 nodes are outside the cluster" in stranger.stderr and " down, then up" in stranger.stderr
+    finally:
+        for process in processes:
+            stop_process(process, grace=10)
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -448,7 +626,8 @@ def worker_model(docs: tuple[Doc, ...]) -> str:
 
 
 def test_expected_overlays_exist() -> None:
-    assert {"production", "scale-to-zero", "cpu-dev"} <= set(OVERLAYS)
+    assert {"production", "scale-to-zero", "cpu-dev", "cluster-cache"} <= set(OVERLAYS)
+    assert CLUSTER_CACHE_OVERLAYS <= set(OVERLAYS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -650,15 +829,22 @@ def test_redis(overlay: str) -> None:
     (claim,) = broker["spec"]["volumeClaimTemplates"]
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container(broker)["volumeMounts"]
 
-    cache = find(docs, "StatefulSet", "embq-cache")
-    args = container(cache)["args"]
-    assert option(args[1:], "maxmemory-policy") == "allkeys-lru"
-    assert byte_value(option(args[1:], "maxmemory")) > 0
-    assert option(args[1:], "save") == ""
-    assert option(args[1:], "appendonly") == "no"
-    assert "volumeClaimTemplates" not in cache["spec"]
+    workloads = [("embq-broker", broker)]
+    if overlay in CLUSTER_CACHE_OVERLAYS:
+        # The cache is the chart's Redis Cluster, installed with Helm (test_cluster_cache_values):
+        # the one cache Redis must be gone, or two caches would each miss the other's vectors.
+        assert not [d for d in docs if d["metadata"]["name"] == "embq-cache"]
+    else:
+        cache = find(docs, "StatefulSet", "embq-cache")
+        args = container(cache)["args"]
+        assert option(args[1:], "maxmemory-policy") == "allkeys-lru"
+        assert byte_value(option(args[1:], "maxmemory")) > 0
+        assert option(args[1:], "save") == ""
+        assert option(args[1:], "appendonly") == "no"
+        assert "volumeClaimTemplates" not in cache["spec"]
+        workloads.append(("embq-cache", cache))
 
-    for name, workload in [("embq-broker", broker), ("embq-cache", cache)]:
+    for name, workload in workloads:
         svc = find(docs, "Service", name)
         assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(workload))
         assert [p["port"] for p in svc["spec"]["ports"]] == [6379]
@@ -676,7 +862,10 @@ def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
     gateway = pod_labels(find(docs, "Deployment", "embq-gateway"))
     producer = {"embq.io/producer": "true"}
     stranger = {"app": "something-else"}
-    redis = {name: pod_labels(find(docs, "StatefulSet", name)) for name in ("embq-broker", "embq-cache")}
+    # A cluster overlay's cache pods are the chart's, under their own policy
+    # (test_cluster_cache_network_policy): this one keeps the broker.
+    names = ("embq-broker",) if overlay in CLUSTER_CACHE_OVERLAYS else ("embq-broker", "embq-cache")
+    redis = {name: pod_labels(find(docs, "StatefulSet", name)) for name in names}
 
     policy = find(docs, "NetworkPolicy", "embq-redis")
     spec = policy["spec"]
@@ -702,7 +891,7 @@ def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
         selector = other["spec"]["podSelector"]
         if other is policy or not any(selects(selector, labels) for labels in redis.values()):
             continue
-        assert not selects(selector, redis["embq-cache"])
+        assert not selects(selector, redis.get("embq-cache", {"app": "embq-cache"}))
         assert selects(selector, redis["embq-broker"])
         for extra in other["spec"]["ingress"]:
             for peer in extra["from"]:
@@ -806,3 +995,119 @@ def test_network_policy_lets_clients_reach_the_gateway(overlay: str) -> None:
     client = {"embq.io/client": "true"}
     assert selects(peer["podSelector"], client)
     assert not selects(peer["podSelector"], {"app": "something-else"})
+
+
+# --------------------------------------------------------------------------- Kubernetes: the cache on a Redis Cluster
+
+
+def redis_conf(text: str) -> dict[str, str]:
+    """``directive value`` lines of a redis.conf fragment (the last one wins, as in Redis)."""
+    lines = [line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return {words[0].lower(): words[1].strip() if len(words) > 1 else "" for words in lines}
+
+
+def helm_installs(text: str) -> list[list[str]]:
+    """The words of each ``helm install`` of the chart redis-cluster in a file, continuation lines (and
+    their comment marks) joined."""
+    text = re.sub(r"\\\n\s*#?", " ", text)
+    commands = [line.split("#", 1)[0].split() for line in re.findall(r"helm install [^\n]*", text)]
+    return [words for words in commands if any(word.endswith("/redis-cluster") for word in words)]
+
+
+def word_after(words: list[str], flag: str) -> str:
+    assert flag in words, f"no {flag} in {' '.join(words)}"
+    return words[words.index(flag) + 1]
+
+
+@pytest.mark.parametrize("overlay", sorted(CLUSTER_CACHE_OVERLAYS))
+def test_cluster_cache_overlay_is_production_without_the_one_cache(overlay: str) -> None:
+    """Workers, gateway, Flower, KEDA: production's, unchanged; embq finds the cluster from the URL alone."""
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in render(f"overlays/{overlay}")}
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in render("overlays/production")}
+    assert set(theirs) - set(ours) == {("StatefulSet", "embq-cache"), ("Service", "embq-cache")}
+    assert set(ours) - set(theirs) == {("NetworkPolicy", "embq-cache-cluster")}
+    assert {key for key in ours.keys() & theirs.keys() if ours[key] != theirs[key]} == {("NetworkPolicy", "embq-redis")}
+
+
+@pytest.mark.parametrize("overlay", sorted(CLUSTER_CACHE_OVERLAYS))
+def test_cluster_cache_network_policy(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    policy = find(docs, "NetworkPolicy", "embq-cache-cluster")
+    spec = policy["spec"]
+    assert selects(spec["podSelector"], {**CLUSTER_POD_LABELS, "helm.sh/chart": "redis-cluster-13.0.5"})
+    for workload in [*of_kind(docs, "Deployment"), *of_kind(docs, "StatefulSet")]:
+        assert not selects(spec["podSelector"], pod_labels(workload)), workload["metadata"]["name"]
+    for other in of_kind(docs, "NetworkPolicy"):
+        if other is not policy:
+            assert not selects(other["spec"]["podSelector"], CLUSTER_POD_LABELS), "one policy guards the cluster"
+    assert spec["policyTypes"] == ["Ingress"]
+    clients, nodes = spec["ingress"]
+
+    # embq's pods that read EMBQ_CACHE_URL, and producers, on the Redis port only.
+    assert [(p.get("protocol", "TCP"), p["port"]) for p in clients["ports"]] == [("TCP", REDIS_PORT)]
+    peers = clients["from"]
+    assert all(set(p) == {"podSelector"} for p in peers), "same-namespace pods only"
+    readers = [d for d in of_kind(docs, "Deployment") if "EMBQ_CACHE_URL" in env_of(container(d))]
+    assert {d["metadata"]["name"] for d in readers} == {"embq-worker", "embq-gateway"}
+    for labels in [*(pod_labels(d) for d in readers), {"embq.io/producer": "true"}]:
+        assert any(selects(p["podSelector"], labels) for p in peers), labels
+    flower = pod_labels(find(docs, "Deployment", "embq-flower"))
+    assert not any(selects(p["podSelector"], flower) for p in peers), "Flower reads only the broker"
+    assert not any(selects(p["podSelector"], {"app": "something-else"}) for p in peers)
+
+    # The nodes with each other: replication and redirections on the Redis port, the cluster bus.
+    assert nodes["from"] == [{"podSelector": {"matchLabels": CLUSTER_POD_LABELS}}]
+    assert sorted((p.get("protocol", "TCP"), p["port"]) for p in nodes["ports"]) == [
+        ("TCP", REDIS_PORT),
+        ("TCP", CLUSTER_BUS_PORT),
+    ]
+
+
+def test_cluster_cache_values() -> None:
+    """The chart's values: 3 masters with a replica each, the password of the Secret's cache-url, and on
+    every node a bounded LRU cache that writes nothing but its place in the cluster to disk."""
+    values = load_yaml(CLUSTER_VALUES)
+    cluster = values["cluster"]
+    assert (cluster["nodes"], cluster["replicas"]) == (6, 1)
+    assert cluster["nodes"] // (1 + cluster["replicas"]) >= 3, "a cluster needs 3 masters to fail one over"
+
+    assert values["usePassword"] is True and "password" not in values, "no password in the values"
+    assert (values["existingSecret"], values["existingSecretPasswordKey"]) == ("embq-redis", "cache-password")
+
+    redis = values["redis"]
+    conf = redis_conf(redis["configmap"])
+    assert conf["maxmemory-policy"] == "allkeys-lru"
+    maxmemory = byte_value(conf["maxmemory"])
+    resources = redis["resources"]
+    limit = quantity(resources["limits"]["memory"])
+    assert 0 < maxmemory <= 0.8 * limit, "room for Redis' overhead and a resync's fork"
+    assert quantity(resources["requests"]["memory"]) == limit
+    assert conf["save"] == '""' and conf["appendonly"] == "no", "a cache writes no snapshot, no append-only file"
+    assert redis["useAOFPersistence"] == "no", "the image's own switch, a string: the chart passes it as is"
+    assert {"name": "REDIS_RDB_POLICY_DISABLED", "value": "yes"} in redis["extraEnvVars"]
+    assert 2 * int(conf["cluster-node-timeout"]) / 1000 < FAILOVER_WAIT, "a replica serves within embq's retries"
+    assert conf["cluster-replica-validity-factor"] == "0"
+    assert "cluster-enabled" not in conf, "the chart's image sets it"
+
+    persistence = values["persistence"]
+    assert persistence["enabled"] is True, "nodes.conf: a replaced pod must come back as the same node"
+    assert quantity(persistence["size"]) >= maxmemory, "a replica lands a full resync on disk before loading it"
+    assert values["networkPolicy"]["enabled"] is False, "the chart's policy admits every pod, and policies add up"
+
+
+def test_cluster_cache_install_is_documented_alike() -> None:
+    """One helm command, the same in the overlay, the values and k8s/README.md: the release that names the
+    Service of cache-url and the pods' labels, a pinned chart version, this values file."""
+    files = [K8S / "README.md", CLUSTER_VALUES, K8S / "overlays" / "cluster-cache" / "kustomization.yaml"]
+    commands = {path.name: helm_installs(path.read_text()) for path in files}
+    for name, found in commands.items():
+        assert len(found) == 1, f"{name}: {found}"
+    (readme,) = commands["README.md"]
+    assert readme[2] == CLUSTER_RELEASE
+    assert readme[3] == "oci://registry-1.docker.io/bitnamicharts/redis-cluster"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", word_after(readme, "--version")), "pin the chart's version"
+    assert word_after(readme, "-n") == NAMESPACE
+    assert (ROOT / word_after(readme, "-f")).resolve() == CLUSTER_VALUES
+    assert all(found == [readme] for found in commands.values()), commands
+    text = (K8S / "README.md").read_text()
+    assert f'cache-url="redis://:$CACHE_PASSWORD@{CLUSTER_SERVICE}:{REDIS_PORT}/0"' in text
