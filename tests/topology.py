@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -105,7 +105,27 @@ class ClusterNode:
         return "master" in self.flags and bool(self.slots) and not {"fail", "fail?"} & self.flags
 
 
-class LocalCluster:
+class Started:
+    """A context manager that starts its processes and stops them all, also when starting fails."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalCluster(Started):
     """Three masters and three replicas on loopback ports, each its own ``redis-server`` and temporary
     directory. ``cluster-replica-validity-factor 0`` lets a replica fail over however stale it is, so a
     killed master's slots always come back."""
@@ -233,18 +253,8 @@ class LocalCluster:
         for node in self.nodes.values():
             node.stop(grace=STOP_GRACE)  # also removes its directory
 
-    def __enter__(self) -> LocalCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class LocalSentinel:
+class LocalSentinel(Started):
     """A master, its replica and three sentinels (quorum 2) that fail the master over within seconds."""
 
     def __init__(self, master_name: str = "embq") -> None:
@@ -355,13 +365,3 @@ class LocalSentinel:
         for server in self.servers.values():
             server.stop(grace=STOP_GRACE)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> LocalSentinel:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
