@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 #: The override that puts the cache on a Redis Cluster: cache-1 ... cache-6 and cache-init.
 CLUSTER_COMPOSE = ROOT / "docker-compose.cluster.yml"
+#: The override that puts the broker behind Sentinel: broker, broker-replica, sentinel-1 ... sentinel-3.
+SENTINEL_COMPOSE = ROOT / "docker-compose.sentinel.yml"
 #: The network alias every cluster node carries in it: the host of its EMBQ_CACHE_URL.
 CLUSTER_ALIAS = "cache-cluster"
 K8S = ROOT / "k8s"
@@ -50,7 +52,15 @@ OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomizatio
 CPU_OVERLAYS = {"cpu-dev"}
 #: Overlays whose cache is a Redis Cluster from the Bitnami chart redis-cluster (installed with
 #: Helm, so not rendered here) instead of the base's one cache Redis.
-CLUSTER_CACHE_OVERLAYS = {"cluster-cache"}
+CLUSTER_CACHE_OVERLAYS = {"cluster-cache", "ha-redis"}
+#: Overlays whose broker is the Bitnami chart redis with Sentinel (installed with Helm) instead of the
+#: base's one broker Redis; KEDA reads the queue through the sentinels.
+SENTINEL_BROKER_OVERLAYS = {"ha-redis"}
+SENTINEL_VALUES = K8S / "overlays" / "ha-redis" / "redis-sentinel-values.yaml"
+SENTINEL_RELEASE = "embq-broker"
+SENTINEL_POD_LABELS = {"app.kubernetes.io/name": "redis", "app.kubernetes.io/instance": SENTINEL_RELEASE}
+SENTINEL_PORT = 26379
+SENTINEL_MASTER = "embq"
 CLUSTER_VALUES = K8S / "overlays" / "cluster-cache" / "redis-cluster-values.yaml"
 #: The chart's Helm release (k8s/README.md), hence its Service (the release name plus the chart's,
 #: the host of the Secret's cache-url) and the labels of its pods.
@@ -157,7 +167,7 @@ def option(args: list[str], name: str) -> str:
     return args[args.index(f"--{name}") + 1]
 
 
-@pytest.mark.parametrize("path", [COMPOSE, CLUSTER_COMPOSE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER_COMPOSE, SENTINEL_COMPOSE], ids=lambda p: p.name)
 def test_compose_file_matches_the_compose_spec(path: Path) -> None:
     require("check_jsonschema", "check-jsonschema")
     result = subprocess.run(
@@ -626,8 +636,9 @@ def worker_model(docs: tuple[Doc, ...]) -> str:
 
 
 def test_expected_overlays_exist() -> None:
-    assert {"production", "scale-to-zero", "cpu-dev", "cluster-cache"} <= set(OVERLAYS)
+    assert {"production", "scale-to-zero", "cpu-dev", "cluster-cache", "ha-redis"} <= set(OVERLAYS)
     assert CLUSTER_CACHE_OVERLAYS <= set(OVERLAYS)
+    assert SENTINEL_BROKER_OVERLAYS <= set(OVERLAYS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -637,7 +648,10 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
         validate(doc)
         assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    # With both the cache and the broker from Helm charts, no StatefulSet is left to the manifests.
+    both_charts = overlay in CLUSTER_CACHE_OVERLAYS and overlay in SENTINEL_BROKER_OVERLAYS
+    assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    assert both_charts or "StatefulSet" in kinds
     assert {"ScaledObject", "TriggerAuthentication"} <= kinds
 
 
@@ -724,7 +738,7 @@ def test_no_password_in_manifests(overlay: str) -> None:
                 if key.endswith("-password"):
                     assert value == "", f"{key} is written in a manifest"
             continue
-        for text in re.findall(r"rediss?://[^\s\"']*", json.dumps(doc)):
+        for text in re.findall(r"(?:rediss?|sentinel)://[^\s\"']*", json.dumps(doc)):
             assert "@" not in text, f"{doc['kind']}/{doc['metadata']['name']}: credentials in {text}"
 
 
@@ -774,7 +788,8 @@ def test_scaled_object_follows_the_queue(overlay: str) -> None:
     assert target["name"] == "embq-worker"
 
     trigger, bulk = spec["triggers"]
-    assert trigger["type"] == bulk["type"] == "redis"
+    scaler = "redis-sentinel" if overlay in SENTINEL_BROKER_OVERLAYS else "redis"
+    assert trigger["type"] == bulk["type"] == scaler
     meta = trigger["metadata"]
     assert meta["listName"] == queue_name(worker_model(docs)), "KEDA must watch the lists the workers consume"
     assert bulk["metadata"]["listName"] == queue_name(worker_model(docs), lane=BULK)
@@ -784,19 +799,23 @@ def test_scaled_object_follows_the_queue(overlay: str) -> None:
     assert bulk["authenticationRef"] == trigger["authenticationRef"]
     assert meta["databaseIndex"] == "0"
     assert int(meta["listLength"]) > 0
-    # KEDA connects from its own namespace: the broker's name must carry ours.
-    host, port = meta["address"].rsplit(":", 1)
-    assert host == f"embq-broker.{NAMESPACE}.svc"
-    broker = find(docs, "Service", "embq-broker")
-    assert int(port) in [p["port"] for p in broker["spec"]["ports"]]
+    if overlay in SENTINEL_BROKER_OVERLAYS:
+        # The broker is the chart's, behind Sentinel: test_sentinel_trigger checks where KEDA asks.
+        assert not [d for d in docs if d["metadata"]["name"] == "embq-broker" and d["kind"] != "TriggerAuthentication"]
+    else:
+        # KEDA connects from its own namespace: the broker's name must carry ours.
+        host, port = meta["address"].rsplit(":", 1)
+        assert host == f"embq-broker.{NAMESPACE}.svc"
+        broker = find(docs, "Service", "embq-broker")
+        assert int(port) in [p["port"] for p in broker["spec"]["ports"]]
 
-    auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    (ref,) = auth["spec"]["secretTargetRef"]
-    assert (ref["parameter"], ref["name"], ref["key"]) == ("password", "embq-redis", "broker-password")
-    assert secret_ref(container(find(docs, "StatefulSet", "embq-broker")), "REDIS_PASSWORD") == (
-        "embq-redis",
-        "broker-password",
-    ), "KEDA authenticates with the password the broker requires"
+        auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        (ref,) = auth["spec"]["secretTargetRef"]
+        assert (ref["parameter"], ref["name"], ref["key"]) == ("password", "embq-redis", "broker-password")
+        assert secret_ref(container(find(docs, "StatefulSet", "embq-broker")), "REDIS_PASSWORD") == (
+            "embq-redis",
+            "broker-password",
+        ), "KEDA authenticates with the password the broker requires"
 
     # KEDA's own bounds check: min <= max, and idle (when set) below min.
     low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
@@ -821,15 +840,20 @@ def test_base_renders_validates_and_keeps_one_worker() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_redis(overlay: str) -> None:
     docs = render(f"overlays/{overlay}")
-    broker = find(docs, "StatefulSet", "embq-broker")
-    args = container(broker)["args"]
-    assert args[0] == "redis-server", "args, not command: the image's entrypoint still runs"
-    assert option(args[1:], "maxmemory-policy") == "noeviction"
-    assert option(args[1:], "appendonly") == "yes"
-    (claim,) = broker["spec"]["volumeClaimTemplates"]
-    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container(broker)["volumeMounts"]
-
-    workloads = [("embq-broker", broker)]
+    workloads = []
+    if overlay in SENTINEL_BROKER_OVERLAYS:
+        # The broker is the chart's (test_sentinel_broker_values checks noeviction and the
+        # append-only file there): the one broker Redis must be gone, or tasks would split.
+        assert not [d for d in docs if d["metadata"]["name"] == "embq-broker" and d["kind"] != "TriggerAuthentication"]
+    else:
+        broker = find(docs, "StatefulSet", "embq-broker")
+        args = container(broker)["args"]
+        assert args[0] == "redis-server", "args, not command: the image's entrypoint still runs"
+        assert option(args[1:], "maxmemory-policy") == "noeviction"
+        assert option(args[1:], "appendonly") == "yes"
+        (claim,) = broker["spec"]["volumeClaimTemplates"]
+        assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container(broker)["volumeMounts"]
+        workloads.append(("embq-broker", broker))
     if overlay in CLUSTER_CACHE_OVERLAYS:
         # The cache is the chart's Redis Cluster, installed with Helm (test_cluster_cache_values):
         # the one cache Redis must be gone, or two caches would each miss the other's vectors.
@@ -862,6 +886,13 @@ def test_network_policy_lets_only_embq_reach_redis(overlay: str) -> None:
     gateway = pod_labels(find(docs, "Deployment", "embq-gateway"))
     producer = {"embq.io/producer": "true"}
     stranger = {"app": "something-else"}
+    if overlay in SENTINEL_BROKER_OVERLAYS:
+        # Neither Redis of the base is left: the chart's pods have their own policies
+        # (test_sentinel_broker_network_policy, test_cluster_cache_network_policy), and these two,
+        # which selected only the base's pods, are gone rather than left selecting nothing.
+        names = {d["metadata"]["name"] for d in of_kind(docs, "NetworkPolicy")}
+        assert not names & {"embq-redis", "embq-broker-keda"}
+        return
     # A cluster overlay's cache pods are the chart's, under their own policy
     # (test_cluster_cache_network_policy): this one keeps the broker.
     names = ("embq-broker",) if overlay in CLUSTER_CACHE_OVERLAYS else ("embq-broker", "embq-cache")
@@ -1006,12 +1037,12 @@ def redis_conf(text: str) -> dict[str, str]:
     return {words[0].lower(): words[1].strip() if len(words) > 1 else "" for words in lines}
 
 
-def helm_installs(text: str) -> list[list[str]]:
-    """The words of each ``helm install`` of the chart redis-cluster in a file, continuation lines (and
-    their comment marks) joined."""
+def helm_installs(text: str, chart: str = "redis-cluster") -> list[list[str]]:
+    """The words of each ``helm install`` of the chart (redis-cluster unless told) in a file,
+    continuation lines (and their comment marks) joined."""
     text = re.sub(r"\\\n\s*#?", " ", text)
     commands = [line.split("#", 1)[0].split() for line in re.findall(r"helm install [^\n]*", text)]
-    return [words for words in commands if any(word.endswith("/redis-cluster") for word in words)]
+    return [words for words in commands if any(word.endswith(f"/{chart}") for word in words)]
 
 
 def word_after(words: list[str], flag: str) -> str:
@@ -1019,7 +1050,8 @@ def word_after(words: list[str], flag: str) -> str:
     return words[words.index(flag) + 1]
 
 
-@pytest.mark.parametrize("overlay", sorted(CLUSTER_CACHE_OVERLAYS))
+# ha-redis builds on cluster-cache and changes the broker too: test_ha_redis_overlay_is_cluster_cache_with_sentinel.
+@pytest.mark.parametrize("overlay", sorted(CLUSTER_CACHE_OVERLAYS - SENTINEL_BROKER_OVERLAYS))
 def test_cluster_cache_overlay_is_production_without_the_one_cache(overlay: str) -> None:
     """Workers, gateway, Flower, KEDA: production's, unchanged; embq finds the cluster from the URL alone."""
     ours = {(d["kind"], d["metadata"]["name"]): d for d in render(f"overlays/{overlay}")}
@@ -1111,3 +1143,230 @@ def test_cluster_cache_install_is_documented_alike() -> None:
     assert all(found == [readme] for found in commands.values()), commands
     text = (K8S / "README.md").read_text()
     assert f'cache-url="redis://:$CACHE_PASSWORD@{CLUSTER_SERVICE}:{REDIS_PORT}/0"' in text
+
+
+# --------------------------------------------------------------------------- Kubernetes: the broker behind Sentinel
+
+
+@pytest.mark.parametrize("overlay", sorted(SENTINEL_BROKER_OVERLAYS))
+def test_ha_redis_overlay_is_cluster_cache_with_sentinel(overlay: str) -> None:
+    """Workers, gateway, Flower, the cache's policy: cluster-cache's, unchanged; the broker's objects go."""
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in render(f"overlays/{overlay}")}
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in render("overlays/cluster-cache")}
+    assert set(theirs) - set(ours) == {
+        ("StatefulSet", "embq-broker"),
+        ("Service", "embq-broker"),
+        ("NetworkPolicy", "embq-redis"),
+        ("NetworkPolicy", "embq-broker-keda"),
+    }
+    assert set(ours) - set(theirs) == {("NetworkPolicy", "embq-broker-sentinel")}
+    changed = {key for key in ours.keys() & theirs.keys() if ours[key] != theirs[key]}
+    assert changed == {("ScaledObject", "embq-worker"), ("TriggerAuthentication", "embq-broker")}
+    ours_spec = {k: v for k, v in ours[("ScaledObject", "embq-worker")]["spec"].items() if k != "triggers"}
+    theirs_spec = {k: v for k, v in theirs[("ScaledObject", "embq-worker")]["spec"].items() if k != "triggers"}
+    assert ours_spec == theirs_spec, "only the triggers change: bounds and scale-down stay production's"
+
+
+@pytest.mark.parametrize("overlay", sorted(SENTINEL_BROKER_OVERLAYS))
+def test_sentinel_trigger(overlay: str) -> None:
+    """KEDA asks the chart's sentinels, by names carrying our namespace, for the master the values name,
+    with the Secret's broker password for both the master and the sentinels."""
+    docs = render(f"overlays/{overlay}")
+    base = find(render("base"), "ScaledObject", "embq-worker")["spec"]["triggers"]
+    triggers = find(docs, "ScaledObject", "embq-worker")["spec"]["triggers"]
+    assert [(t["metadata"]["listName"], t["metadata"]["listLength"]) for t in triggers] == [
+        (t["metadata"]["listName"], t["metadata"]["listLength"]) for t in base
+    ], "both lanes' lists, as base/keda.yaml has them"
+    values = load_yaml(SENTINEL_VALUES)
+    nodes = values["replica"]["replicaCount"]
+    headless = f"{SENTINEL_RELEASE}-redis-headless.{NAMESPACE}.svc"
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-sentinel"
+        assert set(meta) == {"addresses", "sentinelMaster", "listName", "listLength", "databaseIndex"}
+        assert meta["sentinelMaster"] == values["sentinel"]["masterSet"] == SENTINEL_MASTER
+        assert meta["addresses"].split(",") == [
+            f"{SENTINEL_RELEASE}-redis-node-{i}.{headless}:{SENTINEL_PORT}" for i in range(nodes)
+        ], "every sentinel, by the chart's pod names"
+        assert meta["databaseIndex"] == "0"
+    auth = find(docs, "TriggerAuthentication", triggers[0]["authenticationRef"]["name"])
+    refs = {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        ("password", "embq-redis", "broker-password"),
+        ("sentinelPassword", "embq-redis", "broker-password"),
+    }
+    assert (values["auth"]["existingSecret"], values["auth"]["existingSecretPasswordKey"]) == (
+        "embq-redis",
+        "broker-password",
+    ), "KEDA authenticates with the password the chart gives the master"
+    assert values["auth"]["sentinel"] is True, "and the sentinels"
+
+
+@pytest.mark.parametrize("overlay", sorted(SENTINEL_BROKER_OVERLAYS))
+def test_sentinel_broker_network_policy(overlay: str) -> None:
+    docs = render(f"overlays/{overlay}")
+    policy = find(docs, "NetworkPolicy", "embq-broker-sentinel")
+    spec = policy["spec"]
+    assert selects(spec["podSelector"], {**SENTINEL_POD_LABELS, "app.kubernetes.io/component": "node"})
+    for workload in [*of_kind(docs, "Deployment"), *of_kind(docs, "StatefulSet")]:
+        assert not selects(spec["podSelector"], pod_labels(workload)), workload["metadata"]["name"]
+    assert not selects(spec["podSelector"], CLUSTER_POD_LABELS), "the cache cluster keeps its own policy"
+    for other in of_kind(docs, "NetworkPolicy"):
+        if other is not policy:
+            assert not selects(other["spec"]["podSelector"], SENTINEL_POD_LABELS), "one policy guards the broker"
+    assert spec["policyTypes"] == ["Ingress"]
+    clients, keda, nodes = spec["ingress"]
+    both = [("TCP", REDIS_PORT), ("TCP", SENTINEL_PORT)]
+    for rule in (clients, keda, nodes):
+        assert sorted((p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]) == both
+
+    peers = clients["from"]
+    assert all(set(p) == {"podSelector"} for p in peers), "same-namespace pods only"
+    readers = [d for d in of_kind(docs, "Deployment") if "EMBQ_BROKER_URL" in env_of(container(d))]
+    assert {d["metadata"]["name"] for d in readers} == {"embq-worker", "embq-gateway", "embq-flower"}
+    for labels in [*(pod_labels(d) for d in readers), {"embq.io/producer": "true"}]:
+        assert any(selects(p["podSelector"], labels) for p in peers), labels
+    assert not any(selects(p["podSelector"], {"app": "something-else"}) for p in peers)
+
+    assert keda["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+            "podSelector": {"matchLabels": {"app": "keda-operator"}},
+        }
+    ]
+    assert nodes["from"] == [{"podSelector": {"matchLabels": SENTINEL_POD_LABELS}}]
+
+
+def test_sentinel_broker_values() -> None:
+    """The chart's values: 1 master + 2 replicas with a sentinel each, the password of the Secret's
+    broker-url, and on every node the broker's rules: never evict, keep an append-only file."""
+    values = load_yaml(SENTINEL_VALUES)
+    assert values["architecture"] == "replication"
+    sentinel = values["sentinel"]
+    assert sentinel["enabled"] is True and sentinel["masterSet"] == SENTINEL_MASTER
+    nodes = values["replica"]["replicaCount"]
+    assert nodes == 3, "with Sentinel the chart's replicaCount counts every node, the master among them"
+    assert nodes // 2 < sentinel["quorum"] <= nodes, "a majority of the sentinels decides"
+    assert 2 * sentinel["downAfterMilliseconds"] / 1000 < FAILOVER_WAIT
+    auth = values["auth"]
+    assert auth["enabled"] is True and "password" not in auth, "no password in the values"
+    conf = redis_conf(values["commonConfiguration"])
+    assert conf["maxmemory-policy"] == "noeviction"
+    assert conf["appendonly"] == "yes"
+    replica = values["replica"]
+    limit = quantity(replica["resources"]["limits"]["memory"])
+    assert 0 < byte_value(conf["maxmemory"]) <= 0.5 * limit, "an append-only rewrite or a resync forks"
+    assert replica["persistence"]["enabled"] is True, "the append-only file outlives the pod"
+    assert values["networkPolicy"]["enabled"] is False, "the chart's policy admits every pod, and policies add up"
+
+
+def test_sentinel_broker_install_is_documented_alike() -> None:
+    files = [K8S / "README.md", SENTINEL_VALUES, K8S / "overlays" / "ha-redis" / "kustomization.yaml"]
+    commands = {path.name: helm_installs(path.read_text(), chart="redis") for path in files}
+    for name, found in commands.items():
+        assert len(found) == 1, f"{name}: {found}"
+    (readme,) = commands["README.md"]
+    assert readme[2] == SENTINEL_RELEASE
+    assert readme[3] == "oci://registry-1.docker.io/bitnamicharts/redis"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", word_after(readme, "--version")), "pin the chart's version"
+    assert word_after(readme, "-n") == NAMESPACE
+    assert (ROOT / word_after(readme, "-f")).resolve() == SENTINEL_VALUES
+    assert all(found == [readme] for found in commands.values()), commands
+
+
+def test_sentinel_broker_url_is_documented_in_embq_form() -> None:
+    """The broker-url k8s/README.md gives: embq's parser reads the chart's sentinels and master from it."""
+    from producer.sentinel import parse
+
+    text = (K8S / "README.md").read_text()
+    urls = set(re.findall(r"sentinel://[^\s\"']*", text))
+    assert urls, "k8s/README.md gives the Sentinel broker-url"
+    headless = f"{SENTINEL_RELEASE}-redis-headless.{NAMESPACE}.svc"
+    for url in urls:
+        found = parse(url.replace("$BROKER_PASSWORD", "secret"))
+        assert found.master == SENTINEL_MASTER and found.db == 0
+        assert found.sentinels == [(f"{SENTINEL_RELEASE}-redis-node-{i}.{headless}", SENTINEL_PORT) for i in range(3)]
+        assert found.password == found.sentinel_password == "secret"
+
+
+# --------------------------------------------------------------------------- compose: the broker behind Sentinel
+
+
+@functools.cache
+def sentinel_compose() -> Doc:
+    return load_yaml(SENTINEL_COMPOSE)
+
+
+def sentinel_nodes() -> dict[str, Doc]:
+    return {n: s for n, s in sentinel_compose()["services"].items() if re.fullmatch(r"sentinel-\d+", n)}
+
+
+def sentinel_script(svc: Doc) -> str:
+    command = svc["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3
+    assert "$" not in command[2].replace("$$", ""), "Compose would interpolate a lone $ before the shell sees it"
+    return command[2].replace("$$", "$")
+
+
+def test_compose_sentinel_brokers_keep_the_queue() -> None:
+    services = sentinel_compose()["services"]
+    for name in ("broker", "broker-replica"):
+        svc = {**compose()["services"].get(name, {}), **services[name]}
+        assert svc["image"] == service("broker")["image"]
+        args = redis_args(svc)
+        assert option(args, "maxmemory-policy") == "noeviction", f"{name}: a replica promoted keeps the rule"
+        assert option(args, "appendonly") == "yes"
+        assert any(str(v).endswith(":/data") for v in svc["volumes"]), f"{name}: the append-only file needs a volume"
+        assert option(args, "replica-announce-ip") == name, "the sentinels hand out names every container resolves"
+    assert option(redis_args(services["broker-replica"]), "replicaof") == f"broker {REDIS_PORT}"
+    assert "replicaof" not in " ".join(redis_args(services["broker"])), "the broker starts as the master"
+
+
+def test_compose_sentinels_watch_the_broker() -> None:
+    nodes = sentinel_nodes()
+    assert len(nodes) == 3, "a majority survives one sentinel lost"
+    for svc in nodes.values():
+        assert svc["image"] == service("broker")["image"]
+        script = sentinel_script(svc)
+        assert f"sentinel monitor {SENTINEL_MASTER} broker {REDIS_PORT} 2" in script
+        assert "sentinel resolve-hostnames yes" in script and "sentinel announce-hostnames yes" in script
+        # Sentinel rewrites its config file (the master it follows after a failover): a writable
+        # one, generated once in the container's volume and kept across restarts.
+        assert "[ -f /data/sentinel.conf ] ||" in script
+        assert script.rstrip().endswith("exec docker-entrypoint.sh redis-server /data/sentinel.conf --sentinel")
+        assert f"redis-cli -p {SENTINEL_PORT} ping" in " ".join(svc["healthcheck"]["test"])
+        assert svc["depends_on"]["broker"]["condition"] == "service_healthy"
+        assert "ports" not in svc, "sentinels hand out container names the host cannot resolve"
+
+
+def test_compose_sentinel_points_embq_at_the_sentinels() -> None:
+    from producer.sentinel import parse
+
+    services = sentinel_compose()["services"]
+    readers = {n for n, s in compose()["services"].items() if "EMBQ_BROKER_URL" in s.get("environment", {})}
+    assert readers
+    for name in sorted(readers):
+        assert name in services, f"{name} reads the broker: the override must point it at the sentinels"
+        svc = services[name]
+        assert set(svc) == {"environment", "depends_on"}, f"{name}: the override changes only the broker"
+        found = parse(svc["environment"]["EMBQ_BROKER_URL"])
+        assert found.master == SENTINEL_MASTER and found.db == 0
+        assert found.sentinels == [(n, SENTINEL_PORT) for n in sentinel_nodes()]
+        for sentinel in sentinel_nodes():
+            assert svc["depends_on"][sentinel]["condition"] == "service_healthy"
+
+
+def test_compose_sentinel_images_are_pinned() -> None:
+    for name, svc in sentinel_compose()["services"].items():
+        if "image" in svc:
+            assert_pinned(svc["image"])
+        else:
+            assert name in compose()["services"], f"{name}: name the image, or compose tags it latest"
+
+
+def test_compose_sentinel_sets_only_variables_embq_reads() -> None:
+    known = embq_env_names()
+    for name, svc in sentinel_compose()["services"].items():
+        for var in svc.get("environment", {}):
+            if var.startswith("EMBQ_"):
+                assert var in known, f"{name}: {var} is read nowhere in producer/ or worker/"
