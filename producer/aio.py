@@ -23,8 +23,8 @@ from redis.cluster import RedisCluster
 from producer import keys
 from producer.backend import aconnect, backend_errors
 from producer.call import Call, before_sending, choose_lane
-from producer.client import run_commands, send_tasks
-from producer.cluster import connect_cluster, look, per_text, read_stream
+from producer.client import on_cache, send_tasks
+from producer.cluster import connect_cluster, read_stream
 from producer.contract import make_celery, signature_dimension
 from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
 from producer.errors import EmbqError
@@ -215,8 +215,8 @@ class AsyncDriver:
     async def execute(self, op: Op) -> Any:
         if isinstance(op, PerText | Look | Read) or (isinstance(op, Redis) and op.target == "cache"):
             await self._look_at_cache()
-            if self.cluster is not None:
-                return await asyncio.to_thread(self._on_cluster, self.cluster, op)
+            if self.cluster is not None and not isinstance(op, Read):
+                return await asyncio.to_thread(on_cache, self.cluster, op)
         if isinstance(op, PerText | Look):
             replies = await self._redis(op.on_one_redis())
             return replies[0] if replies else []
@@ -250,26 +250,15 @@ class AsyncDriver:
                     await client.script_load(source)
         raise AssertionError("unreachable")
 
-    def _on_cluster(self, cluster: RedisCluster, op: Redis | PerText | Look | Read) -> Any:
-        if isinstance(op, PerText):
-            return per_text(cluster, op.name, op.args, op.digests)
-        if isinstance(op, Look):
-            return look(cluster, op.digests)
-        if isinstance(op, Redis):
-            return run_commands(cluster, op)
-        block = 0.0 if self.core.inbox or self.core.closing else op.block  # read in a thread: a new call pokes it
-        self.core.reading = block > 0
-        try:
-            wait_ms = max(1, int(block * 1000)) if block else None
-            return read_stream(cluster, self.core.reply, op.last_id, NOTICES_PER_READ, wait_ms)
-        finally:
-            self.core.reading = self.woken = False
-
     async def _read(self, op: Read) -> Any:
         block = 0.0 if self.core.inbox or self.core.closing else op.block
         self.core.reading = block > 0
         try:
             wait_ms = max(1, int(block * 1000)) if block else None
+            if self.cluster is not None:  # in a thread: a new call wakes it with an entry, as on one Redis
+                return await asyncio.to_thread(
+                    read_stream, self.cluster, self.core.reply, op.last_id, NOTICES_PER_READ, wait_ms
+                )
             return await self.cache.xread({self.core.reply: op.last_id}, count=NOTICES_PER_READ, block=wait_ms)
         finally:
             self.core.reading = self.woken = False

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import redis
 from celery import Celery
+from redis.cluster import RedisCluster
 
 from producer import keys
 from producer.backend import backend_errors, connect
 from producer.call import Call, before_sending, choose_lane
-from producer.cluster import CacheClient, connect_cache, look, per_text, read_stream
+from producer.cluster import CacheClient, claim, connect_cache, look, read_stream, release
 from producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
 from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
 from producer.errors import EmbqError
@@ -264,10 +265,8 @@ class ThreadDriver:
     def execute(self, op: Op) -> Any:
         if isinstance(op, Redis):
             return self._redis(op)
-        if isinstance(op, PerText):
-            return per_text(self.cache, op.name, op.args, op.digests)
-        if isinstance(op, Look):
-            return look(self.cache, op.digests)
+        if isinstance(op, PerText | Look):
+            return on_cache(self.cache, op)
         if isinstance(op, Read):
             return self._read(op)
         if isinstance(op, Send):
@@ -302,6 +301,20 @@ class ThreadDriver:
         if self._celery is None:
             self._celery = make_celery(self.settings)
         return self._celery
+
+
+def on_cache(client: CacheClient, op: Redis | PerText | Look) -> Any:
+    """A cache op with redis-py's blocking client: one round trip on one Redis, one per node on a cluster."""
+    if isinstance(op, Redis):
+        return run_commands(client, op)
+    if not isinstance(client, RedisCluster):
+        replies = run_commands(client, op.on_one_redis())
+        return replies[0] if replies else []
+    if isinstance(op, Look):
+        return look(client, op.digests)
+    if op.name == "claim":
+        return claim(client, op.args, op.digests)
+    return release(client, op.args[0], op.digests)
 
 
 def run_commands(client: CacheClient, op: Redis) -> list[Any]:

@@ -273,13 +273,3 @@ def read_stream(client: CacheClient, stream: str, last_id: Any, count: int, bloc
         return [node.xread({stream: last_id}, count=count, block=block_ms)]
 
     return per_node(client, [stream], read)[0]
-
-
-def per_text(client: CacheClient, name: str, args: list[Any], digests: Sequence[str]) -> Any:
-    """Script ``name`` ("claim" or "release") with ARGV ``args`` then ``digests``: one call on one Redis,
-    one per node on a cluster."""
-    if name == "release":
-        return release(client, args[0], digests)
-    if isinstance(client, RedisCluster):
-        return claim(client, args, digests)
-    return _evalsha(client, protocol.CLAIM, [*args, "".join(digests)])

@@ -84,7 +84,7 @@ class Redis:
 class PerText:
     """Run ``producer.protocol``'s script ``name`` ("claim", "release") over ``digests`` in the cache, ARGV
     ``args`` then the digests end to end: one round trip on one Redis, one per node on a cluster
-    (``producer.cluster.per_text``). Returns the script's reply over all of ``digests``."""
+    (``producer.client.on_cache``). Returns the script's reply over all of ``digests``."""
 
     name: str
     args: list[Any]
