@@ -116,13 +116,17 @@ def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: red
     make_client().embed([f"ttl {i}" for i in range(50)], timeout=60)
     with pytest.raises(EmbqTimeoutError):  # leaves a queued task for a model nobody serves (not checked: grace 0)
         make_client(model="hash/nobody", unknown_model_grace=0).embed(["queued"], timeout=0.5)
-    values = [r.get(k) for k in r.scan_iter(match=keys.VECTOR + "*")]
+    # The timed-out call's claim is released by its client's dispatcher just after the call raises: a key
+    # found by SCAN may be gone by its GET.
+    values = [v for v in (r.get(k) for k in r.scan_iter(match=keys.VECTOR + "*")) if v is not None]
     assert sum(1 for v in values if not v.startswith(CLAIM_PREFIX)) == 50
     assert sum(1 for v in values if v.startswith(CLAIM_PREFIX)) == 0  # released at the timeout: nobody waits
     cache_ttl = 30 * 24 * 3600
     for key in r.scan_iter():
         name = key.decode()
         ttl = r.ttl(key)
+        if ttl == -2:  # gone since the SCAN (a released claim, an expired liveness key)
+            continue
         if name.startswith(("_kombu", "unacked", keys.QUEUE_PREFIX)) and name != "unacked_mutex":
             assert ttl == -1, f"broker key {name} must not expire (ttl {ttl})"
         else:
