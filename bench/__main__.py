@@ -17,9 +17,9 @@ import numpy as np
 from bench import stack
 from bench.queue_cost import million, queue_cost
 from bench.workloads import DIRECT, FULL, QUICK, Row, Rows, Sizes, cache_hits, etl_bulk, many_small_producers, scaling
-from worker.engines.sentence_transformers import resolve_model_path
-from worker.local import LocalRedis
-from worker.settings import WorkerSettings
+from embq.worker.engines.sentence_transformers import resolve_model_path
+from embq.worker.local import LocalRedis
+from embq.worker.settings import WorkerSettings
 
 log = logging.getLogger("bench")
 

@@ -30,10 +30,10 @@ import psutil
 from redis.cluster import RedisCluster
 
 from bench.texts import make_texts
-from producer import EmbeddingClient, Settings, keys, protocol
-from producer.cluster import claim
+from embq.producer import EmbeddingClient, Settings, keys, protocol
+from embq.producer.cluster import claim
+from embq.worker.local import LocalRedis, LocalWorker
 from tests.topology import LocalCluster
-from worker.local import LocalRedis, LocalWorker
 
 MODEL = "hash/bench-cluster"
 SHORT_WORDS = 12

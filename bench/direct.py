@@ -28,8 +28,8 @@ import numpy as np
 
 from bench import stack
 from bench.texts import MINILM, make_texts
-from producer import EmbeddingClient, Settings
-from worker.local import LocalRedis
+from embq.producer import EmbeddingClient, Settings
+from embq.worker.local import LocalRedis
 
 log = logging.getLogger("bench.direct")
 
@@ -94,7 +94,7 @@ def compare(
     """The comparison, on a private Redis and one worker of ``model`` on ``device``."""
     from sentence_transformers import SentenceTransformer
 
-    from worker.engines.sentence_transformers import resolve_model_path
+    from embq.worker.engines.sentence_transformers import resolve_model_path
 
     path = resolve_model_path(model)
     direct = SentenceTransformer(path, device=device)

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import numpy as np
 
-from producer import EmbeddingClient, Settings
-from worker.local import LocalGateway, LocalRedis, LocalWorker
+from embq.producer import EmbeddingClient, Settings
+from embq.worker.local import LocalGateway, LocalRedis, LocalWorker
 
 MODEL = "hash/bench"
 KEY = "bench-key"

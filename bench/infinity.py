@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.local import free_port
+from embq.worker.local import free_port
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 def local_model_dir(model: str = MINILM) -> Path:
     """The local directory embq loads ``model`` from, so that both sides serve the very same files."""
-    from worker.engines.sentence_transformers import resolve_model_path
+    from embq.worker.engines.sentence_transformers import resolve_model_path
 
     path = Path(resolve_model_path(model))
     if not path.is_dir():

@@ -28,8 +28,8 @@ import numpy as np
 
 from bench import stack
 from bench.texts import MINILM, make_texts
-from producer import EmbeddingClient
-from worker.local import LocalRedis
+from embq.producer import EmbeddingClient
+from embq.worker.local import LocalRedis
 
 log = logging.getLogger("bench.lanes")
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def backfill(redis_url: str, rows: list[str], work: Path, name: str) -> float:
     env = {**os.environ, "EMBQ_REDIS_URL": redis_url, "EMBQ_MODEL": MINILM, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
     subprocess.run(
-        [sys.executable, "-m", "worker", "embed", str(source), "-o", str(work / f"{name}.npy"), "--no-progress", "-q"],
+        [sys.executable, "-m", "embq", "embed", str(source), "-o", str(work / f"{name}.npy"), "--no-progress", "-q"],
         env=env,
         check=True,
         cwd=ROOT,

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.engines import Engine, create_engine
+from embq.worker.engines import Engine, create_engine
 
 QUEUE = "bench.naive"
 

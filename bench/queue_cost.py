@@ -25,8 +25,8 @@ import redis
 from bench import stack
 from bench.texts import make_texts
 from bench.workloads import DIRECT, Rows
-from producer import EmbeddingClient, Settings
-from worker.engines.hash import HashEngine
+from embq.producer import EmbeddingClient, Settings
+from embq.worker.engines.hash import HashEngine
 
 #: Texts of the CPU-per-text measurement, and their length.
 COST_TEXTS, SHORT_WORDS = 30_000, 12

@@ -1,5 +1,5 @@
 """CPU per text in a worker's own process around the real SGLang engine: hosted in the worker's process,
-or in a host process of its own (the worker's way, ``worker.engines.sglang_host``).
+or in a host process of its own (the worker's way, ``embq.worker.engines.sglang_host``).
 
 Run with the SGLang test environment (``python -m tests.sglang_cpu.environment``
 builds it): ``.venv-sglang/bin/python -m bench.sglang_tokenizer``. Both ways run
@@ -23,9 +23,9 @@ from typing import Any
 import psutil
 
 from bench.texts import make_texts
+from embq.worker.engines.sglang import SGLangEngine
+from embq.worker.engines.sglang_host import SGLangHostEngine
 from tests.sglang_cpu.model import build_model
-from worker.engines.sglang import SGLangEngine
-from worker.engines.sglang_host import SGLangHostEngine
 
 ENGINE_CLASS = "tests.sglang_cpu.engine:CpuSchedulerEngine"
 #: What SGLang's scheduler and detokenizer processes are named (``sglang::scheduler``, ...).

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.naive import QUEUE as NAIVE_QUEUE
 from bench.texts import MINILM
-from producer import EmbeddingClient, Settings, keys
-from worker.engines import Engine, create_engine
-from worker.local import LocalWorker, free_port, stop_process
+from embq.producer import EmbeddingClient, Settings, keys
+from embq.worker.engines import Engine, create_engine
+from embq.worker.local import LocalWorker, free_port, stop_process
 
 #: The model each engine serves in the benchmarks (the hash engine's ids start with ``hash/``).
 MODELS = {"sentence-transformers": MINILM, "hash": "hash/bench"}

@@ -11,7 +11,7 @@ import random
 from functools import cache
 from pathlib import Path
 
-from worker.engines.sentence_transformers import resolve_model_path
+from embq.worker.engines.sentence_transformers import resolve_model_path
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

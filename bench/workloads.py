@@ -13,9 +13,9 @@ import redis
 
 from bench import stack
 from bench.texts import make_texts
-from producer import EmbeddingClient, Settings, keys
-from producer.codec import pack
-from worker.engines import Engine
+from embq.producer import EmbeddingClient, Settings, keys
+from embq.producer.codec import pack
+from embq.worker.engines import Engine
 
 #: Threads of the "many small producers" workload, each sending one text per call.
 SMALL_PRODUCERS = 64

@@ -1,8 +1,8 @@
 """embq's client library and the contract its workers share. Light: no torch, no engines."""
 
-from producer.aio import AsyncEmbeddingClient
-from producer.client import EmbeddingClient
-from producer.errors import (
+from embq.producer.aio import AsyncEmbeddingClient
+from embq.producer.client import EmbeddingClient
+from embq.producer.errors import (
     BackendUnavailableError,
     ConfigurationError,
     EmbqError,
@@ -12,8 +12,8 @@ from producer.errors import (
     ItemFailedError,
     ModelNotServedError,
 )
-from producer.settings import Settings
-from producer.stream import EmbedStream
+from embq.producer.settings import Settings
+from embq.producer.stream import EmbedStream
 
 __all__ = [
     "AsyncEmbeddingClient",

@@ -20,16 +20,16 @@ import redis.asyncio
 from celery import Celery
 from redis.cluster import RedisCluster
 
-from producer import keys
-from producer.backend import aconnect, backend_errors
-from producer.call import Call, before_sending, choose_lane
-from producer.client import on_cache, send_tasks
-from producer.cluster import connect_cluster, read_stream
-from producer.contract import make_celery, signature_dimension
-from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
-from producer.errors import EmbqError
-from producer.settings import Settings
-from producer.validation import validate_options, validate_texts
+from embq.producer import keys
+from embq.producer.backend import aconnect, backend_errors
+from embq.producer.call import Call, before_sending, choose_lane
+from embq.producer.client import on_cache, send_tasks
+from embq.producer.cluster import connect_cluster, read_stream
+from embq.producer.contract import make_celery, signature_dimension
+from embq.producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
+from embq.producer.errors import EmbqError
+from embq.producer.settings import Settings
+from embq.producer.validation import validate_options, validate_texts
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class AsyncDriver:
         self.cache = aconnect(settings.cache)
         self.broker = aconnect(settings.broker)
         #: On a Redis Cluster (found out at the first use), the cache's work runs in threads with
-        #: redis-py's cluster client, whose per-node scripts (``producer.cluster``) have no asyncio twin.
+        #: redis-py's cluster client, whose per-node scripts (``embq.producer.cluster``) have no asyncio twin.
         self.cluster: RedisCluster | None = None
         self.looked_at_cache = False
         self.arrived = asyncio.Event()

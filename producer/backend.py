@@ -19,8 +19,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
-from producer import sentinel
-from producer.errors import BackendUnavailableError
+from embq.producer import sentinel
+from embq.producer.errors import BackendUnavailableError
 
 BACKEND_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.RedisError,
@@ -131,7 +131,7 @@ COMMAND_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).en
 
 def connect(url: str) -> redis.Redis:
     """A pooled client; it connects on first use. Binary replies: vectors are bytes. A ``sentinel://``
-    URL gives a client of its current master (``producer.sentinel``)."""
+    URL gives a client of its current master (``embq.producer.sentinel``)."""
     tcp: dict[str, Any] = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
     options: dict[str, Any] = {
         "health_check_interval": 30,

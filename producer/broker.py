@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from producer.contract import root_task_id
+from embq.producer.contract import root_task_id
 
 #: Kombu's defaults: the hash of delivered, unacked messages, and the separator
 #: and steps of its per-priority queue lists (``queue``, ``queue\x06\x163``, ...).

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from producer import keys, metrics
-from producer.codec import normalize_rows
-from producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
-from producer.settings import Settings
+from embq.producer import keys, metrics
+from embq.producer.codec import normalize_rows
+from embq.producer.errors import EmbqTimeoutError, InvalidInputError, ItemFailedError
+from embq.producer.settings import Settings
 
 
 class Call:

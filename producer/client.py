@@ -15,16 +15,16 @@ import redis
 from celery import Celery
 from redis.cluster import RedisCluster
 
-from producer import keys
-from producer.backend import backend_errors, connect
-from producer.call import Call, before_sending, choose_lane
-from producer.cluster import CacheClient, claim, connect_cache, look, read_stream, release
-from producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
-from producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
-from producer.errors import EmbqError
-from producer.settings import Settings
-from producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW, EmbedStream, Failures
-from producer.validation import validate_options, validate_texts
+from embq.producer import keys
+from embq.producer.backend import backend_errors, connect
+from embq.producer.call import Call, before_sending, choose_lane
+from embq.producer.cluster import CacheClient, claim, connect_cache, look, read_stream, release
+from embq.producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
+from embq.producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
+from embq.producer.errors import EmbqError
+from embq.producer.settings import Settings
+from embq.producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW, EmbedStream, Failures
+from embq.producer.validation import validate_options, validate_texts
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ThreadDriver:
         self.before_first_task = before_first_task
         self.pid = os.getpid()
         self.core = Dispatcher(settings, check_served=before_first_task is None)
-        #: Connected at the first use, when the cache says whether it is a cluster (``producer.cluster``).
+        #: Connected at the first use, when the cache says whether it is a cluster (``embq.producer.cluster``).
         self._cache: CacheClient | None = None
         self._connecting = threading.Lock()
         self.broker = connect(settings.broker)

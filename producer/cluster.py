@@ -2,7 +2,7 @@
 
 On a cluster the texts of a batch spread over every master, and one script
 may only touch the keys of its own node. So the per-text work of
-``producer.protocol`` (CLAIM, RELEASE, the reads of cached vectors) runs as one
+``embq.producer.protocol`` (CLAIM, RELEASE, the reads of cached vectors) runs as one
 script call per node over the texts of that node's slots: a round trip per node
 per batch, never one per text. Only the liveness of claims' owners lives on
 other nodes: CLAIM answers ``{owner}`` for a claim whose owner it cannot judge,
@@ -31,8 +31,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from producer import keys, protocol
-from producer.backend import COMMAND_PACKER, RETRIES, ConnectionRetry, connect, connect_once
+from embq.producer import keys, protocol
+from embq.producer.backend import COMMAND_PACKER, RETRIES, ConnectionRetry, connect, connect_once
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def cluster_enabled(client: redis.Redis) -> bool:
 
 def connect_cache(url: str) -> CacheClient:
     """A client of the cache at ``url``: the whole cluster when that Redis is a node of one. It asks
-    the Redis (with ``producer.backend.connect``'s retries), so it raises redis' errors when none answers."""
+    the Redis (with ``embq.producer.backend.connect``'s retries), so it raises redis' errors when none answers."""
     single = connect(url)
     if not cluster_enabled(single):
         return single
@@ -93,7 +93,7 @@ def connect_cluster(url: str) -> RedisCluster:
 
 
 def connect_cache_once(url: str, timeout: float = 5.0) -> CacheClient:
-    """``producer.backend.connect_once`` for the cache: no retries, ``timeout`` seconds a command."""
+    """``embq.producer.backend.connect_once`` for the cache: no retries, ``timeout`` seconds a command."""
     single = connect_once(url, timeout)
     if not cluster_enabled(single):
         return single

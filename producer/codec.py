@@ -6,7 +6,7 @@ reject a value of the wrong size or kind without knowing the model; anything
 that does not check out reads as a miss.
 
 A value must also be one the model could have made: every engine returns
-unit vectors (``worker.engines.Engine``), so a vector whose length is not 1
+unit vectors (``embq.worker.engines.Engine``), so a vector whose length is not 1
 (a zero vector, huge or non-finite floats) is a miss, and so is one of another
 dimension than the model's when the reader knows it (the signature its workers
 store). A miss is computed again and its key overwritten.
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"EQ"
 VERSION = 1
-#: A key whose vector is being computed holds a claim (``producer.protocol``): this header, version 0.
+#: A key whose vector is being computed holds a claim (``embq.producer.protocol``): this header, version 0.
 CLAIM_PREFIX = MAGIC + b"\x00"
 HEADER = struct.Struct("<2sBBI")
 DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}

@@ -11,9 +11,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from celery import Celery
 from celery.app.amqp import AMQP
 
-from producer import keys, sentinel
-from producer.backend import RedactedConnection
-from producer.settings import TASK_TEXTS_LIMIT, Settings
+from embq.producer import keys, sentinel
+from embq.producer.backend import RedactedConnection
+from embq.producer.settings import TASK_TEXTS_LIMIT, Settings
 
 #: The one task embq sends: embed a batch of texts into the cache.
 TASK_EMBED = "embq.embed"
@@ -81,7 +81,7 @@ def payload_queue(payload: EmbedPayload) -> str:
 
 def signature_dimension(raw: bytes | str | None) -> int | None:
     """A model's dimension, from the engine signature its workers store at ``keys.signature_key``
-    (JSON written by ``worker.signature``); None when no worker has told it yet."""
+    (JSON written by ``embq.worker.signature``); None when no worker has told it yet."""
     try:
         dim = json.loads(raw)["dim"] if raw else None
     except (ValueError, TypeError, KeyError):
@@ -146,7 +146,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         # Publishing rides out a broker restart or failover of ~10 s, as every other command of embq's does
-        # (``producer.backend.RETRIES``); Celery's default gives up after 0.6 s.
+        # (``embq.producer.backend.RETRIES``); Celery's default gives up after 0.6 s.
         "task_publish_retry_policy": publish_retry,
         # No pickle anywhere: a pickled message is refused, not executed.
         "task_serializer": "msgpack",

@@ -2,8 +2,8 @@
 
 ``Dispatcher.run`` is a generator: it yields what to do (an ``Op``: run a
 script, send tasks, read the reply stream, wait for a call) and receives the
-result, or the exception, from a driver (``producer.client`` runs it in a
-thread with redis-py, ``producer.aio`` in a task with redis-py's asyncio API).
+result, or the exception, from a driver (``embq.producer.client`` runs it in a
+thread with redis-py, ``embq.producer.aio`` in a task with redis-py's asyncio API).
 All of the protocol lives here, none of the I/O.
 
 One dispatcher serves every call of its client, so concurrent calls share its
@@ -37,16 +37,16 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from producer import keys, protocol
-from producer.backend import BACKEND_ERRORS, redact, redis_reason
-from producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
-from producer.call import Call
-from producer.codec import unpack_concat, unpack_many
-from producer.contract import EmbedPayload, make_payload, root_task_id, signature_dimension
-from producer.errors import BackendUnavailableError, EmbqError, ModelNotServedError
-from producer.keys import BULK, INTERACTIVE
-from producer.pending import OURS, THEIRS, Pending
-from producer.settings import Settings
+from embq.producer import keys, protocol
+from embq.producer.backend import BACKEND_ERRORS, redact, redis_reason
+from embq.producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
+from embq.producer.call import Call
+from embq.producer.codec import unpack_concat, unpack_many
+from embq.producer.contract import EmbedPayload, make_payload, root_task_id, signature_dimension
+from embq.producer.errors import BackendUnavailableError, EmbqError, ModelNotServedError
+from embq.producer.keys import BULK, INTERACTIVE
+from embq.producer.pending import OURS, THEIRS, Pending
+from embq.producer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class Redis:
 
 @dataclass(frozen=True)
 class PerText:
-    """Run ``producer.protocol``'s script ``name`` ("claim", "release") over ``digests`` in the cache, ARGV
+    """Run ``embq.producer.protocol``'s script ``name`` ("claim", "release") over ``digests`` in the cache, ARGV
     ``args`` then the digests end to end: one round trip on one Redis, one per node on a cluster
-    (``producer.client.on_cache``). Returns the script's reply over all of ``digests``."""
+    (``embq.producer.client.on_cache``). Returns the script's reply over all of ``digests``."""
 
     name: str
     args: list[Any]
@@ -627,7 +627,7 @@ class Dispatcher:
         return [d for d in self.tasks[task_id] if self.entries.carried_by(d, task_id)]
 
     def _resend_lost(self) -> Generator[Op, Any, None]:
-        """Send again the texts of tasks the broker held at neither of two ticks (see ``producer.broker``).
+        """Send again the texts of tasks the broker held at neither of two ticks (see ``embq.producer.broker``).
 
         Two looks apart, because a task is briefly in neither place while a worker
         moves it from the queue to its unacked hash; a task finished meanwhile has
@@ -742,7 +742,7 @@ class Dispatcher:
             log.info("could not close the reply stream (%s); it expires by itself", e)
 
 
-#: What a producer reads of a worker's heartbeat (``worker.heartbeat``); ``model`` first.
+#: What a producer reads of a worker's heartbeat (``embq.worker.heartbeat``); ``model`` first.
 WORKER_FIELDS = ("model", "namespace", "ready", "speed", "texts")
 
 

@@ -43,7 +43,7 @@ key                        type        TTL                  written by          
 the hash tag, so that a text's watch set shares its slot on a Redis Cluster.
 
 The scripts that read and write these keys, and why one call per batch is
-enough to compute each text once, are in ``producer.protocol``.
+enough to compute each text once, are in ``embq.producer.protocol``.
 
 ``digest`` is the hex blake2b-256 of everything that changes a vector: model id,
 cache namespace, instruction and the exact text, each length-prefixed so that no
@@ -61,7 +61,7 @@ kind for 30 days. embq could have put the engine into the digest instead, but
 producers do not know which engine serves a model (that is the point of the
 queue), and a different checkpoint or dimension under one engine name would
 still collide. So a worker whose vectors cannot match the cached ones refuses
-to start. What produces the vectors is its *signature* (``worker.signature``):
+to start. What produces the vectors is its *signature* (``embq.worker.signature``):
 the engine, the dimension, a fingerprint of the checkpoint (the hash of its
 configuration and tokenizer files and of its weights' names and sizes, plus
 options that change what it computes, such as quantisation or random weights),
@@ -91,7 +91,7 @@ QUEUE_PREFIX = f"{PREFIX}."
 #: Separates a queue's model from its cache namespace; neither may contain it.
 QUEUE_NAMESPACE_SEPARATOR = "@"
 #: Model ids of the ``hash`` engine's pseudo-vectors begin with this, and only theirs do: a hash
-#: worker can then never serve a real model's queue nor write under its keys (``worker.settings``).
+#: worker can then never serve a real model's queue nor write under its keys (``embq.worker.settings``).
 HASH_MODEL_PREFIX = "hash/"
 #: The hash engine's model when none is named.
 HASH_DEFAULT_MODEL = HASH_MODEL_PREFIX + "default"

@@ -2,7 +2,7 @@
 
 Needs the extra ``embq[langchain]`` (``langchain-core``)::
 
-    from producer.langchain import EmbqEmbeddings
+    from embq.producer.langchain import EmbqEmbeddings
 
     embeddings = EmbqEmbeddings(model="Qwen/Qwen3-Embedding-4B", redis_url="redis://localhost:6379/0",
                                 query_instruction="Given a web search query, retrieve relevant passages")
@@ -17,11 +17,11 @@ import asyncio
 try:
     from langchain_core.embeddings import Embeddings
 except ImportError as e:  # pragma: no cover - the message is the point
-    raise ImportError(f"producer.langchain needs langchain-core: pip install 'embq[langchain]' ({e})") from e
+    raise ImportError(f"embq.producer.langchain needs langchain-core: pip install 'embq[langchain]' ({e})") from e
 
-from producer.aio import AsyncEmbeddingClient
-from producer.client import EmbeddingClient
-from producer.keys import INTERACTIVE
+from embq.producer.aio import AsyncEmbeddingClient
+from embq.producer.client import EmbeddingClient
+from embq.producer.keys import INTERACTIVE
 
 __all__ = ["EmbqEmbeddings"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from producer.call import Call
-from producer.keys import BULK
+from embq.producer.call import Call
+from embq.producer.keys import BULK
 
 #: Who computes a text.
 NEW, OURS, THEIRS = 0, 1, 2

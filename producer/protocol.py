@@ -23,7 +23,7 @@ claimed by exactly one producer, or free, and every change wakes whoever waits:
   producer process, renewed every tick, not one renewal per text. A claim whose
   owner is not alive is taken over by the next producer that meets it.
 
-Keys touched (all in the cache Redis; see ``producer.keys`` for the full table):
+Keys touched (all in the cache Redis; see ``embq.producer.keys`` for the full table):
 
 =========================  ======  ==============================================
 key                        type    CLAIM / RELEASE / worker's store
@@ -41,7 +41,7 @@ key                        type    CLAIM / RELEASE / worker's store
 tag, so that both share a slot on a Redis Cluster.)
 
 Scripts build key names from digests themselves. On one Redis a call covers
-a whole batch; on a Redis Cluster ``producer.cluster`` runs the ``*_ON_NODE``
+a whole batch; on a Redis Cluster ``embq.producer.cluster`` runs the ``*_ON_NODE``
 variants once per node over the texts of that node's slots.
 """
 
@@ -52,8 +52,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from producer import keys
-from producer.codec import CLAIM_PREFIX
+from embq.producer import keys
+from embq.producer.codec import CLAIM_PREFIX
 
 #: CLAIM reply codes for a text that is not cached.
 WATCHING = 0  # claimed by another live producer: we watch it
@@ -192,7 +192,7 @@ return out
 
 
 CLAIM = _claim(cluster=False)
-#: CLAIM for one node of a Redis Cluster (``producer.cluster``): stats '' (the caller counts).
+#: CLAIM for one node of a Redis Cluster (``embq.producer.cluster``): stats '' (the caller counts).
 CLAIM_ON_NODE = _claim(cluster=True)
 
 #: The values of the texts' keys (ARGV[1]: digests end to end), on one node of a Redis Cluster,
@@ -257,7 +257,7 @@ def notice_fields(
     task: str = "",
 ) -> dict[str, bytes | memoryview]:
     """What lands in a producer's reply stream, as stream fields: ``d`` the digests done, end to end,
-    ``v`` their packed values in the same order (each as ``producer.codec.pack`` makes it), ``f`` the
+    ``v`` their packed values in the same order (each as ``embq.producer.codec.pack`` makes it), ``f`` the
     digests failed with why (msgpack), ``r`` the digests whose claim was released (whoever waits for
     them claims them again), ``t`` the task that did the work (a failure counts only if it comes from
     the task its producer waits for: an earlier, abandoned task may fail after the text was sent again)."""

@@ -15,12 +15,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from producer import keys, sentinel
-from producer.errors import ConfigurationError
+from embq.producer import keys, sentinel
+from embq.producer.errors import ConfigurationError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
-#: Workers refuse tasks of more texts (``producer.contract.MAX_TASK_TEXTS``).
+#: Workers refuse tasks of more texts (``embq.producer.contract.MAX_TASK_TEXTS``).
 TASK_TEXTS_LIMIT = 4096
 
 T = TypeVar("T")

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from producer import keys
-from producer.call import Call, choose_lane
-from producer.errors import InvalidInputError, ItemFailedError
-from producer.validation import validate_options, validate_texts
+from embq.producer import keys
+from embq.producer.call import Call, choose_lane
+from embq.producer.errors import InvalidInputError, ItemFailedError
+from embq.producer.validation import validate_options, validate_texts
 
 if TYPE_CHECKING:
-    from producer.client import EmbeddingClient
+    from embq.producer.client import EmbeddingClient
 
 #: Texts per chunk when the caller does not say.
 DEFAULT_BATCH = 2048

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from producer.errors import InvalidInputError
+from embq.producer.errors import InvalidInputError
 
 #: Offending items named in the message itself; all of them are in ``problems``.
 SHOWN_PROBLEMS = 5

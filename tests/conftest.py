@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, Settings, keys
-from worker.local import LocalRedis, LocalWorker
+from embq.producer import EmbeddingClient, Settings, keys
+from embq.worker.local import LocalRedis, LocalWorker
 
 HASH_MODEL = "hash/test"
 

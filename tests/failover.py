@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from producer import EmbeddingClient
-from worker.engines.hash import hash_vector
-from worker.local import LocalWorker
+from embq.producer import EmbeddingClient
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalWorker
 
 
 def expected(texts: list[str]) -> np.ndarray:

@@ -26,7 +26,7 @@ def embq(
     *args: str, env: dict[str, str], timeout: float = 300, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, "-m", "embq", *args],
         env=env,
         input=stdin,
         capture_output=True,

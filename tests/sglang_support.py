@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embq.worker.local import LocalWorker
 from tests.sglang_cpu import environment, model
-from worker.local import LocalWorker
 
 ROOT = environment.ROOT
 #: The context every test worker is started with (``EMBQ_CONTEXT_LENGTH``).

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from worker.batcher import Batcher, BatcherStopped
-from worker.engines import EngineDead, EngineItemErrors
-from worker.engines.hash import HashEngine, hash_vector
+from embq.worker.batcher import Batcher, BatcherStopped
+from embq.worker.engines import EngineDead, EngineItemErrors
+from embq.worker.engines.hash import HashEngine, hash_vector
 
 
 class ObservedEngine(HashEngine):

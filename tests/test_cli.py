@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer import EmbeddingClient
+from embq.producer import EmbeddingClient
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import wait_until
 from tests.conftest import HASH_MODEL, alive
 from tests.sglang_support import SGLangCpu
-from worker.engines.hash import hash_vector
-from worker.local import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample.txt"
@@ -30,7 +30,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def embq(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, "-m", "embq", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
 
 
@@ -38,8 +38,8 @@ def embq(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.Co
 def test_embed_on_embedded_defaults_matches_the_model_and_leaves_nothing_running(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from producer.settings import DEFAULT_MODEL
-    from worker.engines.sentence_transformers import resolve_model_path
+    from embq.producer.settings import DEFAULT_MODEL
+    from embq.worker.engines.sentence_transformers import resolve_model_path
 
     out = tmp_path / "sample.npy"
     done = embq("embed", str(SAMPLE), "-o", str(out), env=clean_env(EMBQ_HOME=str(tmp_path / "home")))
@@ -90,7 +90,7 @@ def test_plain_celery_runs_the_worker(
     ready = tmp_path / "ready"
     env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/plain", EMBQ_ENGINE="hash", EMBQ_READY_FILE=str(ready))
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO"],
+        [sys.executable, "-m", "celery", "-A", "embq.worker.celery_app", "worker", "--loglevel=INFO"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -111,7 +111,7 @@ def test_a_forking_pool_is_refused(redis_url: str) -> None:
     # "prefork", Celery's CLI default, yields to the app's threads setting; "processes" names it explicitly.
     env = clean_env(EMBQ_REDIS_URL=redis_url, EMBQ_MODEL="hash/prefork", EMBQ_ENGINE="hash")
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=processes"],
+        [sys.executable, "-m", "celery", "-A", "embq.worker.celery_app", "worker", "--pool=processes"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -170,7 +170,7 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLa
             [
                 str(sglang.python),
                 "-m",
-                "worker",
+                "embq",
                 "embed",
                 str(source),
                 "-o",

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from redis.cluster import RedisCluster
 
-from producer import AsyncEmbeddingClient, EmbeddingClient, Settings, keys, protocol
-from producer.cluster import claim, connect_cache, look, release
+from embq.producer import AsyncEmbeddingClient, EmbeddingClient, Settings, keys, protocol
+from embq.producer.cluster import claim, connect_cache, look, release
+from embq.worker.cache_admin import clear_keys
+from embq.worker.local import LocalGateway, LocalRedis, LocalWorker
+from embq.worker.status import render_status
 from tests.failover import embed_concurrently, embed_while_killing, expected, worries
 from tests.topology import LocalCluster
-from worker.cache_admin import clear_keys
-from worker.local import LocalGateway, LocalRedis, LocalWorker
-from worker.status import render_status
 
 MODEL = "hash/cluster"
 

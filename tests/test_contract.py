@@ -7,10 +7,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from producer import InvalidInputError
-from producer.codec import pack, truncate, unpack, unpack_many
-from producer.keys import text_digest
-from producer.validation import validate_options, validate_texts
+from embq.producer import InvalidInputError
+from embq.producer.codec import pack, truncate, unpack, unpack_many
+from embq.producer.keys import text_digest
+from embq.producer.validation import validate_options, validate_texts
 
 
 def test_digest_changes_with_every_part_and_keeps_the_exact_text() -> None:

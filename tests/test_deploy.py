@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from producer.cluster import FAILOVER_WAIT
-from producer.keys import BULK, queue_name
+from embq.producer.cluster import FAILOVER_WAIT
+from embq.producer.keys import BULK, queue_name
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -398,9 +398,9 @@ def test_compose_cluster_init_forms_a_cluster_embq_finds(tmp_path: Path) -> None
     loopback: it joins six into 3 masters with a replica each, which embq takes for a cluster; run
     again it leaves them be; a node outside the cluster makes it fail, saying how to start over."""
     redis = require("redis", "redis")
-    from producer.cluster import connect_cache
+    from embq.producer.cluster import connect_cache
+    from embq.worker.local import redis_server_binary, stop_process, wait_until
     from tests.topology import cluster_port, redis_cli
-    from worker.local import redis_server_binary, stop_process, wait_until
 
     flags = redis_args(next(iter(cluster_nodes().values())))
     ports = [cluster_port() for _ in range(7)]
@@ -1276,7 +1276,7 @@ def test_sentinel_broker_install_is_documented_alike() -> None:
 
 def test_sentinel_broker_url_is_documented_in_embq_form() -> None:
     """The broker-url k8s/README.md gives: embq's parser reads the chart's sentinels and master from it."""
-    from producer.sentinel import parse
+    from embq.producer.sentinel import parse
 
     text = (K8S / "README.md").read_text()
     urls = set(re.findall(r"sentinel://[^\s\"']*", text))
@@ -1340,7 +1340,7 @@ def test_compose_sentinels_watch_the_broker() -> None:
 
 
 def test_compose_sentinel_points_embq_at_the_sentinels() -> None:
-    from producer.sentinel import parse
+    from embq.producer.sentinel import parse
 
     services = sentinel_compose()["services"]
     readers = {n for n, s in compose()["services"].items() if "EMBQ_BROKER_URL" in s.get("environment", {})}

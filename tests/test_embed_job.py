@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from producer import EmbeddingClient, keys
+from embq.producer import EmbeddingClient, keys
+from embq.worker.local import LocalRedis, LocalWorker, wait_until
 from tests.conftest import HASH_MODEL, alive
 from tests.files_support import ROOT, clean_env, embq, read_output, write_input
-from worker.local import LocalRedis, LocalWorker, wait_until
 
 Client = Callable[..., EmbeddingClient]
 Start = Callable[..., LocalWorker]
@@ -40,7 +40,7 @@ class Embed:
         self.log = tmp_path / f"{name}.log"
         with open(self.log, "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "embed", *args],
+                [sys.executable, "-m", "embq", "embed", *args],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
@@ -139,7 +139,7 @@ def test_bad_arguments_fail_in_one_line_before_anything_starts(tmp_path: Path, a
     (tmp_path / "batch.jsonl").write_text(json.dumps(request) + "\n")
     home = tmp_path / "home"
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "embed", *args],
+        [sys.executable, "-m", "embq", "embed", *args],
         env={**private_env(home), "PYTHONPATH": str(ROOT)},  # run from tmp_path, with this checkout's code
         cwd=tmp_path,
         capture_output=True,
@@ -300,7 +300,7 @@ def peak_rss_mb(args: list[str], env: dict[str, str]) -> float:
     """Peak resident memory of one ``embq embed`` process, as the kernel counted it (ru_maxrss of a child)."""
     probe = (
         "import resource, subprocess, sys\n"
-        "code = subprocess.call([sys.executable, '-m', 'worker', 'embed', *sys.argv[1:]])\n"
+        "code = subprocess.call([sys.executable, '-m', 'embq', 'embed', *sys.argv[1:]])\n"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
         "sys.exit(code)\n"
     )

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import redis
 
-from producer import BackendUnavailableError, EmbeddingClient, ItemFailedError, Settings, keys
-from producer.contract import TASK_EMBED, make_celery
+from embq.producer import BackendUnavailableError, EmbeddingClient, ItemFailedError, Settings, keys
+from embq.producer.contract import TASK_EMBED, make_celery
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalRedis, LocalWorker, wait_until
 from tests.conftest import embed_in_background
 from tests.sglang_support import SGLangCpu
 from tests.tls_proxy import TlsProxy
-from worker.engines.hash import hash_vector
-from worker.local import LocalRedis, LocalWorker, wait_until
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from producer import EmbeddingClient
-from producer.files import embed_file
+from embq.producer import EmbeddingClient
+from embq.producer.files import embed_file
 from tests.conftest import HASH_MODEL
 from tests.files_support import clean_env, embq, read_output, write_input
 

@@ -6,10 +6,10 @@ import uuid
 
 import redis
 
-from producer import Settings, keys
-from producer.codec import MAGIC
-from producer.contract import TASK_EMBED, make_celery, make_payload
-from worker.local import LocalRedis, LocalWorker, wait_until
+from embq.producer import Settings, keys
+from embq.producer.codec import MAGIC
+from embq.producer.contract import TASK_EMBED, make_celery, make_payload
+from embq.worker.local import LocalRedis, LocalWorker, wait_until
 
 
 def test_a_full_cache_is_named_in_the_worker_log_without_vectors_or_commands() -> None:

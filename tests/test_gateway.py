@@ -13,10 +13,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer import EmbeddingClient, keys
+from embq.producer import EmbeddingClient, keys
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalGateway, LocalRedis, LocalWorker, wait_until
 from tests.conftest import HASH_MODEL
-from worker.engines.hash import hash_vector
-from worker.local import LocalGateway, LocalRedis, LocalWorker, wait_until
 
 KEYS = ("key-one", "key-two")
 NAMED = "hash/named"
@@ -327,7 +327,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(redis_url: str) -> None:
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMBQ_")} | {"EMBQ_REDIS_URL": redis_url}
         done = subprocess.run(
-            [sys.executable, "-m", "worker", "serve", "--port", str(port)],
+            [sys.executable, "-m", "embq", "serve", "--port", str(port)],
             env=env, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -349,7 +349,7 @@ def test_a_request_whose_headers_never_complete_is_dropped(gateway: LocalGateway
     import time
     from urllib.parse import urlsplit
 
-    from producer.gateway.http import HEADER_TIMEOUT
+    from embq.producer.gateway.http import HEADER_TIMEOUT
 
     where = urlsplit(gateway.url)
     with socket.create_connection((where.hostname, where.port), timeout=HEADER_TIMEOUT + 10) as slow:

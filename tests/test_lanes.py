@@ -22,13 +22,13 @@ import openai
 import pytest
 import redis
 
-from producer import EmbeddingClient, EmbqTimeoutError, ModelNotServedError, keys
-from producer.broker import UNACKED_KEY
-from producer.langchain import EmbqEmbeddings
+from embq.producer import EmbeddingClient, EmbqTimeoutError, ModelNotServedError, keys
+from embq.producer.broker import UNACKED_KEY
+from embq.producer.langchain import EmbqEmbeddings
+from embq.worker.batcher import Batcher
+from embq.worker.engines.hash import HashEngine, hash_vector
+from embq.worker.local import LocalGateway, LocalWorker, wait_until
 from tests.conftest import HASH_MODEL
-from worker.batcher import Batcher
-from worker.engines.hash import HashEngine, hash_vector
-from worker.local import LocalGateway, LocalWorker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 Client = Callable[..., EmbeddingClient]
@@ -172,7 +172,7 @@ def test_a_producer_stopped_by_ctrl_c_leaves_its_queued_texts_to_be_skipped(
         bulk = keys.queue_name(model, lane=keys.BULK)
         wait_until(lambda: r.llen(bulk) == 2, 60, "the producer's two tasks in the bulk queue")
         status = subprocess.run(
-            [sys.executable, "-m", "worker", "status"],
+            [sys.executable, "-m", "embq", "status"],
             env={**env, "EMBQ_REDIS_URL": redis_url},
             capture_output=True,
             text=True,
@@ -219,7 +219,7 @@ def test_no_stall_warning_while_a_worker_embeds_a_long_task(
     model = "hash/long-task"
     start_worker(model, env=slow(0.02))
     client = make_client(model=model, stall_warning_seconds=12, lease_seconds=2.0, task_seconds=60)
-    with caplog.at_level(logging.WARNING, logger="producer.dispatcher"):
+    with caplog.at_level(logging.WARNING, logger="embq.producer.dispatcher"):
         client.embed([f"long {i}" for i in range(1024)], timeout=120)
     assert "no progress" not in caplog.text
 
@@ -229,7 +229,7 @@ def test_a_stall_warning_when_no_worker_takes_the_work(
 ) -> None:
     model = "hash/unserved"
     client = make_client(model=model, stall_warning_seconds=1, lease_seconds=0.4, unknown_model_grace=0)
-    with caplog.at_level(logging.WARNING, logger="producer.dispatcher"), pytest.raises(EmbqTimeoutError):
+    with caplog.at_level(logging.WARNING, logger="embq.producer.dispatcher"), pytest.raises(EmbqTimeoutError):
         client.embed(["waits"], timeout=3)
     assert "no progress" in caplog.text and "embq.hash/unserved" in caplog.text
 
@@ -266,7 +266,7 @@ def test_a_model_served_before_waits_for_its_workers_and_says_so(
     assert worker.stop() == 0  # its signature stays: the model is known
     with (
         EmbeddingClient(redis_url, model=model) as client,
-        caplog.at_level(logging.WARNING, logger="producer.dispatcher"),
+        caplog.at_level(logging.WARNING, logger="embq.producer.dispatcher"),
         pytest.raises(EmbqTimeoutError),
     ):
         client.embed(["waits for the worker"], timeout=1)

@@ -1,4 +1,4 @@
-"""``producer.langchain.EmbqEmbeddings`` under LangChain's own standard suites, on a real Redis and worker."""
+"""``embq.producer.langchain.EmbqEmbeddings`` under LangChain's own standard suites, on a real Redis and worker."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from langchain_tests.integration_tests import EmbeddingsIntegrationTests
 from langchain_tests.unit_tests import EmbeddingsUnitTests
 
-from producer import EmbeddingClient, EmbqTimeoutError
-from producer.langchain import EmbqEmbeddings
-from producer.settings import DEFAULT_MODEL
+from embq.producer import EmbeddingClient, EmbqTimeoutError
+from embq.producer.langchain import EmbqEmbeddings
+from embq.producer.settings import DEFAULT_MODEL
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalRedis, LocalWorker
 from tests.conftest import HASH_MODEL
-from worker.engines.hash import hash_vector
-from worker.local import LocalRedis, LocalWorker
 
 #: Nothing listens there: the unit suite must construct the class without touching Redis.
 NOWHERE = "redis://127.0.0.1:9/0"

@@ -7,10 +7,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from producer import EmbeddingClient, ItemFailedError
-from producer.settings import DEFAULT_MODEL
-from worker.engines.sentence_transformers import resolve_model_path
-from worker.local import LocalWorker
+from embq.producer import EmbeddingClient, ItemFailedError
+from embq.producer.settings import DEFAULT_MODEL
+from embq.worker.engines.sentence_transformers import resolve_model_path
+from embq.worker.local import LocalWorker
 
 pytestmark = pytest.mark.model
 

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer import EmbeddingClient, ItemFailedError
+from embq.producer import EmbeddingClient, ItemFailedError
+from embq.worker.local import LocalWorker, stop_process, wait_until
 from tests.conftest import HASH_MODEL
-from worker.local import LocalWorker, stop_process, wait_until
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -92,7 +92,7 @@ def flower(redis_url: str) -> Iterator[tuple[int, Path]]:
     env = {**os.environ, "EMBQ_REDIS_URL": redis_url, "EMBQ_MODEL": HASH_MODEL, "FLOWER_BASIC_AUTH": "ops:s3cret"}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "flower", "--port", str(port), "--address", "127.0.0.1"],
+            [sys.executable, "-m", "embq", "flower", "--port", str(port), "--address", "127.0.0.1"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -11,11 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.texts import make_texts
-from producer import EmbeddingClient
-from producer.settings import DEFAULT_MODEL
+from embq.producer import EmbeddingClient
+from embq.producer.settings import DEFAULT_MODEL
+from embq.worker.engines.sentence_transformers import activation_bytes, pass_budget, resolve_model_path
+from embq.worker.local import LocalWorker, free_port
 from tests.sglang_cpu.model import build_sentence_transformer
-from worker.engines.sentence_transformers import activation_bytes, pass_budget, resolve_model_path
-from worker.local import LocalWorker, free_port
 
 pytestmark = pytest.mark.model
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from producer import (
+from embq.producer import (
     AsyncEmbeddingClient,
     BackendUnavailableError,
     EmbeddingClient,
@@ -23,10 +23,10 @@ from producer import (
     Settings,
     keys,
 )
-from producer.codec import CLAIM_PREFIX
+from embq.producer.codec import CLAIM_PREFIX
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalRedis, LocalWorker, wait_until
 from tests.conftest import HASH_MODEL, embed_in_background
-from worker.engines.hash import hash_vector
-from worker.local import LocalRedis, LocalWorker, wait_until
 
 Client = Callable[..., EmbeddingClient]
 Start = Callable[..., LocalWorker]

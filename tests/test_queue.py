@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, EmbqTimeoutError, InvalidInputError, ItemFailedError, keys, protocol
-from producer.codec import CLAIM_PREFIX, pack
+from embq.producer import EmbeddingClient, EmbqTimeoutError, InvalidInputError, ItemFailedError, keys, protocol
+from embq.producer.codec import CLAIM_PREFIX, pack
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalWorker
 from tests.conftest import HASH_MODEL
-from worker.engines.hash import hash_vector
-from worker.local import LocalWorker
 
 pytestmark = pytest.mark.usefixtures("hash_worker")
 

@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, Settings, keys, sentinel
-from producer.backend import aconnect, connect, connect_once, redact
-from producer.contract import PUBLISH_RETRY, celery_config
-from producer.errors import ConfigurationError
-from tests.failover import embed_while_killing, expected, worries
-from tests.topology import LocalSentinel
-from worker.local import (
+from embq.producer import EmbeddingClient, Settings, keys, sentinel
+from embq.producer.backend import aconnect, connect, connect_once, redact
+from embq.producer.contract import PUBLISH_RETRY, celery_config
+from embq.producer.errors import ConfigurationError
+from embq.worker.local import (
     LocalRedis,
     LocalWorker,
     child_options,
@@ -29,7 +27,9 @@ from worker.local import (
     stop_process,
     wait_until,
 )
-from worker.status import render_status
+from embq.worker.status import render_status
+from tests.failover import embed_while_killing, expected, worries
+from tests.topology import LocalSentinel
 
 MODEL = "hash/sentinel"
 

@@ -25,12 +25,12 @@ import psutil
 import pytest
 import redis
 
-from producer import EmbeddingClient, EmbqError, ItemFailedError, keys
-from producer.broker import UNACKED_KEY
+from embq.producer import EmbeddingClient, EmbqError, ItemFailedError, keys
+from embq.producer.broker import UNACKED_KEY
+from embq.worker.local import LocalWorker, wait_until
+from embq.worker.tasks import MAX_ENGINE_DEATHS
 from tests.conftest import Background, alive, embed_in_background
 from tests.sglang_support import CONTEXT, SGLangCpu, front_pids, pids_in_log
-from worker.local import LocalWorker, wait_until
-from worker.tasks import MAX_ENGINE_DEATHS
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]
@@ -39,7 +39,7 @@ Client = Callable[..., EmbeddingClient]
 SERVER_ARGS_CHECK = """
 import json, pickle, sys
 from sglang.srt.server_args import ServerArgs
-from worker.engines.sglang import SGLangEngine, on_child_failure
+from embq.worker.engines.sglang import SGLangEngine, on_child_failure
 options = json.loads(sys.argv[1])
 kwargs = SGLangEngine(sys.argv[2], **options).engine_kwargs()
 args = pickle.loads(pickle.dumps(ServerArgs(**kwargs)))
@@ -81,7 +81,7 @@ def test_without_sglang_the_worker_says_so_in_one_line_at_once(redis_url: str) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBQ_")} | {"EMBQ_REDIS_URL": redis_url}
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "worker", "--engine", "sglang", "--model", "Qwen/Qwen3-Embedding-0.6B"],
+        [sys.executable, "-m", "embq", "worker", "--engine", "sglang", "--model", "Qwen/Qwen3-Embedding-0.6B"],
         capture_output=True,
         text=True,
         env=env,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, keys
-from producer.settings import DEFAULT_MODEL, Settings
+from embq.producer import EmbeddingClient, keys
+from embq.producer.settings import DEFAULT_MODEL, Settings
+from embq.worker.engines.checkpoint import fingerprint, local_model_dir
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalWorker, wait_until
 from tests.files_support import clean_env, embq
-from worker.engines.checkpoint import fingerprint, local_model_dir
-from worker.engines.hash import hash_vector
-from worker.local import LocalWorker, wait_until
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]

@@ -22,9 +22,9 @@ import psutil
 import pytest
 import redis
 
-from producer import EmbeddingClient, Settings, keys
-from worker.engines.hash import hash_vector
-from worker.local import LocalRedis, LocalWorker, wait_until
+from embq.producer import EmbeddingClient, Settings, keys
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalRedis, LocalWorker, wait_until
 
 pytestmark = pytest.mark.soak
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer import ConfigurationError, EmbeddingClient, Settings
+from embq.producer import ConfigurationError, EmbeddingClient, Settings
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalRedis, LocalWorker, free_port, wait_until
 from tests.conftest import alive
-from worker.engines.hash import hash_vector
-from worker.local import LocalRedis, LocalWorker, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Log records at WARNING or above, as Celery formats them.
@@ -29,7 +29,7 @@ SERIOUS = re.compile(r": (WARNING|ERROR|CRITICAL)/| (WARNING|ERROR|CRITICAL) \S+
 
 def worker_process(*args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "worker", *args],
+        [sys.executable, "-m", "embq", "worker", *args],
         env={**os.environ, "EMBQ_METRICS_PORT": "0", **env},
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -187,7 +187,7 @@ def test_the_banner_shows_the_url_as_given(start_worker: Callable[..., LocalWork
 def test_a_model_in_the_hugging_face_cache_is_found_there_without_the_hub(
     tmp_path: Path, start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient]
 ) -> None:
-    from worker.engines.checkpoint import local_model_dir
+    from embq.worker.engines.checkpoint import local_model_dir
 
     original = local_model_dir("sentence-transformers/all-MiniLM-L6-v2")
     assert original is not None

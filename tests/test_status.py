@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from producer import EmbeddingClient
+from embq.producer import EmbeddingClient
+from embq.worker.local import LocalWorker
 from tests.test_monitoring import scrape
-from worker.local import LocalWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def status(redis_url: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "status"],
+        [sys.executable, "-m", "embq", "status"],
         env={**os.environ, "EMBQ_REDIS_URL": redis_url},
         capture_output=True,
         text=True,

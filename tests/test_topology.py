@@ -11,8 +11,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.sentinel import Sentinel
 
+from embq.worker.local import wait_until
 from tests.topology import LocalCluster, LocalSentinel
-from worker.local import wait_until
 
 #: Seconds a client may take to find the new master after a failover.
 RECONNECT = 20.0

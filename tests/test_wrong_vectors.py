@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import redis
 
-from producer import EmbeddingClient, Settings, keys
-from producer.codec import pack
-from producer.contract import TASK_EMBED, make_celery, make_payload
+from embq.producer import EmbeddingClient, Settings, keys
+from embq.producer.codec import pack
+from embq.producer.contract import TASK_EMBED, make_celery, make_payload
+from embq.worker.engines.hash import hash_vector
+from embq.worker.local import LocalWorker, wait_until
 from tests.conftest import HASH_MODEL
-from worker.engines.hash import hash_vector
-from worker.local import LocalWorker, wait_until
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]

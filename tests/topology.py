@@ -21,8 +21,8 @@ from typing import Any, Self
 
 import redis
 
-from producer.errors import EmbqError
-from worker.local import LocalRedis, child_options, free_port, redis_server_binary, stop_process, wait_until
+from embq.producer.errors import EmbqError
+from embq.worker.local import LocalRedis, child_options, free_port, redis_server_binary, stop_process, wait_until
 
 #: A cluster node listens for its peers on its port plus this.
 BUS_OFFSET = 10000

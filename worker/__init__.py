@@ -3,7 +3,7 @@
 Imports ``producer`` for the contract; engines are imported only when chosen.
 """
 
-from worker.app import create_app
-from worker.settings import WorkerSettings
+from embq.worker.app import create_app
+from embq.worker.settings import WorkerSettings
 
 __all__ = ["WorkerSettings", "create_app"]

@@ -23,21 +23,21 @@ from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from kombu import Exchange, Queue
 
-from producer import keys
-from producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
-from producer.cluster import CacheClient, cluster_enabled, connect_cache, connect_cache_once, is_cluster, pipeline
-from producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
-from producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
-from worker import kombu_fixes, metrics
-from worker.batcher import Batcher, BatcherStopped, Call
-from worker.engines import Engine, create_engine
-from worker.heartbeat import Heartbeat
-from worker.lanes import BulkSlots
-from worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
-from worker.settings import WorkerSettings
-from worker.signature import SignatureGuard, signature_of
-from worker.store import ResultStore, refusal
-from worker.tasks import run_embed
+from embq.producer import keys
+from embq.producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
+from embq.producer.cluster import CacheClient, cluster_enabled, connect_cache, connect_cache_once, is_cluster, pipeline
+from embq.producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
+from embq.producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
+from embq.worker import kombu_fixes, metrics
+from embq.worker.batcher import Batcher, BatcherStopped, Call
+from embq.worker.engines import Engine, create_engine
+from embq.worker.heartbeat import Heartbeat
+from embq.worker.lanes import BulkSlots
+from embq.worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
+from embq.worker.settings import WorkerSettings
+from embq.worker.signature import SignatureGuard, signature_of
+from embq.worker.store import ResultStore, refusal
+from embq.worker.tasks import run_embed
 
 log = logging.getLogger(__name__)
 

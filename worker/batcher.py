@@ -3,7 +3,7 @@
 Tasks run on Celery's thread pool and each hands its texts to ``Batcher.embed``,
 which blocks until they are done. The engine prepares them there, on the task's
 thread (a tokenizer runs while the device works on earlier passes), and they
-join the backlog of every text the worker holds (``worker.backlog``). A runner
+join the backlog of every text the worker holds (``embq.worker.backlog``). A runner
 thread forms each engine call, one pass, from the oldest waiting text and the
 texts nearest it in length across all tasks, up to a budget of real tokens
 (padded: the longest times the texts, for engines that pad), after a short wait
@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from producer.keys import BULK, INTERACTIVE
-from worker import metrics
-from worker.backlog import Backlog
-from worker.engines import Engine, EngineDead, EngineItemErrors, Prepared, is_out_of_memory
+from embq.producer.keys import BULK, INTERACTIVE
+from embq.worker import metrics
+from embq.worker.backlog import Backlog
+from embq.worker.engines import Engine, EngineDead, EngineItemErrors, Prepared, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Batcher:
         self.max_wait = max_wait
         self.on_dead = on_dead
         #: Told ``(call, True)`` before a pass enters the engine and ``(call, False)`` once it left it alive:
-        #: a worker killed meanwhile leaves the mark of the texts that were inside (``worker.app``).
+        #: a worker killed meanwhile leaves the mark of the texts that were inside (``embq.worker.app``).
         self.on_pass = on_pass
         self._marks_failing = False
         self.calls = 0

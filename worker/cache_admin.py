@@ -2,7 +2,7 @@
 
 On embedded defaults the private Redis's files in ``EMBQ_HOME`` go (every
 engine's), once no ``embq embed`` uses them. With a configured Redis
-(``EMBQ_REDIS_URL``/``EMBQ_CACHE_URL``) the keys of ``producer.keys.CACHE_PATTERNS``
+(``EMBQ_REDIS_URL``/``EMBQ_CACHE_URL``) the keys of ``embq.producer.keys.CACHE_PATTERNS``
 are found with SCAN and removed with UNLINK, a thousand at a time: never
 FLUSHALL, never a broker key, never the statistics.
 
@@ -18,11 +18,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from producer import keys
-from producer.backend import backend_errors, redact
-from producer.cluster import CacheClient, connect_cache
-from producer.settings import Settings
-from worker.home import HomeLock
+from embq.producer import keys
+from embq.producer.backend import backend_errors, redact
+from embq.producer.cluster import CacheClient, connect_cache
+from embq.producer.settings import Settings
+from embq.worker.home import HomeLock
 
 #: Keys per SCAN step and per UNLINK.
 STEP = 1000

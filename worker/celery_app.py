@@ -16,8 +16,8 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(name)
     if _app is None:
-        from worker.app import create_app
-        from worker.settings import WorkerSettings
+        from embq.worker.app import create_app
+        from embq.worker.settings import WorkerSettings
 
         _app = create_app(WorkerSettings.from_env())
     return _app

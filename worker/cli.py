@@ -11,8 +11,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from producer import ConfigurationError, EmbqError, Settings
-from worker.engines import ENGINES
+from embq import __version__
+from embq.producer import ConfigurationError, EmbqError, Settings
+from embq.worker.engines import ENGINES
 
 log = logging.getLogger("embq")
 
@@ -54,6 +55,7 @@ def leave(code: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embq", description="Redis-backed embedding queue.")
+    parser.add_argument("--version", action="version", version=f"embq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("worker", help="host one engine and drain its model's queue")
@@ -155,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.app import CONTROL_TIMEOUT, EXIT_START_FAILED, create_app
-    from worker.engines import create_engine, missing_requirement
-    from worker.settings import WorkerSettings
-    from worker.signature import preflight
+    from embq.worker.app import CONTROL_TIMEOUT, EXIT_START_FAILED, create_app
+    from embq.worker.engines import create_engine, missing_requirement
+    from embq.worker.settings import WorkerSettings
+    from embq.worker.signature import preflight
 
     names = {f.name for f in fields(WorkerSettings)} | {"model"}
     try:
@@ -198,7 +200,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from worker.embed_job import EmbedOptions, run_embed_file
+    from embq.worker.embed_job import EmbedOptions, run_embed_file
 
     return run_embed_file(
         EmbedOptions(
@@ -222,9 +224,9 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def run_cache(args: argparse.Namespace) -> int:
     """``embq cache clear``: the private cache in EMBQ_HOME, or the cache keys of the configured Redis."""
-    from worker.cache_admin import clear_configured, clear_home
-    from worker.home import embq_home
-    from worker.private import configured_redis
+    from embq.worker.cache_admin import clear_configured, clear_home
+    from embq.worker.home import embq_home
+    from embq.worker.private import configured_redis
 
     def say(text: str) -> None:
         if not args.quiet:
@@ -240,7 +242,7 @@ def run_cache(args: argparse.Namespace) -> int:
 def run_flower(args: argparse.Namespace) -> int:
     """Flower reads its own options from FLOWER_* variables too (FLOWER_BASIC_AUTH=user:password);
     without auth its /api answers 401 unless FLOWER_UNAUTHENTICATED_API=true."""
-    from producer.contract import make_celery
+    from embq.producer.contract import make_celery
 
     try:
         import flower  # noqa: F401  # Celery finds its command through the package
@@ -256,10 +258,10 @@ def run_flower(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        from producer.gateway.server import serve
+        from embq.producer.gateway.server import serve
     except ImportError as e:
         raise ConfigurationError(f"embq serve needs the extra embq[serve]: pip install 'embq[serve]' ({e})") from e
-    from producer.gateway.settings import GatewaySettings
+    from embq.producer.gateway.settings import GatewaySettings
 
     settings = Settings.from_env()
     limits = GatewaySettings.from_env(models=tuple(args.model))
@@ -268,7 +270,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_status() -> int:
-    from worker.status import render_status
+    from embq.worker.status import render_status
 
     sys.stdout.write(render_status(Settings.from_env()))
     return 0

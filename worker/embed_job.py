@@ -4,7 +4,7 @@ Before any Redis, worker or model starts, input and output are checked (a
 missing file, a directory, an unknown field or suffix, an unwritable directory
 are one-line errors, exit 2) and an empty input writes an empty output at once.
 Then, without a configured Redis, a private one and a worker start
-(``worker.private``); the rows stream through ``producer.files.embed_rows``
+(``embq.worker.private``); the rows stream through ``embq.producer.files.embed_rows``
 with a progress bar; the output is renamed into place at the end. A run killed
 at any point and started again finds what it finished in the cache.
 Ctrl-C, SIGTERM and SIGHUP stop everything within seconds, leave nothing
@@ -24,15 +24,15 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from producer import EmbeddingClient, Settings
-from producer.errors import ConfigurationError
-from producer.files import embed_rows, open_sink, open_source
-from producer.files.sinks import BatchSink, Sink, output_format
-from producer.files.sources import Source
-from worker.home import embq_home
-from worker.interrupt import Interrupted, interruptible
-from worker.private import PrivateStack, configured_redis
-from worker.settings import check_engine_model, default_model
+from embq.producer import EmbeddingClient, Settings
+from embq.producer.errors import ConfigurationError
+from embq.producer.files import embed_rows, open_sink, open_source
+from embq.producer.files.sinks import BatchSink, Sink, output_format
+from embq.producer.files.sources import Source
+from embq.worker.home import embq_home
+from embq.worker.interrupt import Interrupted, interruptible
+from embq.worker.private import PrivateStack, configured_redis
+from embq.worker.settings import check_engine_model, default_model
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import redis
 
-from producer import keys
-from producer.backend import redis_reason
-from producer.cluster import CacheClient, pipeline
+from embq.producer import keys
+from embq.producer.backend import redis_reason
+from embq.producer.cluster import CacheClient, pipeline
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """``cache`` should not retry (``producer.backend.connect_once``): a beat that fails is
+    """``cache`` should not retry (``embq.producer.backend.connect_once``): a beat that fails is
     simply the next one's job, and a shutdown must not wait for a Redis that is gone.
     ``also`` runs at every beat (the worker renews its engine signature there)."""
 

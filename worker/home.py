@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from producer.errors import EmbqError
+from embq.producer.errors import EmbqError
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:

@@ -9,7 +9,7 @@ finished. So bulk tasks may hold at most ``limit`` slots: when they do, the
 worker stops consuming the bulk queue (kombu's ``cancel_by_queue``, what
 ``celery control cancel_consumer`` does), and consumes it again once one ends.
 The remaining slots are always free for interactive tasks, which the batcher
-then puts in its very next pass (``worker.batcher``).
+then puts in its very next pass (``embq.worker.batcher``).
 
 The consumer is changed on its own thread only (``Consumer.call_soon``), and
 each change is decided there from the current count, so no two threads race on

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import redis
 
-from producer.errors import BackendUnavailableError, EmbqError
+from embq.producer.errors import BackendUnavailableError, EmbqError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def wait_until(condition: object, timeout: float, what: str, interval: float = 0
 
 class LocalRedis:
     """A ``redis-server`` on a free loopback port: throwaway (no persistence, a temporary directory),
-    or, with ``data_dir``, keeping its data there in an append-only file (see ``worker.private``)."""
+    or, with ``data_dir``, keeping its data there in an append-only file (see ``embq.worker.private``)."""
 
     def __init__(
         self,
@@ -221,7 +221,7 @@ class LocalWorker:
             [
                 self.python,
                 "-m",
-                "worker",
+                "embq",
                 "worker",
                 "--engine",
                 self.engine,
@@ -327,7 +327,7 @@ class LocalGateway:
 
     def start(self, timeout: float = 60.0) -> LocalGateway:
         self._log = open(self.log_path, "wb")
-        args = [self.python, "-m", "worker", "serve", "--port", str(self.port)]
+        args = [self.python, "-m", "embq", "serve", "--port", str(self.port)]
         for model in self.models:
             args += ["--model", model]
         self.process = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import redis
 
-from producer import keys
-from producer.errors import EmbqError
-from producer.settings import Settings
-from worker.home import HomeLock
-from worker.local import LocalRedis, LocalWorker
-from worker.signature import forget_if_only_uncut
+from embq.producer import keys
+from embq.producer.errors import EmbqError
+from embq.producer.settings import Settings
+from embq.worker.home import HomeLock
+from embq.worker.local import LocalRedis, LocalWorker
+from embq.worker.signature import forget_if_only_uncut
 
 #: Variables that point embq at a Redis of the user's; without any, embedded defaults start a private one.
 REDIS_VARIABLES = ("EMBQ_REDIS_URL", "EMBQ_BROKER_URL", "EMBQ_CACHE_URL")

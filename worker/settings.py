@@ -1,4 +1,4 @@
-"""Worker-only settings, read once at worker start; the shared ones come from ``producer.settings``."""
+"""Worker-only settings, read once at worker start; the shared ones come from ``embq.producer.settings``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.errors import ConfigurationError
-from producer.keys import HASH_DEFAULT_MODEL, HASH_MODEL_PREFIX
-from producer.settings import Settings, read_env
+from embq.producer.errors import ConfigurationError
+from embq.producer.keys import HASH_DEFAULT_MODEL, HASH_MODEL_PREFIX
+from embq.producer.settings import Settings, read_env
 
 DTYPES = ("float32", "float16")
 
@@ -25,7 +25,7 @@ class WorkerSettings:
     #: Tasks executed at once (Celery threads). Their texts are what the batcher
     #: can coalesce, so it bounds the batch size under many small producers.
     concurrency: int = 64
-    #: Of those, the most bulk tasks may hold (``worker.lanes``); the rest stay free for interactive
+    #: Of those, the most bulk tasks may hold (``embq.worker.lanes``); the rest stay free for interactive
     #: tasks. None: a quarter of ``concurrency``. Raise it on a GPU whose passes need a deeper backlog.
     bulk_tasks: int | None = None
     #: Tokens per engine pass: the tokenizer's count where the engine has one (else characters / 4),
@@ -98,7 +98,7 @@ class WorkerSettings:
     #: a Redis started beside it; a Redis lost later is waited for as long as it takes.
     redis_wait: float = 15.0
     #: Port of the Prometheus metrics (``/metrics``); 0 serves none. When it is taken (a
-    #: second worker on one host), the next free one (``worker.metrics.PORT_TRIES``).
+    #: second worker on one host), the next free one (``embq.worker.metrics.PORT_TRIES``).
     metrics_port: int = field(default=9808, metadata={"zero_means": "no metrics"})
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 A cache key names the model id, not the engine behind it, so a ``hash`` worker
 and a ``sentence-transformers`` worker started with one ``--model`` would both
-write under that model's keys (see ``producer.keys`` for the decision). Each
+write under that model's keys (see ``embq.producer.keys`` for the decision). Each
 worker therefore computes its signature and compares it with the one stored at
 ``keys.signature_key``: before it loads its engine when it can tell (the hash
 engine and local checkpoints can), and again, complete, before it consumes.
@@ -21,11 +21,11 @@ from typing import Any, cast
 
 import redis
 
-from producer import keys
-from producer.cluster import CacheClient, connect_cache_once
-from producer.errors import ConfigurationError
-from producer.settings import Settings
-from worker.engines import Engine
+from embq.producer import keys
+from embq.producer.cluster import CacheClient, connect_cache_once
+from embq.producer.errors import ConfigurationError
+from embq.producer.settings import Settings
+from embq.worker.engines import Engine
 
 log = logging.getLogger(__name__)
 

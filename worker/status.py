@@ -15,10 +15,10 @@ from typing import Any, cast
 
 import msgpack
 
-from producer import keys
-from producer.backend import backend_errors, connect
-from producer.cluster import CacheClient, connect_cache, is_cluster
-from producer.settings import Settings
+from embq.producer import keys
+from embq.producer.backend import backend_errors, connect
+from embq.producer.cluster import CacheClient, connect_cache, is_cluster
+from embq.producer.settings import Settings
 
 
 def _name(raw: Any) -> str:

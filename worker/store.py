@@ -18,15 +18,15 @@ from typing import Any
 
 import redis
 
-from producer import codec, keys, protocol
-from producer.backend import redis_reason
-from producer.cluster import CacheClient, is_cluster, look, per_node, release
-from producer.errors import BackendUnavailableError
-from worker import metrics
+from embq.producer import codec, keys, protocol
+from embq.producer.backend import redis_reason
+from embq.producer.cluster import CacheClient, is_cluster, look, per_node, release
+from embq.producer.errors import BackendUnavailableError
+from embq.worker import metrics
 
 
 class ResultStore:
-    """The worker's side of ``producer.protocol``; one per worker process."""
+    """The worker's side of ``embq.producer.protocol``; one per worker process."""
 
     def __init__(self, cache: CacheClient, model: str, ttl: int) -> None:
         self.cache = cache

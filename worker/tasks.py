@@ -2,7 +2,7 @@
 
 A task some of whose rows were inside an engine pass when the engine died
 comes back (requeued at once, or redelivered after the visibility timeout when
-the whole worker died) with those rows suspected (``worker.app.Runtime.on_pass``
+the whole worker died) with those rows suspected (``embq.worker.app.Runtime.on_pass``
 marks them): they could kill the next engine too. So each suspect row becomes a
 task of its own, embedded in an engine call of its own with no other call
 beside it, the task's other rows go on as one task, and a text that has been in
@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 import redis
 
-from producer import keys
-from producer.cluster import CacheClient, look
-from producer.codec import CLAIM_PREFIX, pack_rows, unpack_many
-from producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane
-from producer.validation import item_problem
-from worker import metrics
-from worker.batcher import Batcher, BatcherStopped
-from worker.engines import Engine
-from worker.settings import WorkerSettings
-from worker.store import ResultStore
+from embq.producer import keys
+from embq.producer.cluster import CacheClient, look
+from embq.producer.codec import CLAIM_PREFIX, pack_rows, unpack_many
+from embq.producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane
+from embq.producer.validation import item_problem
+from embq.worker import metrics
+from embq.worker.batcher import Batcher, BatcherStopped
+from embq.worker.engines import Engine
+from embq.worker.settings import WorkerSettings
+from embq.worker.store import ResultStore
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
 file; ``open_source``/``open_sink`` and ``embed_rows`` are its parts.
 """
 
-from producer.files.pipeline import Summary, embed_file, embed_rows
-from producer.files.sinks import Sink, open_sink
-from producer.files.sources import Chunk, Source, open_source
+from embq.producer.files.pipeline import Summary, embed_file, embed_rows
+from embq.producer.files.sinks import Sink, open_sink
+from embq.producer.files.sources import Chunk, Source, open_source
 
 __all__ = ["Chunk", "Sink", "Source", "Summary", "embed_file", "embed_rows", "open_sink", "open_source"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.codec import truncate
+from embq.producer.codec import truncate
 
 ENDPOINT = "/v1/embeddings"
 ENCODINGS = ("float", "base64")

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from producer.files.sinks import Sink, open_sink, output_format
-from producer.files.sources import Chunk, Source, open_source
-from producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW
-from producer.validation import item_problem
+from embq.producer.files.sinks import Sink, open_sink, output_format
+from embq.producer.files.sources import Chunk, Source, open_source
+from embq.producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW
+from embq.producer.validation import item_problem
 
 if TYPE_CHECKING:
-    from producer.client import EmbeddingClient
+    from embq.producer.client import EmbeddingClient
 
 #: Failed rows whose place and reason the summary keeps (all of them count).
 SHOWN_FAILURES = 20

@@ -12,7 +12,7 @@ suffix        what each row becomes
               written through a memory map of each chunk's rows when the row
               count is known first (a cheap first pass over a file), appended
               after a header completed at the end from a stream
-Batch input   OpenAI Batch output lines (``producer.files.openai_batch``), one per request
+Batch input   OpenAI Batch output lines (``embq.producer.files.openai_batch``), one per request
 ============  ================================================================
 
 Everything is written to a hidden temporary file beside the output
@@ -32,9 +32,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from producer.errors import ConfigurationError, InvalidInputError
-from producer.files import openai_batch
-from producer.files.sources import Chunk
+from embq.producer.errors import ConfigurationError, InvalidInputError
+from embq.producer.files import openai_batch
+from embq.producer.files.sources import Chunk
 
 #: Output suffix -> format.
 OUTPUT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".npy": "npy"}

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from producer.errors import InvalidInputError
-from producer.files.openai_batch import BatchRequest, is_batch_record, parse_request
+from embq.producer.errors import InvalidInputError
+from embq.producer.files.openai_batch import BatchRequest, is_batch_record, parse_request
 
 #: The path that means standard input.
 STDIN = "-"

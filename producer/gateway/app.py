@@ -25,17 +25,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from producer import keys, sentinel
-from producer.aio import AsyncEmbeddingClient
-from producer.errors import EmbqError
-from producer.gateway.auth import ApiKeys, BearerAuth
-from producer.gateway.catalog import ModelCatalog, ModelInfo
-from producer.gateway.errors import SERVER, APIError, from_embq
-from producer.gateway.metrics import TEXTS, RequestMetrics
-from producer.gateway.protocol import embedding_response, parse_embedding_request, parse_json
-from producer.gateway.responses import JSON, error_response
-from producer.gateway.settings import GatewaySettings
-from producer.settings import Settings
+from embq.producer import keys, sentinel
+from embq.producer.aio import AsyncEmbeddingClient
+from embq.producer.errors import EmbqError
+from embq.producer.gateway.auth import ApiKeys, BearerAuth
+from embq.producer.gateway.catalog import ModelCatalog, ModelInfo
+from embq.producer.gateway.errors import SERVER, APIError, from_embq
+from embq.producer.gateway.metrics import TEXTS, RequestMetrics
+from embq.producer.gateway.protocol import embedding_response, parse_embedding_request, parse_json
+from embq.producer.gateway.responses import JSON, error_response
+from embq.producer.gateway.settings import GatewaySettings
+from embq.producer.settings import Settings
 
 log = logging.getLogger(__name__)
 

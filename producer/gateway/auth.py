@@ -8,8 +8,8 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from producer.gateway.errors import APIError
-from producer.gateway.responses import error_response
+from embq.producer.gateway.errors import APIError
+from embq.producer.gateway.responses import error_response
 
 PROTECTED = "/v1/"
 

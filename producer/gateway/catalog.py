@@ -1,7 +1,7 @@
 """Which models the gateway serves: those named at start, and those with a worker online.
 
 Workers announce themselves in the cache Redis (``embq:workers`` indexes their
-heartbeat hashes, see ``producer.keys``), so a look costs one ZRANGE and one
+heartbeat hashes, see ``embq.producer.keys``), so a look costs one ZRANGE and one
 HGET per worker, never a SCAN of the vectors. A request for a model seen
 online in the last look is served without any look; a model not seen triggers
 a fresh look (concurrent misses share one; at most ten a second), then a look
@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from producer import keys
+from embq.producer import keys
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ModelCatalog:
     async def serves(self, model: str) -> bool:
         """Named, online, or served before (its workers' signature is in the cache): a model whose workers
         are all down is still served, its requests wait for one as a client's calls do; only a model no
-        worker has ever served is refused (``producer.errors.ModelNotServedError``)."""
+        worker has ever served is refused (``embq.producer.errors.ModelNotServedError``)."""
         if model in self.named or model in self._online:
             return True
         if model in await self.look(MISS_RECHECK):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from producer.errors import (
+from embq.producer.errors import (
     BackendUnavailableError,
     EmbqError,
     EmbqTimeoutError,

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from producer import keys
-from producer.errors import InvalidInputError
-from producer.gateway.errors import APIError, bad_items
-from producer.validation import item_problem, validate_texts
+from embq.producer import keys
+from embq.producer.errors import InvalidInputError
+from embq.producer.gateway.errors import APIError, bad_items
+from embq.producer.validation import item_problem, validate_texts
 
 #: Characters per token of the ``usage`` estimate: embq's workers budget batches with the same ratio.
 CHARS_PER_TOKEN = 4

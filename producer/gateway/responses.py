@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from producer.gateway.errors import APIError
+from embq.producer.gateway.errors import APIError
 
 
 class JSON(Response):

@@ -14,10 +14,10 @@ from typing import Any
 
 import uvicorn
 
-from producer.errors import ConfigurationError
-from producer.gateway.app import create_app
-from producer.gateway.settings import GatewaySettings
-from producer.settings import Settings
+from embq.producer.errors import ConfigurationError
+from embq.producer.gateway.app import create_app
+from embq.producer.gateway.settings import GatewaySettings
+from embq.producer.settings import Settings
 
 log = logging.getLogger("embq.gateway")
 
@@ -54,10 +54,10 @@ def serve(settings: Settings, limits: GatewaySettings, *, host: str, port: int, 
 
 
 def http_protocol() -> Any:
-    """uvicorn's httptools protocol with a header time limit (``producer.gateway.http``), when httptools is
+    """uvicorn's httptools protocol with a header time limit (``embq.producer.gateway.http``), when httptools is
     there (``embq[serve]`` brings it); else uvicorn's own choice."""
     try:
-        from producer.gateway.http import HeaderTimeoutProtocol
+        from embq.producer.gateway.http import HeaderTimeoutProtocol
     except ImportError:
         log.warning("httptools is not installed: requests whose headers never complete hold their connection")
         return "auto"

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.settings import read_env
+from embq.producer.settings import read_env
 
 
 @dataclass(frozen=True, kw_only=True)

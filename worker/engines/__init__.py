@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from producer.errors import ConfigurationError
+from embq.producer.errors import ConfigurationError
 
 #: Rough characters per token, for engines that do not tokenise before their call.
 CHARS_PER_TOKEN = 4
@@ -131,9 +131,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 #: Engine name -> "module:class". ``sglang`` hosts one SGLang engine per GPU.
 ENGINES: dict[str, str] = {
-    "sglang": "worker.engines.sglang_host:SGLangHostEngine",
-    "sentence-transformers": "worker.engines.sentence_transformers:SentenceTransformersEngine",
-    "hash": "worker.engines.hash:HashEngine",
+    "sglang": "embq.worker.engines.sglang_host:SGLangHostEngine",
+    "sentence-transformers": "embq.worker.engines.sentence_transformers:SentenceTransformersEngine",
+    "hash": "embq.worker.engines.hash:HashEngine",
 }
 
 

@@ -8,7 +8,7 @@ Only when none holds it is the hub asked, once, with a time limit; with
 spends minutes in retries with backoff when there is no network.
 
 The fingerprint names what the files compute, so that two workers can tell
-whether their vectors may share a cache (``worker.signature``). It hashes the
+whether their vectors may share a cache (``embq.worker.signature``). It hashes the
 files that decide the vectors (configs, tokenizer, vocabulary, the checkpoint's
 own code) and only the names and sizes of the weights, which are gigabytes.
 """
@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from producer.errors import EngineError
+from embq.producer.errors import EngineError
 
 log = logging.getLogger(__name__)
 

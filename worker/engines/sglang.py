@@ -20,7 +20,7 @@ one (``tests/sglang_cpu``). What this module relies on:
   does the same when a child dies. SGLang's own handler dumps diagnostics for a
   minute, then kills this process. Ours marks the engine dead and aborts the calls
   in flight; the worker requeues its tasks and exits with status 4, and texts
-  that were in the engine are retried one by one (see ``worker.tasks``).
+  that were in the engine are retried one by one (see ``embq.worker.tasks``).
 - ``async_encode(prompt=list[str])`` returns one dict per prompt, in order:
   ``{"embedding": [...], "meta_info": {"prompt_tokens": ..., ...}}``. A prompt
   of ``context_len`` tokens or more makes the tokenizer manager raise
@@ -60,10 +60,10 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import EngineError
-from worker import metrics
-from worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
-from worker.engines.checkpoint import fingerprint, local_model_dir
+from embq.producer.errors import EngineError
+from embq.worker import metrics
+from embq.worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
+from embq.worker.engines.checkpoint import fingerprint, local_model_dir
 
 log = logging.getLogger(__name__)
 

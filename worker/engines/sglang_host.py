@@ -7,7 +7,7 @@ the worker's process, that shares one interpreter with the queue (Celery, the
 batcher, Redis) and caps one GPU worker near 4,000 texts/s. Here the worker's
 process only sends each pass's texts down a pipe and reads its vectors back
 (a few µs per text, ``bench/sglang_tokenizer.py``), and SGLang's front end has a
-core of its own. The host runs ``worker.engines.sglang.SGLangEngine`` unchanged:
+core of its own. The host runs ``embq.worker.engines.sglang.SGLangEngine`` unchanged:
 SGLang's children (scheduler, detokenizer) are the host's, and so is the
 SIGQUIT they send when they fail.
 
@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import EngineError
-from worker import metrics
-from worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
-from worker.engines.sglang import QWEN3_INSTRUCTION, WARMUP_TIMEOUT, SGLangEngine
+from embq.producer.errors import EngineError
+from embq.worker import metrics
+from embq.worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
+from embq.worker.engines.sglang import QWEN3_INSTRUCTION, WARMUP_TIMEOUT, SGLangEngine
 
 log = logging.getLogger(__name__)
 
