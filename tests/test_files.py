@@ -253,7 +253,7 @@ def test_process_substitution_is_read_once(tmp_path: Path, redis_url: str, make_
     import sys
 
     output = tmp_path / "x.jsonl"
-    command = f"{shlex.quote(sys.executable)} -m worker embed <(printf 'one\\ntwo\\n') -o {shlex.quote(str(output))}"
+    command = f"{shlex.quote(sys.executable)} -m embq embed <(printf 'one\\ntwo\\n') -o {shlex.quote(str(output))}"
     done = subprocess.run(["bash", "-c", command], env=env_for(redis_url), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 rows" in done.stderr
