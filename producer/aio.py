@@ -20,7 +20,7 @@ import redis.asyncio
 from celery import Celery
 from redis.cluster import RedisCluster
 
-from embq.producer import keys
+from embq.producer import keys, metrics
 from embq.producer.backend import aconnect, backend_errors
 from embq.producer.call import Call, before_sending, choose_lane
 from embq.producer.client import on_cache, send_tasks
@@ -28,6 +28,7 @@ from embq.producer.cluster import connect_cluster, read_stream
 from embq.producer.contract import make_celery, signature_dimension
 from embq.producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
 from embq.producer.errors import EmbqError
+from embq.producer.l1 import L1Cache, L1Stats, empty_stats
 from embq.producer.settings import Settings
 from embq.producer.validation import validate_options, validate_texts
 
@@ -57,6 +58,8 @@ class AsyncEmbeddingClient:
         self.queue = self.settings.queue
         self._driver: AsyncDriver | None = None
         self._dimension: int | None = None
+        #: ``embq_client_cache_hits_total`` of this model: L1 hits are cache hits too.
+        self._hits = metrics.CACHE_HITS.labels(self.model)
 
     async def embed(
         self,
@@ -73,6 +76,13 @@ class AsyncEmbeddingClient:
         items = validate_texts(texts, self.settings.max_text_bytes)
         validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
         lane = choose_lane(priority, len(items), self.settings)
+        driver = self._driver
+        if items and driver is not None and driver.l1 is not None:  # the hot path: no Redis, no dispatcher
+            digests = keys.text_digests(self.model, self.settings.cache_namespace, instruction, items)
+            held = driver.l1.answer(digests, dim)
+            if held is not None:
+                self._hits.inc(len(set(digests)))
+                return held
         if not items or dim is not None:
             settled = before_sending(items, dim, await self.dimension())
             if settled is not None:
@@ -85,8 +95,16 @@ class AsyncEmbeddingClient:
         call.count(self.model)
         return call.result(self.settings)
 
+    def l1_stats(self) -> L1Stats:
+        """What this client's in-process cache holds and did (``EMBQ_L1_BYTES``; all zero when it is off)."""
+        if self._driver is None or self._driver.l1 is None:
+            return empty_stats(self.settings.l1_bytes)
+        return self._driver.l1.stats()
+
     async def dimension(self) -> int | None:
         """The model's full dimension, as its workers state it (None before any worker of it ran)."""
+        if self._driver is not None and self._driver.core.dim is not None:  # kept current by the dispatcher
+            return self._driver.core.dim
         if self._dimension is None:
             with backend_errors("cache", self.settings.cache):
                 raw = await self._get_driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
@@ -120,7 +138,10 @@ class AsyncDriver:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
         self.loop = loop
-        self.core = Dispatcher(settings)
+        self.l1 = L1Cache(settings.model, settings.l1_bytes, settings.cache_ttl) if settings.l1_bytes > 0 else None
+        self.core = Dispatcher(settings, l1=self.l1)
+        if self.l1 is not None:
+            self.l1.on_check = self.request_check
         self.cache = aconnect(settings.cache)
         self.broker = aconnect(settings.broker)
         #: On a Redis Cluster (found out at the first use), the cache's work runs in threads with
@@ -152,6 +173,15 @@ class AsyncDriver:
             self.woken = True
             await self._wake()
 
+    def request_check(self) -> None:
+        """A hit asked for a look at the L1's epoch (on the loop's thread): wake the dispatcher without awaiting."""
+        self.arrived.set()
+        if self.core.reading and not self.woken:
+            self.woken = True
+            poke = self.loop.create_task(self._wake())
+            self.pokes.add(poke)
+            poke.add_done_callback(self.pokes.discard)
+
     async def wait(self, call: Call) -> None:
         """Until ``call`` finishes; a cancelled caller gives it up (its claims are released)."""
         try:
@@ -171,6 +201,8 @@ class AsyncDriver:
         await self._wake()
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self.task), 10)
+        if self.l1 is not None:
+            self.l1.close()
         await self.cache.aclose()
         await self.broker.aclose()
         if self.cluster is not None:
@@ -228,7 +260,7 @@ class AsyncDriver:
             return await self.loop.run_in_executor(None, send_tasks, self._app(), op)
         if isinstance(op, Wait):
             self.arrived.clear()
-            if not self.core.inbox and not self.core.closing:
+            if not self.core.inbox and not self.core.closing and not (self.l1 is not None and self.l1.check_wanted):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.arrived.wait(), op.timeout)
             return None
@@ -251,7 +283,8 @@ class AsyncDriver:
         raise AssertionError("unreachable")
 
     async def _read(self, op: Read) -> Any:
-        block = 0.0 if self.core.inbox or self.core.closing else op.block
+        wanted = self.l1 is not None and self.l1.check_wanted
+        block = 0.0 if self.core.inbox or self.core.closing or wanted else op.block
         self.core.reading = block > 0
         try:
             wait_ms = max(1, int(block * 1000)) if block else None

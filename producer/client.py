@@ -15,13 +15,14 @@ import redis
 from celery import Celery
 from redis.cluster import RedisCluster
 
-from embq.producer import keys
+from embq.producer import keys, metrics
 from embq.producer.backend import backend_errors, connect
 from embq.producer.call import Call, before_sending, choose_lane
 from embq.producer.cluster import CacheClient, claim, connect_cache, look, read_stream, release
 from embq.producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
 from embq.producer.dispatcher import NOTICES_PER_READ, Dispatcher, Look, Op, PerText, Read, Redis, Send, Wait
 from embq.producer.errors import EmbqError
+from embq.producer.l1 import L1Cache, L1Stats, empty_stats
 from embq.producer.settings import Settings
 from embq.producer.stream import DEFAULT_BATCH, DEFAULT_WINDOW, EmbedStream, Failures
 from embq.producer.validation import validate_options, validate_texts
@@ -65,6 +66,8 @@ class EmbeddingClient:
         self._lock = threading.Lock()
         self._driver: ThreadDriver | None = None
         self._dimension: int | None = None
+        #: ``embq_client_cache_hits_total`` of this model: L1 hits are cache hits too.
+        self._hits = metrics.CACHE_HITS.labels(self.model)
 
     def embed(
         self,
@@ -89,6 +92,9 @@ class EmbeddingClient:
         items = validate_texts(texts, self.settings.max_text_bytes)
         validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
         lane = choose_lane(priority, len(items), self.settings)
+        held = self._from_l1(items, instruction, dim)
+        if held is not None:
+            return held
         if not items or dim is not None:
             settled = before_sending(items, dim, self.dimension())
             if settled is not None:
@@ -131,8 +137,30 @@ class EmbeddingClient:
             priority=priority,
         )
 
+    def _from_l1(self, items: list[str], instruction: str, dim: int | None) -> np.ndarray | None:
+        """The hot path: every text in this process's L1 (``embq.producer.l1``), answered on the caller's
+        thread with no Redis command and no word to the dispatcher; else None."""
+        driver = self._driver
+        if not items or driver is None or driver.l1 is None or driver.pid != os.getpid():
+            return None
+        digests = keys.text_digests(self.model, self.settings.cache_namespace, instruction, items)
+        held = driver.l1.answer(digests, dim)
+        if held is not None:
+            self._hits.inc(len(set(digests)))
+        return held
+
+    def l1_stats(self) -> L1Stats:
+        """What this client's in-process cache holds and did (``EMBQ_L1_BYTES``; all zero when it is off)."""
+        driver = self._driver
+        if driver is None or driver.l1 is None or driver.pid != os.getpid():
+            return empty_stats(self.settings.l1_bytes)
+        return driver.l1.stats()
+
     def dimension(self) -> int | None:
         """The model's full dimension, as its workers state it (None before any worker of it ran)."""
+        driver = self._driver
+        if driver is not None and driver.core.dim is not None:  # kept current by the dispatcher
+            return driver.core.dim
         if self._dimension is None:
             with backend_errors("cache", self.settings.cache):
                 raw = self.driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
@@ -168,7 +196,11 @@ class ThreadDriver:
         self.settings = settings
         self.before_first_task = before_first_task
         self.pid = os.getpid()
-        self.core = Dispatcher(settings, check_served=before_first_task is None)
+        #: This process's L1 (a forked child's driver starts its own, empty).
+        self.l1 = L1Cache(settings.model, settings.l1_bytes, settings.cache_ttl) if settings.l1_bytes > 0 else None
+        self.core = Dispatcher(settings, check_served=before_first_task is None, l1=self.l1)
+        if self.l1 is not None:
+            self.l1.on_check = self.poke
         #: Connected at the first use, when the cache says whether it is a cluster (``embq.producer.cluster``).
         self._cache: CacheClient | None = None
         self._connecting = threading.Lock()
@@ -220,6 +252,8 @@ class ThreadDriver:
             self.cond.notify()
         self._wake()
         self.thread.join(timeout=timeout)
+        if self.l1 is not None:
+            self.l1.close()
         if self._cache is not None:
             self._cache.close()
         self.broker.close()
@@ -276,7 +310,7 @@ class ThreadDriver:
             return send_tasks(self._app(), op)
         if isinstance(op, Wait):
             with self.cond:
-                if not self.core.inbox and not self.core.closing:
+                if not self.core.inbox and not self.core.closing and not self._check_wanted():
                     self.cond.wait(op.timeout)
             return None
         time.sleep(max(0.0, op.seconds))
@@ -285,9 +319,13 @@ class ThreadDriver:
     def _redis(self, op: Redis) -> list[Any]:
         return run_commands(self.cache if op.target == "cache" else self.broker, op)
 
+    def _check_wanted(self) -> bool:
+        """A hit asked for a look at the L1's epoch (``L1Cache.check_wanted``): the dispatcher must not sleep."""
+        return self.l1 is not None and self.l1.check_wanted
+
     def _read(self, op: Read) -> Any:
         with self.cond:
-            block = 0.0 if self.core.inbox or self.core.closing else op.block
+            block = 0.0 if self.core.inbox or self.core.closing or self._check_wanted() else op.block
             self.core.reading = block > 0
         try:
             return read_stream(

@@ -34,6 +34,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import redis
 from kombu.exceptions import OperationalError
 
@@ -45,6 +46,7 @@ from embq.producer.codec import unpack_concat, unpack_many
 from embq.producer.contract import EmbedPayload, make_payload, root_task_id, signature_dimension
 from embq.producer.errors import BackendUnavailableError, EmbqError, ModelNotServedError
 from embq.producer.keys import BULK, INTERACTIVE
+from embq.producer.l1 import L1Cache
 from embq.producer.pending import OURS, THEIRS, Pending
 from embq.producer.settings import Settings
 
@@ -138,6 +140,8 @@ class Pause:
 
 
 Op = Redis | PerText | Look | Read | Send | Wait | Pause
+#: Texts of one call admitted together: ``(call, their rows, texts, digests)``.
+Piece = tuple[Call, range | list[int], list[str], list[str]]
 
 SCRIPTS = {"held": HELD_SCRIPT}
 SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
@@ -150,10 +154,14 @@ def script(name: str, keys: list[str], args: list[Any], target: str = "cache") -
 class Dispatcher:
     """The state of one client's calls; see the module docstring."""
 
-    def __init__(self, settings: Settings, token: str | None = None, *, check_served: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, token: str | None = None, *, check_served: bool = True, l1: L1Cache | None = None
+    ) -> None:
         """``check_served``: fail calls for a model no worker has ever served (``unknown_model_grace``);
-        a caller that starts its own worker on demand (``embq embed``'s private one) turns it off."""
+        a caller that starts its own worker on demand (``embq embed``'s private one) turns it off.
+        ``l1``: the client's in-process cache, which this dispatcher fills and keeps in its epoch."""
         self.settings = settings
+        self.l1 = l1
         self.model = settings.model
         self.namespace = settings.cache_namespace
         self.token = token or uuid.uuid4().hex
@@ -206,6 +214,8 @@ class Dispatcher:
         opened = False
         while not self.closing:
             try:
+                if self.l1 is not None and self.l1.check_due(bool(self.inbox or self.active or self.entries)):
+                    yield from self._check_l1()
                 if not opened:  # at the first call, and again after a failure, not before
                     if not self.inbox:
                         yield Wait(None)
@@ -252,7 +262,8 @@ class Dispatcher:
                 if response:
                     yield from self._on_read(response)
             return
-        if self.unreported_hits:  # before going quiet: counters should not lag behind the calls
+        # Before going quiet: counters should not lag behind the calls.
+        if self.unreported_hits or (self.l1 is not None and self.l1.unreported):
             yield Redis("cache", self._hits_to_report())
         timeout = self._until_next_event()
         if not self.entries:
@@ -304,7 +315,7 @@ class Dispatcher:
         the others wait in entries, and those no entry had yet are claimed."""
         room = self.settings.inflight_texts - len(self.entries)
         budget = min(CLAIM_CHUNK, room if self.active[0].lane == BULK else max(room, CLAIM_CHUNK))
-        pieces: list[tuple[Call, int, list[str], list[str]]] = []  # (call, first row, texts, digests)
+        pieces: list[Piece] = []
         while self.active and budget > 0:
             call = self.active[0]
             if call.finished:
@@ -313,17 +324,21 @@ class Dispatcher:
             start = call.admitted
             end = min(len(call.texts), start + budget)
             texts = call.texts[start:end]
-            pieces.append((call, start, texts, keys.text_digests(self.model, self.namespace, call.instruction, texts)))
+            digests = keys.text_digests(self.model, self.namespace, call.instruction, texts)
+            piece: Piece = (call, range(start, end), texts, digests)
             budget -= end - start
             call.admitted = end
             if end == len(call.texts):
                 self.active.popleft()
+            piece = self._from_l1(*piece) if self.l1 is not None else piece
+            if piece[1]:
+                pieces.append(piece)
         if not pieces:
             return
         fresh: list[str] = []
         if self.hit_rate < LOOK_FIRST_ABOVE:  # mostly new texts: CLAIM finds the cached ones itself
-            for call, start, texts, digests in pieces:
-                for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+            for call, admitted, texts, digests in pieces:
+                for row, digest, text in zip(admitted, digests, texts, strict=True):
                     if self.entries.add(digest, text, call.instruction, call, row):
                         fresh.append(digest)
             yield from self._claim(fresh, count=True)
@@ -332,10 +347,10 @@ class Dispatcher:
         values = yield Look(looked)
         matrix, valid = unpack_many(values, self.dim)
         add, position = self.entries.add, 0
-        for call, start, texts, digests in pieces:
+        for call, all_rows, texts, digests in pieces:
             rows: list[int] = []
             picks: list[int] = []
-            for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+            for row, digest, text in zip(all_rows, digests, texts, strict=True):
                 if valid[position]:
                     rows.append(row)
                     picks.append(position)
@@ -343,22 +358,42 @@ class Dispatcher:
                     fresh.append(digest)
                 position += 1
             if rows:
-                distinct = len({digests[row - start] for row in rows})
-                call.place(rows, matrix[picks], "cached", distinct)
+                found = matrix[picks]
+                hits = [looked[p] for p in picks]
+                if self.l1 is not None:
+                    self.l1.put(hits, found)
+                distinct = len(set(hits))
+                call.place(rows, found, "cached", distinct)
                 self.unreported_hits += distinct
         self._learn_hit_rate(int(valid.sum()), len(looked))
         yield from self._claim(fresh, count=True)
+
+    def _from_l1(self, call: Call, rows: range | list[int], texts: list[str], digests: list[str]) -> Piece:
+        """Place the rows the L1 holds (``self.l1``); the piece of the rest, for Redis."""
+        assert self.l1 is not None
+        found = self.l1.take(digests, self.dim)
+        held = [j for j, vector in enumerate(found) if vector is not None]
+        if not held:
+            return call, rows, texts, digests
+        vectors = np.stack([found[j] for j in held])  # type: ignore[misc]
+        call.place([rows[j] for j in held], vectors, "cached", len({digests[j] for j in held}))
+        rest = [j for j, vector in enumerate(found) if vector is None]
+        return call, [rows[j] for j in rest], [texts[j] for j in rest], [digests[j] for j in rest]
 
     def _learn_hit_rate(self, hits: int, looked: int) -> None:
         if looked:
             self.hit_rate = 0.8 * self.hit_rate + 0.2 * hits / looked
 
     def _hits_to_report(self) -> list[tuple[Any, ...]]:
-        """Commands adding the hits found by MGET to the model's counters (CLAIM counts its own)."""
-        if not self.unreported_hits:
+        """Commands adding the hits found by MGET, and the L1's, to the model's counters (CLAIM counts its own)."""
+        l1_hits = self.l1.take_unreported() if self.l1 is not None else 0
+        if not self.unreported_hits and not l1_hits:
             return []
         hits, self.unreported_hits = self.unreported_hits, 0
-        return [("HINCRBY", self.stats, "hits", hits), ("EXPIRE", self.stats, keys.STATS_TTL)]
+        commands: list[tuple[Any, ...]] = [("HINCRBY", self.stats, "hits", hits)] if hits else []
+        if l1_hits:
+            commands.append(("HINCRBY", self.stats, "l1_hits", l1_hits))
+        return [*commands, ("EXPIRE", self.stats, keys.STATS_TTL)]
 
     def _claim(self, digests: list[str], *, count: bool) -> Generator[Op, Any, None]:
         """CLAIM ``digests`` (entries that exist); resolve the cached, send what we now own."""
@@ -449,6 +484,9 @@ class Dispatcher:
         placed: dict[tuple[Call, str], tuple[list[int], list[int], set[str]]] = {}
         bad: list[str] = []
         slots = self.entries.slots
+        if self.l1 is not None:  # before any row: a vector of a new dimension empties the L1 first
+            good = [j for j, ok in enumerate(valid) if ok and digests[j] in slots]
+            self.l1.put([digests[j] for j in good], matrix, good)
         for j, digest in enumerate(digests):
             if digest not in slots:
                 continue
@@ -508,31 +546,53 @@ class Dispatcher:
 
     def _open(self) -> Generator[Op, Any, None]:
         """Create our reply stream and our liveness key; workers add to the stream without creating it."""
-        last_id, _, _, signature = yield Redis(
+        issued = time.monotonic()
+        last_id, _, _, signature, generation = yield Redis(
             "cache",
             [
                 ("XADD", self.reply, "*", "hello", ""),
                 ("PEXPIRE", self.reply, 2 * self.lease_ms),
                 ("SET", self.alive, 1, "PX", self.lease_ms),
                 ("GET", self.signature),
+                ("GET", keys.GENERATION),
             ],
         )
         self.last_id = last_id
+        self._observe(signature, generation, issued)
+
+    def _check_l1(self) -> Generator[Op, Any, None]:
+        """Read the L1's epoch (the model's signature, the cache generation) again; report its hits."""
+        assert self.l1 is not None
+        self.l1.check_wanted = False  # asked and answered, even if this read fails: no loop on a dead Redis
+        issued = time.monotonic()
+        signature, generation, *_ = yield Redis(
+            "cache", [("GET", self.signature), ("GET", keys.GENERATION), *self._hits_to_report()]
+        )
+        self._observe(signature, generation, issued)
+
+    def _observe(self, signature: Any, generation: Any, issued: float) -> None:
+        """What a read of the signature and the generation (sent at ``issued``) tells: the model's dimension,
+        and whether the L1 still holds the model's vectors. When not, pending texts are looked at again:
+        vectors of the new worker may be in the cache, which the old dimension refused."""
+        if self.l1 is not None and self.l1.confirm((signature, generation), issued):
+            self.recheck.update(self.entries)
         self.dim = signature_dimension(signature) or self.dim
 
     def _tick(self) -> Generator[Op, Any, None]:
         """Renew our liveness; look again at every text we wait for: cached meanwhile (a lost
         notice), claim vanished (a Redis restart) or its owner dead: claim and send it."""
-        _, exists, signature, *_ = yield Redis(
+        issued = time.monotonic()
+        _, exists, signature, generation, *_ = yield Redis(
             "cache",
             [
                 ("SET", self.alive, 1, "PX", self.lease_ms),
                 ("PEXPIRE", self.reply, 2 * self.lease_ms),
                 ("GET", self.signature),
+                ("GET", keys.GENERATION),
                 *self._hits_to_report(),
             ],
         )
-        self.dim = signature_dimension(signature) or self.dim
+        self._observe(signature, generation, issued)
         if not exists:
             yield from self._open()
         yield from self._claim(list(self.entries), count=False)

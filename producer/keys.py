@@ -16,7 +16,8 @@ key                        type        TTL                  written by          
                                                             NOMKSTREAM
 ``embq:stats:{model}``     hash        7 days, renewed      workers (tasks, texts, ``embq status``, tests
                                                             failed); producers
-                                                            (hits, misses)
+                                                            (hits, misses,
+                                                            l1_hits)
 ``embq:attempts:{task_id}`` hash       1 day                workers: starts,       the worker that runs
                                                             deaths, and the rows   the task again (its
                                                             of each pass in the    suspects of an engine
@@ -27,8 +28,13 @@ key                        type        TTL                  written by          
                                        renewed              beat: name, scored by  workers to read, without
                                                             its expiry time        a SCAN of the keyspace)
 ``embq:signature:{ns}:{model}`` string ``cache_ttl``,       the first worker of    every worker at start
-                                       renewed by every     the model (SET NX):    and at each heartbeat
-                                       heartbeat            JSON, see below
+                                       renewed by every     the model (SET NX):    and at each heartbeat;
+                                       heartbeat            JSON, see below        producers (dimension,
+                                                                                   L1 epoch)
+``embq:generation``        string      ``cache_ttl``        ``embq cache clear``   producers, with the
+                                                            (SET, a new random     signature, at most
+                                                            value, after the       every second while
+                                                            vectors are gone)      their L1 is in use
 ``embq.{model}``           list        none (broker key)    producers (Celery):    workers (Celery),
 ``embq.{model}@{ns}``                                       interactive tasks      first
                                                             (``@{ns}``: another
@@ -110,6 +116,9 @@ WORKERS = f"{PREFIX}:workers"
 SIGNATURE = f"{PREFIX}:signature:"
 #: What ``embq cache clear`` removes: the vectors and what says which engine made them.
 CACHE_PATTERNS = (VECTOR + "*", SIGNATURE + "*")
+#: A new value at every ``embq cache clear``: running producers empty their in-process L1
+#: (``embq.producer.l1``) when it changes, or vanishes (a flushed Redis). Matches no ``CACHE_PATTERNS``.
+GENERATION = f"{PREFIX}:generation"
 
 #: Seconds the worker's statistics hash lives after its last update.
 STATS_TTL = 7 * 24 * 3600

@@ -6,7 +6,12 @@ start_http_server``) shows them with no further code.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from embq.producer import l1
 
 CACHE_HITS = Counter("embq_client_cache_hits", "Unique texts of a call found in the cache", ["model"])
 CACHE_MISSES = Counter("embq_client_cache_misses", "Unique texts of a call not in the cache", ["model"])
@@ -32,3 +37,32 @@ def count_call(model: str, cached: int, computed: int, waited: int, failed: int,
     TEXTS_WAITED.labels(model).inc(waited)
     if missed:
         WAIT_SECONDS.labels(model).observe(seconds)
+
+
+class L1Collector:
+    """The L1 counters of every client in the process (``embq.producer.l1.live``), summed by model and
+    read at scrape time: the hot path counts with plain integers under the lock it already holds."""
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, list[int]] = {}
+        for cache in l1.live():
+            s = cache.stats()
+            row = totals.setdefault(cache.model, [0] * 6)
+            for i, value in enumerate((s.hits, s.misses, s.evictions, s.invalidations, s.bytes, s.entries)):
+                row[i] += value
+        labels = ["model"]
+        families: list[CounterMetricFamily | GaugeMetricFamily] = [
+            CounterMetricFamily("embq_client_l1_hits", "Texts answered from the in-process L1", labels=labels),
+            CounterMetricFamily("embq_client_l1_misses", "Texts looked up in the L1 and not found", labels=labels),
+            CounterMetricFamily("embq_client_l1_evictions", "L1 entries evicted to stay in bounds", labels=labels),
+            CounterMetricFamily("embq_client_l1_invalidations", "Times the L1 was emptied", labels=labels),
+            GaugeMetricFamily("embq_client_l1_bytes", "Bytes the L1 holds (bounded by EMBQ_L1_BYTES)", labels=labels),
+            GaugeMetricFamily("embq_client_l1_entries", "Vectors the L1 holds", labels=labels),
+        ]
+        for model, row in totals.items():
+            for family, value in zip(families, row, strict=True):
+                family.add_metric([model], value)
+        yield from families
+
+
+REGISTRY.register(L1Collector())

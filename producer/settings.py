@@ -82,6 +82,10 @@ class Settings:
     #: Seconds without progress (none of ours answered, no worker of the model embedding) before a
     #: producer says so in its log.
     stall_warning_seconds: float = 60.0
+    #: Bytes of vectors each client keeps in its own memory, in front of Redis (``embq.producer.l1``):
+    #: hot texts are then answered without a Redis command. A vector costs 4 x its dimension plus
+    #: ~400 bytes (64 MiB: ~40,000 vectors of 384 floats, ~15,000 of 1,024); 0 turns the L1 off.
+    l1_bytes: int = dataclasses.field(default=64 << 20, metadata={"zero_means": "no in-process cache"})
 
     def __post_init__(self) -> None:
         for name in ("redis_url", "broker_url", "cache_url"):
@@ -165,6 +169,7 @@ ENV_NAMES: dict[str, str] = {
     "task_seconds": "EMBQ_TASK_SECONDS",
     "unknown_model_grace": "EMBQ_UNKNOWN_MODEL_GRACE",
     "stall_warning_seconds": "EMBQ_STALL_WARNING_SECONDS",
+    "l1_bytes": "EMBQ_L1_BYTES",
 }
 
 

@@ -9,12 +9,15 @@ FLUSHALL, never a broker key, never the statistics.
 One model's vectors cannot be told apart from another's: a key is a hash of
 model, namespace, instruction and text, and a value holds only the vector. So
 there is no per-model clear; a model's vectors expire after ``EMBQ_CACHE_TTL``,
-and a new ``EMBQ_CACHE_NAMESPACE`` starts every model afresh.
+and a new ``EMBQ_CACHE_NAMESPACE`` starts every model afresh. Running producers
+hold vectors in their own memory too (``embq.producer.l1``): the clear gives the
+cache a new generation, and they drop those within a few seconds.
 """
 
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +31,11 @@ from embq.worker.home import HomeLock
 STEP = 1000
 
 
-def clear_keys(cache: CacheClient) -> int:
+def clear_keys(cache: CacheClient, ttl: int = Settings.cache_ttl) -> int:
     """UNLINK every key of ``CACHE_PATTERNS``; returns how many went. On a cluster SCAN visits every
-    master and UNLINK is split by slot (redis-py's cluster client)."""
+    master and UNLINK is split by slot (redis-py's cluster client). Then a new ``keys.GENERATION``
+    (after the vectors are gone, so that no producer reads an old vector under the new one): running
+    producers empty their L1 within seconds."""
     removed = 0
     for pattern in keys.CACHE_PATTERNS:
         found: list[bytes] = []
@@ -41,6 +46,7 @@ def clear_keys(cache: CacheClient) -> int:
                 found = []
         if found:
             removed += int(cache.unlink(*found))  # type: ignore[arg-type]
+    cache.set(keys.GENERATION, uuid.uuid4().hex, ex=ttl)
     return removed
 
 
@@ -48,7 +54,7 @@ def clear_configured(settings: Settings, say: Callable[[str], None]) -> None:
     with backend_errors("cache", settings.cache):
         cache = connect_cache(settings.cache)
         try:
-            removed = clear_keys(cache)
+            removed = clear_keys(cache, settings.cache_ttl)
         finally:
             cache.close()
     say(f"removed {removed:,} cache keys from {redact(settings.cache)}")

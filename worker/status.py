@@ -2,7 +2,9 @@
 
 The hit rate per model is embq's own: the share of texts producers asked for
 that were already cached (producers count ``hits`` and ``misses`` into the
-model's stats hash). Redis's keyspace counter is shown too, named as what it is:
+model's stats hash, and ``l1_hits``, the texts their in-process L1 answered,
+reported with their next round trip: within a few seconds while they are busy,
+and when they close). Redis's keyspace counter is shown too, named as what it is:
 every lookup of that Redis, embq's markers and queues included.
 """
 
@@ -54,8 +56,9 @@ def served(worker: dict[str, str]) -> str:
 
 
 def hit_rate(counts: dict[str, Any]) -> str:
-    """``hits / (hits + misses)``, or ``n/a`` before the first lookup."""
-    hits, misses = int(counts.get("hits", 0)), int(counts.get("misses", 0))
+    """``hits / (hits + misses)``, or ``n/a`` before the first lookup; hits of both levels, the producers'
+    in-process L1 (``l1_hits``) and Redis."""
+    hits, misses = int(counts.get("hits", 0)) + int(counts.get("l1_hits", 0)), int(counts.get("misses", 0))
     return f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
 
 
@@ -128,6 +131,14 @@ def render_status(settings: Settings) -> str:
     )
     for model in unserved:
         lines.append(f"  (!) {model}: tasks queued and no worker online")
+    for model in sorted(stats):
+        l1_hits = int(stats[model].get("l1_hits", 0))
+        if l1_hits:
+            hits = l1_hits + int(stats[model].get("hits", 0))
+            lines.append(
+                f"  {model}: {l1_hits:,} of {hits:,} hits answered from producers' own memory (L1), "
+                "without a Redis command"
+            )
     lines += ["", f"workers online: {len(workers)}"]
     now = time.time()
     for name, w in sorted(workers.items()):
