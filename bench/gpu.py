@@ -28,9 +28,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.direct import compare
 from bench.texts import make_texts
-from tests.sglang_cpu.model import build_sentence_transformer
 
 log = logging.getLogger("bench.gpu")
 
@@ -79,9 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--packed", action="store_true", help="the worker runs packed passes (EMBQ_PACKED_PASSES=1; flex attention)"
     )
+    parser.add_argument(
+        "--simulate",
+        nargs="+",
+        choices=["0.6b", "4b", "tiny"],
+        help="no GPU: a hash worker on a simulated H200 at these shapes' rates (bench.simulated)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.simulate:
+        return run_simulated(args.simulate, packed=args.packed, count=args.texts)
     import torch
+
+    from bench.direct import compare
+    from tests.sglang_cpu.model import build_sentence_transformer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -103,6 +112,19 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(path, ignore_errors=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def run_simulated(shapes: list[str], *, packed: bool, count: int | None) -> int:
+    from bench.simulated import report, simulate
+
+    simulations = []
+    for shape in shapes:
+        simulation = simulate(shape, packed=packed, count=count)
+        print("\n".join(simulation.lines()), flush=True)
+        simulations.append(simulation)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "simulated.json").write_text(report(simulations))
     return 0
 
 

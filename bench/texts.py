@@ -1,8 +1,11 @@
 """Deterministic benchmark texts: the same seed gives the same texts on every machine.
 
-Words are whole-word entries of the benchmark model's own vocabulary, so a word
-costs about one token, as in real prose; made-up words would split into many
-word pieces and make every text look several times longer to the model.
+Words are whole-word entries of the benchmark model's own vocabulary (MiniLM's
+``vocab.txt``: its first 8,000 alphabetic ASCII words of three letters or more,
+kept in ``words.txt`` beside this file so that a machine without the model can
+make the same texts), so a word costs about one token, as in real prose;
+made-up words would split into many word pieces and make every text look
+several times longer to the model.
 """
 
 from __future__ import annotations
@@ -11,16 +14,13 @@ import random
 from functools import cache
 from pathlib import Path
 
-from embq.worker.engines.sentence_transformers import resolve_model_path
-
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+WORDS = Path(__file__).with_name("words.txt")
 
 
 @cache
-def vocabulary(size: int = 8000) -> list[str]:
-    entries = (Path(resolve_model_path(MINILM)) / "vocab.txt").read_text(encoding="utf-8").split()
-    words = [w for w in entries if w.isascii() and w.isalpha() and len(w) >= 3]
-    return words[:size]
+def vocabulary() -> list[str]:
+    return WORDS.read_text(encoding="utf-8").split()
 
 
 def make_texts(count: int, *, seed: int, min_words: int = 5, max_words: int = 300) -> list[str]:

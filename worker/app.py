@@ -132,7 +132,10 @@ class Runtime:
             max_wait=s.batch_wait_ms / 1000,
             on_dead=self.on_engine_dead,
             on_pass=self.on_pass,
+            on_depth=self.bulk_slots.refresh,
+            backlog_seconds=s.backlog_seconds,
         )
+        self.bulk_slots.deep = self.batcher.bulk_deep
         self.batcher.start()
         metrics.ENGINE_LOADED.set(1)
         self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)

@@ -9,7 +9,12 @@ texts nearest it in length across all tasks, up to a budget of real tokens
 (padded: the longest times the texts, for engines that pad), after a short wait
 for company (after a long call, a small share of that call). Interactive texts
 (queries) form the next pass first, taking at most ``INTERACTIVE_SHARE`` of it
-while bulk texts wait; bulk texts fill the rest. A task's texts that nobody
+while bulk texts wait; bulk texts fill the rest, for a padded engine the densest
+run of lengths in the backlog (``Backlog.densest_pass``) unless the oldest bulk
+text is overdue (``DEADLINE_BACKLOGS``). The bulk backlog is kept deep: the worker
+takes bulk tasks while it holds less than ``PASSES_AHEAD`` passes' worth of
+texts, and never more than ``backlog_seconds`` of the engine's work
+(``bulk_deep``, which ``embq.worker.lanes`` asks). A task's texts that nobody
 waits for any more are withdrawn before they enter a pass (``unwanted``). It
 isolates failures:
 
@@ -56,6 +61,19 @@ WANTED_RECHECK = 1.0
 #: a steady load splits into two halves that alternate in half-full calls.
 LINGER_SHARE = 0.05
 LINGER_MAX = 0.05
+#: The bulk backlog the worker keeps: passes' worth of tokens, but at most this many seconds of the engine's
+#: work at its measured rate, so that a worker does not hoard what a newly started one could take, nor lose
+#: much when it dies. Forming near-equal passes needs many passes' worth to choose from.
+PASSES_AHEAD = 32
+#: Passes' worth held before the first pass has measured the engine's rate.
+START_PASSES = 8
+BACKLOG_SECONDS = 20.0  # the worker's ``backlog_seconds`` (EMBQ_BACKLOG_SECONDS)
+#: The oldest bulk text anchors the next pass, whatever its length (its task waits for it), once it has waited
+#: this many times ``backlog_seconds``: longer than a full backlog takes, so only a text whose length stays
+#: rare waits that long.
+DEADLINE_BACKLOGS = 2.0
+#: What a pass costs whatever its size, as a share of the pass budget: a tiny dense pass is no bargain.
+PASS_OVERHEAD_SHARE = 1 / 64
 
 
 class BatcherStopped(RuntimeError):
@@ -140,6 +158,8 @@ class Batcher:
         max_wait: float,
         on_dead: Callable[[str], None] | None = None,
         on_pass: Callable[[Call, bool], None] | None = None,
+        on_depth: Callable[[], None] | None = None,
+        backlog_seconds: float = BACKLOG_SECONDS,
     ) -> None:
         self.engine = engine
         #: Tokens per pass: padded (longest x texts) for engines that pad, else summed.
@@ -153,6 +173,10 @@ class Batcher:
         #: Told ``(call, True)`` before a pass enters the engine and ``(call, False)`` once it left it alive:
         #: a worker killed meanwhile leaves the mark of the texts that were inside (``embq.worker.app``).
         self.on_pass = on_pass
+        #: Told when the bulk backlog becomes deep enough or stops being so (``bulk_deep``).
+        self.on_depth = on_depth
+        self.backlog_seconds = backlog_seconds
+        self._deep = False
         self._marks_failing = False
         self.calls = 0
         self.texts_done = 0
@@ -229,6 +253,7 @@ class Batcher:
                 self._queued_texts += job.untaken
                 self._queued_tokens += sum(job.tokens[r] for r in rows)
                 self._cond.notify_all()
+                self._check_depth()
         while not job.done.wait(WANTED_RECHECK if unwanted is not None else None):
             self._withdraw_unwanted(job, unwanted)  # type: ignore[arg-type]
         if job.aborted:
@@ -259,6 +284,32 @@ class Batcher:
                 self._settle(job, 1)
             if job.untaken == 0:
                 self._jobs = deque(j for j in self._jobs if j.untaken)
+            self._check_depth()
+
+    def bulk_target(self) -> int:
+        """Tokens of bulk texts the worker wants waiting: ``PASSES_AHEAD`` passes, at most ``backlog_seconds``
+        of the engine's work at the rate measured so far (``START_PASSES`` passes before any)."""
+        if not self.busy_seconds or not self.tokens_done:
+            return START_PASSES * self.max_tokens
+        rate = self.tokens_done / self.busy_seconds
+        return max(self.max_tokens, min(PASSES_AHEAD * self.max_tokens, int(self.backlog_seconds * rate)))
+
+    def bulk_deep(self) -> bool:
+        """True while the bulk texts waiting are enough: the worker need not take more bulk tasks."""
+        return self._backlogs[BULK].tokens >= self.bulk_target()
+
+    def _check_depth(self) -> None:
+        """Tell ``on_depth`` when ``bulk_deep`` changed (lock held); the backlog's gauges."""
+        for lane, backlog in self._backlogs.items():
+            metrics.BACKLOG_TEXTS.labels(lane).set(backlog.texts)
+            metrics.BACKLOG_TOKENS.labels(lane).set(backlog.tokens)
+        target = self.bulk_target()
+        metrics.BACKLOG_TARGET_TOKENS.set(target)
+        deep = self._backlogs[BULK].tokens >= target
+        if deep != self._deep:
+            self._deep = deep
+            if self.on_depth is not None:
+                self.on_depth()
 
     def _prepare(self, job: Job) -> None:
         """The engine's tokens and inputs for the job's texts, on the caller's thread; texts it refuses
@@ -375,13 +426,19 @@ class Batcher:
             anchor = (bulk, bulk.oldest_waiting())
             used = self._cost(picks)
             if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
-                picks += self._backlogs[BULK].pass_around(
-                    anchor, self.max_tokens - used, self.max_texts - len(picks), self.padded
-                )
+                picks += self._bulk_pass(anchor, self.max_tokens - used, self.max_texts - len(picks))
         for pick_job, row in picks:
             self._backlogs[pick_job.lane].remove(pick_job, row)
+        self._check_depth()
         picks.sort(key=lambda pick: pick[0].tokens[pick[1]])  # for engines that cut a call into batches
         return self._call(picks, alone=False)
+
+    def _bulk_pass(self, anchor: tuple[Job, int], budget: int, most: int) -> list[tuple[Job, int]]:
+        """Bulk texts for a pass: around the oldest once it is due, else (padded) the densest run of lengths."""
+        backlog = self._backlogs[BULK]
+        if self.padded and time.monotonic() - anchor[0].arrived < DEADLINE_BACKLOGS * self.backlog_seconds:
+            return backlog.densest_pass(budget, most, overhead=int(self.max_tokens * PASS_OVERHEAD_SHARE))
+        return backlog.pass_around(anchor, budget, most, self.padded)
 
     def _call(self, picks: list[tuple[Job, int]], alone: bool) -> Call:
         """Take ``picks`` out of the waiting texts as one call (lock held)."""
@@ -452,6 +509,9 @@ class Batcher:
             metrics.TOKENS_EMBEDDED.inc(real)
         metrics.PASS_TOKENS.inc(real)
         metrics.PASS_PADDED_TOKENS.inc(padded)
+        log.debug(
+            "pass of %d texts, longest %d tokens: %.2f real/padded", len(call.tokens), max(call.tokens), real / padded
+        )
         with self._cond:
             self.tokens_done += real
             self.padded_done += padded

@@ -11,6 +11,12 @@ worker stops consuming the bulk queue (kombu's ``cancel_by_queue``, what
 The remaining slots are always free for interactive tasks, which the batcher
 then puts in its very next pass (``embq.worker.batcher``).
 
+The same switch keeps the bulk backlog deep but bounded: the worker also stops
+consuming bulk while the batcher says its bulk texts are enough (``deep``: many
+passes' worth, at most seconds of the engine's work), and consumes again as soon
+as they are not, long before they run out. Tasks left in the broker stay there
+for other workers (and count in the queue depth that autoscalers read).
+
 The consumer is changed on its own thread only (``Consumer.call_soon``), and
 each change is decided there from the current count, so no two threads race on
 kombu's state. A bulk message fetched just before a stop takes a slot beyond the
@@ -21,18 +27,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 class BulkSlots:
-    """Counts the bulk tasks a worker runs; keeps the bulk queue consumed while they are under ``limit``."""
+    """Counts the bulk tasks a worker runs; keeps the bulk queue consumed while they are under ``limit`` and
+    the bulk texts waiting are not ``deep`` enough."""
 
     def __init__(self, queue: str, limit: int) -> None:
         self.queue = queue
         self.limit = max(1, limit)
         self.held = 0
+        #: Whether the bulk texts waiting are enough (the batcher's ``bulk_deep``, once it exists).
+        self.deep: Callable[[], bool] = lambda: False
         self._lock = threading.Lock()
         self._consumer: Any = None
 
@@ -55,6 +65,10 @@ class BulkSlots:
         if crossed:
             self._schedule()
 
+    def refresh(self) -> None:
+        """``deep`` changed: bring the consumer in line."""
+        self._schedule()
+
     def _schedule(self) -> None:
         consumer = self._consumer
         if consumer is not None:
@@ -68,6 +82,7 @@ class BulkSlots:
             return
         with self._lock:
             room = self.held < self.limit
+        room = room and not self.deep()
         consuming = tasks.consuming_from(self.queue)
         if room and not consuming:
             tasks.add_queue(consumer.app.amqp.queues[self.queue])
@@ -75,4 +90,4 @@ class BulkSlots:
             log.debug("consuming %s again (%d bulk tasks held)", self.queue, self.held)
         elif not room and consuming:
             tasks.cancel_by_queue(self.queue)
-            log.debug("paused %s: bulk tasks hold %d slots", self.queue, self.held)
+            log.debug("paused %s: bulk tasks hold %d slots, deep=%s", self.queue, self.held, self.deep())

@@ -31,6 +31,14 @@ PASS_PADDED_TOKENS = Counter(
 ENGINE_BUSY_SECONDS = Counter(
     "embq_engine_busy_seconds", "Seconds with at least one pass in the engine: its rate is the device's busy share"
 )
+DEVICE_SECONDS = Counter(
+    "embq_device_seconds", "Device time of the passes, where the engine knows it (the hash engine's simulated device)"
+)
+BACKLOG_TEXTS = Gauge("embq_backlog_texts", "Texts the worker holds that no pass has taken yet", ["lane"])
+BACKLOG_TOKENS = Gauge("embq_backlog_tokens", "Tokens of those texts", ["lane"])
+BACKLOG_TARGET_TOKENS = Gauge(
+    "embq_backlog_target_tokens", "Bulk tokens the worker keeps waiting before it stops taking bulk tasks"
+)
 TEXTS_SKIPPED = Counter("embq_texts_already_cached", "Texts of a task found in the cache: no engine time spent")
 TEXTS_ABANDONED = Counter(
     "embq_texts_abandoned", "Texts of a task nobody waited for any more (timed out, cancelled, producer gone): skipped"

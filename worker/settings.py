@@ -22,12 +22,16 @@ class WorkerSettings:
     shared: Settings = field(default_factory=Settings)
     #: ``sglang`` on GPUs, ``sentence-transformers`` for development, ``hash`` for queue tests.
     engine: str = "sentence-transformers"
-    #: Tasks executed at once (Celery threads). Their texts are what the batcher
-    #: can coalesce, so it bounds the batch size under many small producers.
-    concurrency: int = 64
+    #: Tasks executed at once (Celery threads, each waiting for its texts). Their texts are what the batcher
+    #: can coalesce: the bulk backlog (passes' worth of texts, ``embq.worker.batcher.PASSES_AHEAD``) and the
+    #: queries of many small producers.
+    concurrency: int = 128
     #: Of those, the most bulk tasks may hold (``embq.worker.lanes``); the rest stay free for interactive
-    #: tasks. None: a quarter of ``concurrency``. Raise it on a GPU whose passes need a deeper backlog.
+    #: tasks. None: three quarters of ``concurrency``. The bulk backlog is bounded by its depth first.
     bulk_tasks: int | None = None
+    #: The most seconds of the engine's work (at its measured rate) the worker holds in bulk texts waiting for
+    #: a pass: deep enough to form near-equal passes, small enough that a newly started worker finds work.
+    backlog_seconds: float = 20.0
     #: Tokens per engine pass: the tokenizer's count where the engine has one (else characters / 4),
     #: padded (longest text x texts) for engines that pad. None takes the engine's choice for its
     #: device, logged at start (sentence-transformers: 2,048 on a CPU, 32,768 on a GPU; 16,384 for
@@ -54,6 +58,9 @@ class WorkerSettings:
     hash_dim: int = 384
     #: Seconds the hash engine spends per text, to load-test the queue against a slow model (0: none).
     hash_seconds_per_text: float = 0.0
+    #: A simulated device for the hash engine's passes (``embq.worker.engines.device``): a preset such as
+    #: ``h200-0.6b`` or ``h200-4b-packed``, or ``rate=TOKENS_PER_S,overhead=S``. None: passes take no time.
+    hash_device: str | None = None
     #: Weights dtype: ``auto`` takes the model's own (bfloat16 for Qwen3-Embedding).
     dtype: str = "auto"
     #: Let the engine run custom model code shipped with the checkpoint.
@@ -133,8 +140,8 @@ class WorkerSettings:
 
     @property
     def bulk_task_limit(self) -> int:
-        """Task slots bulk work may hold: ``bulk_tasks``, else a quarter of ``concurrency``."""
-        return min(self.concurrency, self.bulk_tasks or max(1, self.concurrency // 4))
+        """Task slots bulk work may hold: ``bulk_tasks``, else three quarters of ``concurrency``."""
+        return min(self.concurrency, self.bulk_tasks or max(1, self.concurrency * 3 // 4))
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword options for ``create_engine``; each engine takes the ones it knows."""
@@ -144,6 +151,7 @@ class WorkerSettings:
             "packed": self.packed_passes,
             "dim": self.hash_dim,
             "seconds_per_text": self.hash_seconds_per_text,
+            "simulated_device": self.hash_device,
             "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code,
             "truncate": self.truncate,
@@ -189,6 +197,7 @@ ENV_NAMES: dict[str, str] = {
     "engine": "EMBQ_ENGINE",
     "concurrency": "EMBQ_CONCURRENCY",
     "bulk_tasks": "EMBQ_BULK_TASKS",
+    "backlog_seconds": "EMBQ_BACKLOG_SECONDS",
     "batch_tokens": "EMBQ_BATCH_TOKENS",
     "batch_max_texts": "EMBQ_BATCH_MAX_TEXTS",
     "batch_wait_ms": "EMBQ_BATCH_WAIT_MS",
@@ -198,6 +207,7 @@ ENV_NAMES: dict[str, str] = {
     "packed_passes": "EMBQ_PACKED_PASSES",
     "hash_dim": "EMBQ_HASH_DIM",
     "hash_seconds_per_text": "EMBQ_HASH_SECONDS_PER_TEXT",
+    "hash_device": "EMBQ_HASH_DEVICE",
     "ready_file": "EMBQ_READY_FILE",
     "metrics_port": "EMBQ_METRICS_PORT",
     "redis_wait": "EMBQ_REDIS_WAIT",

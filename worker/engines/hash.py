@@ -1,7 +1,9 @@
 """Deterministic pseudo-vectors: for tests and load tests of the queue itself, never for production.
 
 A text's vector depends only on the text and the dimension, so a test can
-compute the exact expected array with ``hash_vector``.
+compute the exact expected array with ``hash_vector``. Given a simulated device
+(``simulated_device``, ``embq.worker.engines.device``), its passes take the time
+a GPU's would, so the queue's feed can be measured at GPU rates on any machine.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from embq.worker.engines import TextsAsTheyAre
+from embq.worker import metrics
+from embq.worker.engines import TextsAsTheyAre, estimate_tokens
+from embq.worker.engines.device import DeviceModel, Timeline, device_model
 
 
 def hash_vector(text: str, dim: int) -> np.ndarray:
@@ -21,6 +25,10 @@ def hash_vector(text: str, dim: int) -> np.ndarray:
     vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     vector /= np.linalg.norm(vector)
     return vector
+
+
+#: Budgets of a pass and passes in flight on a simulated device: those of a GPU worker.
+SIMULATED_PASS_TOKENS, SIMULATED_PASS_TEXTS, SIMULATED_CALLS = 65536, 2048, 2
 
 
 class HashEngine(TextsAsTheyAre):
@@ -41,6 +49,7 @@ class HashEngine(TextsAsTheyAre):
         max_tokens: int = 8192,
         instruction_template: str | None = None,
         seconds_per_text: float = 0.0,
+        simulated_device: str | None = None,
         **_: Any,
     ) -> None:
         self.model = model
@@ -49,6 +58,13 @@ class HashEngine(TextsAsTheyAre):
         self.max_tokens = max_tokens
         #: Time each call spends per text, as a model would: the queue tested against a slow engine.
         self.seconds_per_text = seconds_per_text
+        #: Passes timed as on this device, on one in-order timeline; the budgets of a GPU worker.
+        self.device: DeviceModel | None = device_model(simulated_device) if simulated_device else None
+        self.timeline = Timeline()
+        if self.device is not None:
+            self.pads = not self.device.packed
+            self.concurrent_calls = SIMULATED_CALLS
+            self.pass_tokens, self.pass_texts = SIMULATED_PASS_TOKENS, SIMULATED_PASS_TEXTS
 
     def checkpoint(self) -> str | None:
         """None needed: a vector depends only on the text and ``dim``."""
@@ -60,10 +76,21 @@ class HashEngine(TextsAsTheyAre):
     def encode(self, texts: list[str]) -> np.ndarray:
         if self.seconds_per_text:
             time.sleep(self.seconds_per_text * len(texts))
+        done_at = self._submit(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             out[row] = hash_vector(text, self.dim)
+        if done_at is not None:
+            self.timeline.wait(done_at)  # the host's work overlapped the device's, as with a real stream
         return out
+
+    def _submit(self, texts: list[str]) -> float | None:
+        """Queue the pass on the simulated device; returns when it will be done (None without a device)."""
+        if self.device is None:
+            return None
+        seconds = self.device.pass_seconds([estimate_tokens(t) for t in texts])
+        metrics.DEVICE_SECONDS.inc(seconds)
+        return self.timeline.submit(seconds)
 
     def healthy(self) -> bool:
         return True
