@@ -3,6 +3,9 @@ passes. Real Redis, real worker processes; assertions on behaviour (depths, toke
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -15,10 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.texts import make_texts
 from embq.producer import ConfigurationError, EmbeddingClient, keys
 from embq.worker.backlog import Backlog
+from embq.worker.batcher import Batcher
 from embq.worker.engines import estimate_tokens
 from embq.worker.engines.device import Timeline, device_model
-from embq.worker.engines.hash import SIMULATED_PASS_TEXTS, SIMULATED_PASS_TOKENS, hash_vector
-from embq.worker.local import LocalWorker, free_port
+from embq.worker.engines.hash import SIMULATED_PASS_TEXTS, SIMULATED_PASS_TOKENS, HashEngine, hash_vector
+from embq.worker.local import LocalWorker, free_port, wait_until
 
 MODEL = "hash/simulated"
 
@@ -185,3 +189,58 @@ def test_the_backlog_is_bounded_in_seconds_of_the_engines_work(
     steady = held[next(i for i, (tokens, target) in enumerate(held) if tokens <= target) :]
     task_tokens = 256 * sum(estimate_tokens(t) for t in texts) / len(texts)
     assert max(tokens - target for tokens, target in steady) <= 4 * task_tokens, (steady, task_tokens)
+
+
+class MemoryBoundEngine(HashEngine):
+    """The hash engine on a simulated device with room for 4,000 tokens a pass, recording each pass's size."""
+
+    def __init__(self) -> None:
+        super().__init__(MODEL, dim=16, simulated_device="rate=1000000000,overhead=0,memory=4000")
+        self.passes: list[int] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.passes.append(sum(estimate_tokens(t) for t in texts))
+        return super().encode(texts)
+
+
+def test_out_of_memory_lowers_the_pass_budget_so_later_passes_fit() -> None:
+    engine = MemoryBoundEngine()
+    batcher = Batcher(engine, max_tokens=65536, max_texts=2048, max_wait=0.01)
+    batcher.start()
+    try:
+        texts = make_texts(400, seed=15, max_words=60)
+        job = batcher.embed(texts)  # its first pass fails, and splits until the parts fit
+        first = len(engine.passes)
+        again = batcher.embed(make_texts(400, seed=16, max_words=60))
+    finally:
+        batcher.stop(timeout=10)
+    assert job.ok.all() and again.ok.all() and not job.errors
+    np.testing.assert_array_equal(job.matrix[7], hash_vector(texts[7], 16))
+    assert any(size > 4000 for size in engine.passes[:first])
+    assert batcher.max_tokens <= 4000 and "out of memory" in batcher.lowered
+    assert all(size <= 4000 for size in engine.passes[first:]), engine.passes  # the next job's passes all fit
+
+
+def test_a_worker_out_of_memory_says_so_in_its_metrics_and_status(
+    start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], redis_url: str
+) -> None:
+    port = free_port()
+    env = {"EMBQ_HASH_DEVICE": "rate=100000000,overhead=0,memory=20000", "EMBQ_METRICS_PORT": str(port)}
+    start_worker(MODEL, env=env)
+    texts = make_texts(2000, seed=17)
+    vectors = make_client(MODEL).embed(texts, timeout=120)
+    for row in range(0, len(texts), 101):
+        np.testing.assert_array_equal(vectors[row], hash_vector(texts[row], 384))
+    assert scrape(port)[("embq_pass_budget_tokens", "")] <= 20000
+
+    def shown() -> bool:
+        out = subprocess.run(
+            [sys.executable, "-m", "embq", "status"],
+            env={**os.environ, "EMBQ_REDIS_URL": redis_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        return "after out of memory" in out
+
+    wait_until(shown, 30, "embq status to show the lowered pass budget")

@@ -136,6 +136,7 @@ class Runtime:
             backlog_seconds=s.backlog_seconds,
         )
         self.bulk_slots.deep = self.batcher.bulk_deep
+        metrics.PASS_BUDGET_TOKENS.set(pass_tokens)
         self.batcher.start()
         metrics.ENGINE_LOADED.set(1)
         self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)
@@ -177,6 +178,8 @@ class Runtime:
             "busy": f"{busy / seconds:.3f}",
             "padding": f"{padded / tokens:.3f}" if tokens else "",
             "speed": f"{self._speed:.1f}" if self._speed else "",
+            "pass_tokens": str(batcher.max_tokens),
+            "pass_budget": batcher.lowered,
         }
 
     def set_ready(self, ready: bool) -> None:

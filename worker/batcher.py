@@ -19,7 +19,9 @@ waits for any more are withdrawn before they enter a pass (``unwanted``). It
 isolates failures:
 
 - texts the engine refuses (``EngineItemErrors``) fail alone, the rest go again;
-- out of memory splits the call in halves, and a lone text is retried with backoff;
+- out of memory splits the call in halves, and a lone text is retried with backoff; the pass
+  budget then drops to half the pass that failed (``lowered``), so later passes fit, and the
+  engine's allocator gives its cached blocks back (``release_memory``);
 - any other exception bisects the call until the texts that cause it fail alone;
 - a dead engine (``EngineDead``, or ``healthy()`` false after an error) aborts
   every waiting task so that its message goes back to the queue, and tells the
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 #: Retries of a lone text that ran out of memory, and the first backoff in seconds (doubling).
 OOM_RETRIES = 3
 OOM_BACKOFF = 0.5
+#: The least share of its starting budget an out-of-memory error may lower a pass to.
+OOM_FLOOR = 1 / 64
 #: Most of a pass interactive texts take while bulk texts wait: bulk keeps the rest of every pass
 #: under any load of queries, and queries still go in the very next pass.
 INTERACTIVE_SHARE = 0.5
@@ -162,8 +166,11 @@ class Batcher:
         backlog_seconds: float = BACKLOG_SECONDS,
     ) -> None:
         self.engine = engine
-        #: Tokens per pass: padded (longest x texts) for engines that pad, else summed.
+        #: Tokens per pass: padded (longest x texts) for engines that pad, else summed. Lowered after the
+        #: engine runs out of memory; ``lowered`` then says why, for the heartbeat.
         self.max_tokens = max_tokens
+        self.start_tokens = max_tokens
+        self.lowered = ""
         #: Texts per pass.
         self.max_texts = max_texts
         self.padded = bool(getattr(engine, "pads", False))
@@ -462,9 +469,7 @@ class Batcher:
     def _cost(self, picks: list[tuple[Job, int]]) -> int:
         """Tokens of a pass of ``picks``: padded (longest x texts) or summed."""
         sizes = [job.tokens[row] for job, row in picks]
-        if not sizes:
-            return 0
-        return max(sizes) * len(sizes) if self.padded else sum(sizes)
+        return self._cost_of(sizes) if sizes else 0
 
     def _full(self) -> bool:
         return self._queued_texts >= self.max_texts or self._queued_tokens >= self.max_tokens
@@ -504,7 +509,7 @@ class Batcher:
                 self._bisect(call)
             return
         real = sum(call.tokens)
-        padded = max(call.tokens) * len(call.tokens) if self.padded else real
+        padded = self._cost_of(call.tokens)
         if not self.engine.counts_tokens:
             metrics.TOKENS_EMBEDDED.inc(real)
         metrics.PASS_TOKENS.inc(real)
@@ -524,6 +529,10 @@ class Batcher:
 
     def _on_out_of_memory(self, call: Call, attempt: int, error: Exception) -> None:
         metrics.ERRORS.labels(metrics.OUT_OF_MEMORY).inc()
+        release = getattr(self.engine, "release_memory", None)
+        if release is not None:
+            release()
+        self._lower_budget(self._cost_of(call.tokens))
         if len(call.inputs) > 1:
             half = len(call.inputs) // 2
             log.warning("engine out of memory on %d texts; splitting into %d and %d", len(call.inputs), half, half)
@@ -535,6 +544,28 @@ class Batcher:
             self._encode(call, attempt + 1)
         else:
             self._fail(call.jobs[0], call.rows[0], f"out of memory even alone, after {OOM_RETRIES} retries: {error}")
+
+    def _lower_budget(self, failed: int) -> None:
+        """Passes of ``failed`` tokens ran out of memory: later ones take at most half that, so that they fit
+        rather than each failing and splitting again."""
+        with self._cond:
+            budget = max(int(self.start_tokens * OOM_FLOOR), failed // 2, 1)
+            if budget >= self.max_tokens:
+                return
+            was, self.max_tokens = self.max_tokens, budget
+            self.lowered = f"lowered from {self.start_tokens} after out of memory on a pass of {failed} tokens"
+        metrics.PASS_BUDGET_TOKENS.set(budget)
+        log.warning(
+            "engine out of memory on a pass of %d tokens: passes now take at most %d tokens (were %d). "
+            "Set EMBQ_BATCH_TOKENS to choose; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lessens "
+            "fragmentation",
+            failed,
+            budget,
+            was,
+        )
+
+    def _cost_of(self, tokens: list[int]) -> int:
+        return max(tokens) * len(tokens) if self.padded else sum(tokens)
 
     def _place(self, call: Call, vectors: np.ndarray) -> None:
         """Hand each task its rows: one numpy copy and one lock per task, not per text."""

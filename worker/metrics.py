@@ -39,6 +39,7 @@ BACKLOG_TOKENS = Gauge("embq_backlog_tokens", "Tokens of those texts", ["lane"])
 BACKLOG_TARGET_TOKENS = Gauge(
     "embq_backlog_target_tokens", "Bulk tokens the worker keeps waiting before it stops taking bulk tasks"
 )
+PASS_BUDGET_TOKENS = Gauge("embq_pass_budget_tokens", "Tokens a pass may take now (lowered after out of memory)")
 TEXTS_SKIPPED = Counter("embq_texts_already_cached", "Texts of a task found in the cache: no engine time spent")
 TEXTS_ABANDONED = Counter(
     "embq_texts_abandoned", "Texts of a task nobody waited for any more (timed out, cancelled, producer gone): skipped"

@@ -155,6 +155,8 @@ def render_status(settings: Settings) -> str:
                 f"    now: {float(w['texts_per_s']):,.1f} texts/s, {float(w.get('tokens_per_s', 0)):,.0f} tokens/s, "
                 f"engine busy {float(w.get('busy', 0)):.0%}{padding}"
             )
+        if w.get("pass_budget"):
+            lines.append(f"    passes of at most {w.get('pass_tokens', '?')} tokens: {w['pass_budget']}")
     keyspace = {"hits": info.get("keyspace_hits", 0), "misses": info.get("keyspace_misses", 0)}
     lines += [
         "",

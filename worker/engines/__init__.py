@@ -62,7 +62,8 @@ class Engine(Protocol):
     ``EngineDead`` when the engine can serve no more, and anything else for a
     failure the batcher isolates by splitting the call. The batcher calls
     ``prepare`` once per task and ``encode_prepared`` once per pass, with the
-    inputs ``prepare`` made.
+    inputs ``prepare`` made. An engine on a device with an allocator may add
+    ``release_memory()``: the batcher calls it after an out-of-memory error.
     """
 
     name: str

@@ -39,6 +39,8 @@ class DeviceModel:
     attention_tokens: float
     #: Packed passes (each text its own length) rather than padded ones (the longest for every text).
     packed: bool = False
+    #: Most tokens a pass may compute (padding included) before the device runs out of memory; 0: no limit.
+    memory_tokens: int = 0
 
     def pass_seconds(self, tokens: Sequence[int]) -> float:
         if not tokens:
@@ -54,6 +56,18 @@ class DeviceModel:
         """The tokens the device computes for a pass: padding included unless packed."""
         return sum(tokens) if self.packed else max(tokens, default=0) * len(tokens)
 
+    def check_memory(self, tokens: Sequence[int]) -> None:
+        """Raise as CUDA does when a pass needs more memory than the device has."""
+        needed = self.padded_tokens(tokens)
+        if self.memory_tokens and needed > self.memory_tokens:
+            raise OutOfMemoryError(
+                f"CUDA out of memory (simulated): a pass of {needed} tokens, room for {self.memory_tokens}"
+            )
+
+
+class OutOfMemoryError(RuntimeError):
+    """What the simulated device raises; named as torch's, which the batcher recognises by name."""
+
 
 #: Qwen3-Embedding-class models on an H200 in bf16 (rates of the first measurements there), and a device
 #: infinitely fast, which leaves the host's own cost alone. ``-packed`` after a name packs its passes.
@@ -66,7 +80,7 @@ DEVICES: dict[str, DeviceModel] = {
 
 def device_model(spec: str) -> DeviceModel:
     """A preset by name (``h200-0.6b``, ``h200-4b``, ``instant``; ``-packed`` appended packs its passes), or
-    ``rate=TOKENS_PER_S,overhead=S[,attention=TOKENS][,packed=1]``."""
+    ``rate=TOKENS_PER_S,overhead=S[,attention=TOKENS][,packed=1][,memory=TOKENS]``."""
     packed = spec.endswith("-packed")
     name = spec.removesuffix("-packed")
     if name in DEVICES:
@@ -80,6 +94,7 @@ def device_model(spec: str) -> DeviceModel:
             pass_overhead=float(fields.pop("overhead", 0.0)),
             attention_tokens=float(fields.pop("attention", 8192)),
             packed=fields.pop("packed", "0") in {"1", "true", "yes"},
+            memory_tokens=int(fields.pop("memory", 0)),
         )
         if fields:
             raise ValueError(f"unknown fields {', '.join(sorted(fields))}")
@@ -87,7 +102,7 @@ def device_model(spec: str) -> DeviceModel:
     except (KeyError, ValueError) as e:
         raise ConfigurationError(
             f"EMBQ_HASH_DEVICE={spec!r} is neither a preset ({', '.join(DEVICES)}, each with an optional "
-            f"-packed) nor rate=TOKENS_PER_S,overhead=SECONDS[,attention=TOKENS][,packed=1] ({e})"
+            f"-packed) nor rate=TOKENS_PER_S,overhead=SECONDS[,attention=TOKENS][,packed=1][,memory=TOKENS] ({e})"
         ) from e
 
 

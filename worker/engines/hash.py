@@ -88,7 +88,9 @@ class HashEngine(TextsAsTheyAre):
         """Queue the pass on the simulated device; returns when it will be done (None without a device)."""
         if self.device is None:
             return None
-        seconds = self.device.pass_seconds([estimate_tokens(t) for t in texts])
+        tokens = [estimate_tokens(t) for t in texts]
+        self.device.check_memory(tokens)
+        seconds = self.device.pass_seconds(tokens)
         metrics.DEVICE_SECONDS.inc(seconds)
         return self.timeline.submit(seconds)
 

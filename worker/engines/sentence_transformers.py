@@ -331,6 +331,14 @@ class SentenceTransformersEngine:
     def healthy(self) -> bool:
         return self._model is not None
 
+    def release_memory(self) -> None:
+        """After out of memory: the allocator's cached blocks go back to the device, so that the smaller
+        passes that follow find them."""
+        if self._model is not None and self._model.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
         self._model = None
 
