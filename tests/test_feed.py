@@ -3,9 +3,6 @@ passes. Real Redis, real worker processes; assertions on behaviour (depths, toke
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +20,7 @@ from embq.worker.engines import estimate_tokens
 from embq.worker.engines.device import Timeline, device_model
 from embq.worker.engines.hash import SIMULATED_PASS_TEXTS, SIMULATED_PASS_TOKENS, HashEngine, hash_vector
 from embq.worker.local import LocalWorker, free_port, wait_until
+from tests.test_status import status
 
 MODEL = "hash/simulated"
 
@@ -234,13 +232,6 @@ def test_a_worker_out_of_memory_says_so_in_its_metrics_and_status(
     assert scrape(port)[("embq_pass_budget_tokens", "")] <= 20000
 
     def shown() -> bool:
-        out = subprocess.run(
-            [sys.executable, "-m", "embq", "status"],
-            env={**os.environ, "EMBQ_REDIS_URL": redis_url},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        return "after out of memory" in out
+        return "after out of memory" in status(redis_url)
 
     wait_until(shown, 30, "embq status to show the lowered pass budget")
