@@ -64,7 +64,8 @@ def bundle(target: Path, python_version: str) -> str:
         else:
             (sources / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, sources / name)
-    relative = target.resolve().relative_to(Path.cwd().resolve()) if target.resolve().is_relative_to(Path.cwd()) else target
+    here = Path.cwd().resolve()
+    relative = target.resolve().relative_to(here) if target.resolve().is_relative_to(here) else target
     site = "/tmp/embq-bench-site"
     return (
         f"python3 -m pip install -q --no-index --no-deps --no-compile --target {site} {relative}/whl/*.whl && "

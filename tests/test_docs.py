@@ -70,9 +70,9 @@ def test_the_service_quickstart_works_as_written(tmp_path: Path) -> None:
         for default, port in ports.items():
             line = line.replace(f"--port {default}", f"--port {port}").replace(f":{default}", f":{port}")
         script.append(line)
-        port = re.search(r"--port (\d+) .*&", line)
-        if port and "embq redis" in line or port and "embq serve" in line:
-            script.append(f"{sys.executable} -c 'from tests.test_docs import wait_for_port; wait_for_port({port[1]}, 120)'")
+        server = re.search(r"embq (?:redis|serve) .*--port (\d+) .*&", line)
+        if server:
+            script.append(f"{sys.executable} -c 'import tests.test_docs as t; t.wait_for_port({server[1]}, 120)'")
     env = {**os.environ, "EMBQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     for name in ("EMBQ_REDIS_URL", "EMBQ_BROKER_URL", "EMBQ_CACHE_URL", "EMBQ_API_KEYS"):
         env.pop(name, None)
