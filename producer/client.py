@@ -85,7 +85,8 @@ class EmbeddingClient:
         ``timeout`` (seconds) bounds the wait for workers; None waits as long as
         the work is alive (lost tasks are sent again, dead producers' texts taken over).
         ``priority`` is the call's lane: ``"interactive"`` goes ahead of ``"bulk"`` work on the same
-        workers; None decides by size (at most ``EMBQ_INTERACTIVE_MAX_TEXTS`` texts: interactive).
+        workers; None decides by size (at most ``EMBQ_INTERACTIVE_MAX_TEXTS`` texts: interactive). A call of
+        more than ``EMBQ_INTERACTIVE_CAP_TEXTS`` texts is bulk whatever its ``priority``.
         An empty list gives shape ``(0, dim)``, else ``(0, d)`` with the model's dimension once a
         worker of it has run, else ``(0, 0)``.
         """

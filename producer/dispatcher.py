@@ -14,11 +14,12 @@ of a million texts has its first task queued at once and never holds more than
 a window of claims.
 
 Calls go in one of two lanes (``keys.INTERACTIVE``, ``keys.BULK``): interactive
-calls are admitted before bulk ones and past the window, and their texts go in
-tasks of the interactive queue; bulk tasks are sized to what the model's slowest
-worker embeds in ``task_seconds`` (workers publish their rate in their
-heartbeat). A call that times out, or is cancelled, releases the claims of the
-texts only it wanted, so that workers skip them. Until a worker serves the model
+calls are admitted before bulk ones, past the bulk window but through their own
+(``interactive_cap_texts``), and their texts go in tasks of the interactive
+queue; bulk tasks are sized to what the model's slowest worker embeds in
+``task_seconds`` (workers publish their rate in their heartbeat). A call that
+times out, or is cancelled, releases the claims of the texts only it wanted, so
+that workers skip them. Until a worker serves the model
 or has served it, nothing is claimed or sent; after ``unknown_model_grace``
 seconds of neither, the calls fail with ``ModelNotServedError``.
 """
@@ -250,13 +251,13 @@ class Dispatcher:
         if time.monotonic() >= self.next_tick:  # first: after a quiet spell our liveness must hold before we claim
             yield from self._tick()
             self.next_tick = time.monotonic() + self.tick
-        while self.active and (len(self.entries) < self.settings.inflight_texts or self.active[0].lane != BULK):
-            yield from self._admit()  # interactive calls are admitted past the window: they are small
+        while self._admissible():
+            yield from self._admit()
         if self.recheck:
             digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
             yield from self._claim(digests, count=False)
         yield from self._drop_expired(time.monotonic())
-        if self.inbox or (self.active and len(self.entries) < self.settings.inflight_texts):
+        if self.inbox or self._admissible():
             if self.tasks:  # a steady stream of new calls must not keep the notices of sent tasks unread
                 response = yield Read(self.last_id, 0)
                 if response:
@@ -310,17 +311,38 @@ class Dispatcher:
 
     # -- admitting and claiming -------------------------------------------------------------
 
+    def _interactive_in_flight(self) -> int:
+        """Rows of interactive calls admitted and not answered yet."""
+        return sum(
+            c.admitted - (len(c.texts) - c.remaining) for c in self.calls if c.lane == INTERACTIVE and not c.finished
+        )
+
+    def _room(self, lane: str) -> int:
+        """Texts the window of ``lane`` admits now: interactive calls have their own window
+        (``interactive_cap_texts``), admitted past the bulk one, so that queries never wait for a
+        backfill's window nor one caller's queries for everyone's."""
+        if lane == BULK:
+            return self.settings.inflight_texts - len(self.entries)
+        return self.settings.interactive_cap_texts - self._interactive_in_flight()
+
+    def _admissible(self) -> bool:
+        while self.active and self.active[0].finished:
+            self.active.popleft()
+        return bool(self.active) and self._room(self.active[0].lane) > 0
+
     def _admit(self) -> Generator[Op, Any, None]:
         """The next texts of the active calls: those cached are placed at once (one MGET, no script);
         the others wait in entries, and those no entry had yet are claimed."""
-        room = self.settings.inflight_texts - len(self.entries)
-        budget = min(CLAIM_CHUNK, room if self.active[0].lane == BULK else max(room, CLAIM_CHUNK))
+        lane = self.active[0].lane
+        budget = min(CLAIM_CHUNK, self._room(lane))
         pieces: list[Piece] = []
         while self.active and budget > 0:
             call = self.active[0]
             if call.finished:
                 self.active.popleft()
                 continue
+            if call.lane != lane:  # the other window: the next round
+                break
             start = call.admitted
             end = min(len(call.texts), start + budget)
             texts = call.texts[start:end]

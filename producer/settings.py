@@ -73,6 +73,10 @@ class Settings:
     #: ``embed`` calls of at most this many texts go in the interactive lane, ahead of bulk work
     #: (larger calls, ``embed_iter``, ``embq embed``); a call's ``priority`` overrides it.
     interactive_max_texts: int = 128
+    #: Interactive is for queries: a call of more texts goes bulk whatever its ``priority`` (logged
+    #: once), and one client holds at most this many interactive texts in flight (more calls wait
+    #: in it, in arrival order), so that no caller holds the lane. Above the gateway's request size.
+    interactive_cap_texts: int = 2048
     #: Engine seconds a bulk task should take on the model's slowest worker: tasks shrink to what
     #: its workers embed in that time (they publish their rate), so that none runs for a minute.
     task_seconds: float = 2.0
@@ -166,6 +170,7 @@ ENV_NAMES: dict[str, str] = {
     "inflight_texts": "EMBQ_INFLIGHT_TEXTS",
     "coalesce_ms": "EMBQ_COALESCE_MS",
     "interactive_max_texts": "EMBQ_INTERACTIVE_MAX_TEXTS",
+    "interactive_cap_texts": "EMBQ_INTERACTIVE_CAP_TEXTS",
     "task_seconds": "EMBQ_TASK_SECONDS",
     "unknown_model_grace": "EMBQ_UNKNOWN_MODEL_GRACE",
     "stall_warning_seconds": "EMBQ_STALL_WARNING_SECONDS",
