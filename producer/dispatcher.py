@@ -27,6 +27,7 @@ seconds of neither, the calls fail with ``ModelNotServedError``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -622,14 +623,34 @@ class Dispatcher:
         if self.entries or self.active:
             self._learn_from_workers((yield from self._look_at_workers()))
         if self.entries and time.monotonic() - self.last_progress >= self.settings.stall_warning_seconds:
+            stalled = time.monotonic() - self.last_progress
+            deaths = yield from self._recent_deaths(stalled)
             log.warning(
                 "%d texts still pending with no progress for %.0fs (no worker of the model embedded "
-                "anything): is a worker consuming queues %s?",
+                "anything): is a worker consuming queues %s?%s",
                 len(self.entries),
-                time.monotonic() - self.last_progress,
+                stalled,
                 " and ".join(repr(q) for q in self.settings.queues),
+                f" Workers died meanwhile: {deaths}." if deaths else "",
             )
             self.last_progress = time.monotonic()
+
+    def _recent_deaths(self, seconds: float) -> Generator[Op, Any, str]:
+        """Workers declared dead in the last ``seconds`` (``embq.worker.holdings``) that held tasks of our
+        queues, and what went back to each queue, in words; "" when none."""
+        try:
+            (raw,) = yield Redis("broker", [("HGETALL", keys.RECLAIMED)])
+        except redis.exceptions.RedisError:
+            return ""
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        said = []
+        for worker, record in pairs:
+            facts = json.loads(record)
+            queues = {q: n for q, n in facts.get("queues", {}).items() if q in self.settings.queues}
+            if queues and facts.get("at", 0) >= time.time() - seconds:
+                sent = ", ".join(f"{n} tasks back to {q!r}" for q, n in queues.items())
+                said.append(f"{_text(worker)} ({sent})")
+        return "; ".join(said)
 
     # -- the model's workers ----------------------------------------------------------------
 

@@ -43,6 +43,17 @@ key                        type        TTL                  written by          
                                                                                    bulk share of slots
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
+``embq:holding:{host:pid}`` hash       none (broker key;    the worker: delivery   every worker, at each
+                                       deleted at a stop    tag -> queue of what   renewal: a lapsed lease
+                                       or a reclaim)        it took; ``~until``,   sends its tags back to
+                                                            its lease (1 s)        their queues
+``embq:holders``           set         none (broker key)    workers (their names)  every worker (reclaim)
+``embq:dead-workers``      sorted set  none (broker key;    the reclaim: name,     each worker, at each
+                                       pruned after 1 day)  scored by time         renewal (declared dead:
+                                                                                   exit)
+``embq:reclaimed``         hash        none (broker key;    the reclaim: name ->   producers' stall
+                                       pruned after 1 day)  JSON of the tasks it   warnings
+                                                            sent back, per queue
 =========================  ==========  ===================  =====================  ======================
 
 ``embq:watch:{embq:v:D}``: ``D`` is the digest, and the vector key in braces is
@@ -110,6 +121,13 @@ BULK = "bulk"
 LANES = (INTERACTIVE, BULK)
 
 ATTEMPTS = f"{PREFIX}:attempts:"
+#: What each worker holds in the broker, its lease, and the workers whose lease lapsed
+#: (``embq.worker.holdings``).
+HOLDING = f"{PREFIX}:holding:"
+HOLDERS = f"{PREFIX}:holders"
+DEAD_WORKERS = f"{PREFIX}:dead-workers"
+#: Per dead worker: what went back to which queue (JSON), for producers' stall warnings.
+RECLAIMED = f"{PREFIX}:reclaimed"
 WORKER = f"{PREFIX}:worker:"
 #: Index of the heartbeat hashes: readers fetch O(workers) keys, never SCAN millions of vectors.
 WORKERS = f"{PREFIX}:workers"
@@ -183,6 +201,11 @@ def stats_key(model: str) -> str:
 
 def attempts_key(task_id: str) -> str:
     return ATTEMPTS + task_id
+
+
+def holding_key(name: str) -> str:
+    """In the broker: the unacked messages worker ``name`` holds (delivery tag -> queue) and its lease."""
+    return HOLDING + name
 
 
 def worker_key(name: str) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from embq.worker import kombu_fixes, metrics
 from embq.worker.batcher import Batcher, BatcherStopped, Call
 from embq.worker.engines import Engine, create_engine
 from embq.worker.heartbeat import Heartbeat
+from embq.worker.holdings import Holdings
 from embq.worker.lanes import BulkSlots
 from embq.worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
 from embq.worker.settings import WorkerSettings
@@ -86,6 +89,8 @@ class Runtime:
         self._left: list[tuple[str, str]] = []
         self._marks = threading.Lock()
         self.heartbeat: Heartbeat | None = None
+        #: What this worker holds in the broker, under a lease: a dead worker's tasks back in seconds.
+        self.holdings: Holdings | None = None
         self.bulk_slots = BulkSlots(settings.shared.queues[1], settings.bulk_task_limit)
         #: Texts per second of engine time, as last measured (0 before any): the ``speed`` of the heartbeat.
         self._speed = 0.0
@@ -103,6 +108,8 @@ class Runtime:
             wait_for_redis("cache", s.shared.cache, s.redis_wait)
         check_eviction_policy(s)
         self._open_cache()
+        self.holdings = Holdings(s.shared.broker, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        self.holdings.start()
         keep_task_buffers_in_heap()
         # Online while loading (not ready): producers then know the model is being served, and wait.
         fields = {"model": s.shared.model, "namespace": s.shared.cache_namespace, "engine": s.engine}
@@ -242,6 +249,8 @@ class Runtime:
         self.set_ready(False)
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.holdings is not None:
+            self.holdings.stop()
         if self.batcher is not None:
             self.batcher.stop(timeout=60)
         if self.engine is not None:
@@ -496,6 +505,19 @@ def create_app(settings: WorkerSettings) -> Celery:
 
         signal.signal(signal.SIGINT, on_interrupt)
 
+    def on_received(sender: Any, request: Any = None, **_: Any) -> None:
+        holdings = runtime.holdings
+        if holdings is None or request is None or sender.app is not app:
+            return
+        tag = getattr(request.message, "delivery_tag", None)
+        queue = (request.delivery_info or {}).get("routing_key")
+        if tag and queue:
+            holdings.took(request.id, str(tag), queue)
+
+    def on_postrun(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        if runtime.holdings is not None and getattr(sender, "app", None) is app:
+            runtime.holdings.left(task_id)
+
     def on_shutdown(sender: Any, **_: Any) -> None:
         # Celery stops with exitcode 1 after an "Unrecoverable error" but its CLI exits 0: a supervisor
         # must see that this worker died, so the status is kept for ``embq worker`` to exit with.
@@ -509,4 +531,6 @@ def create_app(settings: WorkerSettings) -> Celery:
     signals.worker_init.connect(on_init, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
+    signals.task_received.connect(on_received, weak=False)
+    signals.task_postrun.connect(on_postrun, weak=False)
     return app
