@@ -112,7 +112,7 @@ def test_the_token_budget_splits_calls(engine: ObservedEngine) -> None:
     b = Batcher(engine, max_tokens=60, max_texts=1000, max_wait=0.0)
     b.start()
     try:
-        job = b.embed(["y" * 100] * 10)  # ~27 estimated tokens each
+        job = b.embed([f"{i}" + "y" * 99 for i in range(10)])  # ~27 estimated tokens each
     finally:
         b.stop(timeout=10)
     assert not job.errors
@@ -284,3 +284,22 @@ def test_passes_group_texts_of_one_length_across_every_task_held() -> None:
     arrival = [group[i : i + 8] for group in groups for i in range(0, 100, 8)]
     waste = sum(max(map(len, p)) * len(p) for p in arrival) / sum(len(t) for p in arrival for t in p)
     assert waste > 1.5  # what passes in arrival order would have cost
+
+
+def test_a_text_two_tasks_carry_is_computed_once(engine: ObservedEngine) -> None:
+    """Two tasks with the same 120 texts (a task sent again, a retry's) and 30 of their own: each text goes
+    to the engine once, and both tasks get every vector."""
+    b = Batcher(engine, max_tokens=100_000, max_texts=50, max_wait=0.3)
+    b.start()
+    shared = [f"shared {i}" for i in range(120)]
+    groups = [shared + [f"first only {i}" for i in range(30)], [f"second only {i}" for i in range(30)] + shared]
+    try:
+        jobs = run_concurrently(b, groups)
+    finally:
+        b.stop(timeout=10)
+    computed = [text for call in engine.calls for text in call]
+    assert sorted(computed) == sorted(set(shared) | set(groups[0][120:]) | set(groups[1][:30]))
+    for job, texts in zip(jobs, groups, strict=True):
+        assert job.ok.all()
+        np.testing.assert_array_equal(job.matrix, np.stack([hash_vector(t, 16) for t in texts]))
+    assert b.twins_filled == 120

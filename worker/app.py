@@ -518,6 +518,18 @@ def create_app(settings: WorkerSettings) -> Celery:
         if runtime.holdings is not None and getattr(sender, "app", None) is app:
             runtime.holdings.left(task_id)
 
+    def on_shutting_down(**_: Any) -> None:
+        # Warm shutdown: Celery waits for the running tasks. Bulk tasks still wholly in the backlog
+        # (up to EMBQ_BACKLOG_SECONDS of engine work) go back to the queue now, for other workers.
+        # On a thread of its own: this runs in the signal handler, which must never wait for a lock.
+        threading.Thread(target=shed_bulk, name="embq-shed", daemon=True).start()
+
+    def shed_bulk() -> None:
+        if runtime.batcher is not None:
+            shed = runtime.batcher.shed()
+            if shed:
+                log.info("shutting down: %d bulk tasks not started go back to the queue", shed)
+
     def on_shutdown(sender: Any, **_: Any) -> None:
         # Celery stops with exitcode 1 after an "Unrecoverable error" but its CLI exits 0: a supervisor
         # must see that this worker died, so the status is kept for ``embq worker`` to exit with.
@@ -532,5 +544,6 @@ def create_app(settings: WorkerSettings) -> Celery:
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     signals.task_received.connect(on_received, weak=False)
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.task_postrun.connect(on_postrun, weak=False)
     return app

@@ -14,7 +14,9 @@ of them: padding then costs little however mixed the workload, as when one
   real/padded with 4 passes' worth waiting, 0.89 with 36); the densest run
   keeps passes near-equal in length with a few passes' worth.
 
-The batcher keeps one backlog per lane (interactive, bulk).
+The batcher keeps one backlog per lane (interactive, bulk). Each also finds the
+waiting copies of a text (``twins``): a text that two tasks carry (a task sent
+again, a retry's) is computed once, and its copies take that vector.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Backlog:
     def __init__(self) -> None:
         self._by_length: dict[int, dict[tuple[int, int], Entry]] = {}
         self._lengths: list[int] = []  # sorted, each with a non-empty group
+        self._by_text: dict[str, dict[tuple[int, int], Entry]] = {}  # the waiting copies of each text
         #: Waiting texts, and their tokens.
         self.texts = 0
         self.tokens = 0
@@ -47,6 +50,7 @@ class Backlog:
                 group = groups[length] = {}
                 insort(self._lengths, length)
             group[(id(job), row)] = (job, row)
+            self._by_text.setdefault(job.texts[row], {})[(id(job), row)] = (job, row)
             self.texts += 1
             self.tokens += length
 
@@ -54,6 +58,10 @@ class Backlog:
         length = job.tokens[row]
         group = self._by_length[length]
         del group[(id(job), row)]
+        copies = self._by_text[job.texts[row]]
+        del copies[(id(job), row)]
+        if not copies:
+            del self._by_text[job.texts[row]]
         self.texts -= 1
         self.tokens -= length
         if not group:
@@ -65,7 +73,12 @@ class Backlog:
             if (id(job), row) in self._by_length.get(job.tokens[row], {}):
                 self.remove(job, row)
 
+    def twins(self, text: str) -> list[Entry]:
+        """The waiting copies of ``text``, in any task. Nothing is removed."""
+        return list(self._by_text.get(text, {}).values())
+
     def clear(self) -> None:
+        self._by_text.clear()
         self._by_length.clear()
         self._lengths.clear()
         self.texts = self.tokens = 0

@@ -15,7 +15,8 @@ text is overdue (``DEADLINE_BACKLOGS``). The bulk backlog is kept deep: the work
 takes bulk tasks while it holds less than ``PASSES_AHEAD`` passes' worth of
 texts, and never more than ``backlog_seconds`` of the engine's work
 (``bulk_deep``, which ``embq.worker.lanes`` asks). A task's texts that nobody
-waits for any more are withdrawn before they enter a pass (``unwanted``). It
+waits for any more, or that another task has meanwhile cached, are withdrawn
+before they enter a pass (``unwanted``). It
 isolates failures:
 
 - texts the engine refuses (``EngineItemErrors``) fail alone, the rest go again;
@@ -193,6 +194,8 @@ class Batcher:
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_texts = 0
         self._queued_tokens = 0
+        #: Texts that took the vector of a copy computed in another task (``_fill_twins``).
+        self.twins_filled = 0
         self._last_call_ended = 0.0
         self._last_call_seconds = 0.0
         self._cond = threading.Condition()
@@ -230,7 +233,8 @@ class Batcher:
         killing an engine must not take others down with them). Raises
         ``BatcherStopped`` when the texts were not embedded and the task should
         be requeued. While they wait, ``unwanted(rows)`` is asked every ``WANTED_RECHECK`` seconds which
-        of the rows not yet in a pass nobody waits for any more: those are withdrawn (``Job.dropped``).
+        of the rows not yet in a pass nobody waits for any more, or are cached already: those are withdrawn
+        (``Job.dropped``).
         """
         job = Job(texts, alone, task=task, origin=origin, lane=lane)
         with self._cond:
@@ -259,6 +263,26 @@ class Batcher:
         if job.aborted:
             raise BatcherStopped(job.aborted)
         return job
+
+    def shed(self, lane: str = BULK) -> int:
+        """At a warm shutdown: the tasks of ``lane`` none of whose texts has entered a pass go back to the
+        queue at once (their ``embed`` raises ``BatcherStopped``), for other workers, rather than hold the
+        shutdown for a deep backlog; the others finish. Returns the number of tasks given back."""
+        with self._cond:
+            shed = [j for j in self._jobs if j.lane == lane and not j.alone and j.untaken == j.remaining]
+            for job in shed:
+                rows = np.flatnonzero(job.waiting).tolist()
+                self._backlogs[lane].discard(job, rows)
+                self._queued_texts -= len(rows)
+                self._queued_tokens -= sum(job.tokens[r] for r in rows)
+                job.waiting[:] = False
+                job.untaken = 0
+                job.aborted = "the worker is shutting down"
+                job.done.set()
+            if shed:
+                self._jobs = deque(j for j in self._jobs if j.untaken)
+                self._check_depth()
+        return len(shed)
 
     def _withdraw_unwanted(self, job: Job, unwanted: Callable[[list[int]], list[int]]) -> None:
         with self._cond:
@@ -427,6 +451,7 @@ class Batcher:
             used = self._cost(picks)
             if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
                 picks += self._bulk_pass(anchor, self.max_tokens - used, self.max_texts - len(picks))
+        picks = once_each(picks)  # the copies stay waiting: they take the vector of the one computed
         for pick_job, row in picks:
             self._backlogs[pick_job.lane].remove(pick_job, row)
         self._check_depth()
@@ -553,7 +578,39 @@ class Batcher:
                 job.ok[rows] = True
                 self.texts_done += len(rows)
                 self._settle(job, len(rows))
+            if not call.alone:
+                self._fill_twins(call, vectors)
         metrics.TEXTS_EMBEDDED.inc(len(call.inputs))
+
+    def _fill_twins(self, call: Call, vectors: np.ndarray) -> None:
+        """Copies of the texts just computed that still wait, in other tasks, take their vectors and leave
+        the backlog (lock held): a text two tasks carry is computed once."""
+        filled: dict[Job, list[tuple[int, int]]] = {}
+        for position, (job, row) in enumerate(zip(call.jobs, call.rows, strict=True)):
+            text = job.texts[row]
+            for backlog in self._backlogs.values():
+                for twin, twin_row in backlog.twins(text):
+                    backlog.remove(twin, twin_row)
+                    filled.setdefault(twin, []).append((twin_row, position))
+        for job, pairs in filled.items():
+            if job.aborted:
+                continue
+            rows = [row for row, _ in pairs]
+            if job.matrix is None:
+                job.matrix = np.empty((len(job.texts), vectors.shape[1]), dtype=np.float32)
+            job.matrix[rows] = vectors[[position for _, position in pairs]]
+            job.ok[rows] = True
+            job.waiting[rows] = False
+            job.untaken -= len(rows)
+            self._queued_texts -= len(rows)
+            self._queued_tokens -= sum(job.tokens[row] for row in rows)
+            self.texts_done += len(rows)
+            self.twins_filled += len(rows)
+            self._settle(job, len(rows))
+        if filled:
+            if any(job.untaken == 0 for job in filled):
+                self._jobs = deque(j for j in self._jobs if j.untaken)
+            self._check_depth()
 
     def _fail(self, job: Job, row: int, error: str) -> None:
         with self._cond:
@@ -589,3 +646,15 @@ class Batcher:
             metrics.ERRORS.labels(metrics.ENGINE_DEAD).inc()
         if first and self.on_dead is not None:
             self.on_dead(reason)
+
+
+def once_each(picks: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+    """``picks`` without the repeats of a text already among them."""
+    seen: set[str] = set()
+    kept = []
+    for job, row in picks:
+        text = job.texts[row]
+        if text not in seen:
+            seen.add(text)
+            kept.append((job, row))
+    return kept

@@ -9,6 +9,10 @@ beside it, the task's other rows go on as one task, and a text that has been in
 the engine at ``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates
 succeed. Rows that were only waiting are never suspected.
 
+Texts cached while they wait in the batcher (a task sent again, or a retry's,
+computed them first) are withdrawn at the batcher's next look and reported as
+done: a text is computed once however many tasks carry it.
+
 Before embedding, a task looks at its texts' keys (one MGET): a text whose
 claim is gone or is another producer's, or whose producer is gone, has nobody
 waiting for it (its call timed out, was cancelled or its producer died; a
@@ -124,10 +128,13 @@ def run_embed(
     instruction = payload["instruction"]
     done: list[str] = []
 
+    became_cached: set[str] = set()  # by another task meanwhile (a retry's, or one sent again): reported as done
+
     def unwanted(rows: list[int]) -> list[int]:
         digests = [todo[row][0] for row in rows]
-        _, gone = look_before_embedding(store.cache, digests, engine.dim, owner, False)
-        return [row for row, digest in zip(rows, digests, strict=True) if digest in gone]
+        now_cached, gone = look_before_embedding(store.cache, digests, engine.dim, owner, True)
+        became_cached.update(now_cached)
+        return [row for row, digest in zip(rows, digests, strict=True) if digest in gone or digest in now_cached]
 
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
@@ -139,7 +146,10 @@ def run_embed(
             lane=payload_lane(payload),
             unwanted=unwanted if owner else None,
         )
-        abandoned |= {todo[row][0] for row in job.dropped}
+        dropped = {todo[row][0] for row in job.dropped}
+        abandoned |= dropped - became_cached
+        cached |= dropped & became_cached
+        metrics.TEXTS_SKIPPED.inc(len(dropped & became_cached))
         metrics.TEXTS_ABANDONED.inc(len(abandoned))
         if abandoned:
             log.info("skipped %d of %d texts nobody waits for any more", len(abandoned), len(texts))
