@@ -135,3 +135,29 @@ def test_the_gateway_sends_a_request_above_the_interactive_cap_to_the_bulk_lane(
         assert r.llen(keys.queue_name(model)) == 1
         assert server.stop() == 0
         assert server.log_text().count("EMBQ_INTERACTIVE_CAP_TEXTS") == 1
+
+
+# -- fair shares of the bulk lane ----------------------------------------------------------------
+
+
+def test_a_small_bulk_job_is_served_beside_another_producers_backfill(
+    redis_url: str, make_client: Client, start_worker: Start, r: redis.Redis
+) -> None:
+    model = "hash/shared-bulk"
+    start_worker(model, env={"EMBQ_HASH_SECONDS_PER_TEXT": "0.0002"})  # 5,000 texts/s: the backfill takes 12 s
+    backfill = producer(redis_url, model, "[f'backfill row {i}' for i in range(60_000)]", "bulk")
+    try:
+        wait_until(lambda: stat(r, model, "texts") >= 5000, 120, "the backfill to be under way")
+        small = [f"small job {i}" for i in range(500)]
+        start = time.monotonic()
+        vectors = make_client(model=model).embed(small, timeout=60, priority="bulk")
+        waited = time.monotonic() - start
+        assert stat(r, model, "texts") < 60_000, "the small job ended before the backfill"
+        out, err = backfill.communicate(timeout=300)
+    finally:
+        if backfill.poll() is None:
+            backfill.kill()
+    np.testing.assert_array_equal(vectors, hashed(small))
+    assert "done" in out, err
+    assert waited <= 5.0, f"a 500-text job waited {waited:.1f}s behind another producer's backfill"
+    assert stat(r, model, "texts_bulk") == 60_500

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from embq.producer.keys import BULK
 from embq.worker.batcher import Batcher, BatcherStopped
 from embq.worker.engines import EngineDead, EngineItemErrors
 from embq.worker.engines.hash import HashEngine, hash_vector
+from embq.worker.local import wait_until
 
 
 class ObservedEngine(HashEngine):
@@ -25,6 +27,21 @@ class ObservedEngine(HashEngine):
         self.calls.append(list(texts))
         if any("POISON" in t for t in texts):
             raise RuntimeError("the engine chokes on POISON")
+        return super().encode(texts)
+
+
+class GatedHashEngine(HashEngine):
+    """The hash engine; its first call waits for ``gate``, and every call is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__("hash/test", dim=16)
+        self.gate = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if len(self.calls) == 1:
+            self.gate.wait(30)
         return super().encode(texts)
 
 
@@ -286,20 +303,61 @@ def test_passes_group_texts_of_one_length_across_every_task_held() -> None:
     assert waste > 1.5  # what passes in arrival order would have cost
 
 
-def test_a_text_two_tasks_carry_is_computed_once(engine: ObservedEngine) -> None:
-    """Two tasks with the same 120 texts (a task sent again, a retry's) and 30 of their own: each text goes
-    to the engine once, and both tasks get every vector."""
-    b = Batcher(engine, max_tokens=100_000, max_texts=50, max_wait=0.3)
+def test_a_text_two_tasks_carry_is_computed_once() -> None:
+    """Two tasks with the same 120 texts (a task sent again, a retry's) and 30 of their own, queued while
+    the engine is busy: each text goes to the engine once, and both tasks get every vector."""
+    engine = GatedHashEngine()
+    b = Batcher(engine, max_tokens=100_000, max_texts=50, max_wait=0.0)
     b.start()
     shared = [f"shared {i}" for i in range(120)]
     groups = [shared + [f"first only {i}" for i in range(30)], [f"second only {i}" for i in range(30)] + shared]
+    jobs: list = [None, None]
+    threads = [threading.Thread(target=lambda: b.embed(["blocker"]))]
+    threads += [threading.Thread(target=lambda i=i: jobs.__setitem__(i, b.embed(groups[i]))) for i in range(2)]
     try:
-        jobs = run_concurrently(b, groups)
+        threads[0].start()
+        wait_until(lambda: len(engine.calls) == 1, 10, "the engine to be busy")
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: b._queued_texts == 300, 10, "both tasks to wait")
+        engine.gate.set()
+        for thread in threads:
+            thread.join(30)
     finally:
+        engine.gate.set()
         b.stop(timeout=10)
-    computed = [text for call in engine.calls for text in call]
+    computed = [text for call in engine.calls[1:] for text in call]
     assert sorted(computed) == sorted(set(shared) | set(groups[0][120:]) | set(groups[1][:30]))
     for job, texts in zip(jobs, groups, strict=True):
         assert job.ok.all()
         np.testing.assert_array_equal(job.matrix, np.stack([hash_vector(t, 16) for t in texts]))
     assert b.twins_filled == 120
+
+
+def test_bulk_passes_serve_each_producer_in_turn() -> None:
+    """One producer's 2,000 bulk texts wait; another's 100 arrive later: they go within a few passes
+    (``FAIR_LAG_PASSES``), not after the whole backlog, and the first producer keeps its share meanwhile."""
+    engine = GatedHashEngine()
+    b = Batcher(engine, max_tokens=1_000_000, max_texts=50, max_wait=0.0)
+    b.start()
+    big = [f"backfill {i}" for i in range(2000)]
+    small = [f"small job {i}" for i in range(100)]
+    jobs: dict[str, object] = {}
+    try:
+        first = threading.Thread(target=lambda: jobs.setdefault("big", b.embed(big, lane=BULK, owner="a")))
+        first.start()
+        wait_until(lambda: len(engine.calls) == 1, 10, "the first pass")
+        second = threading.Thread(target=lambda: jobs.setdefault("small", b.embed(small, lane=BULK, owner="b")))
+        second.start()
+        wait_until(lambda: b._queued_texts >= 1950 + 100, 10, "the small job to wait")
+        engine.gate.set()
+        first.join(30)
+        second.join(30)
+    finally:
+        engine.gate.set()
+        b.stop(timeout=10)
+    last_small = max(i for i, call in enumerate(engine.calls) if any(t.startswith("small") for t in call))
+    assert last_small <= 8, f"the small job's last text went in pass {last_small} of {len(engine.calls)}"
+    backfill = sum(any(t.startswith("backfill") for t in call) for call in engine.calls[1 : last_small + 1])
+    assert backfill >= last_small / 2, "the backfill keeps its share of the passes meanwhile"
+    assert sum(len(call) for call in engine.calls) == 2100

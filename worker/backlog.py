@@ -146,3 +146,73 @@ class Backlog:
             chosen.append(entry)
             longest, total = max(longest, size), total + size
         return chosen
+
+
+class Shares:
+    """The bulk lane's backlog: every text in one ``Backlog`` (``all``), and each producer's in one of its
+    own, with the work each has had while waiting (``served``, in passes). Passes are formed over all texts,
+    as dense as the backlog allows, until a producer falls ``lag`` passes behind another: then the next
+    pass is its texts first. Start-time fair queueing: a producer that comes starts level with the least
+    served of those waiting, so a small job is served within a few passes however long another's backfill
+    has run, and a backfill that comes does not take over the engine to catch up with an older one. The
+    same surface as ``Backlog`` for what it holds; jobs name their producer in ``owner``."""
+
+    def __init__(self) -> None:
+        self.all = Backlog()
+        self._owners: dict[str, Backlog] = {}
+        self.served: dict[str, float] = {}
+
+    @property
+    def texts(self) -> int:
+        return self.all.texts
+
+    @property
+    def tokens(self) -> int:
+        return self.all.tokens
+
+    def add(self, job: Any, rows: range | list[int]) -> None:
+        backlog = self._owners.get(job.owner)
+        if backlog is None:
+            self.served[job.owner] = min(self.served.values(), default=0.0)
+            backlog = self._owners[job.owner] = Backlog()
+        backlog.add(job, rows)
+        self.all.add(job, rows)
+
+    def remove(self, job: Any, row: int) -> None:
+        self.all.remove(job, row)
+        self._owners[job.owner].remove(job, row)
+        self._forget_if_done(job.owner)
+
+    def discard(self, job: Any, rows: range | list[int]) -> None:
+        self.all.discard(job, rows)
+        backlog = self._owners.get(job.owner)
+        if backlog is not None:
+            backlog.discard(job, rows)
+            self._forget_if_done(job.owner)
+
+    def twins(self, text: str) -> list[Entry]:
+        return self.all.twins(text)
+
+    def clear(self) -> None:
+        self.all.clear()
+        self._owners.clear()
+        self.served.clear()
+
+    def behind(self, lag: float) -> tuple[str, Backlog] | None:
+        """The producer served least, with its backlog, if it is more than ``lag`` passes behind another."""
+        if len(self.served) < 2:
+            return None
+        least = min(self.served, key=self.served.__getitem__)
+        if max(self.served.values()) - self.served[least] <= lag:
+            return None
+        return least, self._owners[least]
+
+    def charge(self, owner: str, passes: float) -> None:
+        """``owner``'s texts took ``passes`` of the engine."""
+        if owner in self.served:
+            self.served[owner] += passes
+
+    def _forget_if_done(self, owner: str) -> None:
+        if not self._owners[owner].texts:
+            del self._owners[owner]
+            del self.served[owner]

@@ -44,7 +44,7 @@ import numpy as np
 
 from embq.producer.keys import BULK, INTERACTIVE
 from embq.worker import metrics
-from embq.worker.backlog import Backlog
+from embq.worker.backlog import Backlog, Shares
 from embq.worker.engines import Engine, EngineDead, EngineItemErrors, Prepared, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ OOM_BACKOFF = 0.5
 #: Most of a pass interactive texts take while bulk texts wait: bulk keeps the rest of every pass
 #: under any load of queries, and queries still go in the very next pass.
 INTERACTIVE_SHARE = 0.5
+#: Passes of the engine a producer's bulk texts may fall behind another producer's before its texts go
+#: first in the next pass (``Shares``): small enough that a small job is served within a few passes of
+#: another's backfill, large enough that passes keep forming over every producer's texts, as dense.
+FAIR_LAG_PASSES = 2.0
 #: Seconds between a waiting task's looks at whether its texts are still wanted (``Batcher.embed``).
 WANTED_RECHECK = 1.0
 #: After an engine call, the share of its duration (at most ``LINGER_MAX`` seconds) that the next call
@@ -97,6 +101,8 @@ class Job:
     origin: list[int] | None = None
     #: ``keys.INTERACTIVE`` texts go in the next pass, ahead of ``keys.BULK`` ones.
     lane: str = INTERACTIVE
+    #: The producer that sent the task: bulk passes go to each producer in turn (``Shares``).
+    owner: str = ""
     matrix: np.ndarray | None = None
     ok: np.ndarray = field(init=False)
     errors: dict[int, str] = field(default_factory=dict)
@@ -189,7 +195,7 @@ class Batcher:
         self.dead: str | None = None
         self._jobs: deque[Job] = deque()  # jobs with texts not yet in a pass, oldest first
         # Their texts by lane, by length (not those of lone suspects).
-        self._backlogs = {INTERACTIVE: Backlog(), BULK: Backlog()}
+        self._backlogs: dict[str, Backlog | Shares] = {INTERACTIVE: Backlog(), BULK: Shares()}
         self._inflight: dict[int, Call] = {}  # the calls runner threads are encoding
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_texts = 0
@@ -226,6 +232,7 @@ class Batcher:
         origin: list[int] | None = None,
         lane: str = INTERACTIVE,
         unwanted: Callable[[list[int]], list[int]] | None = None,
+        owner: str = "",
     ) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
@@ -234,9 +241,9 @@ class Batcher:
         ``BatcherStopped`` when the texts were not embedded and the task should
         be requeued. While they wait, ``unwanted(rows)`` is asked every ``WANTED_RECHECK`` seconds which
         of the rows not yet in a pass nobody waits for any more, or are cached already: those are withdrawn
-        (``Job.dropped``).
+        (``Job.dropped``). ``owner``: the producer that sent them; bulk passes serve producers in turn.
         """
-        job = Job(texts, alone, task=task, origin=origin, lane=lane)
+        job = Job(texts, alone, task=task, origin=origin, lane=lane, owner=owner)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
@@ -459,11 +466,47 @@ class Batcher:
         return self._call(picks, alone=False)
 
     def _bulk_pass(self, anchor: tuple[Job, int], budget: int, most: int) -> list[tuple[Job, int]]:
-        """Bulk texts for a pass: around the oldest once it is due, else (padded) the densest run of lengths."""
-        backlog = self._backlogs[BULK]
+        """Bulk texts for a pass, from all producers' (``Shares``), or first from one that fell behind. From a
+        backlog: around the oldest text once it is due, else (padded) the densest run of lengths."""
+        shares = self._backlogs[BULK]
+        assert isinstance(shares, Shares)
+        behind = shares.behind(FAIR_LAG_PASSES)
+        if behind is None:
+            picks = self._from(shares.all, anchor, budget, most)
+        else:
+            owner, backlog = behind
+            first = next(j for j in self._jobs if j.lane == BULK and not j.alone and j.owner == owner)
+            picks = self._from(backlog, (first, first.oldest_waiting()), budget, most)
+            if len(picks) < most:  # the rest of the pass: the others' texts that fit
+                taken = {(id(job), row) for job, row in picks}
+                more = [e for e in self._from(shares.all, anchor, budget, most) if (id(e[0]), e[1]) not in taken]
+                picks += self._fitting(picks, more, budget, most)
+        for job, row in picks:
+            shares.charge(job.owner, max(job.tokens[row] / self.max_tokens, 1 / self.max_texts))
+        return picks
+
+    def _from(self, backlog: Backlog, anchor: tuple[Job, int], budget: int, most: int) -> list[tuple[Job, int]]:
         if self.padded and time.monotonic() - anchor[0].arrived < DEADLINE_BACKLOGS * self.backlog_seconds:
             return backlog.densest_pass(budget, most, overhead=int(self.max_tokens * PASS_OVERHEAD_SHARE))
         return backlog.pass_around(anchor, budget, most, self.padded)
+
+    def _fitting(
+        self, picks: list[tuple[Job, int]], more: list[tuple[Job, int]], budget: int, most: int
+    ) -> list[tuple[Job, int]]:
+        """Those of ``more`` that a pass of ``picks`` can take within ``budget`` and ``most`` texts."""
+        sizes = [job.tokens[row] for job, row in picks]
+        count, longest, total = len(sizes), max(sizes, default=0), sum(sizes)
+        kept: list[tuple[Job, int]] = []
+        for entry in more:
+            if count >= most:
+                break
+            size = entry[0].tokens[entry[1]]
+            cost = max(longest, size) * (count + 1) if self.padded else total + size
+            if cost > budget:
+                continue
+            kept.append(entry)
+            count, longest, total = count + 1, max(longest, size), total + size
+        return kept
 
     def _call(self, picks: list[tuple[Job, int]], alone: bool) -> Call:
         """Take ``picks`` out of the waiting texts as one call (lock held)."""

@@ -145,6 +145,7 @@ def run_embed(
             origin=[row for _, _, row in todo],
             lane=payload_lane(payload),
             unwanted=unwanted if owner else None,
+            owner=owner,
         )
         dropped = {todo[row][0] for row in job.dropped}
         abandoned |= dropped - became_cached
