@@ -361,3 +361,58 @@ def test_bulk_passes_serve_each_producer_in_turn() -> None:
     backfill = sum(any(t.startswith("backfill") for t in call) for call in engine.calls[1 : last_small + 1])
     assert backfill >= last_small / 2, "the backfill keeps its share of the passes meanwhile"
     assert sum(len(call) for call in engine.calls) == 2100
+
+
+class TimedPaddedEngine(HashEngine):
+    """The hash engine as a padded one (MiniLM's kind): each pass takes time in proportion to its longest
+    text times its texts; every pass is recorded with its texts' token counts."""
+
+    pads = True
+
+    def __init__(self) -> None:
+        super().__init__("hash/test", dim=16)
+        self.passes: list[tuple[int, int]] = []  # (bulk texts, padded tokens)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        sizes = [len(t) // 4 + 2 for t in texts]
+        padded = max(sizes) * len(sizes)
+        self.passes.append((sum(t.startswith("bulk") for t in texts), padded))
+        time.sleep(padded * 1e-5)
+        return super().encode(texts)
+
+
+def test_bulk_keeps_half_of_a_padded_engine_under_any_query_load() -> None:
+    """256 bulk texts of ~200 tokens while 12 threads send 4-text queries: on a padded engine 32 short
+    queries and one long text cost more than a pass, yet bulk keeps at least half of the engine's time."""
+    engine = TimedPaddedEngine()
+    b = Batcher(engine, max_tokens=2048, max_texts=64, max_wait=0.0)
+    b.start()
+    stop = threading.Event()
+    answered = [0]
+
+    def ask(thread: int) -> None:
+        i = 0
+        while not stop.is_set():
+            job = b.embed([f"query {thread} {i} {k}" for k in range(4)])
+            assert job.ok.all()
+            answered[0] += 1
+            i += 1
+
+    askers = [threading.Thread(target=ask, args=(t,), daemon=True) for t in range(12)]
+    try:
+        for thread in askers:
+            thread.start()
+        wait_until(lambda: answered[0] >= 24, 30, "queries to flow")
+        bulk = b.embed([f"bulk {i} " + "x" * 800 for i in range(256)], lane=BULK)
+        assert bulk.ok.all()
+    finally:
+        stop.set()
+        for thread in askers:
+            thread.join(30)
+        b.stop(timeout=30)
+    last_bulk = max(i for i, (bulk_texts, _) in enumerate(engine.passes) if bulk_texts)
+    first_bulk = min(i for i, (bulk_texts, _) in enumerate(engine.passes) if bulk_texts)
+    during = engine.passes[first_bulk : last_bulk + 1]
+    bulk_time = sum(padded for bulk_texts, padded in during if bulk_texts)
+    assert bulk_time >= 0.5 * sum(padded for _, padded in during), during
+    assert answered[0] > 24, "queries were answered meanwhile"

@@ -202,6 +202,8 @@ class Batcher:
         self._queued_tokens = 0
         #: Texts that took the vector of a copy computed in another task (``_fill_twins``).
         self.twins_filled = 0
+        #: The last pass gave bulk less than its share: the next one is bulk's (``_take_pass``).
+        self._bulk_owed = False
         self._last_call_ended = 0.0
         self._last_call_seconds = 0.0
         self._cond = threading.Condition()
@@ -445,19 +447,36 @@ class Batcher:
     def _take_pass(self) -> Call:
         """The oldest waiting interactive text and those nearest it in length, within ``INTERACTIVE_SHARE`` of
         the budgets while bulk texts wait; then the oldest bulk text and those nearest it, in what is left
-        (lock held)."""
+        (lock held). Bulk keeps the rest of the engine on every engine: a pass whose bulk texts took less than
+        that (on a padded engine, 32 short queries and one long text already cost more than a pass) makes the
+        next one bulk's, queries joining only as far as they fit."""
         quick = next((j for j in self._jobs if not j.alone and j.lane == INTERACTIVE), None)
         bulk = next((j for j in self._jobs if not j.alone and j.lane == BULK), None)
         picks: list[tuple[Job, int]] = []
-        if quick is not None:
-            share = INTERACTIVE_SHARE if bulk is not None else 1.0
-            budget, most = max(1, int(self.max_tokens * share)), max(1, int(self.max_texts * share))
-            picks = self._backlogs[INTERACTIVE].pass_around((quick, quick.oldest_waiting()), budget, most, self.padded)
-        if bulk is not None and len(picks) < self.max_texts:
-            anchor = (bulk, bulk.oldest_waiting())
-            used = self._cost(picks)
-            if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
-                picks += self._bulk_pass(anchor, self.max_tokens - used, self.max_texts - len(picks))
+        if quick is not None and bulk is not None and self._bulk_owed:
+            self._bulk_owed = False
+            picks = self._bulk_pass((bulk, bulk.oldest_waiting()), self.max_tokens, self.max_texts)
+            budget, most = self.max_tokens, max(1, int(self.max_texts * INTERACTIVE_SHARE))
+            around = (quick, quick.oldest_waiting())
+            queries = self._backlogs[INTERACTIVE].pass_around(around, budget, most, self.padded)
+            picks += self._fitting(picks, queries, self.max_tokens, self.max_texts)
+        else:
+            if quick is not None:
+                share = INTERACTIVE_SHARE if bulk is not None else 1.0
+                budget, most = max(1, int(self.max_tokens * share)), max(1, int(self.max_texts * share))
+                picks = self._backlogs[INTERACTIVE].pass_around(
+                    (quick, quick.oldest_waiting()), budget, most, self.padded
+                )
+            bulk_picks: list[tuple[Job, int]] = []
+            if bulk is not None and len(picks) < self.max_texts:
+                anchor = (bulk, bulk.oldest_waiting())
+                used = self._cost(picks)
+                if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
+                    bulk_picks = self._bulk_pass(anchor, self.max_tokens - used, self.max_texts - len(picks))
+                    picks += bulk_picks
+            if quick is not None and bulk is not None:
+                share = max(self._cost(bulk_picks) / self.max_tokens, len(bulk_picks) / self.max_texts)
+                self._bulk_owed = share < 1.0 - INTERACTIVE_SHARE and self._backlogs[BULK].texts > len(bulk_picks)
         picks = once_each(picks)  # the copies stay waiting: they take the vector of the one computed
         for pick_job, row in picks:
             self._backlogs[pick_job.lane].remove(pick_job, row)
