@@ -68,17 +68,20 @@ class AsyncEmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
         priority: str | None = None,
     ) -> np.ndarray:
         """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
 
         The arguments mean what they mean for ``EmbeddingClient.embed``."""
         items = validate_texts(texts, self.settings.max_text_bytes)
-        validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, self.settings.max_text_bytes, truncate)
         lane = choose_lane(priority, len(items), self.settings)
         driver = self._driver
         if items and driver is not None and driver.l1 is not None:  # the hot path: no Redis, no dispatcher
-            digests = keys.text_digests(self.model, self.settings.cache_namespace, instruction, items)
+            digests = keys.text_digests(
+                self.model, self.settings.cache_namespace, instruction, items, truncate=truncate
+            )
             held = driver.l1.answer(digests, dim)
             if held is not None:
                 self._hits.inc(len(set(digests)))
@@ -88,7 +91,7 @@ class AsyncEmbeddingClient:
             if settled is not None:
                 return settled
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane)
+        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane, truncate=truncate)
         driver = self._get_driver()
         await driver.submit(call)
         await driver.wait(call)
@@ -106,7 +109,7 @@ class AsyncEmbeddingClient:
         if self._driver is not None and self._driver.core.dim is not None:  # kept current by the dispatcher
             return self._driver.core.dim
         if self._dimension is None:
-            with backend_errors("cache", self.settings.cache):
+            with backend_errors("cache", self.settings.cache, self.settings.origin("cache")):
                 raw = await self._get_driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
             self._dimension = signature_dimension(raw)
         return self._dimension

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +31,12 @@ class Call:
         deadline: float | None = None,
         on_progress: Callable[[int], None] | None = None,
         lane: str = keys.INTERACTIVE,
+        truncate: bool = False,
     ) -> None:
         self.texts = texts
         self.instruction = instruction
+        #: Cut texts over the engine's context instead of failing them; their keys are the cut kind.
+        self.truncate = truncate
         #: ``keys.INTERACTIVE`` or ``keys.BULK``: which queue its tasks go to, and who goes first.
         self.lane = lane
         self.dim = dim
@@ -176,14 +180,29 @@ def before_sending(texts: list[str], dim: int | None, full: int | None) -> np.nd
 #: What ``priority=`` takes: a lane, or None for the default by size.
 PRIORITIES = (None, *keys.LANES)
 
+log = logging.getLogger(__name__)
+_said_capped = False  # a call above the interactive cap is logged once per process, not at each call
+
 
 def choose_lane(priority: str | None, texts: int, settings: Settings, default: str | None = None) -> str:
     """The lane of a call: ``priority`` if given, else ``default`` (a stream is bulk), else by size:
-    a call of at most ``interactive_max_texts`` texts is someone waiting, a larger one is a batch."""
+    a call of at most ``interactive_max_texts`` texts is someone waiting, a larger one is a batch.
+
+    Interactive is for queries, whatever a caller claims: a call of more than
+    ``interactive_cap_texts`` texts goes bulk even with ``priority="interactive"``, so that one caller
+    cannot queue a backfill ahead of everyone's queries."""
+    global _said_capped
     if priority not in PRIORITIES:
         raise InvalidInputError(f"priority must be 'interactive', 'bulk' or None (by size), got {priority!r}")
-    if priority is not None:
-        return priority
-    if default is not None:
-        return default
-    return keys.INTERACTIVE if texts <= settings.interactive_max_texts else keys.BULK
+    lane = priority or default or (keys.INTERACTIVE if texts <= settings.interactive_max_texts else keys.BULK)
+    if lane == keys.INTERACTIVE and texts > settings.interactive_cap_texts:
+        if not _said_capped:
+            _said_capped = True
+            log.warning(
+                "a call of %d texts asked for the interactive lane, which takes at most %d "
+                "(EMBQ_INTERACTIVE_CAP_TEXTS): it goes in the bulk lane (said once)",
+                texts,
+                settings.interactive_cap_texts,
+            )
+        return keys.BULK
+    return lane

@@ -16,7 +16,7 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 from embq.producer import keys, metrics
-from embq.producer.backend import backend_errors, connect
+from embq.producer.backend import backend_errors, connect, probe
 from embq.producer.call import Call, before_sending, choose_lane
 from embq.producer.cluster import CacheClient, claim, connect_cache, look, read_stream, release
 from embq.producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
@@ -76,6 +76,7 @@ class EmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
         priority: str | None = None,
     ) -> np.ndarray:
         """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
@@ -84,15 +85,18 @@ class EmbeddingClient:
         ``instruction`` is the model's query instruction; it is part of the cache key.
         ``timeout`` (seconds) bounds the wait for workers; None waits as long as
         the work is alive (lost tasks are sent again, dead producers' texts taken over).
+        ``truncate``: a text over the model's context is cut there (the vector of its beginning, cached
+        under a key of its own) instead of failing alone with ``ItemFailedError``.
         ``priority`` is the call's lane: ``"interactive"`` goes ahead of ``"bulk"`` work on the same
-        workers; None decides by size (at most ``EMBQ_INTERACTIVE_MAX_TEXTS`` texts: interactive).
+        workers; None decides by size (at most ``EMBQ_INTERACTIVE_MAX_TEXTS`` texts: interactive). A call of
+        more than ``EMBQ_INTERACTIVE_CAP_TEXTS`` texts is bulk whatever its ``priority``.
         An empty list gives shape ``(0, dim)``, else ``(0, d)`` with the model's dimension once a
         worker of it has run, else ``(0, 0)``.
         """
         items = validate_texts(texts, self.settings.max_text_bytes)
-        validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, self.settings.max_text_bytes, truncate)
         lane = choose_lane(priority, len(items), self.settings)
-        held = self._from_l1(items, instruction, dim)
+        held = self._from_l1(items, instruction, dim, truncate)
         if held is not None:
             return held
         if not items or dim is not None:
@@ -100,7 +104,7 @@ class EmbeddingClient:
             if settled is not None:
                 return settled
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane)
+        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane, truncate=truncate)
         driver = self.driver()
         driver.submit(call)
         driver.wait(call)
@@ -116,6 +120,7 @@ class EmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
         failures: Failures = "raise",
         on_progress: Callable[[int], None] | None = None,
         priority: str | None = None,
@@ -132,18 +137,19 @@ class EmbeddingClient:
             dim=dim,
             instruction=instruction,
             timeout=timeout,
+            truncate=truncate,
             failures=failures,
             on_progress=on_progress,
             priority=priority,
         )
 
-    def _from_l1(self, items: list[str], instruction: str, dim: int | None) -> np.ndarray | None:
+    def _from_l1(self, items: list[str], instruction: str, dim: int | None, truncate: bool) -> np.ndarray | None:
         """The hot path: every text in this process's L1 (``embq.producer.l1``), answered on the caller's
         thread with no Redis command and no word to the dispatcher; else None."""
         driver = self._driver
         if not items or driver is None or driver.l1 is None or driver.pid != os.getpid():
             return None
-        digests = keys.text_digests(self.model, self.settings.cache_namespace, instruction, items)
+        digests = keys.text_digests(self.model, self.settings.cache_namespace, instruction, items, truncate=truncate)
         held = driver.l1.answer(digests, dim)
         if held is not None:
             self._hits.inc(len(set(digests)))
@@ -162,7 +168,7 @@ class EmbeddingClient:
         if driver is not None and driver.core.dim is not None:  # kept current by the dispatcher
             return driver.core.dim
         if self._dimension is None:
-            with backend_errors("cache", self.settings.cache):
+            with backend_errors("cache", self.settings.cache, self.settings.origin("cache")):
                 raw = self.driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
             self._dimension = signature_dimension(raw)  # type: ignore[arg-type]
         return self._dimension
@@ -268,7 +274,11 @@ class ThreadDriver:
     def cache(self) -> CacheClient:
         with self._connecting:
             if self._cache is None:
-                self._cache = connect_cache(self.settings.cache)
+                settings = self.settings
+                probe("cache", settings.cache, settings.origin("cache"))  # fail at once when nothing listens
+                if settings.broker != settings.cache:
+                    probe("broker", settings.broker, settings.origin("broker"))
+                self._cache = connect_cache(settings.cache)
             return self._cache
 
     def _wake(self) -> None:

@@ -14,11 +14,12 @@ of a million texts has its first task queued at once and never holds more than
 a window of claims.
 
 Calls go in one of two lanes (``keys.INTERACTIVE``, ``keys.BULK``): interactive
-calls are admitted before bulk ones and past the window, and their texts go in
-tasks of the interactive queue; bulk tasks are sized to what the model's slowest
-worker embeds in ``task_seconds`` (workers publish their rate in their
-heartbeat). A call that times out, or is cancelled, releases the claims of the
-texts only it wanted, so that workers skip them. Until a worker serves the model
+calls are admitted before bulk ones, past the bulk window but through their own
+(``interactive_cap_texts``), and their texts go in tasks of the interactive
+queue; bulk tasks are sized to what the model's slowest worker embeds in
+``task_seconds`` (workers publish their rate in their heartbeat). A call that
+times out, or is cancelled, releases the claims of the texts only it wanted, so
+that workers skip them. Until a worker serves the model
 or has served it, nothing is claimed or sent; after ``unknown_model_grace``
 seconds of neither, the calls fail with ``ModelNotServedError``.
 """
@@ -26,11 +27,12 @@ seconds of neither, the calls fail with ``ModelNotServedError``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from embq.producer import keys, protocol
-from embq.producer.backend import BACKEND_ERRORS, redact, redis_reason
+from embq.producer.backend import BACKEND_ERRORS, redis_reason, unavailable
 from embq.producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from embq.producer.call import Call
 from embq.producer.codec import unpack_concat, unpack_many
@@ -142,6 +144,9 @@ class Pause:
 Op = Redis | PerText | Look | Read | Send | Wait | Pause
 #: Texts of one call admitted together: ``(call, their rows, texts, digests)``.
 Piece = tuple[Call, range | list[int], list[str], list[str]]
+
+#: Texts of one call admitted together: ``(call, their rows, texts, digests)``.
+Piece = tuple[Call, Sequence[int], list[str], list[str]]
 
 SCRIPTS = {"held": HELD_SCRIPT}
 SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
@@ -250,13 +255,13 @@ class Dispatcher:
         if time.monotonic() >= self.next_tick:  # first: after a quiet spell our liveness must hold before we claim
             yield from self._tick()
             self.next_tick = time.monotonic() + self.tick
-        while self.active and (len(self.entries) < self.settings.inflight_texts or self.active[0].lane != BULK):
-            yield from self._admit()  # interactive calls are admitted past the window: they are small
+        while self._admissible():
+            yield from self._admit()
         if self.recheck:
             digests, self.recheck = [d for d in self.recheck if d in self.entries], set()
             yield from self._claim(digests, count=False)
         yield from self._drop_expired(time.monotonic())
-        if self.inbox or (self.active and len(self.entries) < self.settings.inflight_texts):
+        if self.inbox or self._admissible():
             if self.tasks:  # a steady stream of new calls must not keep the notices of sent tasks unread
                 response = yield Read(self.last_id, 0)
                 if response:
@@ -310,21 +315,42 @@ class Dispatcher:
 
     # -- admitting and claiming -------------------------------------------------------------
 
+    def _interactive_in_flight(self) -> int:
+        """Rows of interactive calls admitted and not answered yet."""
+        return sum(
+            c.admitted - (len(c.texts) - c.remaining) for c in self.calls if c.lane == INTERACTIVE and not c.finished
+        )
+
+    def _room(self, lane: str) -> int:
+        """Texts the window of ``lane`` admits now: interactive calls have their own window
+        (``interactive_cap_texts``), admitted past the bulk one, so that queries never wait for a
+        backfill's window nor one caller's queries for everyone's."""
+        if lane == BULK:
+            return self.settings.inflight_texts - len(self.entries)
+        return self.settings.interactive_cap_texts - self._interactive_in_flight()
+
+    def _admissible(self) -> bool:
+        while self.active and self.active[0].finished:
+            self.active.popleft()
+        return bool(self.active) and self._room(self.active[0].lane) > 0
+
     def _admit(self) -> Generator[Op, Any, None]:
         """The next texts of the active calls: those cached are placed at once (one MGET, no script);
         the others wait in entries, and those no entry had yet are claimed."""
-        room = self.settings.inflight_texts - len(self.entries)
-        budget = min(CLAIM_CHUNK, room if self.active[0].lane == BULK else max(room, CLAIM_CHUNK))
+        lane = self.active[0].lane
+        budget = min(CLAIM_CHUNK, self._room(lane))
         pieces: list[Piece] = []
         while self.active and budget > 0:
             call = self.active[0]
             if call.finished:
                 self.active.popleft()
                 continue
+            if call.lane != lane:  # the other window: the next round
+                break
             start = call.admitted
             end = min(len(call.texts), start + budget)
             texts = call.texts[start:end]
-            digests = keys.text_digests(self.model, self.namespace, call.instruction, texts)
+            digests = keys.text_digests(self.model, self.namespace, call.instruction, texts, truncate=call.truncate)
             piece: Piece = (call, range(start, end), texts, digests)
             budget -= end - start
             call.admitted = end
@@ -336,9 +362,14 @@ class Dispatcher:
         if not pieces:
             return
         fresh: list[str] = []
+        if any(call.truncate for call, _, _, _ in pieces):
+            pieces = yield from self._look_cut(pieces, fresh)
+        if not pieces:
+            yield from self._claim(fresh, count=True)
+            return
         if self.hit_rate < LOOK_FIRST_ABOVE:  # mostly new texts: CLAIM finds the cached ones itself
-            for call, admitted, texts, digests in pieces:
-                for row, digest, text in zip(admitted, digests, texts, strict=True):
+            for call, rows, texts, digests in pieces:
+                for row, digest, text in zip(rows, digests, texts, strict=True):
                     if self.entries.add(digest, text, call.instruction, call, row):
                         fresh.append(digest)
             yield from self._claim(fresh, count=True)
@@ -347,23 +378,23 @@ class Dispatcher:
         values = yield Look(looked)
         matrix, valid = unpack_many(values, self.dim)
         add, position = self.entries.add, 0
-        for call, all_rows, texts, digests in pieces:
-            rows: list[int] = []
+        for call, rows, texts, digests in pieces:
+            found: list[int] = []
             picks: list[int] = []
-            for row, digest, text in zip(all_rows, digests, texts, strict=True):
+            for row, digest, text in zip(rows, digests, texts, strict=True):
                 if valid[position]:
-                    rows.append(row)
+                    found.append(row)
                     picks.append(position)
                 elif add(digest, text, call.instruction, call, row):
                     fresh.append(digest)
                 position += 1
-            if rows:
-                found = matrix[picks]
-                hits = [looked[p] for p in picks]
+            if found:
+                vectors = matrix[picks]
+                hits = [looked[pick] for pick in picks]
                 if self.l1 is not None:
-                    self.l1.put(hits, found)
+                    self.l1.put(hits, vectors)
                 distinct = len(set(hits))
-                call.place(rows, found, "cached", distinct)
+                call.place(found, vectors, "cached", distinct)
                 self.unreported_hits += distinct
         self._learn_hit_rate(int(valid.sum()), len(looked))
         yield from self._claim(fresh, count=True)
@@ -379,6 +410,41 @@ class Dispatcher:
         call.place([rows[j] for j in held], vectors, "cached", len({digests[j] for j in held}))
         rest = [j for j, vector in enumerate(found) if vector is None]
         return call, [rows[j] for j in rest], [texts[j] for j in rest], [digests[j] for j in rest]
+
+    def _look_cut(self, pieces: list[Piece], fresh: list[str]) -> Generator[Op, Any, list[Piece]]:
+        """The pieces of calls that ask for the cut (``truncate``), in one MGET of their cut keys and their
+        whole texts' keys: a vector under either is theirs (a text cached whole fit the context, so its cut
+        is itself; a text over it has none there, since a call without the cut fails it). The rest wait in
+        entries, under their cut keys, and those no entry had yet join ``fresh``, to be claimed. Returns the
+        other pieces."""
+        cut = [piece for piece in pieces if piece[0].truncate]
+        whole = [keys.text_digests(self.model, self.namespace, call.instruction, texts) for call, _, texts, _ in cut]
+        looked = [d for _, _, _, digests in cut for d in digests]
+        values = yield Look(looked + [d for digests in whole for d in digests])
+        matrix, valid = unpack_many(values, self.dim)
+        add, position, hits = self.entries.add, 0, 0
+        for call, rows, texts, digests in cut:
+            found: list[int] = []
+            picks: list[int] = []
+            for row, digest, text in zip(rows, digests, texts, strict=True):
+                pick = position if valid[position] else position + len(looked)
+                if valid[pick]:
+                    found.append(row)
+                    picks.append(pick)
+                elif add(digest, text, call.instruction, call, row):
+                    fresh.append(digest)
+                position += 1
+            if found:
+                vectors = matrix[picks]
+                cut_hits = [looked[pick % len(looked)] for pick in picks]
+                if self.l1 is not None:
+                    self.l1.put(cut_hits, vectors)
+                distinct = len(set(cut_hits))
+                call.place(found, vectors, "cached", distinct)
+                self.unreported_hits += distinct
+                hits += len(found)
+        self._learn_hit_rate(hits, len(looked))
+        return [piece for piece in pieces if not piece[0].truncate]
 
     def _learn_hit_rate(self, hits: int, looked: int) -> None:
         if looked:
@@ -437,7 +503,7 @@ class Dispatcher:
     def _send(self, digests: list[str], why: str = "") -> Generator[Op, Any, None]:
         """Send ``digests`` (ours) as tasks of at most ``task_max_texts`` texts and ``task_max_chars`` characters."""
         pending = self.entries
-        groups: dict[tuple[int, str], list[tuple[str, int]]] = {}  # by (bulk, instruction)
+        groups: dict[tuple[int, str, int], list[tuple[str, int]]] = {}  # by (bulk, instruction, cut)
         given_up: list[str] = []
         for digest in digests:
             slot = pending.slots[digest]
@@ -445,12 +511,13 @@ class Dispatcher:
                 given_up.append(digest)
                 continue
             pending.attempts[slot] += 1
-            groups.setdefault((pending.bulk[slot], pending.instructions[slot]), []).append((digest, slot))
+            key = (pending.bulk[slot], pending.instructions[slot], pending.cut[slot])
+            groups.setdefault(key, []).append((digest, slot))
         if why and groups:
             log.warning("sending %d texts again: %s", sum(map(len, groups.values())), why)
         tasks: list[tuple[str, EmbedPayload]] = []
         most_chars = self.settings.task_max_chars
-        for (bulk, instruction), group in groups.items():
+        for (bulk, instruction, cut), group in groups.items():
             lane = BULK if bulk else INTERACTIVE
             most_texts = self.bulk_task_texts if bulk else self.settings.task_max_texts
             batch: list[str] = []
@@ -460,7 +527,8 @@ class Dispatcher:
                 text = pending.texts[slot] if slot >= 0 else ""
                 if batch and (slot < 0 or len(batch) >= most_texts or chars + len(text) > most_chars):
                     task_id = uuid.uuid4().hex
-                    tasks.append((task_id, make_payload(self.settings, instruction, texts, self.reply, lane)))
+                    payload = make_payload(self.settings, instruction, texts, self.reply, lane, truncate=bool(cut))
+                    tasks.append((task_id, payload))
                     self.tasks[task_id] = batch
                     for sent in batch:
                         pending.sent[pending.slots[sent]] = task_id
@@ -600,14 +668,34 @@ class Dispatcher:
         if self.entries or self.active:
             self._learn_from_workers((yield from self._look_at_workers()))
         if self.entries and time.monotonic() - self.last_progress >= self.settings.stall_warning_seconds:
+            stalled = time.monotonic() - self.last_progress
+            deaths = yield from self._recent_deaths(stalled)
             log.warning(
                 "%d texts still pending with no progress for %.0fs (no worker of the model embedded "
-                "anything): is a worker consuming queues %s?",
+                "anything): is a worker consuming queues %s?%s",
                 len(self.entries),
-                time.monotonic() - self.last_progress,
+                stalled,
                 " and ".join(repr(q) for q in self.settings.queues),
+                f" Workers died meanwhile: {deaths}." if deaths else "",
             )
             self.last_progress = time.monotonic()
+
+    def _recent_deaths(self, seconds: float) -> Generator[Op, Any, str]:
+        """Workers declared dead in the last ``seconds`` (``embq.worker.holdings``) that held tasks of our
+        queues, and what went back to each queue, in words; "" when none."""
+        try:
+            (raw,) = yield Redis("broker", [("HGETALL", keys.RECLAIMED)])
+        except redis.exceptions.RedisError:
+            return ""
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        said = []
+        for worker, record in pairs:
+            facts = json.loads(record)
+            queues = {q: n for q, n in facts.get("queues", {}).items() if q in self.settings.queues}
+            if queues and facts.get("at", 0) >= time.time() - seconds:
+                sent = ", ".join(f"{n} tasks back to {q!r}" for q, n in queues.items())
+                said.append(f"{_text(worker)} ({sent})")
+        return "; ".join(said)
 
     # -- the model's workers ----------------------------------------------------------------
 
@@ -769,7 +857,7 @@ class Dispatcher:
         ours = [d for d in self.entries if self.entries.state(d) != THEIRS]
         try:
             yield from self._release(ours)
-        except BACKEND_ERRORS as e:
+        except (*BACKEND_ERRORS, BackendUnavailableError) as e:
             log.info("could not release %d claims (%s); they lapse with our liveness", len(ours), e)
         for call in [*self.calls, *self.inbox]:
             call.fail(error)
@@ -782,14 +870,14 @@ class Dispatcher:
         self.recheck.clear()
 
     def _backend_error(self, error: BaseException) -> EmbqError:
-        broker = isinstance(error, OperationalError)
-        role, url = ("broker", self.settings.broker) if broker else ("cache", self.settings.cache)
-        return BackendUnavailableError(f"{role} Redis at {redact(url)} failed: {describe(error)}")
+        role = "broker" if isinstance(error, OperationalError) else "cache"
+        url = self.settings.broker if role == "broker" else self.settings.cache
+        return unavailable(role, url, self.settings.origin(role), error)
 
     def _close(self) -> Generator[Op, Any, None]:
         try:
             yield from self._drop_cancelled()
-        except BACKEND_ERRORS as e:
+        except (*BACKEND_ERRORS, BackendUnavailableError) as e:
             log.info("could not release the claims of cancelled calls (%s); they lapse with our liveness", e)
         ours = [d for d in self.entries if self.entries.state(d) == OURS]
         for call in [*self.calls, *self.inbox]:
@@ -798,8 +886,8 @@ class Dispatcher:
             # Nobody waits for our queued texts any more: workers skip them, watchers claim them again.
             yield from self._release(ours)
             yield Redis("cache", [("DEL", self.alive), ("DEL", self.reply), *self._hits_to_report()])
-        except BACKEND_ERRORS as e:
-            log.info("could not close the reply stream (%s); it expires by itself", e)
+        except (*BACKEND_ERRORS, BackendUnavailableError) as e:  # the callers heard of it already
+            log.debug("could not close the reply stream (%s); it expires by itself", e)
 
 
 #: What a producer reads of a worker's heartbeat (``embq.worker.heartbeat``); ``model`` first.

@@ -43,6 +43,17 @@ key                        type        TTL                  written by          
                                                                                    bulk share of slots
 ``unacked``                hash        none (broker key)    workers (kombu: what   kombu; producers look
                                                             they took, not acked)  there for lost tasks
+``embq:holding:{host:pid}`` hash       none (broker key;    the worker: delivery   every worker, at each
+                                       deleted at a stop    tag -> queue of what   renewal: a lapsed lease
+                                       or a reclaim)        it took; ``~until``,   sends its tags back to
+                                                            its lease (1 s)        their queues
+``embq:holders``           set         none (broker key)    workers (their names)  every worker (reclaim)
+``embq:dead-workers``      sorted set  none (broker key;    the reclaim: name,     each worker, at each
+                                       pruned after 1 day)  scored by time         renewal (declared dead:
+                                                                                   exit)
+``embq:reclaimed``         hash        none (broker key;    the reclaim: name ->   producers' stall
+                                       pruned after 1 day)  JSON of the tasks it   warnings
+                                                            sent back, per queue
 =========================  ==========  ===================  =====================  ======================
 
 ``embq:watch:{embq:v:D}``: ``D`` is the digest, and the vector key in braces is
@@ -55,6 +66,18 @@ enough to compute each text once, are in ``embq.producer.protocol``.
 cache namespace, instruction and the exact text, each length-prefixed so that no
 two different tuples frame to the same bytes. Nothing is stripped or
 lower-cased: "a b" and "a  b" are different texts with different vectors.
+
+**Cut texts have keys of their own.** A call with ``truncate=True`` asks for the
+vector of what the engine keeps of a text over its context; its digest frames
+``CUT_MARKER`` between the instruction and the text. A call without it has the
+digest above, unchanged, so caches written before calls could ask for a cut stay
+valid, and every worker of a model serves both kinds of call. A text that fits
+has two keys then (one vector each, equal): the cost of never storing a cut
+vector where a whole text's vector is expected. Where a text is cut is the
+engine's context: the checkpoint's for sentence-transformers (which the
+signature compares); for SGLang, the lower of ``context_length`` and what its KV
+pool admits, which may differ by a few tokens between GPUs, and so may the cut
+vectors of texts that long (by far less than any two checkpoints).
 
 The cache keys live in the cache Redis; the queue list lives in the broker
 Redis. Only cache-side keys carry a TTL.
@@ -71,7 +94,7 @@ to start. What produces the vectors is its *signature* (``embq.worker.signature`
 the engine, the dimension, a fingerprint of the checkpoint (the hash of its
 configuration and tokenizer files and of its weights' names and sizes, plus
 options that change what it computes, such as quantisation or random weights),
-the instruction format, and where it cuts long texts if it does. The first
+and the instruction format. The first
 worker stores it at ``signature_key`` (SET NX, TTL ``cache_ttl``) and running
 workers renew it with their heartbeat, so it outlives every vector it vouches
 for. A worker that finds another signature there exits (status 3) naming both:
@@ -110,6 +133,13 @@ BULK = "bulk"
 LANES = (INTERACTIVE, BULK)
 
 ATTEMPTS = f"{PREFIX}:attempts:"
+#: What each worker holds in the broker, its lease, and the workers whose lease lapsed
+#: (``embq.worker.holdings``).
+HOLDING = f"{PREFIX}:holding:"
+HOLDERS = f"{PREFIX}:holders"
+DEAD_WORKERS = f"{PREFIX}:dead-workers"
+#: Per dead worker: what went back to which queue (JSON), for producers' stall warnings.
+RECLAIMED = f"{PREFIX}:reclaimed"
 WORKER = f"{PREFIX}:worker:"
 #: Index of the heartbeat hashes: readers fetch O(workers) keys, never SCAN millions of vectors.
 WORKERS = f"{PREFIX}:workers"
@@ -141,11 +171,22 @@ def _framed(part: str) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def text_digests(model: str, namespace: str, instruction: str, texts: Iterable[str]) -> list[str]:
+#: Framed after the instruction in the digest of a text the engine cuts at its context (``truncate=True``).
+#: An uncut text's digest has no such part, so it is what it was before calls could ask for a cut, and
+#: the framing keeps the two kinds apart: no text frames to this marker followed by another text.
+CUT_MARKER = "cut-at-context"
+
+
+def text_digests(
+    model: str, namespace: str, instruction: str, texts: Iterable[str], *, truncate: bool = False
+) -> list[str]:
     """Hex digests identifying the vectors of ``texts`` (valid UTF-8) under one model,
-    namespace and instruction: the common prefix is hashed once, a copy per text."""
+    namespace and instruction: the common prefix is hashed once, a copy per text. ``truncate``:
+    the vectors of the texts as the engine cuts them at its context (``CUT_MARKER``)."""
     prefix = hashlib.blake2b(digest_size=32, person=b"embq-key-v1")
     prefix.update(_framed(model) + _framed(namespace) + _framed(instruction))
+    if truncate:
+        prefix.update(_framed(CUT_MARKER))
     digests = []
     for text in texts:
         h = prefix.copy()
@@ -154,9 +195,9 @@ def text_digests(model: str, namespace: str, instruction: str, texts: Iterable[s
     return digests
 
 
-def text_digest(model: str, namespace: str, instruction: str, text: str) -> str:
+def text_digest(model: str, namespace: str, instruction: str, text: str, *, truncate: bool = False) -> str:
     """Hex digest identifying one vector. ``text`` must already be valid UTF-8."""
-    return text_digests(model, namespace, instruction, [text])[0]
+    return text_digests(model, namespace, instruction, [text], truncate=truncate)[0]
 
 
 def vector_key(digest: str) -> str:
@@ -183,6 +224,11 @@ def stats_key(model: str) -> str:
 
 def attempts_key(task_id: str) -> str:
     return ATTEMPTS + task_id
+
+
+def holding_key(name: str) -> str:
+    """In the broker: the unacked messages worker ``name`` holds (delivery tag -> queue) and its lease."""
+    return HOLDING + name
 
 
 def worker_key(name: str) -> str:

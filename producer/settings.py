@@ -73,6 +73,10 @@ class Settings:
     #: ``embed`` calls of at most this many texts go in the interactive lane, ahead of bulk work
     #: (larger calls, ``embed_iter``, ``embq embed``); a call's ``priority`` overrides it.
     interactive_max_texts: int = 128
+    #: Interactive is for queries: a call of more texts goes bulk whatever its ``priority`` (logged
+    #: once), and one client holds at most this many interactive texts in flight (more calls wait
+    #: in it, in arrival order), so that no caller holds the lane. Above the gateway's request size.
+    interactive_cap_texts: int = 2048
     #: Engine seconds a bulk task should take on the model's slowest worker: tasks shrink to what
     #: its workers embed in that time (they publish their rate), so that none runs for a minute.
     task_seconds: float = 2.0
@@ -86,12 +90,15 @@ class Settings:
     #: hot texts are then answered without a Redis command. A vector costs 4 x its dimension plus
     #: ~400 bytes (64 MiB: ~40,000 vectors of 384 floats, ~15,000 of 1,024); 0 turns the L1 off.
     l1_bytes: int = dataclasses.field(default=64 << 20, metadata={"zero_means": "no in-process cache"})
+    #: Where each setting was given, for messages: ``EMBQ_REDIS_URL``, ``--redis-url``, ``the redis_url
+    #: argument``... A setting absent from it was given in code, or is the default (``origin``).
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("redis_url", "broker_url", "cache_url"):
             url = getattr(self, name)
             if url:
-                check_redis_url(f"{name} ({ENV_NAMES[name]})", url)
+                check_redis_url(name, url, self.origin(name))
         for name in ("model", "cache_namespace"):
             value = getattr(self, name)
             if not value or keys.QUEUE_NAMESPACE_SEPARATOR in value:
@@ -112,6 +119,19 @@ class Settings:
     def cache(self) -> str:
         return self.cache_url or self.redis_url
 
+    def origin(self, name: str) -> str:
+        """Where setting ``name`` came from, as its user set it: ``EMBQ_CACHE_URL``, ``--redis-url``, ``the
+        redis_url argument``; for the broker's or the cache's URL (``broker``, ``cache``), the one in use."""
+        if name in ("broker", "cache"):
+            name = f"{name}_url" if getattr(self, f"{name}_url") else "redis_url"
+        found = self.origins.get(name)
+        if found:
+            return found
+        default = next(f.default for f in fields(self) if f.name == name)
+        if getattr(self, name) == default:
+            return f"the default; set {ENV_NAMES[name]}" + (" or --redis-url" if name == "redis_url" else "")
+        return name
+
     @property
     def queue(self) -> str:
         """The interactive queue of this model and cache namespace (``keys.queue_name``)."""
@@ -123,15 +143,26 @@ class Settings:
         return tuple(keys.queue_name(self.model, self.cache_namespace, lane) for lane in keys.LANES)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read ``EMBQ_*`` variables; explicit ``overrides`` win over the environment."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, origins: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Read ``EMBQ_*`` variables; explicit ``overrides`` win over the environment. ``origins`` says where
+        overrides came from (``{"redis_url": "--redis-url"}``), for messages."""
         env = os.environ if environ is None else environ
         values = read_env(cls, env, ENV_NAMES)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        found = {name: ENV_NAMES[name] for name in values if name in ENV_NAMES}
+        found.update({name: (origins or {}).get(name, "") for name in given})
+        values.update(given)
+        return cls(**values, origins={k: v for k, v in found.items() if v})
 
-    def with_overrides(self, **overrides: Any) -> Settings:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+    def with_overrides(self, origin: str = "", **overrides: Any) -> Settings:
+        """These settings with ``overrides`` (None: unchanged), which came from ``origin`` (for messages)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        origins = {k: v for k, v in self.origins.items() if k not in given}
+        if origin:
+            origins.update(dict.fromkeys(given, origin))
+        return replace(self, **given, origins=origins)
 
     @classmethod
     def for_client(
@@ -147,8 +178,9 @@ class Settings:
         environment) unless ``broker_url``/``cache_url`` name their own."""
         base = settings or cls.from_env()
         if redis_url is not None:
-            base = base.with_overrides(redis_url=redis_url, broker_url="", cache_url="")
-        return base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
+            base = base.with_overrides("the redis_url argument", redis_url=redis_url, broker_url="", cache_url="")
+        base = base.with_overrides("the broker_url argument", broker_url=broker_url)
+        return base.with_overrides("the cache_url argument", model=model, cache_url=cache_url)
 
 
 ENV_NAMES: dict[str, str] = {
@@ -166,11 +198,25 @@ ENV_NAMES: dict[str, str] = {
     "inflight_texts": "EMBQ_INFLIGHT_TEXTS",
     "coalesce_ms": "EMBQ_COALESCE_MS",
     "interactive_max_texts": "EMBQ_INTERACTIVE_MAX_TEXTS",
+    "interactive_cap_texts": "EMBQ_INTERACTIVE_CAP_TEXTS",
     "task_seconds": "EMBQ_TASK_SECONDS",
     "unknown_model_grace": "EMBQ_UNKNOWN_MODEL_GRACE",
     "stall_warning_seconds": "EMBQ_STALL_WARNING_SECONDS",
     "l1_bytes": "EMBQ_L1_BYTES",
 }
+
+
+def flag_urls(
+    redis_url: str | None, broker_url: str | None, cache_url: str | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Redis URLs given as flags (``--redis-url``...), as overrides of ``Settings.from_env`` and their origins:
+    ``--redis-url`` is both broker and cache unless ``--broker-url`` or ``--cache-url`` name their own, over
+    ``EMBQ_BROKER_URL`` and ``EMBQ_CACHE_URL`` too (as the ``redis_url`` argument of a client)."""
+    given = {"redis_url": redis_url, "broker_url": broker_url, "cache_url": cache_url}
+    overrides = {name: url for name, url in given.items() if url}
+    if redis_url:
+        overrides = {"broker_url": "", "cache_url": "", **overrides}
+    return overrides, {name: "--" + name.replace("_", "-") for name, url in overrides.items() if url}
 
 
 #: The forms a Redis URL may take, for error messages.
@@ -181,14 +227,16 @@ SENTINEL_FORM = (
 )
 
 
-def check_redis_url(setting: str, url: str) -> None:
-    """Raise ``ConfigurationError`` naming ``setting`` unless ``url`` is a Redis URL redis-py and kombu both take.
+def check_redis_url(name: str, url: str, origin: str = "") -> None:
+    """Raise ``ConfigurationError`` naming where ``url`` came from (``origin``, else setting ``name``) unless it
+    is a Redis URL redis-py and kombu both take.
 
     Checked here, where settings are made, so that a scheme-less ``localhost:6379``
     fails with the expected form rather than deep inside redis-py or kombu."""
+    setting = f"{name} ({origin})" if origin and origin != name else name
     shown = _without_password(url)
     if sentinel.is_sentinel(url):
-        if not setting.startswith("broker_url"):
+        if name != "broker_url":
             raise ConfigurationError(f"{setting}={shown!r}: only the broker may be behind Sentinel ({SENTINEL_FORM})")
         try:
             sentinel.parse(url)
@@ -201,6 +249,12 @@ def check_redis_url(setting: str, url: str) -> None:
     except ValueError as e:
         raise ConfigurationError(f"{setting}={shown!r} is not a Redis URL ({e}); expected {URL_FORMS}") from e
     if parts.scheme not in ("redis", "rediss", "unix"):
+        if "://" in url:  # a scheme, of something else: an HTTP gateway's URL, say
+            sentinel_too = " (sentinel:// for a broker behind Sentinel)" if name == "broker_url" else ""
+            raise ConfigurationError(
+                f"{setting}={shown!r} is not a Redis URL: its scheme {parts.scheme + '://'!r} is not one of Redis's, "
+                f"redis://, rediss:// (TLS) or unix://{sentinel_too}; expected {URL_FORMS}"
+            )
         raise ConfigurationError(f"{setting}={shown!r} is not a Redis URL: it needs a scheme; expected {URL_FORMS}")
     if parts.scheme == "unix":
         if not parts.path:

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from embq.producer.keys import BULK
 from embq.worker.batcher import Batcher, BatcherStopped
 from embq.worker.engines import EngineDead, EngineItemErrors
 from embq.worker.engines.hash import HashEngine, hash_vector
+from embq.worker.local import wait_until
 
 
 class ObservedEngine(HashEngine):
@@ -25,6 +27,21 @@ class ObservedEngine(HashEngine):
         self.calls.append(list(texts))
         if any("POISON" in t for t in texts):
             raise RuntimeError("the engine chokes on POISON")
+        return super().encode(texts)
+
+
+class GatedHashEngine(HashEngine):
+    """The hash engine; its first call waits for ``gate``, and every call is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__("hash/test", dim=16)
+        self.gate = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if len(self.calls) == 1:
+            self.gate.wait(30)
         return super().encode(texts)
 
 
@@ -112,7 +129,7 @@ def test_the_token_budget_splits_calls(engine: ObservedEngine) -> None:
     b = Batcher(engine, max_tokens=60, max_texts=1000, max_wait=0.0)
     b.start()
     try:
-        job = b.embed(["y" * 100] * 10)  # ~27 estimated tokens each
+        job = b.embed([f"{i}" + "y" * 99 for i in range(10)])  # ~27 estimated tokens each
     finally:
         b.stop(timeout=10)
     assert not job.errors
@@ -284,3 +301,118 @@ def test_passes_group_texts_of_one_length_across_every_task_held() -> None:
     arrival = [group[i : i + 8] for group in groups for i in range(0, 100, 8)]
     waste = sum(max(map(len, p)) * len(p) for p in arrival) / sum(len(t) for p in arrival for t in p)
     assert waste > 1.5  # what passes in arrival order would have cost
+
+
+def test_a_text_two_tasks_carry_is_computed_once() -> None:
+    """Two tasks with the same 120 texts (a task sent again, a retry's) and 30 of their own, queued while
+    the engine is busy: each text goes to the engine once, and both tasks get every vector."""
+    engine = GatedHashEngine()
+    b = Batcher(engine, max_tokens=100_000, max_texts=50, max_wait=0.0)
+    b.start()
+    shared = [f"shared {i}" for i in range(120)]
+    groups = [shared + [f"first only {i}" for i in range(30)], [f"second only {i}" for i in range(30)] + shared]
+    jobs: list = [None, None]
+    threads = [threading.Thread(target=lambda: b.embed(["blocker"]))]
+    threads += [threading.Thread(target=lambda i=i: jobs.__setitem__(i, b.embed(groups[i]))) for i in range(2)]
+    try:
+        threads[0].start()
+        wait_until(lambda: len(engine.calls) == 1, 10, "the engine to be busy")
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: b._queued_texts == 300, 10, "both tasks to wait")
+        engine.gate.set()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        engine.gate.set()
+        b.stop(timeout=10)
+    computed = [text for call in engine.calls[1:] for text in call]
+    assert sorted(computed) == sorted(set(shared) | set(groups[0][120:]) | set(groups[1][:30]))
+    for job, texts in zip(jobs, groups, strict=True):
+        assert job.ok.all()
+        np.testing.assert_array_equal(job.matrix, np.stack([hash_vector(t, 16) for t in texts]))
+    assert b.twins_filled == 120
+
+
+def test_bulk_passes_serve_each_producer_in_turn() -> None:
+    """One producer's 2,000 bulk texts wait; another's 100 arrive later: they go within a few passes
+    (``FAIR_LAG_PASSES``), not after the whole backlog, and the first producer keeps its share meanwhile."""
+    engine = GatedHashEngine()
+    b = Batcher(engine, max_tokens=1_000_000, max_texts=50, max_wait=0.0)
+    b.start()
+    big = [f"backfill {i}" for i in range(2000)]
+    small = [f"small job {i}" for i in range(100)]
+    jobs: dict[str, object] = {}
+    try:
+        first = threading.Thread(target=lambda: jobs.setdefault("big", b.embed(big, lane=BULK, owner="a")))
+        first.start()
+        wait_until(lambda: len(engine.calls) == 1, 10, "the first pass")
+        second = threading.Thread(target=lambda: jobs.setdefault("small", b.embed(small, lane=BULK, owner="b")))
+        second.start()
+        wait_until(lambda: b._queued_texts >= 1950 + 100, 10, "the small job to wait")
+        engine.gate.set()
+        first.join(30)
+        second.join(30)
+    finally:
+        engine.gate.set()
+        b.stop(timeout=10)
+    last_small = max(i for i, call in enumerate(engine.calls) if any(t.startswith("small") for t in call))
+    assert last_small <= 8, f"the small job's last text went in pass {last_small} of {len(engine.calls)}"
+    backfill = sum(any(t.startswith("backfill") for t in call) for call in engine.calls[1 : last_small + 1])
+    assert backfill >= last_small / 2, "the backfill keeps its share of the passes meanwhile"
+    assert sum(len(call) for call in engine.calls) == 2100
+
+
+class TimedPaddedEngine(HashEngine):
+    """The hash engine as a padded one (MiniLM's kind): each pass takes time in proportion to its longest
+    text times its texts; every pass is recorded with its texts' token counts."""
+
+    pads = True
+
+    def __init__(self) -> None:
+        super().__init__("hash/test", dim=16)
+        self.passes: list[tuple[int, int]] = []  # (bulk texts, padded tokens)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        sizes = [len(t) // 4 + 2 for t in texts]
+        padded = max(sizes) * len(sizes)
+        self.passes.append((sum(t.startswith("bulk") for t in texts), padded))
+        time.sleep(padded * 1e-5)
+        return super().encode(texts)
+
+
+def test_bulk_keeps_half_of_a_padded_engine_under_any_query_load() -> None:
+    """256 bulk texts of ~200 tokens while 12 threads send 4-text queries: on a padded engine 32 short
+    queries and one long text cost more than a pass, yet bulk keeps at least half of the engine's time."""
+    engine = TimedPaddedEngine()
+    b = Batcher(engine, max_tokens=2048, max_texts=64, max_wait=0.0)
+    b.start()
+    stop = threading.Event()
+    answered = [0]
+
+    def ask(thread: int) -> None:
+        i = 0
+        while not stop.is_set():
+            job = b.embed([f"query {thread} {i} {k}" for k in range(4)])
+            assert job.ok.all()
+            answered[0] += 1
+            i += 1
+
+    askers = [threading.Thread(target=ask, args=(t,), daemon=True) for t in range(12)]
+    try:
+        for thread in askers:
+            thread.start()
+        wait_until(lambda: answered[0] >= 24, 30, "queries to flow")
+        bulk = b.embed([f"bulk {i} " + "x" * 800 for i in range(256)], lane=BULK)
+        assert bulk.ok.all()
+    finally:
+        stop.set()
+        for thread in askers:
+            thread.join(30)
+        b.stop(timeout=30)
+    last_bulk = max(i for i, (bulk_texts, _) in enumerate(engine.passes) if bulk_texts)
+    first_bulk = min(i for i, (bulk_texts, _) in enumerate(engine.passes) if bulk_texts)
+    during = engine.passes[first_bulk : last_bulk + 1]
+    bulk_time = sum(padded for bulk_texts, padded in during if bulk_texts)
+    assert bulk_time >= 0.5 * sum(padded for _, padded in during), during
+    assert answered[0] > 24, "queries were answered meanwhile"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import re
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -337,3 +341,76 @@ def test_a_worker_rides_out_a_full_redis(start_worker: Start, make_client: Clien
     np.testing.assert_array_equal(make_client(model=model).embed(texts, timeout=60), hashed(texts))
     assert "Unrecoverable" not in worker.log_path.read_text()
     assert worker.stop() == 0
+
+
+def test_a_killed_workers_tasks_go_to_another_worker_in_seconds(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    """Two workers at the default visibility timeout (an hour); one is SIGKILLed while it holds tasks:
+    the other takes them once the dead one's lease lapses, the call ends within 30 s of the kill, and
+    every vector is right."""
+    model = "hash/killed-holder"
+    slow = {"EMBQ_HASH_SECONDS_PER_TEXT": "0.002", "EMBQ_BATCH_MAX_TEXTS": "64"}  # 500 texts/s each
+    survivor = start_worker(model, env=slow)
+    doomed = start_worker(model, env=slow)
+    texts = [f"held by the dead {i}" for i in range(6000)]
+    join = embed_in_background(make_client(model=model, task_max_texts=200), texts, timeout=300)
+    assert doomed.process is not None
+    holding = keys.HOLDING + f"{socket.gethostname()}:{doomed.process.pid}:"
+    held = lambda: [k for k in r.scan_iter(match=holding + "*") if r.hlen(k) > 1]  # noqa: E731
+    wait_until(lambda: held(), 30, "the doomed worker to hold tasks")
+    time.sleep(4)
+    assert not join.finished
+    doomed.kill()
+    killed = time.monotonic()
+    vectors = join()
+    assert time.monotonic() - killed <= 30, "the dead worker's tasks waited for the visibility timeout"
+    np.testing.assert_array_equal(vectors, hashed(texts))
+    said = survivor.log_path.read_text()
+    assert f"worker {socket.gethostname()}:{doomed.process.pid}:" in said and "went back to their queues" in said
+    assert int(r.hget(keys.stats_key(model), "texts") or 0) <= 6000 + 200, "a task computed by two live workers"
+
+
+def test_a_worker_declared_dead_exits_rather_than_compute_what_went_to_another(
+    start_worker: Start, r: redis.Redis
+) -> None:
+    """A worker frozen (SIGSTOP) past its lease is declared dead by another; thawed, it exits at once."""
+    model = "hash/frozen"
+    start_worker(model)
+    frozen = start_worker(model)
+    assert frozen.process is not None
+    pid = frozen.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        dead = lambda: any(str(pid) in m.decode() for m in r.zrange(keys.DEAD_WORKERS, 0, -1))  # noqa: E731
+        wait_until(dead, 60, "the frozen worker to be declared dead")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    frozen.process.wait(30)
+    assert frozen.process.returncode == 6
+    assert "declared dead" in frozen.log_path.read_text()
+
+
+def test_the_stall_warning_names_the_dead_worker_and_what_went_back(
+    start_worker: Start, make_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model's only worker is SIGKILLed while it holds tasks; a worker of another model gives them
+    back to their queue; the producer's stall warning names the dead worker and the tasks sent back, and
+    the call ends once a worker of the model comes."""
+    model = "hash/dead-and-named"
+    start_worker("hash/bystander")  # reclaims the dead worker's tasks, serves none of them
+    doomed = start_worker(model, env={"EMBQ_HASH_SECONDS_PER_TEXT": "0.005", "EMBQ_BATCH_MAX_TEXTS": "16"})
+    texts = [f"named {i}" for i in range(1000)]
+    client = make_client(model=model, task_max_texts=100, stall_warning_seconds=15, lease_seconds=2)
+    with caplog.at_level(logging.WARNING, logger="embq.producer.dispatcher"):
+        join = embed_in_background(client, texts, timeout=300)
+        wait_until(lambda: "received" in doomed.log_path.read_text(), 30, "the doomed worker to take tasks")
+        time.sleep(1)
+        assert doomed.process is not None
+        name = f"{socket.gethostname()}:{doomed.process.pid}:"
+        doomed.kill()
+        wait_until(lambda: "Workers died meanwhile" in caplog.text, 60, "the stall warning")
+    warning = next(r.getMessage() for r in caplog.records if "Workers died meanwhile" in r.getMessage())
+    assert name in warning and f"tasks back to '{keys.queue_name(model, lane=keys.BULK)}'" in warning, warning
+    start_worker(model)
+    np.testing.assert_array_equal(join(), hashed(texts))

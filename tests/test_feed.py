@@ -30,6 +30,7 @@ class Tokens:
 
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = tokens
+        self.texts = [f"{id(self)} {row}" for row in range(len(tokens))]  # distinct: no copies to share a vector
 
 
 def drain(backlog: Backlog, take: Callable[[], list]) -> float:

@@ -127,7 +127,8 @@ def test_ttl_on_every_cache_key_and_on_no_broker_key(make_client: Client, r: red
         ttl = r.ttl(key)
         if ttl == -2:  # gone since the SCAN (a released claim, an expired liveness key)
             continue
-        if name.startswith(("_kombu", "unacked", keys.QUEUE_PREFIX)) and name != "unacked_mutex":
+        broker = ("_kombu", "unacked", keys.QUEUE_PREFIX, keys.HOLDING, keys.HOLDERS, keys.DEAD_WORKERS, keys.RECLAIMED)
+        if name.startswith(broker) and name != "unacked_mutex":
             assert ttl == -1, f"broker key {name} must not expire (ttl {ttl})"
         else:
             assert ttl > 0, f"cache key {name} has no TTL"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,15 @@ from celery.worker import state as worker_state
 from kombu import Exchange, Queue
 
 from embq.producer import keys
-from embq.producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
+from embq.producer.backend import (
+    connect,
+    connect_once,
+    nothing_listens,
+    redact,
+    redis_reason,
+    start_hint,
+    will_not_heal,
+)
 from embq.producer.cluster import CacheClient, cluster_enabled, connect_cache, connect_cache_once, is_cluster, pipeline
 from embq.producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
 from embq.producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
@@ -32,6 +42,7 @@ from embq.worker import kombu_fixes, metrics
 from embq.worker.batcher import Batcher, BatcherStopped, Call
 from embq.worker.engines import Engine, create_engine
 from embq.worker.heartbeat import Heartbeat
+from embq.worker.holdings import Holdings
 from embq.worker.lanes import BulkSlots
 from embq.worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
 from embq.worker.settings import WorkerSettings
@@ -86,6 +97,8 @@ class Runtime:
         self._left: list[tuple[str, str]] = []
         self._marks = threading.Lock()
         self.heartbeat: Heartbeat | None = None
+        #: What this worker holds in the broker, under a lease: a dead worker's tasks back in seconds.
+        self.holdings: Holdings | None = None
         self.bulk_slots = BulkSlots(settings.shared.queues[1], settings.bulk_task_limit)
         #: Texts per second of engine time, as last measured (0 before any): the ``speed`` of the heartbeat.
         self._speed = 0.0
@@ -95,14 +108,23 @@ class Runtime:
         if self.engine is not None:
             return
         s = self.settings
+        if s.truncate:
+            log.warning(
+                "EMBQ_TRUNCATE / --truncate no longer changes a worker: every worker cuts the texts of calls "
+                'that ask for it (truncate=True, embq embed --truncate, the request field "truncate") and fails '
+                "the others' over-long texts; a gateway's default for requests without the field is embq serve "
+                "--truncate (EMBQ_TRUNCATE where it runs)"
+            )
         # A ready file left by a killed predecessor (a restarted container keeps /tmp)
         # must not pass the probes before this engine is loaded.
         self.set_ready(False)
-        wait_for_redis("broker", s.shared.broker, s.redis_wait)
+        wait_for_redis("broker", s.shared.broker, s.redis_wait, s.shared.origin("broker"))
         if s.shared.cache != s.shared.broker:
-            wait_for_redis("cache", s.shared.cache, s.redis_wait)
+            wait_for_redis("cache", s.shared.cache, s.redis_wait, s.shared.origin("cache"))
         check_eviction_policy(s)
         self._open_cache()
+        self.holdings = Holdings(s.shared.broker, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        self.holdings.start()
         keep_task_buffers_in_heap()
         # Online while loading (not ready): producers then know the model is being served, and wait.
         fields = {"model": s.shared.model, "namespace": s.shared.cache_namespace, "engine": s.engine}
@@ -245,6 +267,8 @@ class Runtime:
         self.set_ready(False)
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.holdings is not None:
+            self.holdings.stop()
         if self.batcher is not None:
             self.batcher.stop(timeout=60)
         if self.engine is not None:
@@ -304,7 +328,7 @@ class Runtime:
         return int(starts), deaths, suspects
 
 
-def wait_for_redis(role: str, url: str, wait: float) -> None:
+def wait_for_redis(role: str, url: str, wait: float, origin: str = "") -> None:
     """Return once the Redis at ``url`` answers; raise ``BackendUnavailableError`` after ``wait`` seconds.
 
     A worker that cannot reach its Redis at start says so in one line and exits
@@ -313,6 +337,7 @@ def wait_for_redis(role: str, url: str, wait: float) -> None:
     client = connect_once(url, timeout=min(5.0, wait))
     deadline = time.monotonic() + wait
     variable = {"broker": "EMBQ_BROKER_URL", "cache": "EMBQ_CACHE_URL"}[role]
+    where = f" (from {origin})" if origin else ""
     warned = False
     try:
         while True:
@@ -326,13 +351,19 @@ def wait_for_redis(role: str, url: str, wait: float) -> None:
                         f"{role} Redis at {redact(url)} refused this worker: {reason}"
                     ) from None
                 if time.monotonic() >= deadline:
+                    start = start_hint(url) if nothing_listens(e) else "start it"
                     raise BackendUnavailableError(
-                        f"{role} Redis at {redact(url)} did not answer within {wait:.0f}s ({reason}): "
-                        f"start it, or set EMBQ_REDIS_URL (or {variable}) to one that runs"
+                        f"{role} Redis at {redact(url)}{where} did not answer within {wait:.0f}s ({reason}): "
+                        f"{start}, or set --redis-url, EMBQ_REDIS_URL (or {variable}) to one that runs"
                     ) from None
                 if not warned:
                     log.warning(
-                        "%s Redis at %s does not answer (%s); waiting up to %.0fs", role, redact(url), reason, wait
+                        "%s Redis at %s%s does not answer (%s); waiting up to %.0fs (EMBQ_REDIS_WAIT)",
+                        role,
+                        redact(url),
+                        where,
+                        reason,
+                        wait,
                     )
                     warned = True
             worker_state.maybe_shutdown()  # SIGTERM while waiting: Celery's warm shutdown, now
@@ -499,6 +530,31 @@ def create_app(settings: WorkerSettings) -> Celery:
 
         signal.signal(signal.SIGINT, on_interrupt)
 
+    def on_received(sender: Any, request: Any = None, **_: Any) -> None:
+        holdings = runtime.holdings
+        if holdings is None or request is None or sender.app is not app:
+            return
+        tag = getattr(request.message, "delivery_tag", None)
+        queue = (request.delivery_info or {}).get("routing_key")
+        if tag and queue:
+            holdings.took(request.id, str(tag), queue)
+
+    def on_postrun(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        if runtime.holdings is not None and getattr(sender, "app", None) is app:
+            runtime.holdings.left(task_id)
+
+    def on_shutting_down(**_: Any) -> None:
+        # Warm shutdown: Celery waits for the running tasks. Bulk tasks still wholly in the backlog
+        # (up to EMBQ_BACKLOG_SECONDS of engine work) go back to the queue now, for other workers.
+        # On a thread of its own: this runs in the signal handler, which must never wait for a lock.
+        threading.Thread(target=shed_bulk, name="embq-shed", daemon=True).start()
+
+    def shed_bulk() -> None:
+        if runtime.batcher is not None:
+            shed = runtime.batcher.shed()
+            if shed:
+                log.info("shutting down: %d bulk tasks not started go back to the queue", shed)
+
     def on_shutdown(sender: Any, **_: Any) -> None:
         # Celery stops with exitcode 1 after an "Unrecoverable error" but its CLI exits 0: a supervisor
         # must see that this worker died, so the status is kept for ``embq worker`` to exit with.
@@ -512,4 +568,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     signals.worker_init.connect(on_init, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
+    signals.task_received.connect(on_received, weak=False)
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
+    signals.task_postrun.connect(on_postrun, weak=False)
     return app

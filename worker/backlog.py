@@ -14,7 +14,9 @@ of them: padding then costs little however mixed the workload, as when one
   real/padded with 4 passes' worth waiting, 0.89 with 36); the densest run
   keeps passes near-equal in length with a few passes' worth.
 
-The batcher keeps one backlog per lane (interactive, bulk).
+The batcher keeps one backlog per lane (interactive, bulk). Each also finds the
+waiting copies of a text (``twins``): a text that two tasks carry (a task sent
+again, a retry's) is computed once, and its copies take that vector.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Backlog:
     def __init__(self) -> None:
         self._by_length: dict[int, dict[tuple[int, int], Entry]] = {}
         self._lengths: list[int] = []  # sorted, each with a non-empty group
+        self._by_text: dict[str, dict[tuple[int, int], Entry]] = {}  # the waiting copies of each text
         #: Waiting texts, and their tokens.
         self.texts = 0
         self.tokens = 0
@@ -47,6 +50,7 @@ class Backlog:
                 group = groups[length] = {}
                 insort(self._lengths, length)
             group[(id(job), row)] = (job, row)
+            self._by_text.setdefault(job.texts[row], {})[(id(job), row)] = (job, row)
             self.texts += 1
             self.tokens += length
 
@@ -54,6 +58,10 @@ class Backlog:
         length = job.tokens[row]
         group = self._by_length[length]
         del group[(id(job), row)]
+        copies = self._by_text[job.texts[row]]
+        del copies[(id(job), row)]
+        if not copies:
+            del self._by_text[job.texts[row]]
         self.texts -= 1
         self.tokens -= length
         if not group:
@@ -65,7 +73,12 @@ class Backlog:
             if (id(job), row) in self._by_length.get(job.tokens[row], {}):
                 self.remove(job, row)
 
+    def twins(self, text: str) -> list[Entry]:
+        """The waiting copies of ``text``, in any task. Nothing is removed."""
+        return list(self._by_text.get(text, {}).values())
+
     def clear(self) -> None:
+        self._by_text.clear()
         self._by_length.clear()
         self._lengths.clear()
         self.texts = self.tokens = 0
@@ -133,3 +146,73 @@ class Backlog:
             chosen.append(entry)
             longest, total = max(longest, size), total + size
         return chosen
+
+
+class Shares:
+    """The bulk lane's backlog: every text in one ``Backlog`` (``all``), and each producer's in one of its
+    own, with the work each has had while waiting (``served``, in passes). Passes are formed over all texts,
+    as dense as the backlog allows, until a producer falls ``lag`` passes behind another: then the next
+    pass is its texts first. Start-time fair queueing: a producer that comes starts level with the least
+    served of those waiting, so a small job is served within a few passes however long another's backfill
+    has run, and a backfill that comes does not take over the engine to catch up with an older one. The
+    same surface as ``Backlog`` for what it holds; jobs name their producer in ``owner``."""
+
+    def __init__(self) -> None:
+        self.all = Backlog()
+        self._owners: dict[str, Backlog] = {}
+        self.served: dict[str, float] = {}
+
+    @property
+    def texts(self) -> int:
+        return self.all.texts
+
+    @property
+    def tokens(self) -> int:
+        return self.all.tokens
+
+    def add(self, job: Any, rows: range | list[int]) -> None:
+        backlog = self._owners.get(job.owner)
+        if backlog is None:
+            self.served[job.owner] = min(self.served.values(), default=0.0)
+            backlog = self._owners[job.owner] = Backlog()
+        backlog.add(job, rows)
+        self.all.add(job, rows)
+
+    def remove(self, job: Any, row: int) -> None:
+        self.all.remove(job, row)
+        self._owners[job.owner].remove(job, row)
+        self._forget_if_done(job.owner)
+
+    def discard(self, job: Any, rows: range | list[int]) -> None:
+        self.all.discard(job, rows)
+        backlog = self._owners.get(job.owner)
+        if backlog is not None:
+            backlog.discard(job, rows)
+            self._forget_if_done(job.owner)
+
+    def twins(self, text: str) -> list[Entry]:
+        return self.all.twins(text)
+
+    def clear(self) -> None:
+        self.all.clear()
+        self._owners.clear()
+        self.served.clear()
+
+    def behind(self, lag: float) -> tuple[str, Backlog] | None:
+        """The producer served least, with its backlog, if it is more than ``lag`` passes behind another."""
+        if len(self.served) < 2:
+            return None
+        least = min(self.served, key=self.served.__getitem__)
+        if max(self.served.values()) - self.served[least] <= lag:
+            return None
+        return least, self._owners[least]
+
+    def charge(self, owner: str, passes: float) -> None:
+        """``owner``'s texts took ``passes`` of the engine."""
+        if owner in self.served:
+            self.served[owner] += passes
+
+    def _forget_if_done(self, owner: str) -> None:
+        if not self._owners[owner].texts:
+            del self._owners[owner]
+            del self.served[owner]

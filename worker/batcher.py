@@ -15,7 +15,8 @@ text is overdue (``DEADLINE_BACKLOGS``). The bulk backlog is kept deep: the work
 takes bulk tasks while it holds less than ``PASSES_AHEAD`` passes' worth of
 texts, and never more than ``backlog_seconds`` of the engine's work
 (``bulk_deep``, which ``embq.worker.lanes`` asks). A task's texts that nobody
-waits for any more are withdrawn before they enter a pass (``unwanted``). It
+waits for any more, or that another task has meanwhile cached, are withdrawn
+before they enter a pass (``unwanted``). It
 isolates failures:
 
 - texts the engine refuses (``EngineItemErrors``) fail alone, the rest go again;
@@ -45,7 +46,7 @@ import numpy as np
 
 from embq.producer.keys import BULK, INTERACTIVE
 from embq.worker import metrics
-from embq.worker.backlog import Backlog
+from embq.worker.backlog import Backlog, Shares
 from embq.worker.engines import Engine, EngineDead, EngineItemErrors, Prepared, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ OOM_FLOOR = 1 / 64
 #: Most of a pass interactive texts take while bulk texts wait: bulk keeps the rest of every pass
 #: under any load of queries, and queries still go in the very next pass.
 INTERACTIVE_SHARE = 0.5
+#: Passes of the engine a producer's bulk texts may fall behind another producer's before its texts go
+#: first in the next pass (``Shares``): small enough that a small job is served within a few passes of
+#: another's backfill, large enough that passes keep forming over every producer's texts, as dense.
+FAIR_LAG_PASSES = 2.0
 #: Seconds between a waiting task's looks at whether its texts are still wanted (``Batcher.embed``).
 WANTED_RECHECK = 1.0
 #: After an engine call, the share of its duration (at most ``LINGER_MAX`` seconds) that the next call
@@ -100,6 +105,8 @@ class Job:
     origin: list[int] | None = None
     #: ``keys.INTERACTIVE`` texts go in the next pass, ahead of ``keys.BULK`` ones.
     lane: str = INTERACTIVE
+    #: The producer that sent the task: bulk passes go to each producer in turn (``Shares``).
+    owner: str = ""
     matrix: np.ndarray | None = None
     ok: np.ndarray = field(init=False)
     errors: dict[int, str] = field(default_factory=dict)
@@ -195,11 +202,15 @@ class Batcher:
         self.dead: str | None = None
         self._jobs: deque[Job] = deque()  # jobs with texts not yet in a pass, oldest first
         # Their texts by lane, by length (not those of lone suspects).
-        self._backlogs = {INTERACTIVE: Backlog(), BULK: Backlog()}
+        self._backlogs: dict[str, Backlog | Shares] = {INTERACTIVE: Backlog(), BULK: Shares()}
         self._inflight: dict[int, Call] = {}  # the calls runner threads are encoding
         self._exclusive = False  # a lone suspect text is in the engine: no other call may run
         self._queued_texts = 0
         self._queued_tokens = 0
+        #: Texts that took the vector of a copy computed in another task (``_fill_twins``).
+        self.twins_filled = 0
+        #: The last pass gave bulk less than its share: the next one is bulk's (``_take_pass``).
+        self._bulk_owed = False
         self._last_call_ended = 0.0
         self._last_call_seconds = 0.0
         self._cond = threading.Condition()
@@ -230,6 +241,8 @@ class Batcher:
         origin: list[int] | None = None,
         lane: str = INTERACTIVE,
         unwanted: Callable[[list[int]], list[int]] | None = None,
+        owner: str = "",
+        truncate: bool = False,
     ) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
@@ -237,14 +250,16 @@ class Batcher:
         killing an engine must not take others down with them). Raises
         ``BatcherStopped`` when the texts were not embedded and the task should
         be requeued. While they wait, ``unwanted(rows)`` is asked every ``WANTED_RECHECK`` seconds which
-        of the rows not yet in a pass nobody waits for any more: those are withdrawn (``Job.dropped``).
+        of the rows not yet in a pass nobody waits for any more, or are cached already: those are withdrawn
+        (``Job.dropped``). ``owner``: the producer that sent them; bulk passes serve producers in turn.
+        ``truncate`` has the engine cut texts over its context (in ``Engine.prepare``) rather than refuse them.
         """
-        job = Job(texts, alone, task=task, origin=origin, lane=lane)
+        job = Job(texts, alone, task=task, origin=origin, lane=lane, owner=owner)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
         if texts:
-            self._prepare(job)
+            self._prepare(job, truncate)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
@@ -266,6 +281,26 @@ class Batcher:
         if job.aborted:
             raise BatcherStopped(job.aborted)
         return job
+
+    def shed(self, lane: str = BULK) -> int:
+        """At a warm shutdown: the tasks of ``lane`` none of whose texts has entered a pass go back to the
+        queue at once (their ``embed`` raises ``BatcherStopped``), for other workers, rather than hold the
+        shutdown for a deep backlog; the others finish. Returns the number of tasks given back."""
+        with self._cond:
+            shed = [j for j in self._jobs if j.lane == lane and not j.alone and j.untaken == j.remaining]
+            for job in shed:
+                rows = np.flatnonzero(job.waiting).tolist()
+                self._backlogs[lane].discard(job, rows)
+                self._queued_texts -= len(rows)
+                self._queued_tokens -= sum(job.tokens[r] for r in rows)
+                job.waiting[:] = False
+                job.untaken = 0
+                job.aborted = "the worker is shutting down"
+                job.done.set()
+            if shed:
+                self._jobs = deque(j for j in self._jobs if j.untaken)
+                self._check_depth()
+        return len(shed)
 
     def _withdraw_unwanted(self, job: Job, unwanted: Callable[[list[int]], list[int]]) -> None:
         with self._cond:
@@ -318,11 +353,11 @@ class Batcher:
             if self.on_depth is not None:
                 self.on_depth()
 
-    def _prepare(self, job: Job) -> None:
+    def _prepare(self, job: Job, truncate: bool = False) -> None:
         """The engine's tokens and inputs for the job's texts, on the caller's thread; texts it refuses
         fail alone, and a failure of the whole preparation fails every text with its reason."""
         try:
-            prepared = self.engine.prepare(job.texts)
+            prepared = self.engine.prepare(job.texts, truncate)
         except Exception as e:
             log.warning("could not prepare %d texts: %s: %s", len(job.texts), type(e).__name__, e)
             prepared = Prepared(
@@ -421,19 +456,37 @@ class Batcher:
     def _take_pass(self) -> Call:
         """The oldest waiting interactive text and those nearest it in length, within ``INTERACTIVE_SHARE`` of
         the budgets while bulk texts wait; then the oldest bulk text and those nearest it, in what is left
-        (lock held)."""
+        (lock held). Bulk keeps the rest of the engine on every engine: a pass whose bulk texts took less than
+        that (on a padded engine, 32 short queries and one long text already cost more than a pass) makes the
+        next one bulk's, queries joining only as far as they fit."""
         quick = next((j for j in self._jobs if not j.alone and j.lane == INTERACTIVE), None)
         bulk = next((j for j in self._jobs if not j.alone and j.lane == BULK), None)
         picks: list[tuple[Job, int]] = []
-        if quick is not None:
-            share = INTERACTIVE_SHARE if bulk is not None else 1.0
-            budget, most = max(1, int(self.max_tokens * share)), max(1, int(self.max_texts * share))
-            picks = self._backlogs[INTERACTIVE].pass_around((quick, quick.oldest_waiting()), budget, most, self.padded)
-        if bulk is not None and len(picks) < self.max_texts:
-            anchor = (bulk, bulk.oldest_waiting())
-            used = self._cost(picks)
-            if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
-                picks += self._bulk_pass(anchor, self.max_tokens - used, self.max_texts - len(picks))
+        if quick is not None and bulk is not None and self._bulk_owed:
+            self._bulk_owed = False
+            picks = self._bulk_pass((bulk, bulk.oldest_waiting()), self.max_tokens, self.max_texts)
+            budget, most = self.max_tokens, max(1, int(self.max_texts * INTERACTIVE_SHARE))
+            around = (quick, quick.oldest_waiting())
+            queries = self._backlogs[INTERACTIVE].pass_around(around, budget, most, self.padded)
+            picks += self._fitting(picks, queries, self.max_tokens, self.max_texts)
+        else:
+            if quick is not None:
+                share = INTERACTIVE_SHARE if bulk is not None else 1.0
+                budget, most = max(1, int(self.max_tokens * share)), max(1, int(self.max_texts * share))
+                picks = self._backlogs[INTERACTIVE].pass_around(
+                    (quick, quick.oldest_waiting()), budget, most, self.padded
+                )
+            bulk_picks: list[tuple[Job, int]] = []
+            if bulk is not None and len(picks) < self.max_texts:
+                anchor = (bulk, bulk.oldest_waiting())
+                used = self._cost(picks)
+                if not picks or self._cost([*picks, anchor]) <= self.max_tokens:
+                    bulk_picks = self._bulk_pass(anchor, self.max_tokens - used, self.max_texts - len(picks))
+                    picks += bulk_picks
+            if quick is not None and bulk is not None:
+                share = max(self._cost(bulk_picks) / self.max_tokens, len(bulk_picks) / self.max_texts)
+                self._bulk_owed = share < 1.0 - INTERACTIVE_SHARE and self._backlogs[BULK].texts > len(bulk_picks)
+        picks = once_each(picks)  # the copies stay waiting: they take the vector of the one computed
         for pick_job, row in picks:
             self._backlogs[pick_job.lane].remove(pick_job, row)
         self._check_depth()
@@ -441,11 +494,47 @@ class Batcher:
         return self._call(picks, alone=False)
 
     def _bulk_pass(self, anchor: tuple[Job, int], budget: int, most: int) -> list[tuple[Job, int]]:
-        """Bulk texts for a pass: around the oldest once it is due, else (padded) the densest run of lengths."""
-        backlog = self._backlogs[BULK]
+        """Bulk texts for a pass, from all producers' (``Shares``), or first from one that fell behind. From a
+        backlog: around the oldest text once it is due, else (padded) the densest run of lengths."""
+        shares = self._backlogs[BULK]
+        assert isinstance(shares, Shares)
+        behind = shares.behind(FAIR_LAG_PASSES)
+        if behind is None:
+            picks = self._from(shares.all, anchor, budget, most)
+        else:
+            owner, backlog = behind
+            first = next(j for j in self._jobs if j.lane == BULK and not j.alone and j.owner == owner)
+            picks = self._from(backlog, (first, first.oldest_waiting()), budget, most)
+            if len(picks) < most:  # the rest of the pass: the others' texts that fit
+                taken = {(id(job), row) for job, row in picks}
+                more = [e for e in self._from(shares.all, anchor, budget, most) if (id(e[0]), e[1]) not in taken]
+                picks += self._fitting(picks, more, budget, most)
+        for job, row in picks:
+            shares.charge(job.owner, max(job.tokens[row] / self.max_tokens, 1 / self.max_texts))
+        return picks
+
+    def _from(self, backlog: Backlog, anchor: tuple[Job, int], budget: int, most: int) -> list[tuple[Job, int]]:
         if self.padded and time.monotonic() - anchor[0].arrived < DEADLINE_BACKLOGS * self.backlog_seconds:
             return backlog.densest_pass(budget, most, overhead=int(self.max_tokens * PASS_OVERHEAD_SHARE))
         return backlog.pass_around(anchor, budget, most, self.padded)
+
+    def _fitting(
+        self, picks: list[tuple[Job, int]], more: list[tuple[Job, int]], budget: int, most: int
+    ) -> list[tuple[Job, int]]:
+        """Those of ``more`` that a pass of ``picks`` can take within ``budget`` and ``most`` texts."""
+        sizes = [job.tokens[row] for job, row in picks]
+        count, longest, total = len(sizes), max(sizes, default=0), sum(sizes)
+        kept: list[tuple[Job, int]] = []
+        for entry in more:
+            if count >= most:
+                break
+            size = entry[0].tokens[entry[1]]
+            cost = max(longest, size) * (count + 1) if self.padded else total + size
+            if cost > budget:
+                continue
+            kept.append(entry)
+            count, longest, total = count + 1, max(longest, size), total + size
+        return kept
 
     def _call(self, picks: list[tuple[Job, int]], alone: bool) -> Call:
         """Take ``picks`` out of the waiting texts as one call (lock held)."""
@@ -584,7 +673,39 @@ class Batcher:
                 job.ok[rows] = True
                 self.texts_done += len(rows)
                 self._settle(job, len(rows))
+            if not call.alone:
+                self._fill_twins(call, vectors)
         metrics.TEXTS_EMBEDDED.inc(len(call.inputs))
+
+    def _fill_twins(self, call: Call, vectors: np.ndarray) -> None:
+        """Copies of the texts just computed that still wait, in other tasks, take their vectors and leave
+        the backlog (lock held): a text two tasks carry is computed once."""
+        filled: dict[Job, list[tuple[int, int]]] = {}
+        for position, (job, row) in enumerate(zip(call.jobs, call.rows, strict=True)):
+            text = job.texts[row]
+            for backlog in self._backlogs.values():
+                for twin, twin_row in backlog.twins(text):
+                    backlog.remove(twin, twin_row)
+                    filled.setdefault(twin, []).append((twin_row, position))
+        for job, pairs in filled.items():
+            if job.aborted:
+                continue
+            rows = [row for row, _ in pairs]
+            if job.matrix is None:
+                job.matrix = np.empty((len(job.texts), vectors.shape[1]), dtype=np.float32)
+            job.matrix[rows] = vectors[[position for _, position in pairs]]
+            job.ok[rows] = True
+            job.waiting[rows] = False
+            job.untaken -= len(rows)
+            self._queued_texts -= len(rows)
+            self._queued_tokens -= sum(job.tokens[row] for row in rows)
+            self.texts_done += len(rows)
+            self.twins_filled += len(rows)
+            self._settle(job, len(rows))
+        if filled:
+            if any(job.untaken == 0 for job in filled):
+                self._jobs = deque(j for j in self._jobs if j.untaken)
+            self._check_depth()
 
     def _fail(self, job: Job, row: int, error: str) -> None:
         with self._cond:
@@ -620,3 +741,15 @@ class Batcher:
             metrics.ERRORS.labels(metrics.ENGINE_DEAD).inc()
         if first and self.on_dead is not None:
             self.on_dead(reason)
+
+
+def once_each(picks: list[tuple[Job, int]]) -> list[tuple[Job, int]]:
+    """``picks`` without the repeats of a text already among them."""
+    seen: set[str] = set()
+    kept = []
+    for job, row in picks:
+        text = job.texts[row]
+        if text not in seen:
+            seen.add(text)
+            kept.append((job, row))
+    return kept

@@ -29,6 +29,7 @@ from embq.producer.errors import ConfigurationError
 from embq.producer.files import embed_rows, open_sink, open_source
 from embq.producer.files.sinks import BatchSink, Sink, output_format
 from embq.producer.files.sources import Source
+from embq.producer.settings import flag_urls
 from embq.worker.home import embq_home
 from embq.worker.interrupt import Interrupted, interruptible
 from embq.worker.private import PrivateStack, configured_redis
@@ -49,7 +50,7 @@ class EmbedOptions:
     input_format: str | None = None
     model: str | None = None
     engine: str = "sentence-transformers"
-    #: Cut texts over the context in the private worker, instead of failing them.
+    #: Cut texts over the model's context instead of failing them (the call's ``truncate``).
     truncate: bool = False
     dim: int | None = None
     instruction: str = ""
@@ -57,6 +58,10 @@ class EmbedOptions:
     priority: str = "bulk"
     progress: bool = True
     quiet: bool = False
+    #: Redis URL flags (``--redis-url``...): they, like EMBQ_REDIS_URL, turn the private stack off.
+    redis_url: str | None = None
+    broker_url: str | None = None
+    cache_url: str | None = None
 
 
 def default_output(source: Source, options: EmbedOptions) -> Path:
@@ -110,15 +115,12 @@ class Job:
         batch = source.format == "batch"
         bar = o.progress and not o.quiet
         rows = source.count() if bar or output_format(output) == "npy" else None
-        embedded = not configured_redis()
-        settings = Settings.from_env(model=default_model(o.engine, o.model, os.environ) if embedded else o.model)
+        flags, origins = flag_urls(o.redis_url, o.broker_url, o.cache_url)
+        embedded = not (configured_redis() or flags)
+        model = default_model(o.engine, o.model, os.environ) if embedded else o.model
+        settings = Settings.from_env(origins=origins, model=model, **flags)
         if embedded:  # before anything starts: the private worker would refuse it
             check_engine_model(o.engine, settings.model)
-        elif o.truncate:
-            raise ConfigurationError(
-                "--truncate sets how the private worker cuts texts; with a configured Redis, the workers decide: "
-                "start them with EMBQ_TRUNCATE=1"
-            )
         self.sink = open_sink(
             output,
             rows=rows,
@@ -135,11 +137,9 @@ class Job:
             return 0
         private = None
         if embedded:
-            private = self.private = PrivateStack(
-                embq_home(), engine=o.engine, model=settings.model, truncate=o.truncate, say=self.say
-            )
+            private = self.private = PrivateStack(embq_home(), engine=o.engine, model=settings.model, say=self.say)
             stack.callback(lambda: private.stop(fast=not self.done))
-            settings = settings.with_overrides(**private.start())
+            settings = settings.with_overrides("embq embed's private Redis", **private.start())
         start_worker = private.start_worker if private is not None else None
         # No L1: a file's texts are each read once, and an L1 would only copy every vector and hold its bytes.
         settings = settings.with_overrides(l1_bytes=0)
@@ -166,6 +166,7 @@ class Job:
                 timeout=o.timeout,
                 on_progress=progress.update,
                 priority=o.priority,
+                truncate=o.truncate,
             )
         self.sink.commit()
         self.done = True

@@ -61,11 +61,15 @@ class WorkerSettings:
     #: A simulated device for the hash engine's passes (``embq.worker.engines.device``): a preset such as
     #: ``h200-0.6b`` or ``h200-4b-packed``, or ``rate=TOKENS_PER_S,overhead=S``. None: passes take no time.
     hash_device: str | None = None
+    #: The hash engine's context, in tokens estimated from characters (4 per token): longer texts are
+    #: cut there for calls that ask for it, refused for the others, as a model's are.
+    hash_max_tokens: int = 8192
     #: Weights dtype: ``auto`` takes the model's own (bfloat16 for Qwen3-Embedding).
     dtype: str = "auto"
     #: Let the engine run custom model code shipped with the checkpoint.
     trust_remote_code: bool = False
-    #: Truncate texts longer than the model's context instead of failing them.
+    #: No effect, read only to say so at start: a call asks for its texts to be cut (``truncate=True``),
+    #: and every worker serves both kinds; the default for callers that cannot ask is the gateway's.
     truncate: bool = False
     #: How an instruction and a text become one prompt; None takes the engine's
     #: own (``Instruct: {instruction}\nQuery:{text}`` for SGLang/Qwen3-Embedding).
@@ -130,10 +134,20 @@ class WorkerSettings:
         return extra
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        urls: Mapping[str, str] | None = None,
+        origins: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> WorkerSettings:
+        """Read ``EMBQ_*`` variables; ``overrides`` win, and ``urls`` (``redis_url``, ... from flags named in
+        ``origins``) win over the shared settings' variables."""
         env = os.environ if environ is None else environ
         engine = overrides.get("engine") or env.get(ENV_NAMES["engine"]) or cls.engine
-        shared = Settings.from_env(env, model=default_model(engine, overrides.pop("model", None), env))
+        model = default_model(engine, overrides.pop("model", None), env)
+        shared = Settings.from_env(env, origins=origins, model=model, **(urls or {}))
         values = read_env(cls, env, ENV_NAMES)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(shared=shared, **values)
@@ -152,9 +166,9 @@ class WorkerSettings:
             "dim": self.hash_dim,
             "seconds_per_text": self.hash_seconds_per_text,
             "simulated_device": self.hash_device,
+            "max_tokens": self.hash_max_tokens,
             "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code,
-            "truncate": self.truncate,
             "instruction_template": self.instruction_template,
             "call_timeout": self.engine_call_timeout,
             "mem_fraction_static": self.mem_fraction_static,
@@ -208,6 +222,7 @@ ENV_NAMES: dict[str, str] = {
     "hash_dim": "EMBQ_HASH_DIM",
     "hash_seconds_per_text": "EMBQ_HASH_SECONDS_PER_TEXT",
     "hash_device": "EMBQ_HASH_DEVICE",
+    "hash_max_tokens": "EMBQ_HASH_MAX_TOKENS",
     "ready_file": "EMBQ_READY_FILE",
     "metrics_port": "EMBQ_METRICS_PORT",
     "redis_wait": "EMBQ_REDIS_WAIT",

@@ -9,6 +9,10 @@ beside it, the task's other rows go on as one task, and a text that has been in
 the engine at ``MAX_ENGINE_DEATHS`` deaths fails alone while its batch-mates
 succeed. Rows that were only waiting are never suspected.
 
+Texts cached while they wait in the batcher (a task sent again, or a retry's,
+computed them first) are withdrawn at the batcher's next look and reported as
+done: a text is computed once however many tasks carry it.
+
 Before embedding, a task looks at its texts' keys (one MGET): a text whose
 claim is gone or is another producer's, or whose producer is gone, has nobody
 waiting for it (its call timed out, was cancelled or its producer died; a
@@ -30,7 +34,7 @@ import redis
 from embq.producer import keys
 from embq.producer.cluster import CacheClient, look
 from embq.producer.codec import CLAIM_PREFIX, pack_rows, unpack_many
-from embq.producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane
+from embq.producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane, payload_truncates
 from embq.producer.validation import item_problem
 from embq.worker import metrics
 from embq.worker.batcher import Batcher, BatcherStopped
@@ -124,10 +128,13 @@ def run_embed(
     instruction = payload["instruction"]
     done: list[str] = []
 
+    became_cached: set[str] = set()  # by another task meanwhile (a retry's, or one sent again): reported as done
+
     def unwanted(rows: list[int]) -> list[int]:
         digests = [todo[row][0] for row in rows]
-        _, gone = look_before_embedding(store.cache, digests, engine.dim, owner, False)
-        return [row for row, digest in zip(rows, digests, strict=True) if digest in gone]
+        now_cached, gone = look_before_embedding(store.cache, digests, engine.dim, owner, True)
+        became_cached.update(now_cached)
+        return [row for row, digest in zip(rows, digests, strict=True) if digest in gone or digest in now_cached]
 
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
@@ -138,8 +145,13 @@ def run_embed(
             origin=[row for _, _, row in todo],
             lane=payload_lane(payload),
             unwanted=unwanted if owner else None,
+            owner=owner,
+            truncate=payload_truncates(payload),
         )
-        abandoned |= {todo[row][0] for row in job.dropped}
+        dropped = {todo[row][0] for row in job.dropped}
+        abandoned |= dropped - became_cached
+        cached |= dropped & became_cached
+        metrics.TEXTS_SKIPPED.inc(len(dropped & became_cached))
         metrics.TEXTS_ABANDONED.inc(len(abandoned))
         if abandoned:
             log.info("skipped %d of %d texts nobody waits for any more", len(abandoned), len(texts))
@@ -205,14 +217,16 @@ def split_suspects(payload: Any, suspected: list[int], split: Callable[[EmbedPay
 def digests_or_none(payload: dict[str, Any], texts: list[Any]) -> list[str | None]:
     """The texts' digests, hashed as one batch; ``None`` for an item no digest can be made of."""
     try:
-        return list(keys.text_digests(payload["model"], payload["namespace"], payload["instruction"], texts))
+        model, namespace, instruction = payload["model"], payload["namespace"], payload["instruction"]
+        return list(keys.text_digests(model, namespace, instruction, texts, truncate=payload_truncates(payload)))
     except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
         return [digest_or_none(payload, text) for text in texts]
 
 
 def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
     try:
-        return keys.text_digest(payload["model"], payload["namespace"], payload["instruction"], text)
+        model, namespace, instruction = payload["model"], payload["namespace"], payload["instruction"]
+        return keys.text_digest(model, namespace, instruction, text, truncate=payload_truncates(payload))
     except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
         return None
 
