@@ -117,11 +117,11 @@ def compare(
     env = {"EMBQ_DEVICE": device, **(worker_env or {})}
     with LocalRedis() as server, stack.workers(server.url, "sentence-transformers", 1, model=path, **env) as (worker,):
         client = EmbeddingClient(settings=Settings(redis_url=server.url, model=path))
-        client.embed([f"warm-up {i} " + text for i, text in enumerate(texts[:256])])
+        client.embed([f"warm-up {i} " + text for i, text in enumerate(texts[:256])], truncate=True)
         before = worker.metrics()
         with sampler() if sampler else nullcontext() as samples:
             started = time.perf_counter()
-            vectors = client.embed(texts)
+            vectors = client.embed(texts, truncate=True)
             seconds = time.perf_counter() - started
         after = worker.metrics()
         client.close()

@@ -33,7 +33,7 @@ class Worker:
         self.port = free_port()
         self.model = model or MODELS[engine]
         # Texts over the model's context are cut, as the raw engine, naive Celery and Infinity cut them.
-        settings = {"EMBQ_METRICS_PORT": str(self.port), "EMBQ_TRUNCATE": "1", **env}
+        settings = {"EMBQ_METRICS_PORT": str(self.port), **env}
         self.process = LocalWorker(redis_url, engine=engine, model=self.model, env=settings)
 
     def psutil(self) -> psutil.Process:

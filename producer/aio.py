@@ -65,20 +65,21 @@ class AsyncEmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
         priority: str | None = None,
     ) -> np.ndarray:
         """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
 
         The arguments mean what they mean for ``EmbeddingClient.embed``."""
         items = validate_texts(texts, self.settings.max_text_bytes)
-        validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, self.settings.max_text_bytes, truncate)
         lane = choose_lane(priority, len(items), self.settings)
         if not items or dim is not None:
             settled = before_sending(items, dim, await self.dimension())
             if settled is not None:
                 return settled
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane)
+        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane, truncate=truncate)
         driver = self._get_driver()
         await driver.submit(call)
         await driver.wait(call)

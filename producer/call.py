@@ -30,9 +30,12 @@ class Call:
         deadline: float | None = None,
         on_progress: Callable[[int], None] | None = None,
         lane: str = keys.INTERACTIVE,
+        truncate: bool = False,
     ) -> None:
         self.texts = texts
         self.instruction = instruction
+        #: Cut texts over the engine's context instead of failing them; their keys are the cut kind.
+        self.truncate = truncate
         #: ``keys.INTERACTIVE`` or ``keys.BULK``: which queue its tasks go to, and who goes first.
         self.lane = lane
         self.dim = dim

@@ -73,6 +73,7 @@ class EmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
         priority: str | None = None,
     ) -> np.ndarray:
         """Vectors for ``texts``: float32, shape ``(len(texts), d)``, row i for text i.
@@ -81,20 +82,22 @@ class EmbeddingClient:
         ``instruction`` is the model's query instruction; it is part of the cache key.
         ``timeout`` (seconds) bounds the wait for workers; None waits as long as
         the work is alive (lost tasks are sent again, dead producers' texts taken over).
+        ``truncate``: a text over the model's context is cut there (the vector of its beginning, cached
+        under a key of its own) instead of failing alone with ``ItemFailedError``.
         ``priority`` is the call's lane: ``"interactive"`` goes ahead of ``"bulk"`` work on the same
         workers; None decides by size (at most ``EMBQ_INTERACTIVE_MAX_TEXTS`` texts: interactive).
         An empty list gives shape ``(0, dim)``, else ``(0, d)`` with the model's dimension once a
         worker of it has run, else ``(0, 0)``.
         """
         items = validate_texts(texts, self.settings.max_text_bytes)
-        validate_options(instruction, dim, timeout, self.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, self.settings.max_text_bytes, truncate)
         lane = choose_lane(priority, len(items), self.settings)
         if not items or dim is not None:
             settled = before_sending(items, dim, self.dimension())
             if settled is not None:
                 return settled
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane)
+        call = Call(items, instruction, dim=dim, deadline=deadline, lane=lane, truncate=truncate)
         driver = self.driver()
         driver.submit(call)
         driver.wait(call)
@@ -110,6 +113,7 @@ class EmbeddingClient:
         dim: int | None = None,
         instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
         failures: Failures = "raise",
         on_progress: Callable[[int], None] | None = None,
         priority: str | None = None,
@@ -126,6 +130,7 @@ class EmbeddingClient:
             dim=dim,
             instruction=instruction,
             timeout=timeout,
+            truncate=truncate,
             failures=failures,
             on_progress=on_progress,
             priority=priority,

@@ -40,6 +40,9 @@ class EmbedPayload(TypedDict):
     sent: NotRequired[float]
     #: Optional: ``keys.BULK`` for bulk work (its queue says so too); absent, interactive.
     lane: NotRequired[str]
+    #: Optional: True when the texts are to be cut at the engine's context rather than fail there;
+    #: their keys are the cut kind (``keys.CUT_MARKER``). Absent: not cut (older producers).
+    truncate: NotRequired[bool]
 
 
 def split_task_id(task_id: str, index: int) -> str:
@@ -54,7 +57,13 @@ def root_task_id(task_id: str) -> str:
 
 
 def make_payload(
-    settings: Settings, instruction: str, texts: list[str], reply: str, lane: str = keys.INTERACTIVE
+    settings: Settings,
+    instruction: str,
+    texts: list[str],
+    reply: str,
+    lane: str = keys.INTERACTIVE,
+    *,
+    truncate: bool = False,
 ) -> EmbedPayload:
     payload: EmbedPayload = {
         "v": PAYLOAD_VERSION,
@@ -67,7 +76,14 @@ def make_payload(
     }
     if lane == keys.BULK:
         payload["lane"] = keys.BULK
+    if truncate:
+        payload["truncate"] = True
     return payload
+
+
+def payload_truncates(payload: Any) -> bool:
+    """Whether a payload's texts are to be cut at the engine's context (and keyed as cut)."""
+    return isinstance(payload, dict) and payload.get("truncate") is True
 
 
 def payload_lane(payload: Any) -> str:
@@ -93,7 +109,8 @@ def describe_task(payload: EmbedPayload) -> str:
     """A short account of a task for monitors (Flower's args column)."""
     texts = payload["texts"]
     first = texts[0][:60] if texts else ""
-    return f"[{len(texts)} texts, first {first!r}, instruction {payload['instruction'][:40]!r}]"
+    cut = ", cut at the context" if payload_truncates(payload) else ""
+    return f"[{len(texts)} texts, first {first!r}, instruction {payload['instruction'][:40]!r}{cut}]"
 
 
 def broker_tls(url: str) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,9 @@ class Pause:
 
 
 Op = Redis | PerText | Look | Read | Send | Wait | Pause
+
+#: Texts of one call admitted together: ``(call, their rows, texts, digests)``.
+Piece = tuple[Call, Sequence[int], list[str], list[str]]
 
 SCRIPTS = {"held": HELD_SCRIPT}
 SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
@@ -304,7 +307,7 @@ class Dispatcher:
         the others wait in entries, and those no entry had yet are claimed."""
         room = self.settings.inflight_texts - len(self.entries)
         budget = min(CLAIM_CHUNK, room if self.active[0].lane == BULK else max(room, CLAIM_CHUNK))
-        pieces: list[tuple[Call, int, list[str], list[str]]] = []  # (call, first row, texts, digests)
+        pieces: list[Piece] = []
         while self.active and budget > 0:
             call = self.active[0]
             if call.finished:
@@ -313,17 +316,21 @@ class Dispatcher:
             start = call.admitted
             end = min(len(call.texts), start + budget)
             texts = call.texts[start:end]
-            pieces.append((call, start, texts, keys.text_digests(self.model, self.namespace, call.instruction, texts)))
+            digests = keys.text_digests(self.model, self.namespace, call.instruction, texts, truncate=call.truncate)
+            pieces.append((call, range(start, end), texts, digests))
             budget -= end - start
             call.admitted = end
             if end == len(call.texts):
                 self.active.popleft()
-        if not pieces:
-            return
         fresh: list[str] = []
+        if any(call.truncate for call, _, _, _ in pieces):
+            pieces = yield from self._look_cut(pieces, fresh)
+        if not pieces:
+            yield from self._claim(fresh, count=True)
+            return
         if self.hit_rate < LOOK_FIRST_ABOVE:  # mostly new texts: CLAIM finds the cached ones itself
-            for call, start, texts, digests in pieces:
-                for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+            for call, rows, texts, digests in pieces:
+                for row, digest, text in zip(rows, digests, texts, strict=True):
                     if self.entries.add(digest, text, call.instruction, call, row):
                         fresh.append(digest)
             yield from self._claim(fresh, count=True)
@@ -332,22 +339,53 @@ class Dispatcher:
         values = yield Look(looked)
         matrix, valid = unpack_many(values, self.dim)
         add, position = self.entries.add, 0
-        for call, start, texts, digests in pieces:
-            rows: list[int] = []
+        for call, rows, texts, digests in pieces:
+            found: list[int] = []
             picks: list[int] = []
-            for row, (digest, text) in enumerate(zip(digests, texts, strict=True), start):
+            for row, digest, text in zip(rows, digests, texts, strict=True):
                 if valid[position]:
-                    rows.append(row)
+                    found.append(row)
                     picks.append(position)
                 elif add(digest, text, call.instruction, call, row):
                     fresh.append(digest)
                 position += 1
-            if rows:
-                distinct = len({digests[row - start] for row in rows})
-                call.place(rows, matrix[picks], "cached", distinct)
+            if found:
+                distinct = len({looked[pick] for pick in picks})
+                call.place(found, matrix[picks], "cached", distinct)
                 self.unreported_hits += distinct
         self._learn_hit_rate(int(valid.sum()), len(looked))
         yield from self._claim(fresh, count=True)
+
+    def _look_cut(self, pieces: list[Piece], fresh: list[str]) -> Generator[Op, Any, list[Piece]]:
+        """The pieces of calls that ask for the cut (``truncate``), in one MGET of their cut keys and their
+        whole texts' keys: a vector under either is theirs (a text cached whole fit the context, so its cut
+        is itself; a text over it has none there, since a call without the cut fails it). The rest wait in
+        entries, under their cut keys, and those no entry had yet join ``fresh``, to be claimed. Returns the
+        other pieces."""
+        cut = [piece for piece in pieces if piece[0].truncate]
+        whole = [keys.text_digests(self.model, self.namespace, call.instruction, texts) for call, _, texts, _ in cut]
+        looked = [d for _, _, _, digests in cut for d in digests]
+        values = yield Look(looked + [d for digests in whole for d in digests])
+        matrix, valid = unpack_many(values, self.dim)
+        add, position, hits = self.entries.add, 0, 0
+        for call, rows, texts, digests in cut:
+            found: list[int] = []
+            picks: list[int] = []
+            for row, digest, text in zip(rows, digests, texts, strict=True):
+                pick = position if valid[position] else position + len(looked)
+                if valid[pick]:
+                    found.append(row)
+                    picks.append(pick)
+                elif add(digest, text, call.instruction, call, row):
+                    fresh.append(digest)
+                position += 1
+            if found:
+                distinct = len({looked[pick % len(looked)] for pick in picks})
+                call.place(found, matrix[picks], "cached", distinct)
+                self.unreported_hits += distinct
+                hits += len(found)
+        self._learn_hit_rate(hits, len(looked))
+        return [piece for piece in pieces if not piece[0].truncate]
 
     def _learn_hit_rate(self, hits: int, looked: int) -> None:
         if looked:
@@ -402,7 +440,7 @@ class Dispatcher:
     def _send(self, digests: list[str], why: str = "") -> Generator[Op, Any, None]:
         """Send ``digests`` (ours) as tasks of at most ``task_max_texts`` texts and ``task_max_chars`` characters."""
         pending = self.entries
-        groups: dict[tuple[int, str], list[tuple[str, int]]] = {}  # by (bulk, instruction)
+        groups: dict[tuple[int, str, int], list[tuple[str, int]]] = {}  # by (bulk, instruction, cut)
         given_up: list[str] = []
         for digest in digests:
             slot = pending.slots[digest]
@@ -410,12 +448,13 @@ class Dispatcher:
                 given_up.append(digest)
                 continue
             pending.attempts[slot] += 1
-            groups.setdefault((pending.bulk[slot], pending.instructions[slot]), []).append((digest, slot))
+            key = (pending.bulk[slot], pending.instructions[slot], pending.cut[slot])
+            groups.setdefault(key, []).append((digest, slot))
         if why and groups:
             log.warning("sending %d texts again: %s", sum(map(len, groups.values())), why)
         tasks: list[tuple[str, EmbedPayload]] = []
         most_chars = self.settings.task_max_chars
-        for (bulk, instruction), group in groups.items():
+        for (bulk, instruction, cut), group in groups.items():
             lane = BULK if bulk else INTERACTIVE
             most_texts = self.bulk_task_texts if bulk else self.settings.task_max_texts
             batch: list[str] = []
@@ -425,7 +464,8 @@ class Dispatcher:
                 text = pending.texts[slot] if slot >= 0 else ""
                 if batch and (slot < 0 or len(batch) >= most_texts or chars + len(text) > most_chars):
                     task_id = uuid.uuid4().hex
-                    tasks.append((task_id, make_payload(self.settings, instruction, texts, self.reply, lane)))
+                    payload = make_payload(self.settings, instruction, texts, self.reply, lane, truncate=bool(cut))
+                    tasks.append((task_id, payload))
                     self.tasks[task_id] = batch
                     for sent in batch:
                         pending.sent[pending.slots[sent]] = task_id

@@ -50,6 +50,18 @@ cache namespace, instruction and the exact text, each length-prefixed so that no
 two different tuples frame to the same bytes. Nothing is stripped or
 lower-cased: "a b" and "a  b" are different texts with different vectors.
 
+**Cut texts have keys of their own.** A call with ``truncate=True`` asks for the
+vector of what the engine keeps of a text over its context; its digest frames
+``CUT_MARKER`` between the instruction and the text. A call without it has the
+digest above, unchanged, so caches written before calls could ask for a cut stay
+valid, and every worker of a model serves both kinds of call. A text that fits
+has two keys then (one vector each, equal): the cost of never storing a cut
+vector where a whole text's vector is expected. Where a text is cut is the
+engine's context: the checkpoint's for sentence-transformers (which the
+signature compares); for SGLang, the lower of ``context_length`` and what its KV
+pool admits, which may differ by a few tokens between GPUs, and so may the cut
+vectors of texts that long (by far less than any two checkpoints).
+
 The cache keys live in the cache Redis; the queue list lives in the broker
 Redis. Only cache-side keys carry a TTL.
 
@@ -65,7 +77,7 @@ to start. What produces the vectors is its *signature* (``embq.worker.signature`
 the engine, the dimension, a fingerprint of the checkpoint (the hash of its
 configuration and tokenizer files and of its weights' names and sizes, plus
 options that change what it computes, such as quantisation or random weights),
-the instruction format, and where it cuts long texts if it does. The first
+and the instruction format. The first
 worker stores it at ``signature_key`` (SET NX, TTL ``cache_ttl``) and running
 workers renew it with their heartbeat, so it outlives every vector it vouches
 for. A worker that finds another signature there exits (status 3) naming both:
@@ -132,11 +144,22 @@ def _framed(part: str) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def text_digests(model: str, namespace: str, instruction: str, texts: Iterable[str]) -> list[str]:
+#: Framed after the instruction in the digest of a text the engine cuts at its context (``truncate=True``).
+#: An uncut text's digest has no such part, so it is what it was before calls could ask for a cut, and
+#: the framing keeps the two kinds apart: no text frames to this marker followed by another text.
+CUT_MARKER = "cut-at-context"
+
+
+def text_digests(
+    model: str, namespace: str, instruction: str, texts: Iterable[str], *, truncate: bool = False
+) -> list[str]:
     """Hex digests identifying the vectors of ``texts`` (valid UTF-8) under one model,
-    namespace and instruction: the common prefix is hashed once, a copy per text."""
+    namespace and instruction: the common prefix is hashed once, a copy per text. ``truncate``:
+    the vectors of the texts as the engine cuts them at its context (``CUT_MARKER``)."""
     prefix = hashlib.blake2b(digest_size=32, person=b"embq-key-v1")
     prefix.update(_framed(model) + _framed(namespace) + _framed(instruction))
+    if truncate:
+        prefix.update(_framed(CUT_MARKER))
     digests = []
     for text in texts:
         h = prefix.copy()
@@ -145,9 +168,9 @@ def text_digests(model: str, namespace: str, instruction: str, texts: Iterable[s
     return digests
 
 
-def text_digest(model: str, namespace: str, instruction: str, text: str) -> str:
+def text_digest(model: str, namespace: str, instruction: str, text: str, *, truncate: bool = False) -> str:
     """Hex digest identifying one vector. ``text`` must already be valid UTF-8."""
-    return text_digests(model, namespace, instruction, [text])[0]
+    return text_digests(model, namespace, instruction, [text], truncate=truncate)[0]
 
 
 def vector_key(digest: str) -> str:

@@ -51,6 +51,7 @@ class EmbqEmbeddings(Embeddings):
         dim: int | None = None,
         query_instruction: str = "",
         timeout: float | None = None,
+        truncate: bool = False,
     ) -> None:
         self._client = EmbeddingClient(redis_url, model=model)
         self.model = self._client.model
@@ -58,27 +59,39 @@ class EmbqEmbeddings(Embeddings):
         self.dim = dim
         self.query_instruction = query_instruction
         self.timeout = timeout
+        #: Cut texts over the model's context instead of failing them (``embed``'s ``truncate``).
+        self.truncate = truncate
         # An asyncio connection belongs to the loop that opened it: one async client per running loop,
         # dropped once its loop is closed (a client refers to its loop, so weak keys would never go).
         self._async: dict[asyncio.AbstractEventLoop, AsyncEmbeddingClient] = {}
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self._client.embed(texts, dim=self.dim, timeout=self.timeout).tolist()  # type: ignore[no-any-return]
+        return self._client.embed(texts, dim=self.dim, timeout=self.timeout, truncate=self.truncate).tolist()  # type: ignore[no-any-return]
 
     def embed_query(self, text: str) -> list[float]:
         vectors = self._client.embed(
-            [text], dim=self.dim, instruction=self.query_instruction, timeout=self.timeout, priority=INTERACTIVE
+            [text],
+            dim=self.dim,
+            instruction=self.query_instruction,
+            timeout=self.timeout,
+            truncate=self.truncate,
+            priority=INTERACTIVE,
         )
         return vectors[0].tolist()  # type: ignore[no-any-return]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
-        vectors = await self._async_client().embed(texts, dim=self.dim, timeout=self.timeout)
+        vectors = await self._async_client().embed(texts, dim=self.dim, timeout=self.timeout, truncate=self.truncate)
         return vectors.tolist()  # type: ignore[no-any-return]
 
     async def aembed_query(self, text: str) -> list[float]:
         client = self._async_client()
         vectors = await client.embed(
-            [text], dim=self.dim, instruction=self.query_instruction, timeout=self.timeout, priority=INTERACTIVE
+            [text],
+            dim=self.dim,
+            instruction=self.query_instruction,
+            timeout=self.timeout,
+            truncate=self.truncate,
+            priority=INTERACTIVE,
         )
         return vectors[0].tolist()  # type: ignore[no-any-return]
 

@@ -18,13 +18,15 @@ NEW, OURS, THEIRS = 0, 1, 2
 
 
 class Pending:
-    """digest -> slot; per slot: text, instruction, state, sends so far, the task that carries it now
-    (``""`` before its first send), and the rows that wait for it."""
+    """digest -> slot; per slot: text, instruction, whether it is cut at the engine's context, state,
+    sends so far, the task that carries it now (``""`` before its first send), and the rows that wait for it."""
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
         self.texts: list[str] = []
         self.instructions: list[str] = []
+        #: 1 for a text its calls want cut at the engine's context (``truncate=True``; its digest says so).
+        self.cut = bytearray()
         self.states = bytearray()
         self.attempts = bytearray()
         self.sent: list[str] = []
@@ -61,6 +63,7 @@ class Pending:
                 call,
                 row,
             )
+            self.cut[slot] = call.truncate
             self.states[slot] = NEW
             self.attempts[slot] = 0
             self.sent[slot] = ""
@@ -69,6 +72,7 @@ class Pending:
             slot = len(self.texts)
             self.texts.append(text)
             self.instructions.append(instruction)
+            self.cut.append(call.truncate)
             self._calls.append(call)
             self._rows.append(row)
             self.states.append(NEW)

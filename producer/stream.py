@@ -54,6 +54,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         instruction: str,
         timeout: float | None,
         failures: Failures,
+        truncate: bool = False,
         on_progress: Callable[[int], None] | None,
         priority: str | None = None,
     ) -> None:
@@ -66,7 +67,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
                 raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
         if failures not in ("raise", "nan"):
             raise InvalidInputError(f"failures must be 'raise' or 'nan', got {failures!r}")
-        validate_options(instruction, dim, timeout, client.settings.max_text_bytes)
+        validate_options(instruction, dim, timeout, client.settings.max_text_bytes, truncate)
         #: A stream is bulk work unless told otherwise: nobody waits for its next text in particular.
         self.lane = choose_lane(priority, 0, client.settings, default=keys.BULK)
         self.client = client
@@ -75,6 +76,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         self.window = window
         self.dim = dim
         self.instruction = instruction
+        self.truncate = truncate
         self.timeout = timeout
         self.on_failure = failures
         self.on_progress = on_progress
@@ -106,7 +108,13 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
                 raise InvalidInputError(str(e).replace("texts[", "chunk texts["), problems) from e
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             call = Call(
-                chunk, self.instruction, dim=self.dim, deadline=deadline, on_progress=self.on_progress, lane=self.lane
+                chunk,
+                self.instruction,
+                dim=self.dim,
+                deadline=deadline,
+                on_progress=self.on_progress,
+                lane=self.lane,
+                truncate=self.truncate,
             )
             driver.submit(call)
             self._pending.append((start, call))

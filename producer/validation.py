@@ -63,8 +63,10 @@ def validate_texts(texts: Any, max_bytes: int) -> list[str]:
     return items
 
 
-def validate_options(instruction: Any, dim: Any, timeout: Any, max_bytes: int) -> None:
+def validate_options(instruction: Any, dim: Any, timeout: Any, max_bytes: int, truncate: Any = False) -> None:
     """Check the keyword arguments of ``embed`` with messages that name the argument."""
+    if not isinstance(truncate, bool):
+        raise InvalidInputError(f"truncate must be True or False, got {truncate!r}")
     problem = item_problem(instruction, max_bytes)
     if problem is not None:
         raise InvalidInputError(f"instruction {problem}")

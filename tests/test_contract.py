@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from embq.producer import InvalidInputError
 from embq.producer.codec import pack, truncate, unpack, unpack_many
-from embq.producer.keys import text_digest
+from embq.producer.keys import CUT_MARKER, text_digest, text_digests
 from embq.producer.validation import validate_options, validate_texts
 
 
@@ -30,6 +30,25 @@ def test_digest_changes_with_every_part_and_keeps_the_exact_text() -> None:
 
 def test_digest_framing_is_unambiguous() -> None:
     assert text_digest("m", "v1", "ab", "c") != text_digest("m", "v1", "a", "bc")
+
+
+def test_a_cut_texts_key_is_its_own_and_a_whole_texts_key_is_unchanged() -> None:
+    """A call that asks for the cut keys its texts apart (``CUT_MARKER``); without it, the digest is the one
+    caches hold from before calls could ask (pinned), so they stay valid."""
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    whole = text_digest(model, "v1", "", "a text")
+    assert whole == "36319ec4bcb7905d419dec341d00591e90bdb49915b443bfad4d54dc8cbae39e"
+    assert text_digest(model, "v1", "query: ", "a text") == (
+        "65ffa0689a758dc1fb4a32808156b138817978e66b935208c50a0aabc3bb40f6"
+    )
+    cut = text_digest(model, "v1", "", "a text", truncate=True)
+    assert cut not in (whole, text_digest(model, "v1", "", CUT_MARKER + "a text"))
+    assert text_digests(model, "v1", "", ["a text", "b"], truncate=True)[0] == cut
+
+
+def test_truncate_must_be_a_bool() -> None:
+    with pytest.raises(InvalidInputError, match="truncate must be True or False, got 'yes'"):
+        validate_options("", None, None, 100, "yes")
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -225,6 +225,37 @@ def test_a_text_the_worker_refuses_is_422_naming_it(
     np.testing.assert_array_equal(rows(good), expected([texts[0], texts[2]]))
 
 
+def test_the_truncate_field_cuts_long_texts_and_its_absence_fails_them(
+    api: openai.OpenAI, gateway: LocalGateway, redis_url: str, start_worker: Callable[..., LocalWorker]
+) -> None:
+    """TEI's request field ``truncate``: true cuts a text over the context (the hash engine keeps its first
+    (100 - 2) x 4 characters), absent it fails alone naming the field; ``embq serve --truncate`` makes cutting
+    the default for requests without the field (``openai`` clients without ``extra_body``)."""
+    start_worker("hash/cutting", env={"EMBQ_HASH_MAX_TOKENS": "100"})
+    wait_until(lambda: "hash/cutting" in {m.id for m in api.models.list()}, 30, "the gateway to see the worker")
+    long = "long text " * 50
+    cut = api.embeddings.create(model="hash/cutting", input=["short", long], extra_body={"truncate": True})
+    np.testing.assert_array_equal(rows(cut), expected(["short", long[:392]]))
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        api.embeddings.create(model="hash/cutting", input=["short", long])
+    assert "input[1]" in caught.value.message and '"truncate": true' in caught.value.message
+    assert "(127 tokens) is longer than this model takes (100 tokens)" in caught.value.message
+    answer = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "hash/cutting", "input": ["x"], "truncate": "yes"},
+        headers={"Authorization": f"Bearer {KEYS[0]}"},
+        timeout=30,
+    )
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "truncate"
+    with LocalGateway(redis_url, models=("hash/cutting",), env={"EMBQ_TRUNCATE": "1"}) as cutting:
+        by_default = openai.OpenAI(base_url=cutting.url + "/v1", api_key="open", max_retries=0)
+        again = by_default.embeddings.create(model="hash/cutting", input=[long + "more"])
+        np.testing.assert_array_equal(rows(again), expected([long[:392]]))
+        with pytest.raises(openai.UnprocessableEntityError):
+            by_default.embeddings.create(model="hash/cutting", input=[long], extra_body={"truncate": False})
+        assert cutting.stop() == 0
+
+
 def test_a_time_limit_is_504_and_the_abandoned_work_is_dropped(
     redis_url: str, r: redis.Redis, start_worker: Callable[..., LocalWorker]
 ) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import redis
 
 from embq.producer import EmbeddingClient, ItemFailedError
+from embq.producer.codec import unpack
+from embq.producer.keys import DEFAULT_NAMESPACE, text_digest, vector_key
 from embq.producer.settings import DEFAULT_MODEL
 from embq.worker.engines.sentence_transformers import resolve_model_path
 from embq.worker.local import LocalWorker
@@ -38,9 +42,9 @@ def test_queue_vectors_equal_the_models_own(
     start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], reference: object
 ) -> None:
     # TEXTS has one text over the model's 256 tokens: cut, as the model itself does, only when asked.
-    start_worker(DEFAULT_MODEL, engine="sentence-transformers", env={"EMBQ_TRUNCATE": "1"})
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers")
     client = make_client(model=DEFAULT_MODEL)
-    out = client.embed(TEXTS, timeout=300)
+    out = client.embed(TEXTS, truncate=True, timeout=300)
     want = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)  # type: ignore[attr-defined]
     assert out.shape == (len(TEXTS), 384)
     cosine = (out * want).sum(axis=1)
@@ -50,7 +54,7 @@ def test_queue_vectors_equal_the_models_own(
     want_query = reference.encode(["query: " + t for t in TEXTS[:3]], normalize_embeddings=True)  # type: ignore[attr-defined]
     assert (query * want_query).sum(axis=1).min() >= 0.999
 
-    small = client.embed(TEXTS, dim=128, timeout=300)
+    small = client.embed(TEXTS, dim=128, truncate=True, timeout=300)
     head = want[:, :128] / np.linalg.norm(want[:, :128], axis=1, keepdims=True)
     assert (small * head).sum(axis=1).min() >= 0.999
 
@@ -74,17 +78,42 @@ def test_a_text_over_the_context_fails_alone_with_its_token_count(
     for index in failures:
         count = len(tokenizer(texts[index], verbose=False)["input_ids"])
         assert f"({count} tokens)" in failures[index] and "(256 tokens)" in failures[index], failures[index]
-        assert "EMBQ_TRUNCATE" in failures[index]
+        assert "truncate=True" in failures[index] and "--truncate" in failures[index], failures[index]
     want = reference.encode(["first", FITS], normalize_embeddings=True)  # type: ignore[attr-defined]
     assert (info.value.vectors[[0, 2]] * want).sum(axis=1).min() >= 0.999  # type: ignore[index]
 
 
-def test_with_truncation_on_long_texts_are_cut_as_the_model_does(
-    start_worker: Callable[..., LocalWorker], make_client: Callable[..., EmbeddingClient], reference: object
+def test_one_worker_serves_calls_that_cut_and_calls_that_do_not_at_once(
+    start_worker: Callable[..., LocalWorker],
+    make_client: Callable[..., EmbeddingClient],
+    reference: object,
+    r: redis.Redis,
 ) -> None:
-    start_worker(DEFAULT_MODEL, engine="sentence-transformers", env={"EMBQ_TRUNCATE": "true"})
-    texts = [LONG, LONG + " and more words past the cut", HUGE]
-    out = make_client(model=DEFAULT_MODEL).embed(texts, timeout=300)
+    """A worker started with no truncation flag: a call with ``truncate=True`` gets its long texts cut as
+    ``SentenceTransformer.encode`` cuts them, while a call without it, at the same moment, sees them fail
+    alone; the cut vectors live under keys of their own, never under the whole texts' keys. A second
+    worker with another default (``EMBQ_TRUNCATE=1``, which no longer changes a worker) joins."""
+    start_worker(DEFAULT_MODEL, engine="sentence-transformers")
+    texts = ["first", LONG, LONG + " and more words past the cut", FITS, HUGE]
+    client = make_client(model=DEFAULT_MODEL)
+    with ThreadPoolExecutor(2) as pool:
+        cutting = pool.submit(client.embed, texts, truncate=True, timeout=300)
+        whole = pool.submit(client.embed, texts, timeout=300)
+        out = cutting.result()
+        with pytest.raises(ItemFailedError) as info:
+            whole.result()
     want = reference.encode(texts, normalize_embeddings=True)  # type: ignore[attr-defined]
     assert (out * want).sum(axis=1).min() >= 0.999
-    np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # both cut at 256 tokens
+    np.testing.assert_allclose(out[1], out[2], atol=1e-6)  # both cut at 256 tokens
+    assert set(info.value.failures) == {1, 2, 4}
+    assert all("truncate=True" in reason for reason in info.value.failures.values())
+    np.testing.assert_allclose(info.value.vectors[[0, 3]], out[[0, 3]], atol=1e-6)  # type: ignore[index]
+
+    assert r.get(vector_key(text_digest(DEFAULT_MODEL, DEFAULT_NAMESPACE, "", LONG))) is None
+    cut = r.get(vector_key(text_digest(DEFAULT_MODEL, DEFAULT_NAMESPACE, "", LONG, truncate=True)))
+    np.testing.assert_allclose(unpack(cut), out[1], atol=1e-6)  # type: ignore[arg-type]
+
+    second = start_worker(DEFAULT_MODEL, engine="sentence-transformers", env={"EMBQ_TRUNCATE": "1"})
+    assert "no longer changes a worker" in second.log_path.read_text()
+    again = make_client(model=DEFAULT_MODEL).embed([LONG + " once more"], truncate=True, timeout=300)
+    assert float(again[0] @ out[1]) >= 0.999  # cut at the same place, by whichever worker took it

@@ -45,10 +45,11 @@ def test_mixed_lengths_cost_little_padding_and_give_the_models_own_vectors(
         else str(build_sentence_transformer(Path(tmp_path_factory.mktemp("qwen3")), "tiny"))
     )
     port = free_port()
-    start_worker(path, engine="sentence-transformers", env={"EMBQ_METRICS_PORT": str(port), "EMBQ_TRUNCATE": "1"})
+    start_worker(path, engine="sentence-transformers", env={"EMBQ_METRICS_PORT": str(port)})
     texts = make_texts(1000, seed=4242, min_words=4, max_words=200)
     before = pass_tokens(port)
-    vectors = make_client(model=path, task_max_texts=256, task_seconds=3600).embed(texts, timeout=600)  # 4 tasks
+    client = make_client(model=path, task_max_texts=256, task_seconds=3600)
+    vectors = client.embed(texts, truncate=True, timeout=600)  # 4 tasks
     real, padded = (after - was for after, was in zip(pass_tokens(port), before, strict=True))
     assert real > 0 and padded <= 1.1 * real, (real, padded)
     want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
@@ -74,12 +75,12 @@ def test_packed_passes_pad_nothing_and_give_the_padded_paths_vectors(
         else str(build_sentence_transformer(Path(tmp_path_factory.mktemp("qwen3")), "tiny"))
     )
     port = free_port()
-    env = {"EMBQ_METRICS_PORT": str(port), "EMBQ_TRUNCATE": "1", "EMBQ_PACKED_PASSES": "1"}
+    env = {"EMBQ_METRICS_PORT": str(port), "EMBQ_PACKED_PASSES": "1"}
     worker = start_worker(path, engine="sentence-transformers", env=env)
     assert "packed passes:" in worker.log_path.read_text() and "packed passes\n" in worker.log_path.read_text()
     texts = make_texts(300, seed=4343, min_words=4, max_words=200)
     before = pass_tokens(port)
-    vectors = make_client(model=path, task_max_texts=64).embed(texts, timeout=600)
+    vectors = make_client(model=path, task_max_texts=64).embed(texts, truncate=True, timeout=600)
     real, padded = (after - was for after, was in zip(pass_tokens(port), before, strict=True))
     assert real > 0 and padded == real, (real, padded)
     want = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -61,7 +60,6 @@ def test_the_keywords_a_worker_passes_make_a_serverargs_that_pickles(sglang: SGL
         "dtype": "bfloat16",
         "load_format": "dummy",
         "trust_remote_code": True,
-        "truncate": True,
         "sglang_args": {"random_seed": 7},
     }
     done = subprocess.run(
@@ -73,7 +71,7 @@ def test_the_keywords_a_worker_passes_make_a_serverargs_that_pickles(sglang: SGL
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert "custom_sigquit_handler" in found["fields"] and "enable_tokenizer_batch_encode" in found["fields"]
-    assert found["truncate"] is True
+    assert found["truncate"] is True  # always: each task says whether its texts are cut (tasks decide, not workers)
     assert found["unknown"] == "Unexpected keyword argument 'not_an_option'"
 
 
@@ -106,9 +104,7 @@ def test_an_unknown_engine_keyword_stops_the_worker_at_start(start_worker: Start
     assert "Traceback" not in str(info.value)
 
 
-def test_vectors_instructions_dims_and_long_texts(
-    start_worker: Start, make_client: Client, sglang: SGLangCpu, tmp_path: Path
-) -> None:
+def test_vectors_instructions_dims_and_long_texts(start_worker: Start, make_client: Client, sglang: SGLangCpu) -> None:
     worker = start_sglang(start_worker, sglang, env=sglang.env(EMBQ_MEM_FRACTION_STATIC="0.7"))
     log = worker.log_path.read_text()
     assert "'mem_fraction_static': 0.7" in log and "'is_embedding': True" in log
@@ -142,11 +138,12 @@ def test_vectors_instructions_dims_and_long_texts(
     good = ["before", fits, "after"]
     np.testing.assert_allclose(info.value.vectors[[0, 3, 4]], sglang.expected(good), atol=1e-5)
 
-    # Truncation: the tokenizer manager cuts at the context, the scheduler at max_req_input_len.
-    truncating = sglang.alias(tmp_path, "truncating")
-    start_sglang(start_worker, sglang, model=truncating, env=sglang.env(EMBQ_TRUNCATE="1"))
-    cut = make_client(model=truncating).embed([long_text], timeout=60)
+    # A call that asks for the cut, on the same worker: the tokenizer manager cuts at the context, the
+    # scheduler at max_req_input_len; in one pass with a text of a call that does not.
+    cut = client.embed([long_text, over, "after"], truncate=True, timeout=60)
     np.testing.assert_allclose(cut[0], sglang.embed_ids(sglang.token_ids(long_text)[:limit]), atol=1e-5)
+    np.testing.assert_allclose(cut[1], sglang.embed_ids(sglang.token_ids(over)[:limit]), atol=1e-5)
+    np.testing.assert_allclose(cut[2], sglang.expected(["after"])[0], atol=1e-5)
 
 
 def broker_state(worker: LocalWorker) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from embq.producer import EmbeddingClient, keys
+from embq.producer import EmbeddingClient, ItemFailedError, keys
 from embq.producer.settings import DEFAULT_MODEL, Settings
 from embq.worker.engines.checkpoint import fingerprint, local_model_dir
 from embq.worker.engines.hash import hash_vector
@@ -90,6 +90,35 @@ def test_identical_workers_share_the_model_and_keep_its_signature_alive(
     r.delete(key)  # what `embq cache clear` does: a running worker puts it back with its heartbeat
     wait_until(lambda: r.exists(key), 30, "a heartbeat to put the signature back")
     assert signature(r, "hash/shared")["engine"] == "hash"
+
+
+def test_workers_that_differ_only_in_their_truncation_default_share_the_model(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    """Truncation is the call's, not the worker's: a worker started with ``EMBQ_TRUNCATE=1`` joins one started
+    without it, and one whose model's signature was stored by an older worker that cut texts; both serve
+    calls that cut and calls that do not, under their own keys."""
+    key = keys.signature_key(Settings().cache_namespace, "hash/cuts")
+    older = {"engine": "hash", "dim": 384, "checkpoint": "", "template": "{instruction}{text}"}
+    r.set(key, json.dumps({**older, "truncates": True, "truncate_at": 8192, "by": "older:1"}))
+    start_worker("hash/cuts", env={"EMBQ_HASH_MAX_TOKENS": "20"})
+    second = start_worker("hash/cuts", env={"EMBQ_HASH_MAX_TOKENS": "20", "EMBQ_TRUNCATE": "1"})
+    assert "no longer changes a worker" in second.log_path.read_text()
+    long = "a text of more than twenty estimated tokens, eighty characters or more in all"
+    client = make_client(model="hash/cuts")
+    cut_vectors = client.embed(["short", long], truncate=True, timeout=60)
+    np.testing.assert_array_equal(cut_vectors, hashes(["short", long[:72]]))
+    with pytest.raises(ItemFailedError) as info:
+        client.embed(["short", long], timeout=60)
+    assert list(info.value.failures) == [1] and "truncate=True" in info.value.failures[1]
+    np.testing.assert_array_equal(info.value.vectors[:1], hashes(["short"]))
+    whole = keys.vector_key(keys.text_digest("hash/cuts", Settings().cache_namespace, "", long))
+    cut = keys.vector_key(keys.text_digest("hash/cuts", Settings().cache_namespace, "", long, truncate=True))
+    assert r.get(whole) is None and r.get(cut) is not None
+    stats = keys.stats_key("hash/cuts")
+    computed = int(r.hget(stats, "texts") or 0)
+    np.testing.assert_array_equal(client.embed(["short", long], truncate=True, timeout=60), cut_vectors)
+    assert int(r.hget(stats, "texts") or 0) == computed, "both cached: short under its whole key, long cut"
 
 
 def test_a_running_worker_that_lost_its_model_to_another_kind_stops(start_worker: Start, r: redis.Redis) -> None:

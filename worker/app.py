@@ -95,6 +95,13 @@ class Runtime:
         if self.engine is not None:
             return
         s = self.settings
+        if s.truncate:
+            log.warning(
+                "EMBQ_TRUNCATE / --truncate no longer changes a worker: every worker cuts the texts of calls "
+                'that ask for it (truncate=True, embq embed --truncate, the request field "truncate") and fails '
+                "the others' over-long texts; a gateway's default for requests without the field is embq serve "
+                "--truncate (EMBQ_TRUNCATE where it runs)"
+            )
         # A ready file left by a killed predecessor (a restarted container keeps /tmp)
         # must not pass the probes before this engine is loaded.
         self.set_ready(False)

@@ -199,6 +199,7 @@ class Batcher:
         origin: list[int] | None = None,
         lane: str = INTERACTIVE,
         unwanted: Callable[[list[int]], list[int]] | None = None,
+        truncate: bool = False,
     ) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
@@ -207,13 +208,14 @@ class Batcher:
         ``BatcherStopped`` when the texts were not embedded and the task should
         be requeued. While they wait, ``unwanted(rows)`` is asked every ``WANTED_RECHECK`` seconds which
         of the rows not yet in a pass nobody waits for any more: those are withdrawn (``Job.dropped``).
+        ``truncate`` has the engine cut texts over its context (in ``Engine.prepare``) rather than refuse them.
         """
         job = Job(texts, alone, task=task, origin=origin, lane=lane)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
         if texts:
-            self._prepare(job)
+            self._prepare(job, truncate)
         with self._cond:
             if self._stopping or self.dead:
                 raise BatcherStopped(self.dead or "the worker is shutting down")
@@ -260,11 +262,11 @@ class Batcher:
             if job.untaken == 0:
                 self._jobs = deque(j for j in self._jobs if j.untaken)
 
-    def _prepare(self, job: Job) -> None:
+    def _prepare(self, job: Job, truncate: bool = False) -> None:
         """The engine's tokens and inputs for the job's texts, on the caller's thread; texts it refuses
         fail alone, and a failure of the whole preparation fails every text with its reason."""
         try:
-            prepared = self.engine.prepare(job.texts)
+            prepared = self.engine.prepare(job.texts, truncate)
         except Exception as e:
             log.warning("could not prepare %d texts: %s: %s", len(job.texts), type(e).__name__, e)
             prepared = Prepared(

@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: none; default 9808)")
     w.add_argument("--dtype", help="weights dtype (auto, bfloat16, float16)")
     w.add_argument("--trust-remote-code", action="store_true", default=None)
-    w.add_argument("--truncate", action="store_true", default=None, help="truncate texts over the context")
+    w.add_argument(
+        "--truncate",
+        action="store_true",
+        default=None,
+        help="no effect, kept for old scripts: every worker cuts the texts of calls that ask for it (truncate=True)",
+    )
     w.add_argument("--instruction-template", help="e.g. 'Instruct: {instruction}\\nQuery:{text}'")
     w.add_argument("--engine-call-timeout", type=float, help="seconds before a silent engine is declared dead")
     g = w.add_argument_group("sglang engine")
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--truncate",
         action="store_true",
-        help="cut texts over the model's context, instead of failing them (the private worker's EMBQ_TRUNCATE)",
+        help="cut texts over the model's context instead of failing them (any worker does it for this call)",
     )
     e.add_argument("--dim", type=int, help="Matryoshka dimension (default: full)")
     e.add_argument("--instruction", default="", help="query instruction (part of the cache key)")
@@ -141,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="a model to serve even while no worker of it is online (repeatable); "
         "models with a worker online are served anyway",
+    )
+    v.add_argument(
+        "--truncate",
+        action="store_true",
+        default=None,
+        help='cut texts over the context for requests without the field "truncate" (default: EMBQ_TRUNCATE or no)',
     )
     v.add_argument("--access-log", action="store_true", help="log every request (one line each)")
     v.add_argument("-q", "--quiet", action="store_true")
@@ -264,7 +275,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from embq.producer.gateway.settings import GatewaySettings
 
     settings = Settings.from_env()
-    limits = GatewaySettings.from_env(models=tuple(args.model))
+    limits = GatewaySettings.from_env(models=tuple(args.model), truncate=args.truncate)
     serve(settings, limits, host=args.host, port=args.port, access_log=args.access_log)
     return 0
 

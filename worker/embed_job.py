@@ -49,7 +49,7 @@ class EmbedOptions:
     input_format: str | None = None
     model: str | None = None
     engine: str = "sentence-transformers"
-    #: Cut texts over the context in the private worker, instead of failing them.
+    #: Cut texts over the model's context instead of failing them (the call's ``truncate``).
     truncate: bool = False
     dim: int | None = None
     instruction: str = ""
@@ -114,11 +114,6 @@ class Job:
         settings = Settings.from_env(model=default_model(o.engine, o.model, os.environ) if embedded else o.model)
         if embedded:  # before anything starts: the private worker would refuse it
             check_engine_model(o.engine, settings.model)
-        elif o.truncate:
-            raise ConfigurationError(
-                "--truncate sets how the private worker cuts texts; with a configured Redis, the workers decide: "
-                "start them with EMBQ_TRUNCATE=1"
-            )
         self.sink = open_sink(
             output,
             rows=rows,
@@ -135,9 +130,7 @@ class Job:
             return 0
         private = None
         if embedded:
-            private = self.private = PrivateStack(
-                embq_home(), engine=o.engine, model=settings.model, truncate=o.truncate, say=self.say
-            )
+            private = self.private = PrivateStack(embq_home(), engine=o.engine, model=settings.model, say=self.say)
             stack.callback(lambda: private.stop(fast=not self.done))
             settings = settings.with_overrides(**private.start())
         start_worker = private.start_worker if private is not None else None
@@ -164,6 +157,7 @@ class Job:
                 timeout=o.timeout,
                 on_progress=progress.update,
                 priority=o.priority,
+                truncate=o.truncate,
             )
         self.sink.commit()
         self.done = True

@@ -34,10 +34,8 @@ import redis
 
 from embq.producer import keys
 from embq.producer.errors import EmbqError
-from embq.producer.settings import Settings
 from embq.worker.home import HomeLock
 from embq.worker.local import LocalRedis, LocalWorker
-from embq.worker.signature import forget_if_only_uncut
 
 #: Variables that point embq at a Redis of the user's; without any, embedded defaults start a private one.
 REDIS_VARIABLES = ("EMBQ_REDIS_URL", "EMBQ_BROKER_URL", "EMBQ_CACHE_URL")
@@ -65,13 +63,10 @@ def engine_dir(home: Path, engine: str) -> Path:
 class PrivateStack:
     """The private Redis and worker of one ``embq embed``; ``start`` returns the URLs for its client."""
 
-    def __init__(
-        self, home: Path, *, engine: str, model: str, say: Callable[[str], None], truncate: bool = False
-    ) -> None:
+    def __init__(self, home: Path, *, engine: str, model: str, say: Callable[[str], None]) -> None:
         self.dir = engine_dir(home, engine)
         self.engine = engine
         self.model = model
-        self.truncate = truncate
         self.say = say
         self.lock = HomeLock(self.dir)
         self.redis: LocalRedis | None = None
@@ -105,15 +100,6 @@ class PrivateStack:
                 raise EmbqError("the private stack is stopping")
             assert self.lock.fd is not None
             env = {"EMBQ_BROKER_URL": self.urls["broker_url"], "EMBQ_CACHE_URL": self.urls["cache_url"]}
-            if self.truncate:  # this private cache is ours alone: a cutting worker may take a failing one's place
-                env["EMBQ_TRUNCATE"] = "1"
-                cache = redis.Redis.from_url(self.urls["cache_url"])
-                try:
-                    forget_if_only_uncut(
-                        cache, Settings.from_env(None, model=self.model, redis_url=self.urls["cache_url"])
-                    )
-                finally:
-                    cache.close()
             self.say(f"starting a {self.engine} worker for the texts not cached (loading the model)…")
             started = time.monotonic()
             self.worker = LocalWorker(

@@ -54,11 +54,15 @@ class WorkerSettings:
     hash_dim: int = 384
     #: Seconds the hash engine spends per text, to load-test the queue against a slow model (0: none).
     hash_seconds_per_text: float = 0.0
+    #: The hash engine's context, in tokens estimated from characters (4 per token): longer texts are
+    #: cut there for calls that ask for it, refused for the others, as a model's are.
+    hash_max_tokens: int = 8192
     #: Weights dtype: ``auto`` takes the model's own (bfloat16 for Qwen3-Embedding).
     dtype: str = "auto"
     #: Let the engine run custom model code shipped with the checkpoint.
     trust_remote_code: bool = False
-    #: Truncate texts longer than the model's context instead of failing them.
+    #: No effect, read only to say so at start: a call asks for its texts to be cut (``truncate=True``),
+    #: and every worker serves both kinds; the default for callers that cannot ask is the gateway's.
     truncate: bool = False
     #: How an instruction and a text become one prompt; None takes the engine's
     #: own (``Instruct: {instruction}\nQuery:{text}`` for SGLang/Qwen3-Embedding).
@@ -144,9 +148,9 @@ class WorkerSettings:
             "packed": self.packed_passes,
             "dim": self.hash_dim,
             "seconds_per_text": self.hash_seconds_per_text,
+            "max_tokens": self.hash_max_tokens,
             "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code,
-            "truncate": self.truncate,
             "instruction_template": self.instruction_template,
             "call_timeout": self.engine_call_timeout,
             "mem_fraction_static": self.mem_fraction_static,
@@ -198,6 +202,7 @@ ENV_NAMES: dict[str, str] = {
     "packed_passes": "EMBQ_PACKED_PASSES",
     "hash_dim": "EMBQ_HASH_DIM",
     "hash_seconds_per_text": "EMBQ_HASH_SECONDS_PER_TEXT",
+    "hash_max_tokens": "EMBQ_HASH_MAX_TOKENS",
     "ready_file": "EMBQ_READY_FILE",
     "metrics_port": "EMBQ_METRICS_PORT",
     "redis_wait": "EMBQ_REDIS_WAIT",

@@ -30,8 +30,10 @@ from embq.worker.engines import Engine
 log = logging.getLogger(__name__)
 
 #: The fields two workers must agree on to share a cache. ``None`` means "not known yet" and is
-#: not compared; ``truncate_at`` is 0 for an engine that never cuts texts (it fails them instead).
-COMPARED = ("engine", "dim", "checkpoint", "template", "truncates", "truncate_at")
+#: not compared. Truncation is not among them: a call asks for a cut or not, every worker serves
+#: both, and a cut text's vector has a key of its own (``keys.CUT_MARKER``). Signatures stored by
+#: older workers still hold ``truncates`` and ``truncate_at``; they are not compared.
+COMPARED = ("engine", "dim", "checkpoint", "template")
 #: How engines that take no template put an instruction before a text.
 PREFIX_TEMPLATE = "{instruction}{text}"
 
@@ -42,18 +44,12 @@ class SignatureConflict(ConfigurationError):
 
 def signature_of(engine: Engine) -> dict[str, Any]:
     """This engine's signature; before ``load`` some fields may be None (not known yet)."""
-    truncates = bool(getattr(engine, "truncate", False))
     return {
         "engine": engine.name,
         "dim": engine.dim or None,
         "checkpoint": engine.checkpoint(),
         # The instruction format changes the vector of every text sent with an instruction.
         "template": engine.format_query("{instruction}", "{text}"),
-        # A worker that cuts long texts caches vectors of their beginnings under the whole
-        # text's key: one that fails them, or cuts elsewhere, must not share those keys.
-        # ``truncates`` is known before the model loads, where it cuts only after.
-        "truncates": truncates,
-        "truncate_at": (engine.max_tokens or None) if truncates else 0,
     }
 
 
@@ -81,8 +77,6 @@ def describe(signature: dict[str, Any]) -> str:
     template = signature.get("template")
     if template and template != PREFIX_TEMPLATE:
         parts.append(f"instruction format {template!r}")
-    if signature.get("truncate_at"):
-        parts.append(f"cutting texts at {signature['truncate_at']} tokens")
     if signature.get("by"):
         parts.append(f"claimed by worker {signature['by']}")
     return ", ".join(parts)
@@ -103,16 +97,6 @@ def preflight(engine: Engine, settings: Settings, timeout: float) -> None:
         log.debug("signature not checked before start: %s", e)
     finally:
         client.close()
-
-
-def forget_if_only_uncut(cache: CacheClient, settings: Settings) -> None:
-    """Remove a stored signature that differs from a cutting worker's only in that its worker failed long
-    texts: none of its vectors is of a cut text, so a worker that cuts may take the model over. For a
-    private cache (``embq embed --truncate``), where no other worker can be running."""
-    guard = SignatureGuard(cache, settings)
-    stored = guard.stored()
-    if stored is not None and stored.get("truncate_at") == 0:
-        cache.delete(guard.key)
 
 
 class SignatureGuard:

@@ -30,7 +30,7 @@ import redis
 from embq.producer import keys
 from embq.producer.cluster import CacheClient, look
 from embq.producer.codec import CLAIM_PREFIX, pack_rows, unpack_many
-from embq.producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane
+from embq.producer.contract import MAX_TASK_TEXTS, PAYLOAD_VERSION, EmbedPayload, payload_lane, payload_truncates
 from embq.producer.validation import item_problem
 from embq.worker import metrics
 from embq.worker.batcher import Batcher, BatcherStopped
@@ -138,6 +138,7 @@ def run_embed(
             origin=[row for _, _, row in todo],
             lane=payload_lane(payload),
             unwanted=unwanted if owner else None,
+            truncate=payload_truncates(payload),
         )
         abandoned |= {todo[row][0] for row in job.dropped}
         metrics.TEXTS_ABANDONED.inc(len(abandoned))
@@ -205,14 +206,16 @@ def split_suspects(payload: Any, suspected: list[int], split: Callable[[EmbedPay
 def digests_or_none(payload: dict[str, Any], texts: list[Any]) -> list[str | None]:
     """The texts' digests, hashed as one batch; ``None`` for an item no digest can be made of."""
     try:
-        return list(keys.text_digests(payload["model"], payload["namespace"], payload["instruction"], texts))
+        model, namespace, instruction = payload["model"], payload["namespace"], payload["instruction"]
+        return list(keys.text_digests(model, namespace, instruction, texts, truncate=payload_truncates(payload)))
     except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
         return [digest_or_none(payload, text) for text in texts]
 
 
 def digest_or_none(payload: dict[str, Any], text: Any) -> str | None:
     try:
-        return keys.text_digest(payload["model"], payload["namespace"], payload["instruction"], text)
+        model, namespace, instruction = payload["model"], payload["namespace"], payload["instruction"]
+        return keys.text_digest(model, namespace, instruction, text, truncate=payload_truncates(payload))
     except (AttributeError, TypeError, UnicodeEncodeError, KeyError):
         return None
 

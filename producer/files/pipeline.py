@@ -93,6 +93,7 @@ def embed_rows(
     timeout: float | None = None,
     on_progress: Callable[[int], None] | None = None,
     priority: str | None = None,
+    truncate: bool = False,
 ) -> Summary:
     """Embed every row of ``source`` into ``sink`` in input order; the caller commits or aborts the sink.
 
@@ -149,6 +150,7 @@ def embed_rows(
         dim=dim,
         instruction=instruction,
         timeout=timeout,
+        truncate=truncate,
         failures="nan",
         on_progress=on_progress,
         priority=priority,
@@ -178,6 +180,7 @@ def embed_file(
     instruction: str = "",
     timeout: float | None = None,
     on_progress: Callable[[int], None] | None = None,
+    truncate: bool = False,
 ) -> Summary:
     """Embed a file (``-`` for standard input) into ``output_path`` (``.parquet``, ``.jsonl``, ``.npy``).
 
@@ -200,6 +203,7 @@ def embed_file(
             instruction=instruction,
             timeout=timeout,
             on_progress=on_progress,
+            truncate=truncate,
         )
         sink.commit()
     except BaseException:

@@ -107,9 +107,15 @@ class Gateway:
         await self.require_model(query.model)
         timeout = self.limits.request_timeout
         priority = request_priority(query.priority, request.headers.get(PRIORITY_HEADER))
+        truncate = self.limits.truncate if query.truncate is None else query.truncate
         try:
             vectors = await self.client(query.model).embed(
-                query.texts, dim=query.dimensions, instruction=query.instruction, timeout=timeout, priority=priority
+                query.texts,
+                dim=query.dimensions,
+                instruction=query.instruction,
+                timeout=timeout,
+                truncate=truncate,
+                priority=priority,
             )
         except EmbqError as e:
             raise from_embq(e, model=query.model, timeout=timeout) from e

@@ -39,6 +39,9 @@ class EmbeddingRequest:
     #: embq's extension: the lane (``interactive``, the default, or ``bulk``); the header
     #: ``X-Embq-Priority`` says the same for clients that cannot add a field.
     priority: str | None = None
+    #: TEI's field: cut texts over the model's context instead of failing them; None (absent) takes
+    #: the gateway's default (``embq serve --truncate``, ``EMBQ_TRUNCATE``).
+    truncate: bool | None = None
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -88,8 +91,11 @@ def parse_embedding_request(data: dict[str, Any], *, max_texts: int, max_text_by
             param="priority",
             code="invalid_priority",
         )
+    truncate = data.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise APIError(400, f"'truncate' must be true or false, got {clipped(truncate)}", param="truncate")
     return EmbeddingRequest(
-        model, texts, encoding, None if dimensions is None else int(dimensions), instruction, priority
+        model, texts, encoding, None if dimensions is None else int(dimensions), instruction, priority, truncate
     )
 
 

@@ -38,6 +38,10 @@ class GatewaySettings:
     max_connections: int = 4096
     #: Models always served, with or without a worker online (``--model``).
     models: tuple[str, ...] = ()
+    #: Whether texts over the model's context are cut there, for requests without the field
+    #: ``truncate`` (TEI's ``--auto-truncate``): for clients that cannot add one (``openai`` without
+    #: ``extra_body``, LangChain's ``OpenAIEmbeddings``). Any worker serves both kinds.
+    truncate: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GatewaySettings:
@@ -55,4 +59,5 @@ ENV_NAMES: dict[str, str] = {
     "max_request_bytes": "EMBQ_MAX_REQUEST_BYTES",
     "request_timeout": "EMBQ_REQUEST_TIMEOUT",
     "max_connections": "EMBQ_MAX_CONNECTIONS",
+    "truncate": "EMBQ_TRUNCATE",
 }

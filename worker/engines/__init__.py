@@ -36,6 +36,18 @@ def prepare_by_estimate(texts: list[str]) -> Prepared:
     return Prepared([estimate_tokens(t) for t in texts], list(texts), {})
 
 
+#: How a caller has texts over the context cut rather than failed: the option of each way in.
+CUT_HINT = (
+    "shorten it, or have it cut at the context: truncate=True on embed, --truncate on embq embed, "
+    '"truncate": true in a request to embq serve'
+)
+
+
+def too_long(tokens: int, limit: int, what: str = "this model takes") -> str:
+    """Why a text over the context failed, and the per-call option that has it cut instead."""
+    return f"the input ({tokens} tokens) is longer than {what} ({limit} tokens); {CUT_HINT}"
+
+
 class TextsAsTheyAre:
     """The part of ``Engine`` shared by engines that take texts as they are, untokenised, and prefix
     instructions by ``instruction_template``: their passes are budgeted by estimated tokens."""
@@ -45,7 +57,7 @@ class TextsAsTheyAre:
     def encode(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
-    def prepare(self, texts: list[str]) -> Prepared:
+    def prepare(self, texts: list[str], truncate: bool = False) -> Prepared:
         return prepare_by_estimate(texts)
 
     def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
@@ -94,7 +106,11 @@ class Engine(Protocol):
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
-    def prepare(self, texts: list[str]) -> Prepared: ...
+    def prepare(self, texts: list[str], truncate: bool = False) -> Prepared:
+        """Tokens and inputs of one task's texts. ``truncate``: a text over the context is cut there
+        (its input says so), else refused (``Prepared.errors``, naming the per-call option). One pass may
+        mix the inputs of tasks that cut and of tasks that do not."""
+        ...
 
     def encode_prepared(self, inputs: list[Any]) -> np.ndarray: ...
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from embq.worker.engines import TextsAsTheyAre
+from embq.worker.engines import CHARS_PER_TOKEN, Prepared, TextsAsTheyAre, prepare_by_estimate, too_long
 
 
 def hash_vector(text: str, dim: int) -> np.ndarray:
@@ -56,6 +56,23 @@ class HashEngine(TextsAsTheyAre):
 
     def load(self) -> None:
         """Nothing to load."""
+
+    def prepare(self, texts: list[str], truncate: bool = False) -> Prepared:
+        """Texts over ``max_tokens`` (estimated from characters, the hash engine's only tokens) are cut to
+        ``cut_text`` with ``truncate``, refused without it, as a model's would be."""
+        prepared = prepare_by_estimate(texts)
+        for i, tokens in enumerate(prepared.tokens):
+            if tokens > self.max_tokens:
+                if truncate:
+                    prepared.inputs[i] = self.cut_text(texts[i])
+                    prepared.tokens[i] = self.max_tokens
+                else:
+                    prepared.errors[i] = too_long(tokens, self.max_tokens)
+        return prepared
+
+    def cut_text(self, text: str) -> str:
+        """What the engine keeps of a text over its context: the longest prefix within ``max_tokens``."""
+        return text[: (self.max_tokens - 2) * CHARS_PER_TOKEN]  # estimate_tokens: len // 4 + 2
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if self.seconds_per_text:

@@ -15,8 +15,9 @@ Normalize qualify, and only once probe texts give the padded path's vectors
 default.
 
 sentence-transformers cuts every text at the model's ``max_seq_length`` without
-a word. Unless ``truncate`` is set, a text longer than that fails alone with its
-token count and the limit, as it does on the SGLang engine.
+a word. Unless its task asks for the cut (``truncate=True`` on the call), a text
+longer than that fails alone with its token count and the limit, as it does on
+the SGLang engine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from embq.producer.errors import EngineError
-from embq.worker.engines import EngineItemErrors, Prepared, apply_instruction
+from embq.worker.engines import EngineItemErrors, Prepared, apply_instruction, too_long
 from embq.worker.engines.checkpoint import BUNDLED_MINILM, fingerprint, local_model_dir, locate
 
 __all__ = ["BUNDLED_MINILM", "SentenceTransformersEngine", "resolve_model_path"]
@@ -95,6 +96,8 @@ class SentenceTransformersEngine:
         #: Whether packed passes were asked for; ``pads`` says whether they run (decided at load).
         self.packed = packed
         self._pooling = ""
+        #: What ``encode`` (a direct call, outside any task) does with a text over the context; a task's
+        #: texts are cut or refused as the task asks (``prepare``).
         self.truncate = truncate
         self.instruction_template = instruction_template
         self.device = device
@@ -192,18 +195,20 @@ class SentenceTransformersEngine:
         )
         return np.asarray(vectors, dtype=np.float32)
 
-    def prepare(self, texts: list[str]) -> Prepared:
+    def prepare(self, texts: list[str], truncate: bool = False) -> Prepared:
         """Token ids of each text, with its special tokens: tokenised once, on the calling task's thread
         (the tokenizer releases the GIL), so that passes are formed by real length and the device never
-        waits for a tokenizer. A text over the context is refused here, or cut when ``truncate`` is set."""
+        waits for a tokenizer. A text over the context is refused here, or cut (as
+        ``SentenceTransformer.encode`` cuts it) when its task asks for it: the ids are what a pass runs,
+        so a pass may hold cut and uncut texts."""
         limit = self.max_tokens
         # One token past the limit tells a text that is too long without keeping all of its tokens.
         ids = self._tokenizer(
-            texts, add_special_tokens=True, truncation=True, max_length=limit if self.truncate else limit + 1,
+            texts, add_special_tokens=True, truncation=True, max_length=limit if truncate else limit + 1,
             return_attention_mask=False, return_token_type_ids=False, verbose=False,
         )["input_ids"]  # fmt: skip
         errors: dict[int, str] = {}
-        if not self.truncate:
+        if not truncate:
             long = [i for i, tokens in enumerate(ids) if len(tokens) > limit]
             if long:
                 full = self._tokenizer([texts[i] for i in long], add_special_tokens=True, verbose=False)["input_ids"]
@@ -368,13 +373,6 @@ def pass_budget(free_bytes: int, per_token: int) -> tuple[int, int]:
     tokens = int(free_bytes * GPU_PASS_MEMORY_SHARE) // max(1, per_token)
     tokens = max(GPU_PASS_TOKENS, min(GPU_MOST_PASS_TOKENS, 1 << max(0, tokens.bit_length() - 1)))
     return tokens, max(GPU_PASS_TEXTS, min(GPU_MOST_PASS_TEXTS, tokens // 64))
-
-
-def too_long(tokens: int, limit: int) -> str:
-    return (
-        f"the input ({tokens} tokens) is longer than this model takes ({limit} tokens); "
-        "shorten it, or have it cut: EMBQ_TRUNCATE=1 for a worker, --truncate for embq embed"
-    )
 
 
 def token_bound(tokenizer: Any) -> tuple[float, int]:

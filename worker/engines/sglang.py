@@ -28,9 +28,11 @@ one (``tests/sglang_cpu``). What this module relies on:
   (C tokens).")`` for the whole call, unless ``allow_auto_truncate``; the scheduler
   then cuts prompts of ``max_req_input_len`` tokens or more (``min(context - 1,
   KV pool - 1) - 5``) to that length. An abort with a status raises for the whole
-  call too (``ValueError`` for 400, ``fastapi.HTTPException`` otherwise). So we
-  count the tokens of long texts first and fail those alone; anything else that
-  fails a call is bisected by the batcher.
+  call too (``ValueError`` for 400, ``fastapi.HTTPException`` otherwise).
+  ``allow_auto_truncate`` is engine-wide, and a task asks for the cut or not, so
+  the engine always runs with it on: texts whose task wants them cut are cut by
+  SGLang; the others are counted first (long ones only) and those over the
+  limit fail alone. Anything else that fails a call is bisected by the batcher.
 - The engine's ``loop`` is created in the constructing thread; sync ``encode``
   runs it with ``run_until_complete`` and cannot be called inside a running
   loop. We run that loop forever in one thread and submit ``async_encode`` calls
@@ -62,7 +64,7 @@ import numpy as np
 
 from embq.producer.errors import EngineError
 from embq.worker import metrics
-from embq.worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
+from embq.worker.engines import CUT_HINT, EngineDead, EngineItemErrors, TextsAsTheyAre, too_long
 from embq.worker.engines.checkpoint import fingerprint, local_model_dir
 
 log = logging.getLogger(__name__)
@@ -170,13 +172,15 @@ class SGLangEngine(TextsAsTheyAre):
             "dtype": dtype,
             "load_format": load_format,
             "trust_remote_code": trust_remote_code,
-            "allow_auto_truncate": truncate,
+            # Always: each task says whether its texts are cut (``encode_counted``'s ``cut``).
+            "allow_auto_truncate": True,
             # One tokenizer call and one message per engine call instead of one per
             # text, in the process that also runs the queue (see docs/BENCHMARKS.md).
             "enable_tokenizer_batch_encode": True,
         }
         self.extra = dict(sglang_args or {})
         self.engine_class = engine_class
+        #: Whether ``encode`` (a direct call, outside any task) cuts texts over the context.
         self.truncate = truncate
         self.instruction_template = instruction_template or QWEN3_INSTRUCTION
         self.call_timeout = call_timeout
@@ -265,10 +269,10 @@ class SGLangEngine(TextsAsTheyAre):
         metrics.TOKENS_EMBEDDED.inc(tokens)
         return vectors
 
-    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """The vectors of ``texts`` and the tokens SGLang counted in them."""
-        if not self.truncate:
-            self._refuse_too_long(texts)
+    def encode_counted(self, texts: list[str], cut: list[bool] | None = None) -> tuple[np.ndarray, int]:
+        """The vectors of ``texts`` and the tokens SGLang counted in them. ``cut[i]``: text i is cut at the
+        context (SGLang does it), else refused there (we do); None: ``truncate`` for every text."""
+        self._refuse_too_long(texts, [self.truncate] * len(texts) if cut is None else cut)
         results = self._call(texts)
         refused = {
             i: f"SGLang aborted the request: {_abort_message(r)}"
@@ -313,26 +317,26 @@ class SGLangEngine(TextsAsTheyAre):
         for future in futures:
             future.cancel()
 
-    def _refuse_too_long(self, texts: list[str]) -> None:
-        """Fail texts SGLang would not take whole alone, instead of failing their whole call."""
-        if self._tokenizer is None:
-            return
+    def _refuse_too_long(self, texts: list[str], cut: list[bool]) -> None:
+        """Fail the texts not to be cut that SGLang would cut (it runs with ``allow_auto_truncate``), alone."""
         limit = self.max_tokens - SPECIAL_TOKENS_MARGIN
-        suspects = [i for i, text in enumerate(texts) if 4 * len(text) >= limit and len(text.encode()) >= limit]
+        suspects = [
+            i for i, text in enumerate(texts) if not cut[i] and 4 * len(text) >= limit and len(text.encode()) >= limit
+        ]
         if not suspects:
             return
+        if self._tokenizer is None:  # not counted, SGLang would cut them silently: refuse what may be too long
+            why = f"the input may be longer than this engine takes ({self.max_tokens - 1} tokens), and its tokens "
+            raise EngineItemErrors(dict.fromkeys(suspects, f"{why}cannot be counted (SGLang's tokenizer); {CUT_HINT}"))
         with self._tokenizer_lock:  # a fast tokenizer must not be used from two threads at once
             ids = self._tokenizer([texts[i] for i in suspects])["input_ids"]
-        too_long = {
-            i: (
-                f"the input ({len(tokens)} tokens) is longer than this engine takes ({self.max_tokens - 1} tokens); "
-                "shorten it, or have it cut: EMBQ_TRUNCATE=1 for a worker, --truncate for embq embed"
-            )
+        refused = {
+            i: too_long(len(tokens), self.max_tokens - 1, "this engine takes")
             for i, tokens in zip(suspects, ids, strict=True)
             if len(tokens) >= self.max_tokens
         }
-        if too_long:
-            raise EngineItemErrors(too_long)
+        if refused:
+            raise EngineItemErrors(refused)
 
     def healthy(self) -> bool:
         if self._dead or self._loop_thread is None or not self._loop_thread.is_alive():

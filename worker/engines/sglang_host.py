@@ -40,7 +40,7 @@ import numpy as np
 
 from embq.producer.errors import EngineError
 from embq.worker import metrics
-from embq.worker.engines import EngineDead, EngineItemErrors, TextsAsTheyAre
+from embq.worker.engines import EngineDead, EngineItemErrors, Prepared, TextsAsTheyAre, prepare_by_estimate
 from embq.worker.engines.sglang import QWEN3_INSTRUCTION, WARMUP_TIMEOUT, SGLangEngine
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,18 @@ class SGLangHostEngine(TextsAsTheyAre):
         self.dim, self.max_tokens = found["dim"], found["max_tokens"]
         self._checkpoint = self._checkpoint or found["checkpoint"]
 
+    def prepare(self, texts: list[str], truncate: bool = False) -> Prepared:
+        """Each input is ``(text, cut)``: the host cuts or refuses it there, since only it counts tokens."""
+        prepared = prepare_by_estimate(texts)
+        return prepared._replace(inputs=[(text, truncate) for text in texts])
+
+    def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
+        return self._encode([text for text, _ in inputs], [cut for _, cut in inputs])
+
     def encode(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, [self.truncate] * len(texts))
+
+    def _encode(self, texts: list[str], cut: list[bool]) -> np.ndarray:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._dead or not self._fronts:
@@ -159,7 +170,7 @@ class SGLangHostEngine(TextsAsTheyAre):
             front.calls[call] = future
         try:
             with front.send_lock:
-                front.connection.send(("encode", call, texts))
+                front.connection.send(("encode", call, (texts, cut)))
             kind, *found = future.result(timeout=self.call_timeout + ANSWER_MARGIN)
         except (OSError, ValueError) as e:  # the pipe broke under the send
             self._mark_dead(f"SGLang host process unreachable: {e}")
@@ -303,9 +314,9 @@ def answer_calls(engine: SGLangEngine, connection: multiprocessing.connection.Co
     or a closed pipe."""
     send_lock = threading.Lock()
 
-    def answer(call: int, texts: list[str]) -> None:
+    def answer(call: int, texts: list[str], cut: list[bool]) -> None:
         try:
-            vectors, tokens = engine.encode_counted(texts)
+            vectors, tokens = engine.encode_counted(texts, cut)
             reply: tuple[Any, ...] = ("done", vectors, tokens)
         except EngineItemErrors as e:
             reply = ("refused", e.errors)
@@ -323,13 +334,13 @@ def answer_calls(engine: SGLangEngine, connection: multiprocessing.connection.Co
     try:
         while True:
             try:
-                kind, call, texts = connection.recv()
+                kind, call, inputs = connection.recv()
             except (EOFError, OSError):
                 log.warning("the worker closed its pipe: stopping")
                 break
             if kind == "close":
                 break
-            calls.submit(answer, call, texts)
+            calls.submit(answer, call, *inputs)
     finally:
         calls.shutdown(wait=False, cancel_futures=True)
 
