@@ -63,6 +63,20 @@ def test_parquet_ids_keep_their_type(tmp_path: Path, redis_url: str, make_client
     assert str(pq.read_schema(output).field("id").type) == "int64"
 
 
+def test_jsonl_output_names_the_id_field_as_the_input_does(tmp_path: Path, redis_url: str, make_client: Client) -> None:
+    """The id travels under its own name (``doc_id`` here), not as ``"id"``: the output joins back on it."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"doc_id": "a1", "text": "one"}\n{"doc_id": "b2", "text": "two"}\n', encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    done = embq("embed", str(path), "-o", str(output), "--id-field", "doc_id", env=env_for(redis_url))
+    assert done.returncode == 0, done.stderr
+    first = json.loads(output.read_text(encoding="utf-8").splitlines()[0])
+    assert list(first) == ["doc_id", "embedding"] and first["doc_id"] == "a1"
+    ids, vectors, _ = read_output(output, "doc_id")
+    assert ids == ["a1", "b2"]
+    np.testing.assert_array_equal(vectors, make_client().embed(["one", "two"]))
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path: Path, redis_url: str, make_client: Client) -> None:
     inputs = {
         "in.txt": b"\xef\xbb\xbffirst\r\nsecond\r\nlone\rcr\n",
@@ -253,7 +267,7 @@ def test_process_substitution_is_read_once(tmp_path: Path, redis_url: str, make_
     import sys
 
     output = tmp_path / "x.jsonl"
-    command = f"{shlex.quote(sys.executable)} -m worker embed <(printf 'one\\ntwo\\n') -o {shlex.quote(str(output))}"
+    command = f"{shlex.quote(sys.executable)} -m embq embed <(printf 'one\\ntwo\\n') -o {shlex.quote(str(output))}"
     done = subprocess.run(["bash", "-c", command], env=env_for(redis_url), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 rows" in done.stderr
