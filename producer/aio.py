@@ -89,7 +89,7 @@ class AsyncEmbeddingClient:
     async def dimension(self) -> int | None:
         """The model's full dimension, as its workers state it (None before any worker of it ran)."""
         if self._dimension is None:
-            with backend_errors("cache", self.settings.cache):
+            with backend_errors("cache", self.settings.cache, self.settings.origin("cache")):
                 raw = await self._get_driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
             self._dimension = signature_dimension(raw)
         return self._dimension

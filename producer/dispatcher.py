@@ -38,7 +38,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from embq.producer import keys, protocol
-from embq.producer.backend import BACKEND_ERRORS, redact, redis_reason
+from embq.producer.backend import BACKEND_ERRORS, redis_reason, unavailable
 from embq.producer.broker import HELD_SCRIPT, UNACKED_KEY, queue_lists, task_ids_held
 from embq.producer.call import Call
 from embq.producer.codec import unpack_concat, unpack_many
@@ -749,7 +749,7 @@ class Dispatcher:
         ours = [d for d in self.entries if self.entries.state(d) != THEIRS]
         try:
             yield from self._release(ours)
-        except BACKEND_ERRORS as e:
+        except (*BACKEND_ERRORS, BackendUnavailableError) as e:
             log.info("could not release %d claims (%s); they lapse with our liveness", len(ours), e)
         for call in [*self.calls, *self.inbox]:
             call.fail(error)
@@ -762,14 +762,14 @@ class Dispatcher:
         self.recheck.clear()
 
     def _backend_error(self, error: BaseException) -> EmbqError:
-        broker = isinstance(error, OperationalError)
-        role, url = ("broker", self.settings.broker) if broker else ("cache", self.settings.cache)
-        return BackendUnavailableError(f"{role} Redis at {redact(url)} failed: {describe(error)}")
+        role = "broker" if isinstance(error, OperationalError) else "cache"
+        url = self.settings.broker if role == "broker" else self.settings.cache
+        return unavailable(role, url, self.settings.origin(role), error)
 
     def _close(self) -> Generator[Op, Any, None]:
         try:
             yield from self._drop_cancelled()
-        except BACKEND_ERRORS as e:
+        except (*BACKEND_ERRORS, BackendUnavailableError) as e:
             log.info("could not release the claims of cancelled calls (%s); they lapse with our liveness", e)
         ours = [d for d in self.entries if self.entries.state(d) == OURS]
         for call in [*self.calls, *self.inbox]:
@@ -778,8 +778,8 @@ class Dispatcher:
             # Nobody waits for our queued texts any more: workers skip them, watchers claim them again.
             yield from self._release(ours)
             yield Redis("cache", [("DEL", self.alive), ("DEL", self.reply), *self._hits_to_report()])
-        except BACKEND_ERRORS as e:
-            log.info("could not close the reply stream (%s); it expires by itself", e)
+        except (*BACKEND_ERRORS, BackendUnavailableError) as e:  # the callers heard of it already
+            log.debug("could not close the reply stream (%s); it expires by itself", e)
 
 
 #: What a producer reads of a worker's heartbeat (``embq.worker.heartbeat``); ``model`` first.

@@ -82,12 +82,15 @@ class Settings:
     #: Seconds without progress (none of ours answered, no worker of the model embedding) before a
     #: producer says so in its log.
     stall_warning_seconds: float = 60.0
+    #: Where each setting was given, for messages: ``EMBQ_REDIS_URL``, ``--redis-url``, ``the redis_url
+    #: argument``... A setting absent from it was given in code, or is the default (``origin``).
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("redis_url", "broker_url", "cache_url"):
             url = getattr(self, name)
             if url:
-                check_redis_url(f"{name} ({ENV_NAMES[name]})", url)
+                check_redis_url(name, url, self.origin(name))
         for name in ("model", "cache_namespace"):
             value = getattr(self, name)
             if not value or keys.QUEUE_NAMESPACE_SEPARATOR in value:
@@ -108,6 +111,19 @@ class Settings:
     def cache(self) -> str:
         return self.cache_url or self.redis_url
 
+    def origin(self, name: str) -> str:
+        """Where setting ``name`` came from, as its user set it: ``EMBQ_CACHE_URL``, ``--redis-url``, ``the
+        redis_url argument``; for the broker's or the cache's URL (``broker``, ``cache``), the one in use."""
+        if name in ("broker", "cache"):
+            name = f"{name}_url" if getattr(self, f"{name}_url") else "redis_url"
+        found = self.origins.get(name)
+        if found:
+            return found
+        default = next(f.default for f in fields(self) if f.name == name)
+        if getattr(self, name) == default:
+            return f"the default; set {ENV_NAMES[name]}" + (" or --redis-url" if name == "redis_url" else "")
+        return name
+
     @property
     def queue(self) -> str:
         """The interactive queue of this model and cache namespace (``keys.queue_name``)."""
@@ -119,15 +135,26 @@ class Settings:
         return tuple(keys.queue_name(self.model, self.cache_namespace, lane) for lane in keys.LANES)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read ``EMBQ_*`` variables; explicit ``overrides`` win over the environment."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, origins: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Read ``EMBQ_*`` variables; explicit ``overrides`` win over the environment. ``origins`` says where
+        overrides came from (``{"redis_url": "--redis-url"}``), for messages."""
         env = os.environ if environ is None else environ
         values = read_env(cls, env, ENV_NAMES)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        found = {name: ENV_NAMES[name] for name in values if name in ENV_NAMES}
+        found.update({name: (origins or {}).get(name, "") for name in given})
+        values.update(given)
+        return cls(**values, origins={k: v for k, v in found.items() if v})
 
-    def with_overrides(self, **overrides: Any) -> Settings:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+    def with_overrides(self, origin: str = "", **overrides: Any) -> Settings:
+        """These settings with ``overrides`` (None: unchanged), which came from ``origin`` (for messages)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        origins = {k: v for k, v in self.origins.items() if k not in given}
+        if origin:
+            origins.update(dict.fromkeys(given, origin))
+        return replace(self, **given, origins=origins)
 
     @classmethod
     def for_client(
@@ -143,8 +170,9 @@ class Settings:
         environment) unless ``broker_url``/``cache_url`` name their own."""
         base = settings or cls.from_env()
         if redis_url is not None:
-            base = base.with_overrides(redis_url=redis_url, broker_url="", cache_url="")
-        return base.with_overrides(model=model, broker_url=broker_url, cache_url=cache_url)
+            base = base.with_overrides("the redis_url argument", redis_url=redis_url, broker_url="", cache_url="")
+        base = base.with_overrides("the broker_url argument", broker_url=broker_url)
+        return base.with_overrides("the cache_url argument", model=model, cache_url=cache_url)
 
 
 ENV_NAMES: dict[str, str] = {
@@ -176,14 +204,16 @@ SENTINEL_FORM = (
 )
 
 
-def check_redis_url(setting: str, url: str) -> None:
-    """Raise ``ConfigurationError`` naming ``setting`` unless ``url`` is a Redis URL redis-py and kombu both take.
+def check_redis_url(name: str, url: str, origin: str = "") -> None:
+    """Raise ``ConfigurationError`` naming where ``url`` came from (``origin``, else setting ``name``) unless it
+    is a Redis URL redis-py and kombu both take.
 
     Checked here, where settings are made, so that a scheme-less ``localhost:6379``
     fails with the expected form rather than deep inside redis-py or kombu."""
+    setting = f"{name} ({origin})" if origin and origin != name else name
     shown = _without_password(url)
     if sentinel.is_sentinel(url):
-        if not setting.startswith("broker_url"):
+        if name != "broker_url":
             raise ConfigurationError(f"{setting}={shown!r}: only the broker may be behind Sentinel ({SENTINEL_FORM})")
         try:
             sentinel.parse(url)
@@ -196,6 +226,12 @@ def check_redis_url(setting: str, url: str) -> None:
     except ValueError as e:
         raise ConfigurationError(f"{setting}={shown!r} is not a Redis URL ({e}); expected {URL_FORMS}") from e
     if parts.scheme not in ("redis", "rediss", "unix"):
+        if "://" in url:  # a scheme, of something else: an HTTP gateway's URL, say
+            sentinel_too = " (sentinel:// for a broker behind Sentinel)" if name == "broker_url" else ""
+            raise ConfigurationError(
+                f"{setting}={shown!r} is not a Redis URL: its scheme {parts.scheme + '://'!r} is not one of Redis's, "
+                f"redis://, rediss:// (TLS) or unix://{sentinel_too}; expected {URL_FORMS}"
+            )
         raise ConfigurationError(f"{setting}={shown!r} is not a Redis URL: it needs a scheme; expected {URL_FORMS}")
     if parts.scheme == "unix":
         if not parts.path:

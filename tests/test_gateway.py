@@ -157,6 +157,18 @@ def test_bad_items_are_400_naming_their_index(api: openai.OpenAI, r: redis.Redis
     assert r.llen(keys.queue_name(HASH_MODEL)) == 0, "nothing is enqueued for a refused request"
 
 
+def test_a_base_url_without_v1_gets_a_404_that_says_so(gateway: LocalGateway) -> None:
+    """The ``openai`` client with ``base_url`` lacking ``/v1`` asks for ``/embeddings``: the 404 names the path
+    it meant and the base URL to set."""
+    client = openai.OpenAI(base_url=gateway.url, api_key=KEYS[0], max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model=HASH_MODEL, input=["x"])
+    message = caught.value.message
+    assert "did you mean /v1/embeddings?" in message and f"base_url='{gateway.url}/v1'" in message, message
+    other = httpx.get(gateway.url + "/nothing-here", timeout=30)
+    assert other.status_code == 404 and "POST /v1/embeddings" in other.json()["error"]["message"]
+
+
 def test_malformed_bodies_are_400(gateway: LocalGateway) -> None:
     headers = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"}
     for body, param in [(b"{not json", None), (b"[1, 2]", None), (b'{"input": ["x"]}', "model")]:

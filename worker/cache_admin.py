@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from embq.producer import keys
-from embq.producer.backend import backend_errors, redact
+from embq.producer.backend import backend_errors, probe, redact
 from embq.producer.cluster import CacheClient, connect_cache
 from embq.producer.settings import Settings
 from embq.worker.home import HomeLock
@@ -45,7 +45,8 @@ def clear_keys(cache: CacheClient) -> int:
 
 
 def clear_configured(settings: Settings, say: Callable[[str], None]) -> None:
-    with backend_errors("cache", settings.cache):
+    probe("cache", settings.cache, settings.origin("cache"))  # nothing listens: say so now, not after retries
+    with backend_errors("cache", settings.cache, settings.origin("cache")):
         cache = connect_cache(settings.cache)
         try:
             removed = clear_keys(cache)

@@ -132,7 +132,7 @@ class Job:
         if embedded:
             private = self.private = PrivateStack(embq_home(), engine=o.engine, model=settings.model, say=self.say)
             stack.callback(lambda: private.stop(fast=not self.done))
-            settings = settings.with_overrides(**private.start())
+            settings = settings.with_overrides("embq embed's private Redis", **private.start())
         start_worker = private.start_worker if private is not None else None
         client = stack.enter_context(EmbeddingClient(settings=settings, before_first_task=start_worker))
         if private is not None:  # an unfinished job's worker goes before the client closes: one still loading

@@ -16,7 +16,7 @@ from typing import Any, cast
 import msgpack
 
 from embq.producer import keys
-from embq.producer.backend import backend_errors, connect
+from embq.producer.backend import backend_errors, connect, probe
 from embq.producer.cluster import CacheClient, connect_cache, is_cluster
 from embq.producer.settings import Settings
 
@@ -90,12 +90,15 @@ def lanes_of(broker: Any) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
 
 def render_status(settings: Settings) -> str:
     """One screen of text; SCANs only embq's own queue, stats and worker keys, never the vectors."""
+    probe("cache", settings.cache, settings.origin("cache"))  # nothing listens: say so now, not after retries
+    if settings.broker != settings.cache:
+        probe("broker", settings.broker, settings.origin("broker"))
     broker = connect(settings.broker)
-    with backend_errors("cache", settings.cache):
+    with backend_errors("cache", settings.cache, settings.origin("cache")):
         cache = connect_cache(settings.cache)
-    with backend_errors("broker", settings.broker):
+    with backend_errors("broker", settings.broker, settings.origin("broker")):
         queues, oldest = lanes_of(broker)
-    with backend_errors("cache", settings.cache):
+    with backend_errors("cache", settings.cache, settings.origin("cache")):
         stats = _hashes(cache, keys.STATS)
         workers = _hashes(cache, keys.WORKER)
         info, memory = cache_info(cache)

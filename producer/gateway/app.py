@@ -244,9 +244,20 @@ def too_large(size: int, limit: int) -> APIError:
     )
 
 
+#: Paths of the API without its ``/v1``: what an OpenAI client asks for when its ``base_url`` lacks it.
+API_PATHS = ("/embeddings", "/models")
+
+
 async def http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    message = f"{request.method} {request.url.path}: {error.detail}"
+    path = request.url.path
+    message = f"{request.method} {path}: {error.detail}"
+    if error.status_code == 404 and not path.startswith("/v1/"):
+        if path.rstrip("/") in API_PATHS or path.startswith("/models/"):
+            base = str(request.base_url).rstrip("/") + "/v1"
+            message += f"; did you mean /v1{path}? An OpenAI client's base URL ends in /v1: base_url={base!r}"
+        else:
+            message += "; embq serve answers POST /v1/embeddings, GET /v1/models, /health and /metrics"
     return error_response(APIError(error.status_code, message, code="not_found" if error.status_code == 404 else None))
 
 
