@@ -196,6 +196,19 @@ ENV_NAMES: dict[str, str] = {
 }
 
 
+def flag_urls(
+    redis_url: str | None, broker_url: str | None, cache_url: str | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Redis URLs given as flags (``--redis-url``...), as overrides of ``Settings.from_env`` and their origins:
+    ``--redis-url`` is both broker and cache unless ``--broker-url`` or ``--cache-url`` name their own, over
+    ``EMBQ_BROKER_URL`` and ``EMBQ_CACHE_URL`` too (as the ``redis_url`` argument of a client)."""
+    given = {"redis_url": redis_url, "broker_url": broker_url, "cache_url": cache_url}
+    overrides = {name: url for name, url in given.items() if url}
+    if redis_url:
+        overrides = {"broker_url": "", "cache_url": "", **overrides}
+    return overrides, {name: "--" + name.replace("_", "-") for name, url in overrides.items() if url}
+
+
 #: The forms a Redis URL may take, for error messages.
 URL_FORMS = "redis://[[user]:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/redis.sock[?db=N]"
 #: What a broker may be besides.

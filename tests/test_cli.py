@@ -138,6 +138,62 @@ def test_status_shows_queues_and_counters(
     assert "cache:" in done.stdout and "hit rate" in done.stdout
 
 
+def test_the_redis_url_flags_need_no_environment(
+    tmp_path: Path, redis_url: str, hash_worker: object, make_client: Callable[..., EmbeddingClient]
+) -> None:
+    """``--redis-url`` on every command that connects, with no EMBQ_* variable set: a worker serves, ``embq embed``
+    is a pure producer on it (no private stack), ``status`` reads it, ``cache clear`` clears it."""
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embq", "worker", "--engine", "hash", "--model", "hash/flags", "--redis-url", redis_url,
+         "--ready-file", str(ready), "--metrics-port", "0"],
+        env=clean_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: ready.exists() or process.poll() is not None, 60, "the worker started with --redis-url")
+        assert process.poll() is None
+        source = tmp_path / "in.txt"
+        source.write_text("flag one\nflag two\n", encoding="utf-8")
+        out = tmp_path / "out.npy"
+        done = embq(
+            "embed", str(source), "-o", str(out), "--model", "hash/flags", "--redis-url", redis_url, env=clean_env()
+        )
+        assert done.returncode == 0, done.stderr
+        assert "private Redis" not in done.stderr
+        np.testing.assert_array_equal(np.load(out), np.stack([hash_vector(t, 384) for t in ("flag one", "flag two")]))
+        status = embq("status", "--redis-url", redis_url, env=clean_env())
+        assert status.returncode == 0 and "hash/flags" in status.stdout, status.stderr
+        cleared = embq("cache", "clear", "--redis-url", redis_url, env=clean_env())
+        assert cleared.returncode == 0 and "removed" in cleared.stderr, cleared.stderr
+        wrong = embq("status", "--redis-url", "http://localhost:8000", env=clean_env())
+        assert wrong.returncode == 2 and "redis_url (--redis-url)='http://localhost:8000'" in wrong.stderr
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+
+
+def test_every_command_describes_itself_and_status_explains_its_columns() -> None:
+    for command, words in {
+        ("worker",): "Host one engine",
+        ("embed",): "Embed a file of any size",
+        ("serve",): "OpenAI-compatible HTTP gateway",
+        ("status",): "One row per model",
+        ("flower",): "the Celery dashboard",
+        ("cache",): "Manage the vector cache",
+        ("cache", "clear"): "Remove every cached vector",
+    }.items():
+        shown = embq(*command, "--help", env=clean_env())
+        assert shown.returncode == 0 and words in shown.stdout, (command, shown.stdout)
+        if command != ("cache",):
+            assert "--redis-url" in shown.stdout, command
+    status = embq("status", "--help", env=clean_env()).stdout
+    for column in ("queries", "oldest", "bulk", "workers", "tasks", "texts", "failed", "dropped", "hit rate"):
+        assert re.search(rf"^  {column} +\S", status, re.MULTILINE), column
+
+
 def test_embed_writes_the_good_rows_when_some_texts_fail(
     tmp_path: Path, redis_url: str, start_worker: Callable[..., object]
 ) -> None:

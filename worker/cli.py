@@ -13,6 +13,7 @@ from typing import Any
 
 from embq import __version__
 from embq.producer import ConfigurationError, EmbqError, Settings
+from embq.producer.settings import flag_urls
 from embq.worker.engines import ENGINES
 
 log = logging.getLogger("embq")
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "cache":
             return run_cache(args)
-        return run_status()
+        return run_status(args)
     except EmbqError as e:
         log.error("%s", e)
         return leave(2)
@@ -57,8 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embq", description="Redis-backed embedding queue.")
     parser.add_argument("--version", action="version", version=f"embq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    connects = redis_flags()
 
-    w = sub.add_parser("worker", help="host one engine and drain its model's queue")
+    w = sub.add_parser(
+        "worker",
+        help="host one engine and drain its model's queue",
+        description="Host one engine (one process per GPU, the model loaded once) and drain its model's queues, "
+        "queries ahead of bulk work. Flags override the EMBQ_* variables; a worker that cannot start says why in "
+        "one line and exits with status 3.",
+        parents=[connects],
+    )
     w.add_argument("--engine", choices=list(ENGINES), help="default: EMBQ_ENGINE or sentence-transformers")
     w.add_argument("--model", help="default: EMBQ_MODEL or sentence-transformers/all-MiniLM-L6-v2")
     w.add_argument("--concurrency", type=int, help="tasks held at once (threads)")
@@ -91,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname", help="Celery node name (default embq-ENGINE@HOST)")
     w.add_argument("--loglevel", default="INFO")
 
-    e = sub.add_parser("embed", help="embed a file of texts into .parquet, .jsonl or .npy")
+    e = sub.add_parser(
+        "embed",
+        help="embed a file of texts into .parquet, .jsonl or .npy",
+        description="Embed a file of any size into .parquet, .jsonl or .npy, rows in input order, ids carried "
+        "through. With no Redis given (--redis-url, EMBQ_REDIS_URL), a private Redis and a worker are started "
+        "for the job and stopped after it; a killed run resumes from the cache.",
+        parents=[connects],
+    )
     e.add_argument(
         "input",
         help="text file (one text per line), .jsonl, .csv, .parquet, an OpenAI Batch .jsonl, or - for standard input",
@@ -133,11 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar (the summary stays)")
     e.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
-    c = sub.add_parser("cache", help="manage the vector cache")
-    c.add_argument("action", choices=["clear"], help="clear: remove every cached vector (never queued work)")
-    c.add_argument("-q", "--quiet", action="store_true")
+    c = sub.add_parser("cache", help="manage the vector cache", description="Manage the vector cache.")
+    actions = c.add_subparsers(dest="action", required=True)
+    clear = actions.add_parser(
+        "clear",
+        help="remove every cached vector (never queued work)",
+        description="Remove every cached vector and the models' signatures: the private cache in EMBQ_HOME on "
+        "embedded defaults, or the cache keys of the given Redis (SCAN and UNLINK; never FLUSHALL, never a queue).",
+        parents=[connects],
+    )
+    clear.add_argument("-q", "--quiet", action="store_true")
 
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP gateway: POST /v1/embeddings, GET /v1/models")
+    v = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP gateway: POST /v1/embeddings, GET /v1/models",
+        description="The OpenAI-compatible HTTP gateway: POST /v1/embeddings, GET /v1/models, /health, /metrics "
+        "(pip install 'embq[serve]'). EMBQ_API_KEYS=key1,key2 makes /v1/* ask for a bearer key.",
+        parents=[connects],
+    )
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument(
@@ -156,15 +185,69 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--access-log", action="store_true", help="log every request (one line each)")
     v.add_argument("-q", "--quiet", action="store_true")
 
-    s = sub.add_parser("status", help="queue depths, workers online, cache size and hit rate")
+    s = sub.add_parser(
+        "status",
+        help="queue depths, workers online, cache size and hit rate",
+        description=STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connects],
+    )
     s.add_argument("-q", "--quiet", action="store_true")
 
-    f = sub.add_parser("flower", help="Flower, the Celery dashboard, on embq's broker and settings")
+    f = sub.add_parser(
+        "flower",
+        help="Flower, the Celery dashboard, on embq's broker and settings",
+        description="Flower, the Celery dashboard, on embq's broker and settings (pip install 'embq[flower]'); "
+        "FLOWER_BASIC_AUTH=user:password to ask for a password.",
+        parents=[connects],
+    )
     f.add_argument("--port", type=int, default=5555)
     f.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     f.add_argument("flower_args", nargs=argparse.REMAINDER, help="more Flower options, e.g. --basic-auth=u:p")
     f.add_argument("-q", "--quiet", action="store_true")
     return parser
+
+
+#: What ``embq status`` shows, column by column.
+STATUS_HELP = """\
+Queues, workers and cache of every model, in one screen.
+
+One row per model (model@namespace off the default cache namespace):
+  queries     interactive tasks queued (queries go first)
+  oldest      age of the oldest queued query
+  bulk        bulk tasks queued (files, backfills, embed_iter)
+  workers     workers online for the model; "0 (!)": tasks queued and none online
+  tasks       tasks finished; a task carries up to EMBQ_TASK_MAX_TEXTS texts of one call
+  texts       texts embedded, counted as each task finishes (bulk texts: those of bulk tasks)
+  failed      texts that could not be embedded (over the context, refused)
+  dropped     texts skipped because nobody waited for them any more
+  hit rate    share of the texts producers asked for that were already cached
+Counts cover the last 7 days of activity (they expire a week after the last).
+
+Then one row per worker: its name, model, engine, ready or loading, texts embedded
+since it started (counted per engine pass, so ahead of the model row while a
+task runs), uptime and metrics port; and the cache's size and memory."""
+
+
+def redis_flags() -> argparse.ArgumentParser:
+    """The Redis URL flags of every command that connects; each overrides its EMBQ_* variable."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("Redis (default: EMBQ_REDIS_URL, EMBQ_BROKER_URL, EMBQ_CACHE_URL)")
+    group.add_argument("--redis-url", help="one Redis for broker and cache, e.g. redis://localhost:6379/0")
+    group.add_argument("--broker-url", help="the broker's Redis, when it is another (production: no eviction)")
+    group.add_argument("--cache-url", help="the cache's Redis, when it is another (production: LRU)")
+    return flags
+
+
+def url_flags(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """The URL flags given, as ``Settings`` overrides, and their origins (``redis_flags``)."""
+    return flag_urls(args.redis_url, args.broker_url, args.cache_url)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Shared settings: the environment, with the URL flags on top."""
+    overrides, origins = url_flags(args)
+    return Settings.from_env(origins=origins, **overrides)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -174,8 +257,11 @@ def run_worker(args: argparse.Namespace) -> int:
     from embq.worker.signature import preflight
 
     names = {f.name for f in fields(WorkerSettings)} | {"model"}
+    urls, origins = url_flags(args)
     try:
-        settings = WorkerSettings.from_env(**{k: v for k, v in vars(args).items() if k in names})
+        settings = WorkerSettings.from_env(
+            urls=urls, origins=origins, **{k: v for k, v in vars(args).items() if k in names}
+        )
         problem = missing_requirement(settings.engine)
         if problem is not None:
             raise ConfigurationError(problem)
@@ -229,6 +315,9 @@ def run_embed(args: argparse.Namespace) -> int:
             priority=args.priority,
             progress=not args.no_progress,
             quiet=args.quiet,
+            redis_url=args.redis_url,
+            broker_url=args.broker_url,
+            cache_url=args.cache_url,
         )
     )
 
@@ -243,8 +332,8 @@ def run_cache(args: argparse.Namespace) -> int:
         if not args.quiet:
             sys.stderr.write(f"embq: {text}\n")
 
-    if configured_redis():
-        clear_configured(Settings.from_env(), say)
+    if configured_redis() or url_flags(args)[0]:
+        clear_configured(settings_from(args), say)
     else:
         clear_home(embq_home(), say)
     return 0
@@ -261,7 +350,7 @@ def run_flower(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"embq flower needs the extra embq[flower]: pip install 'embq[flower]' ({e})") from e
     if args.address not in ("127.0.0.1", "localhost", "::1"):
         log.warning("Flower listens on %s:%d: set FLOWER_BASIC_AUTH=user:password", args.address, args.port)
-    app = make_celery(Settings.from_env())
+    app = make_celery(settings_from(args))
     argv = ["flower", f"--port={args.port}", f"--address={args.address}", *args.flower_args]
     code = app.start(argv)
     return code if isinstance(code, int) else 0
@@ -274,14 +363,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"embq serve needs the extra embq[serve]: pip install 'embq[serve]' ({e})") from e
     from embq.producer.gateway.settings import GatewaySettings
 
-    settings = Settings.from_env()
+    settings = settings_from(args)
     limits = GatewaySettings.from_env(models=tuple(args.model), truncate=args.truncate)
     serve(settings, limits, host=args.host, port=args.port, access_log=args.access_log)
     return 0
 
 
-def run_status() -> int:
+def run_status(args: argparse.Namespace) -> int:
     from embq.worker.status import render_status
 
-    sys.stdout.write(render_status(Settings.from_env()))
+    sys.stdout.write(render_status(settings_from(args)))
     return 0

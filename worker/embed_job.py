@@ -29,6 +29,7 @@ from embq.producer.errors import ConfigurationError
 from embq.producer.files import embed_rows, open_sink, open_source
 from embq.producer.files.sinks import BatchSink, Sink, output_format
 from embq.producer.files.sources import Source
+from embq.producer.settings import flag_urls
 from embq.worker.home import embq_home
 from embq.worker.interrupt import Interrupted, interruptible
 from embq.worker.private import PrivateStack, configured_redis
@@ -57,6 +58,10 @@ class EmbedOptions:
     priority: str = "bulk"
     progress: bool = True
     quiet: bool = False
+    #: Redis URL flags (``--redis-url``...): they, like EMBQ_REDIS_URL, turn the private stack off.
+    redis_url: str | None = None
+    broker_url: str | None = None
+    cache_url: str | None = None
 
 
 def default_output(source: Source, options: EmbedOptions) -> Path:
@@ -110,8 +115,10 @@ class Job:
         batch = source.format == "batch"
         bar = o.progress and not o.quiet
         rows = source.count() if bar or output_format(output) == "npy" else None
-        embedded = not configured_redis()
-        settings = Settings.from_env(model=default_model(o.engine, o.model, os.environ) if embedded else o.model)
+        flags, origins = flag_urls(o.redis_url, o.broker_url, o.cache_url)
+        embedded = not (configured_redis() or flags)
+        model = default_model(o.engine, o.model, os.environ) if embedded else o.model
+        settings = Settings.from_env(origins=origins, model=model, **flags)
         if embedded:  # before anything starts: the private worker would refuse it
             check_engine_model(o.engine, settings.model)
         self.sink = open_sink(

@@ -127,10 +127,20 @@ class WorkerSettings:
         return extra
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        urls: Mapping[str, str] | None = None,
+        origins: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> WorkerSettings:
+        """Read ``EMBQ_*`` variables; ``overrides`` win, and ``urls`` (``redis_url``, ... from flags named in
+        ``origins``) win over the shared settings' variables."""
         env = os.environ if environ is None else environ
         engine = overrides.get("engine") or env.get(ENV_NAMES["engine"]) or cls.engine
-        shared = Settings.from_env(env, model=default_model(engine, overrides.pop("model", None), env))
+        model = default_model(engine, overrides.pop("model", None), env)
+        shared = Settings.from_env(env, origins=origins, model=model, **(urls or {}))
         values = read_env(cls, env, ENV_NAMES)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(shared=shared, **values)
