@@ -114,13 +114,19 @@ def shell_commands() -> list[tuple[Path, str]]:
 
 def embq_invocations(line: str) -> list[list[str]]:
     """The argument lists of every ``embq ...`` in a command line (after env assignments, in && chains)."""
-    found = []
-    for part in re.split(r"&&|\|\||;|\|", line):
-        words = shlex.split(part.split(" #")[0].replace("&", " "), posix=True)
-        while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
-            words.pop(0)
-        if words[:1] == ["embq"]:
-            found.append(words[1:])
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.commenters = "#"
+    lexer.whitespace_split = True
+    found, words = [], []
+    for token in [*lexer, ";"]:
+        if token and set(token) <= set("&|;()<>"):  # a control operator ends a command
+            while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
+                words.pop(0)
+            if words[:1] == ["embq"]:
+                found.append(words[1:])
+            words = []
+        else:
+            words.append(token)
     return found
 
 
