@@ -32,6 +32,7 @@ class Call:
         on_progress: Callable[[int], None] | None = None,
         lane: str = keys.INTERACTIVE,
         truncate: bool = False,
+        on_rows: Callable[[str, int], None] | None = None,
     ) -> None:
         self.texts = texts
         self.instruction = instruction
@@ -42,6 +43,8 @@ class Call:
         self.dim = dim
         self.deadline = deadline
         self.on_progress = on_progress
+        #: Told ``(how, rows)`` as rows are resolved: ``cached``, ``computed``, ``waited`` or ``failed``.
+        self.on_rows = on_rows
         self.arrived = time.monotonic()
         #: Texts handed to the dispatcher's windows so far: large calls are admitted piece by piece.
         self.admitted = 0
@@ -85,7 +88,7 @@ class Call:
         self.matrix[target] = vectors[:, : self.matrix.shape[1]]
         setattr(self, how, getattr(self, how) + distinct)
         self.rows_found[how] += len(rows)
-        self._resolved(len(rows))
+        self._resolved(len(rows), how)
 
     def fail_rows(self, rows: list[int], reason: str, distinct: int = 1) -> None:
         if self.finished:
@@ -93,12 +96,14 @@ class Call:
         for row in rows:
             self.failures[row] = reason
         self.failed += distinct
-        self._resolved(len(rows))
+        self._resolved(len(rows), "failed")
 
-    def _resolved(self, count: int) -> None:
+    def _resolved(self, count: int, how: str) -> None:
         self.remaining -= count
         if self.on_progress is not None:
             self.on_progress(count)
+        if self.on_rows is not None:
+            self.on_rows(how, count)
         if self.remaining <= 0:
             self.finish()
 

@@ -124,10 +124,13 @@ class EmbeddingClient:
         failures: Failures = "raise",
         on_progress: Callable[[int], None] | None = None,
         priority: str | None = None,
+        on_rows: Callable[[str, int], None] | None = None,
     ) -> EmbedStream:
         """Stream any number of texts: yields ``(start, vectors)`` chunks of ``batch`` rows, in input order,
         with at most ``window`` chunks in flight. See ``EmbedStream`` for failures and counters;
-        ``on_progress(n)`` is called (from the dispatcher thread) as texts are resolved. A stream is bulk
+        ``on_progress(n)`` is called (from the dispatcher thread) as texts are resolved, and ``on_rows(how, n)``
+        with how they were: ``cached`` (as soon as a window finds them), ``computed``, ``waited`` (computed
+        for another producer) or ``failed``. A stream is bulk
         work (``priority="bulk"``) unless ``priority`` says otherwise."""
         return EmbedStream(
             self,
@@ -141,6 +144,7 @@ class EmbeddingClient:
             failures=failures,
             on_progress=on_progress,
             priority=priority,
+            on_rows=on_rows,
         )
 
     def _from_l1(self, items: list[str], instruction: str, dim: int | None, truncate: bool) -> np.ndarray | None:

@@ -55,6 +55,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         timeout: float | None,
         failures: Failures,
         truncate: bool = False,
+        on_rows: Callable[[str, int], None] | None = None,
         on_progress: Callable[[int], None] | None,
         priority: str | None = None,
     ) -> None:
@@ -80,6 +81,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
         self.timeout = timeout
         self.on_failure = failures
         self.on_progress = on_progress
+        self.on_rows = on_rows
         self.failures: dict[int, str] = {}
         self.rows = 0
         self.cached = 0
@@ -115,6 +117,7 @@ class EmbedStream(Iterator[tuple[int, np.ndarray]]):
                 on_progress=self.on_progress,
                 lane=self.lane,
                 truncate=self.truncate,
+                on_rows=self.on_rows,
             )
             driver.submit(call)
             self._pending.append((start, call))

@@ -54,7 +54,7 @@ class Embed:
         return [int(p) for p in STARTED.findall(self.text())]
 
     def rows_done(self) -> int:
-        found = re.findall(r"\| *(\d+)/\d+ \[", self.text())
+        found = re.findall(r"(\d+)/\d+ rows \[", self.text())  # the progress lines off a terminal
         return int(found[-1]) if found else 0
 
     def signal(self, signum: int) -> tuple[int, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from embq.producer import EmbeddingClient
 from embq.producer.files import embed_file
+from embq.worker.progress import Progress
 from tests.conftest import HASH_MODEL
 from tests.files_support import clean_env, embq, read_output, write_input
 
@@ -237,7 +239,25 @@ def test_quiet_and_no_progress(tmp_path: Path, redis_url: str) -> None:
     assert "row/s]" not in plain.stderr  # no bar
     assert "3,000 rows in" in plain.stderr and f"0 failed -> {tmp_path / 'p.parquet'}" in plain.stderr
     bar = embq("embed", str(path), "-o", str(tmp_path / "b.parquet"), env=env_for(redis_url))
-    assert "3000/3000" in bar.stderr and "row/s]" in bar.stderr
+    assert "3000/3000 rows" in bar.stderr and "row/s]" in bar.stderr
+    assert "\r" not in bar.stderr  # off a terminal, lines: no redraws for log lines to break
+    again = embq("embed", str(path), "-o", str(tmp_path / "c.parquet"), env=env_for(redis_url))
+    assert "3000/3000 rows" in again.stderr and "3,000 cached, nothing left" in again.stderr, again.stderr
+
+
+def test_progress_counts_cached_rows_at_once_and_times_only_computed_ones() -> None:
+    """A resumed job: its cached rows show as soon as they are found, as cached, and give no rate or time
+    left (they came at once); computed rows do."""
+    lines: list[str] = []
+    progress = Progress(5000, say=lines.append, shown=True, stream=io.StringIO())
+    progress.rows("cached", 1478)
+    assert progress.line().startswith("1478/5000 rows [") and "1,478 cached, time left unknown" in progress.line()
+    progress.rows("computed", 100)  # the first computed rows start the clock of the rate
+    progress.rows("failed", 2)
+    assert "1580/5000 rows" in progress.line() and " left at " in progress.line()
+    assert "time left unknown" not in progress.line()
+    progress.close()
+    assert lines[0].startswith("0/5000 rows") and lines[-1].startswith("1580/5000 rows")  # at the start, the end
 
 
 @pytest.mark.parametrize("out", [".jsonl", ".npy"])

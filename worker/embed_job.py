@@ -33,6 +33,7 @@ from embq.producer.settings import flag_urls
 from embq.worker.home import embq_home
 from embq.worker.interrupt import Interrupted, interruptible
 from embq.worker.private import PrivateStack, configured_redis
+from embq.worker.progress import Progress
 from embq.worker.settings import check_engine_model, default_model
 
 log = logging.getLogger(__name__)
@@ -146,28 +147,23 @@ class Job:
         client = stack.enter_context(EmbeddingClient(settings=settings, before_first_task=start_worker))
         if private is not None:  # an unfinished job's worker goes before the client closes: one still loading
             stack.callback(lambda: None if self.done else private.stop_worker(fast=True))  # holds the client up
-        progress = tqdm(
-            total=rows,
-            unit="row",
-            unit_scale=rows is None or rows >= 100_000,
-            file=sys.stderr,
-            disable=not bar,
-            mininterval=0.2,
-            smoothing=0.05,
-        )
+        progress = Progress(rows, say=self.say, shown=bar)
         streaming = time.monotonic()
-        with progress, logging_redirect_tqdm():
-            summary = embed_rows(
-                client,
-                source,
-                self.sink,
-                dim=None if batch else o.dim,
-                instruction=o.instruction,
-                timeout=o.timeout,
-                on_progress=progress.update,
-                priority=o.priority,
-                truncate=o.truncate,
-            )
+        try:
+            with logging_redirect_tqdm():
+                summary = embed_rows(
+                    client,
+                    source,
+                    self.sink,
+                    dim=None if batch else o.dim,
+                    instruction=o.instruction,
+                    timeout=o.timeout,
+                    on_rows=progress.rows,
+                    priority=o.priority,
+                    truncate=o.truncate,
+                )
+        finally:
+            progress.close()
         self.sink.commit()
         self.done = True
         seconds = time.monotonic() - streaming

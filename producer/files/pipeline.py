@@ -94,11 +94,13 @@ def embed_rows(
     on_progress: Callable[[int], None] | None = None,
     priority: str | None = None,
     truncate: bool = False,
+    on_rows: Callable[[str, int], None] | None = None,
 ) -> Summary:
     """Embed every row of ``source`` into ``sink`` in input order; the caller commits or aborts the sink.
 
     ``on_progress(n)`` hears of rows as they are resolved (texts by the stream,
-    rows that could not be sent when their chunk is written).
+    rows that could not be sent when their chunk is written); ``on_rows(how, n)`` also of how
+    (``EmbeddingClient.embed_iter``).
     """
     summary = Summary()
     pending: deque[_Pending] = deque()
@@ -142,6 +144,8 @@ def embed_rows(
                 summary.failures.append((source.where(chunk, offset), failed[offset]))
             if chunk.problems and on_progress is not None:
                 on_progress(len(chunk.problems))
+            if chunk.problems and on_rows is not None:
+                on_rows("failed", len(chunk.problems))
 
     stream = client.embed_iter(
         feed(),
@@ -154,6 +158,7 @@ def embed_rows(
         failures="nan",
         on_progress=on_progress,
         priority=priority,
+        on_rows=on_rows,
     )
     with stream:
         for _, vectors in stream:

@@ -1,0 +1,120 @@
+"""What ``embq embed`` shows while it runs: rows done, the cached among them as soon as they are found, and
+the time left from the rate of computed rows only (cached rows come at once, and would make it a guess).
+
+On a terminal, a bar redrawn every ``REDRAW`` seconds, whose log lines go through tqdm's writer so that
+they never break it; elsewhere (a log file, a pipe), no redraws: a line at the start and at each whole
+percent done, at most one every ``LINE_GAP`` seconds (every ``LINE_EVERY`` seconds when the total is not known), and one
+at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from tqdm import tqdm
+
+#: Seconds between redraws of the bar: rows found while nothing else happens (cached rows while the
+#: private worker loads its model) show within this long.
+REDRAW = 0.5
+#: Seconds between progress lines off a terminal when the number of rows is not known.
+LINE_EVERY = 10.0
+#: Fewest seconds between two progress lines off a terminal (at most about 100 lines a job).
+LINE_GAP = 1.0
+
+
+class Progress:
+    """Fed by ``rows(how, count)`` from the dispatcher's thread; ``close`` draws the last state."""
+
+    def __init__(self, total: int | None, *, say: Callable[[str], None], shown: bool, stream: TextIO = sys.stderr):
+        self.total = total
+        self.say = say
+        self.counts = dict.fromkeys(("cached", "computed", "waited", "failed"), 0)
+        self.started = time.monotonic()
+        #: When the first computed rows came, and how many: the rate is of the rows computed since (the first
+        #: ones took the whole wait for the model and the first pass, which no rate can tell).
+        self.computing_since: float | None = None
+        self.first_computed = 0
+        self.shown = shown
+        self.terminal = shown and stream.isatty()
+        self.bar = tqdm(
+            total=total,
+            unit="row",
+            file=stream,
+            disable=not self.terminal,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+            if total
+            else "{n_fmt} rows [{elapsed}{postfix}]",
+            mininterval=REDRAW,
+        )
+        self._lock = threading.Lock()
+        #: Off a terminal: the percent done at the last line, and when it was said.
+        self._said_percent = -1
+        self._said_at = 0.0
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="embq-progress", daemon=True)
+        if shown:
+            self._ticker.start()
+        if shown and not self.terminal:  # the first line at once: the job has started
+            self._said_percent, self._said_at = 0, time.monotonic()
+            self.say(self.line())
+
+    def rows(self, how: str, count: int) -> None:
+        """``count`` rows found ``how``: ``cached``, ``computed``, ``waited`` (computed for another producer) or
+        ``failed``."""
+        with self._lock:
+            self.counts[how] += count
+            if how != "cached" and self.computing_since is None:
+                self.computing_since, self.first_computed = time.monotonic(), count
+            self.bar.update(count)
+            if self.shown and not self.terminal and self.total:
+                percent = 100 * sum(self.counts.values()) // self.total
+                if percent > self._said_percent and time.monotonic() - self._said_at >= LINE_GAP:
+                    self._said_percent, self._said_at = percent, time.monotonic()
+                    self.say(self.line())
+
+    def describe(self) -> str:
+        """``1,478 cached, 2:31 left at 12 row/s``: the rate and the time left are of computed rows only."""
+        cached = self.counts["cached"]
+        computed = self.counts["computed"] + self.counts["waited"] + self.counts["failed"]
+        rate = 0.0
+        if self.computing_since is not None:
+            rate = (computed - self.first_computed) / max(time.monotonic() - self.computing_since, 1e-3)
+        done = cached + computed
+        if self.total is not None and done >= self.total:
+            left = "nothing left"
+        elif self.total is None or not rate:
+            left = "time left unknown"
+        else:
+            seconds = int(max(0, self.total - done) / rate)
+            left = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
+        return f"{cached:,} cached, {left} at {rate:,.1f} row/s"
+
+    def line(self) -> str:
+        done = sum(self.counts.values())
+        of = f"{done}/{self.total}" if self.total is not None else f"{done}"
+        return f"{of} rows [{tqdm.format_interval(time.monotonic() - self.started)}, {self.describe()}]"
+
+    def _tick(self) -> None:
+        while not self._stop.wait(REDRAW if self.terminal else LINE_EVERY):
+            if self.terminal or not self.total:  # with a total, lines come by percent (``rows``)
+                self._show()
+
+    def _show(self) -> None:
+        with self._lock:
+            if self.terminal:
+                self.bar.set_postfix_str(self.describe(), refresh=False)
+                self.bar.refresh()
+            elif self.shown:
+                self.say(self.line())
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join()
+        if self.shown:
+            self._show()
+        self.bar.close()
