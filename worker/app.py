@@ -140,6 +140,8 @@ class Runtime:
         metrics.ENGINE_LOADED.set(1)
         self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)
         self.heartbeat.fields["metrics_port"] = str(self.metrics_port)
+        # The passes the engine runs, and why not packed ones if they were asked for (``embq status``).
+        self.heartbeat.fields["passes"] = str(getattr(engine, "passes_note", ""))
         log.info(
             "engine ready: dim=%d, consuming queues %s (bulk tasks hold at most %d of %d slots)",
             engine.dim,
