@@ -15,6 +15,12 @@ give the vectors of the padded path as the model normally runs, with its own
 attention (cos >= ``PACKED_AGREEMENT``); otherwise the padded path runs, as it
 does by default, and ``passes_note`` says why (``embq status`` shows it).
 
+On CUDA each runner thread of the batcher (two passes in flight) runs its passes
+on a CUDA stream of its own, from pinned host buffers, and waits for the device
+once per pass, for the copy of its vectors: one pass's host work (padding,
+copies, the model's Python) overlaps the other's kernels, and no pass waits for
+the other's. On a CPU passes run as they always have.
+
 sentence-transformers cuts every text at the model's ``max_seq_length`` without
 a word. Unless ``truncate`` is set, a text longer than that fails alone with its
 token count and the limit, as it does on the SGLang engine.
@@ -22,11 +28,13 @@ token count and the limit, as it does on the SGLang engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -112,6 +120,9 @@ class SentenceTransformersEngine:
         #: whether the model's attention is causal (the mask then is too).
         self._flex = False
         self._causal = False
+        #: Whether the model is on CUDA (set by ``load``), and each runner thread's CUDA stream.
+        self._cuda = False
+        self._streams = threading.local()
         self.truncate = truncate
         self.instruction_template = instruction_template
         self.device = device
@@ -178,6 +189,7 @@ class SentenceTransformersEngine:
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self._pad_left = getattr(self._tokenizer, "padding_side", "right") == "left"
         self._extra_inputs = [n for n in ("token_type_ids",) if n in getattr(self._tokenizer, "model_input_names", ())]
+        self._cuda = self._model.device.type == "cuda"
         if self._model.device.type != "cpu":
             # Two runners: one pads and copies the next pass while the device computes this one.
             self.pass_tokens, self.pass_texts, self.concurrent_calls = GPU_PASS_TOKENS, GPU_PASS_TEXTS, 2
@@ -299,31 +311,28 @@ class SentenceTransformersEngine:
         positions = np.arange(size, dtype=np.int64)
         positions[:total] -= np.repeat(ends - lengths, lengths)
         positions[total:] -= total
-        device = self._model.device
-        with torch.inference_mode():
-            input_ids = torch.from_numpy(flat)[None].to(device, non_blocking=True)
-            position_ids = torch.from_numpy(positions)[None].to(device, non_blocking=True)
+        to_device = self._to_device
+        with torch.inference_mode(), self._pass_stream():
+            input_ids = to_device(flat)[None]
+            position_ids = to_device(positions)[None]
             extra: dict[str, Any] = {}
             if self._flex:  # the length is dynamic wherever compiled code reads it: no recompile per pass
                 torch._dynamo.maybe_mark_dynamic(input_ids, 1)
                 torch._dynamo.maybe_mark_dynamic(position_ids, 1)
                 text_of_token = np.repeat(np.arange(len(inputs) + 1), np.append(lengths, size - total))
-                extra["attention_mask"] = document_mask(
-                    torch.from_numpy(text_of_token).to(device, non_blocking=True), self._causal
-                )
+                extra["attention_mask"] = document_mask(to_device(text_of_token), self._causal)
             hidden = self._model[0].auto_model(input_ids=input_ids, position_ids=position_ids, **extra)
             hidden = hidden.last_hidden_state[0, :total]
             if self._pooling == "lasttoken":
-                pooled = hidden[torch.from_numpy(ends - 1).to(device)]
+                pooled = hidden[to_device(ends - 1)]
             elif self._pooling == "cls":
-                pooled = hidden[torch.from_numpy(ends - lengths).to(device)]
+                pooled = hidden[to_device(ends - lengths)]
             else:
-                text_of_token = torch.from_numpy(np.repeat(np.arange(len(inputs)), lengths)).to(device)
-                sums = torch.zeros(len(inputs), hidden.shape[1], device=device, dtype=torch.float32)
-                sums.index_add_(0, text_of_token, hidden.float())
-                pooled = sums / torch.from_numpy(lengths).to(device)[:, None]
+                sums = torch.zeros(len(inputs), hidden.shape[1], device=hidden.device, dtype=torch.float32)
+                sums.index_add_(0, to_device(np.repeat(np.arange(len(inputs)), lengths)), hidden.float())
+                pooled = sums / to_device(lengths)[:, None]
             vectors = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-        return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+            return self._to_host(vectors)
 
     def _encode_padded(self, inputs: list[Any]) -> np.ndarray:
         """One forward pass over token ids from ``prepare``: padded to the longest, on the tokenizer's side."""
@@ -336,17 +345,50 @@ class SentenceTransformersEngine:
             span = slice(longest - len(tokens), longest) if self._pad_left else slice(0, len(tokens))
             ids[row, span] = tokens
             mask[row, span] = 1
-        device = self._model.device
-        features = {
-            "input_ids": torch.from_numpy(ids).to(device, non_blocking=True),
-            "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True),
-        }
-        for name in self._extra_inputs:
-            features[name] = torch.zeros_like(features["input_ids"])
-        with torch.inference_mode():
+        with torch.inference_mode(), self._pass_stream():
+            features = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
+            for name in self._extra_inputs:
+                features[name] = torch.zeros_like(features["input_ids"])
             vectors = self._model(features)["sentence_embedding"]
             vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=1)
-        return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+            return self._to_host(vectors)
+
+    def _pass_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """On CUDA, this runner thread's own stream, made once: the two passes in flight then queue their
+        kernels apart, and a wait for one (a sync inside the model's code, the copy of its vectors) never
+        waits for the other. Elsewhere, nothing."""
+        if not self._cuda:
+            return contextlib.nullcontext()
+        import torch
+
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = torch.cuda.Stream(self._model.device)
+            stream.wait_stream(torch.cuda.current_stream(self._model.device))  # the weights, loaded on another
+            self._streams.stream = stream
+        return torch.cuda.stream(stream)
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        """``array`` on the model's device. On CUDA through pinned memory: a copy from pageable memory would
+        wait for the stream's work before it starts, a pinned one is queued on it and the host goes on."""
+        import torch
+
+        tensor = torch.from_numpy(array)
+        if self._cuda:
+            tensor = tensor.pin_memory()
+        return tensor.to(self._model.device, non_blocking=True)
+
+    def _to_host(self, vectors: Any) -> np.ndarray:
+        """A pass's vectors as float32 on the host. On CUDA the one wait of a pass: its copy into pinned memory
+        queued on this thread's stream, then that stream synchronised (the other pass's stream runs on)."""
+        if not self._cuda:
+            return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+        import torch
+
+        out = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(vectors, non_blocking=True)
+        torch.cuda.current_stream(self._model.device).synchronize()
+        return out.numpy()
 
     def _refuse_too_long(self, texts: list[str]) -> None:
         """Fail the texts the model would cut. Only texts whose bound (``token_bound``) exceeds the limit are
