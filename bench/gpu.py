@@ -120,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             comparison = compare(
                 str(path), texts, device=device, batch_sizes=(64, 256), worker_env=env, sampler=DeviceSampler
             )
-            passes = "packed" if args.packed else "padded"
+            # The mode the worker ran, from its own token counters: packed passes pad nothing.
+            passes = "packed" if comparison.padding == 1.0 else "padded"
+            if args.packed and passes != "packed":
+                passes += " (packed were asked for: the worker's probe at load refused them)"
             print(f"Qwen3-Embedding-{shape} shape, random weights, {dtype} on {device}, {passes} passes", flush=True)
             print("\n".join(comparison.lines()), flush=True)
-            results[shape] = {**comparison.__dict__, "ratio": comparison.ratio}
+            results[shape] = {**comparison.__dict__, "ratio": comparison.ratio, "passes": passes}
             shutil.rmtree(path, ignore_errors=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu.json").write_text(json.dumps(results, indent=1))

@@ -93,9 +93,8 @@ class Runtime:
         self.exit_code: int | None = None
         #: The batcher's counters at the last heartbeat: ``(time, texts, tokens, padded, busy seconds)``.
         self._last_beat: tuple[float, ...] | None = None
-        #: Marks of passes that left the engine alive, removed with the next pass's marks (one round trip).
-        self._left: list[tuple[str, str]] = []
-        self._marks = threading.Lock()
+        #: Writes the marks of ``on_pass`` off the runners' path, reading ``control`` when it writes.
+        self.marks = PassMarks(lambda: self.control)
         self.heartbeat: Heartbeat | None = None
         #: What this worker holds in the broker, under a lease: a dead worker's tasks back in seconds.
         self.holdings: Holdings | None = None
@@ -159,10 +158,13 @@ class Runtime:
         )
         self.bulk_slots.deep = self.batcher.bulk_deep
         metrics.PASS_BUDGET_TOKENS.set(pass_tokens)
+        self.marks.start()
         self.batcher.start()
         metrics.ENGINE_LOADED.set(1)
         self.metrics_port = metrics.serve(s.metrics_port, s.shared.model, s.engine)
         self.heartbeat.fields["metrics_port"] = str(self.metrics_port)
+        # The passes the engine runs, and why not packed ones if they were asked for (``embq status``).
+        self.heartbeat.fields["passes"] = str(getattr(engine, "passes_note", ""))
         log.info(
             "engine ready: dim=%d, consuming queues %s (bulk tasks hold at most %d of %d slots)",
             engine.dim,
@@ -216,30 +218,20 @@ class Runtime:
             Path(self.settings.ready_file).unlink(missing_ok=True)
 
     def on_pass(self, call: Call, entering: bool) -> None:
-        """Mark in each task's attempts hash which of its rows a pass takes into the engine, before it enters;
-        the mark goes once the pass leaves alive. A worker killed with a pass inside (SIGKILL, OOM, a crash of
-        the engine) leaves the marks of those rows only: a task delivered again suspects them, not every text
-        the worker held (``deliveries``)."""
+        """Mark in each task's attempts hash which of its rows a pass takes into the engine, as it enters; the
+        mark goes once the pass leaves alive. A worker killed with a pass inside (SIGKILL, OOM, a crash of the
+        engine) leaves the marks of those rows only: a task delivered again suspects them, not every text the
+        worker held (``deliveries``). The runner only queues the marks (``PassMarks`` writes them): it never
+        waits for Redis before a pass enters the engine."""
         name = f"{PASS_MARK}{id(call)}"
         tasks: dict[str, list[int]] = {}
         for job, row in zip(call.jobs, call.rows, strict=True):
             if job.task:
                 tasks.setdefault(job.task, []).append(job.origin[row] if job.origin else row)
-        with self._marks:
-            if not entering:
-                self._left += [(task, name) for task in tasks]
-                return
-            left, self._left = self._left, []
-        pipe = self.control.pipeline(transaction=False)  # no retries: a Redis gone must not stall the device
-        for task, field in left:
-            pipe.hdel(keys.attempts_key(task), field)
-        for task, rows in tasks.items():
-            pipe.hset(keys.attempts_key(task), name, np.asarray(rows, dtype="<u4").tobytes())
-            pipe.expire(keys.attempts_key(task), keys.ATTEMPTS_TTL)
-        try:
-            pipe.execute()
-        except redis.exceptions.RedisError as e:  # said without the commands: they would show keys and rows
-            raise BackendUnavailableError(f"the cache Redis refused the marks: {refusal(e)}") from None
+        if entering:
+            self.marks.enter(name, tasks)
+        else:
+            self.marks.leave(name, tasks)
 
     def on_engine_dead(self, reason: str) -> None:
         """Never a worker that takes tasks it cannot serve: unready, warm shutdown, exit."""
@@ -271,6 +263,7 @@ class Runtime:
             self.holdings.stop()
         if self.batcher is not None:
             self.batcher.stop(timeout=60)
+        self.marks.stop(timeout=CONTROL_TIMEOUT + 1)  # the marks of passes that died inside, written before exit
         if self.engine is not None:
             self.engine.close()
             metrics.ENGINE_LOADED.set(0)
@@ -326,6 +319,85 @@ class Runtime:
             pipe.hset(key, "deaths", deaths)
             pipe.execute()
         return int(starts), deaths, suspects
+
+
+class PassMarks:
+    """The marks of ``Runtime.on_pass``, written to the cache Redis by a thread of their own, in the order the
+    runners made them: a pass enters the engine at once, not after a Redis round trip.
+
+    Marks stay good crash evidence. An entering pass's mark is queued before its forward starts and written
+    within a round trip (a millisecond on a local network), while a pass that kills the engine (a CUDA fault,
+    the OOM killer, a segfault) takes at least its forward's time to do so, and an engine death found by the
+    worker stops it only after these marks are written (``stop``). A mark not written yet when the worker
+    dies means only that this death is not counted against the pass's texts: they run normally once more,
+    and a text that kills the engine again is suspected then. Marks of passes that left alive ride with the
+    next entering pass's write, as one round trip."""
+
+    def __init__(self, client: Callable[[], CacheClient]) -> None:
+        self._client = client
+        #: ``(task, field, rows)`` in the order made; rows None removes the field (a pass that left alive).
+        self._queue: list[tuple[str, str, bytes | None]] = []
+        self._wake = False
+        self._stopping = False
+        self._failing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="embq-pass-marks", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def enter(self, name: str, tasks: dict[str, list[int]]) -> None:
+        """Queue the marks of a pass entering the engine: each task's rows in it, under the field ``name``."""
+        with self._cond:
+            self._queue += [(task, name, np.asarray(rows, dtype="<u4").tobytes()) for task, rows in tasks.items()]
+            self._wake = True
+            self._cond.notify()
+
+    def leave(self, name: str, tasks: dict[str, list[int]]) -> None:
+        """Queue the removal of a pass's marks once it left the engine alive (written with the next marks)."""
+        with self._cond:
+            self._queue += [(task, name, None) for task in tasks]
+
+    def stop(self, timeout: float) -> None:
+        """Write what is queued, then end the thread."""
+        with self._cond:
+            self._stopping = self._wake = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._wake:
+                    self._cond.wait()
+                batch, self._queue, self._wake = self._queue, [], False
+                stopping = self._stopping
+            if batch:
+                self._write(batch)
+            if stopping:
+                return
+
+    def _write(self, batch: list[tuple[str, str, bytes | None]]) -> None:
+        pipe = self._client().pipeline(transaction=False)  # no retries: a Redis gone costs marks, not passes
+        for task, field, rows in batch:
+            key = keys.attempts_key(task)
+            if rows is None:
+                pipe.hdel(key, field)
+            else:
+                pipe.hset(key, field, rows)
+                pipe.expire(key, keys.ATTEMPTS_TTL)
+        try:
+            pipe.execute()
+        except Exception as e:  # a mark is evidence for later, never a reason to stop marking
+            if not self._failing:  # said without the commands: they would show keys and rows
+                reason = refusal(e) if isinstance(e, redis.exceptions.RedisError) else type(e).__name__
+                log.warning("cannot mark passes in the engine (%s); passes go on without marks", reason)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("passes in the engine are marked again")
+            self._failing = False
 
 
 def wait_for_redis(role: str, url: str, wait: float, origin: str = "") -> None:

@@ -152,6 +152,8 @@ def render_status(settings: Settings) -> str:
             f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s  "
             + (f"metrics :{port}" if port not in ("", "0") else "no metrics")
         )
+        if w.get("passes"):  # the engine's own word on its passes: packed, or padded and why
+            lines.append(f"    {w['passes']}")
         if "texts_per_s" in w:  # over its last heartbeat interval
             padding = f", padded/real tokens {w['padding']}" if w.get("padding") else ""
             lines.append(

