@@ -22,20 +22,12 @@ import redis
 
 from embq.producer import EmbeddingClient, Settings, keys
 from embq.producer.call import choose_lane
-from embq.worker.engines.hash import hash_vector
 from embq.worker.local import LocalGateway, LocalWorker, wait_until
+from tests.test_lanes import hashed, stat
 
 ROOT = Path(__file__).resolve().parent.parent
 Client = Callable[..., EmbeddingClient]
 Start = Callable[..., LocalWorker]
-
-
-def hashed(texts: list[str]) -> np.ndarray:
-    return np.stack([hash_vector(t, 384) for t in texts])
-
-
-def stat(r: redis.Redis, model: str, field: str) -> int:
-    return int(r.hget(keys.stats_key(model), field) or 0)
 
 
 def producer(redis_url: str, model: str, texts: str, priority: str) -> subprocess.Popen[str]:

@@ -14,6 +14,7 @@ from embq.worker.batcher import Batcher, BatcherStopped
 from embq.worker.engines import EngineDead, EngineItemErrors
 from embq.worker.engines.hash import HashEngine, hash_vector
 from embq.worker.local import wait_until
+from tests.test_lanes import GatedEngine
 
 
 class ObservedEngine(HashEngine):
@@ -27,21 +28,6 @@ class ObservedEngine(HashEngine):
         self.calls.append(list(texts))
         if any("POISON" in t for t in texts):
             raise RuntimeError("the engine chokes on POISON")
-        return super().encode(texts)
-
-
-class GatedHashEngine(HashEngine):
-    """The hash engine; its first call waits for ``gate``, and every call is recorded."""
-
-    def __init__(self) -> None:
-        super().__init__("hash/test", dim=16)
-        self.gate = threading.Event()
-        self.calls: list[list[str]] = []
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        self.calls.append(list(texts))
-        if len(self.calls) == 1:
-            self.gate.wait(30)
         return super().encode(texts)
 
 
@@ -306,7 +292,7 @@ def test_passes_group_texts_of_one_length_across_every_task_held() -> None:
 def test_a_text_two_tasks_carry_is_computed_once() -> None:
     """Two tasks with the same 120 texts (a task sent again, a retry's) and 30 of their own, queued while
     the engine is busy: each text goes to the engine once, and both tasks get every vector."""
-    engine = GatedHashEngine()
+    engine = GatedEngine()
     b = Batcher(engine, max_tokens=100_000, max_texts=50, max_wait=0.0)
     b.start()
     shared = [f"shared {i}" for i in range(120)]
@@ -337,7 +323,7 @@ def test_a_text_two_tasks_carry_is_computed_once() -> None:
 def test_bulk_passes_serve_each_producer_in_turn() -> None:
     """One producer's 2,000 bulk texts wait; another's 100 arrive later: they go within a few passes
     (``FAIR_LAG_PASSES``), not after the whole backlog, and the first producer keeps its share meanwhile."""
-    engine = GatedHashEngine()
+    engine = GatedEngine()
     b = Batcher(engine, max_tokens=1_000_000, max_texts=50, max_wait=0.0)
     b.start()
     big = [f"backfill {i}" for i in range(2000)]
