@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -143,6 +144,7 @@ def test_status_and_cache_clear_see_the_whole_cluster(
         client.embed(texts, timeout=60)
         screen = render_status(settings(redis_server.url, cluster.url))
     assert MODEL in screen and f"over {len(cluster.masters())} masters" in screen
+    assert re.search(r" 600 texts  up", screen), "the worker's count moves with the model's, on a cluster too"
     assert clear_keys(connect_cache(cluster.url)) >= 600
     assert look(cache, keys.text_digests(MODEL, keys.DEFAULT_NAMESPACE, "", texts)) == [None] * 600
 

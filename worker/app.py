@@ -41,7 +41,7 @@ from embq.producer.errors import BackendUnavailableError, ConfigurationError, Em
 from embq.worker import kombu_fixes, metrics
 from embq.worker.batcher import Batcher, BatcherStopped, Call
 from embq.worker.engines import Engine, create_engine
-from embq.worker.heartbeat import Heartbeat
+from embq.worker.heartbeat import Heartbeat, worker_name
 from embq.worker.holdings import Holdings
 from embq.worker.lanes import BulkSlots
 from embq.worker.memory import freeze_what_is_loaded, keep_task_buffers_in_heap
@@ -81,7 +81,7 @@ class Runtime:
         self.batcher: Batcher | None = None
         # A single Redis until the cache answers, which says whether it is a cluster (``_open_cache``).
         self.cache: CacheClient = connect(settings.shared.cache)
-        self.store = ResultStore(self.cache, settings.shared.model, settings.shared.cache_ttl)
+        self.store = ResultStore(self.cache, settings.shared.model, settings.shared.cache_ttl, worker_name())
         #: For the heartbeat, the signature and shutdown: never retries, so a lost Redis delays nothing.
         self.control: CacheClient = connect_once(settings.shared.cache, timeout=CONTROL_TIMEOUT)
         self.signature = SignatureGuard(self.control, settings.shared)
@@ -196,6 +196,7 @@ class Runtime:
             self._speed = texts / busy
         return {
             "texts": str(batcher.texts_done),
+            "waiting": str(batcher.waiting()),
             "calls": str(batcher.calls),
             "texts_per_s": f"{texts / seconds:.1f}",
             "tokens_per_s": f"{tokens / seconds:.0f}",
@@ -251,7 +252,7 @@ class Runtime:
         self.control.close()
         self.cache = connect_cache(url)
         self.control = connect_cache_once(url, timeout=CONTROL_TIMEOUT)
-        self.store = ResultStore(self.cache, shared.model, shared.cache_ttl)
+        self.store = ResultStore(self.cache, shared.model, shared.cache_ttl, worker_name())
         self.signature = SignatureGuard(self.control, shared)
         log.info("the cache is a Redis Cluster of %d masters", len(self.cache.get_primaries()))  # type: ignore[union-attr]
 

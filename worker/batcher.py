@@ -336,6 +336,10 @@ class Batcher:
         rate = self.tokens_done / self.busy_seconds
         return max(self.max_tokens, min(PASSES_AHEAD * self.max_tokens, int(self.backlog_seconds * rate)))
 
+    def waiting(self) -> int:
+        """Texts taken from tasks and not yet in a pass, every lane (a heartbeat's read: no lock)."""
+        return sum(backlog.texts for backlog in self._backlogs.values())
+
     def bulk_deep(self) -> bool:
         """True while the bulk texts waiting are enough: the worker need not take more bulk tasks."""
         return self._backlogs[BULK].tokens >= self.bulk_target()

@@ -25,6 +25,11 @@ from embq.producer.cluster import CacheClient, pipeline
 log = logging.getLogger(__name__)
 
 
+def worker_name() -> str:
+    """How ``embq status`` and the producers name this worker process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Heartbeat:
     """``cache`` should not retry (``embq.producer.backend.connect_once``): a beat that fails is
     simply the next one's job, and a shutdown must not wait for a Redis that is gone.
@@ -39,7 +44,7 @@ class Heartbeat:
     ) -> None:
         self.cache = cache
         self.also = also
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = worker_name()
         self.key = keys.worker_key(self.name)
         self.fields = {**fields, "pid": str(os.getpid()), "started": f"{time.time():.0f}"}
         self.progress = progress

@@ -19,7 +19,7 @@ import msgpack
 
 from embq.producer import keys
 from embq.producer.backend import backend_errors, connect, probe
-from embq.producer.cluster import CacheClient, connect_cache, is_cluster
+from embq.producer.cluster import CacheClient, connect_cache, is_cluster, pipeline
 from embq.producer.settings import Settings
 
 
@@ -41,12 +41,21 @@ def cache_info(cache: CacheClient) -> tuple[dict[str, Any], dict[str, Any]]:
     return summed, {**memory[0], "used_memory_human": f"{used:.2f}M over {len(nodes)} masters"}
 
 
-def _hashes(cache: Any, prefix: str) -> dict[str, dict[str, str]]:
-    """Every hash under ``prefix``, by the rest of its key; SCAN, never KEYS."""
-    found = {}
-    for key in cache.scan_iter(match=prefix + "*", _type="hash"):
-        found[_name(key)[len(prefix) :]] = {_name(k): _name(v) for k, v in cast(dict, cache.hgetall(key)).items()}
-    return found
+def _hashes(cache: CacheClient, *prefixes: str) -> list[dict[str, dict[str, str]]]:
+    """Every hash under each prefix, by the rest of its key; SCAN, never KEYS. The hashes are read in one
+    transaction (on one Redis), so that the model rows and the worker rows are counts of one moment."""
+    found: list[tuple[str, str]] = [
+        (prefix, _name(key)) for prefix in prefixes for key in cache.scan_iter(match=prefix + "*", _type="hash")
+    ]
+    pipe = pipeline(cache, atomic=True)
+    for _, key in found:
+        pipe.hgetall(key)
+    read = pipe.execute() if found else []
+    out: list[dict[str, dict[str, str]]] = [{} for _ in prefixes]
+    for (prefix, key), fields in zip(found, read, strict=True):
+        if fields:  # gone between the SCAN and the read
+            out[prefixes.index(prefix)][key[len(prefix) :]] = {_name(k): _name(v) for k, v in fields.items()}
+    return out
 
 
 def served(worker: dict[str, str]) -> str:
@@ -102,8 +111,7 @@ def render_status(settings: Settings) -> str:
     with backend_errors("broker", settings.broker, settings.origin("broker")):
         queues, oldest = lanes_of(broker)
     with backend_errors("cache", settings.cache, settings.origin("cache")):
-        stats = _hashes(cache, keys.STATS)
-        workers = _hashes(cache, keys.WORKER)
+        stats, workers = _hashes(cache, keys.STATS, keys.WORKER)
         info, memory = cache_info(cache)
         size = cast(int, cache.dbsize())
     online: dict[str, int] = {}
@@ -149,16 +157,18 @@ def render_status(settings: Settings) -> str:
         port = w.get("metrics_port", "0")
         lines.append(
             f"  {name:<32} {served(w):<40} {w.get('engine', '?'):<22} "
-            f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('texts', '0'):>10} texts  up {up:,.0f}s  "
+            f"{'ready' if w.get('ready') == '1' else 'not ready':<9} {w.get('stored', '0'):>10} texts  up {up:,.0f}s  "
             + (f"metrics :{port}" if port not in ("", "0") else "no metrics")
         )
         if w.get("passes"):  # the engine's own word on its passes: packed, or padded and why
             lines.append(f"    {w['passes']}")
         if "texts_per_s" in w:  # over its last heartbeat interval
             padding = f", padded/real tokens {w['padding']}" if w.get("padding") else ""
+            waiting = int(w.get("waiting") or 0)
             lines.append(
                 f"    now: {float(w['texts_per_s']):,.1f} texts/s, {float(w.get('tokens_per_s', 0)):,.0f} tokens/s, "
                 f"engine busy {float(w.get('busy', 0)):.0%}{padding}"
+                + (f", {waiting:,} texts waiting for a pass" if waiting else "")
             )
         if w.get("pass_budget"):
             lines.append(f"    passes of at most {w.get('pass_tokens', '?')} tokens: {w['pass_budget']}")

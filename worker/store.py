@@ -10,6 +10,10 @@ The writes are packed here, one buffer for the whole task, because they all have
 one shape: redis-py packs a command in a few microseconds of Python, a script
 costs Redis several per text, and this costs well under one. Texts that failed
 go through the ``RELEASE`` script (rare), which deletes their claims.
+
+The model's counters (``embq status``'s model row) and the worker's own count
+of texts stored (its row) move in that same round trip, so that the two rows
+agree at every moment rather than a heartbeat apart.
 """
 
 from __future__ import annotations
@@ -24,14 +28,20 @@ from embq.producer.cluster import CacheClient, is_cluster, look, per_node, relea
 from embq.producer.errors import BackendUnavailableError
 from embq.worker import metrics
 
+#: Adds to the ``stored`` count of a worker's heartbeat hash, only while the hash exists: a store after
+#: the heartbeat's last word (a shutdown's final tasks) must not leave a worker without a TTL behind.
+COUNT_STORED = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'stored', ARGV[1]) end"
+
 
 class ResultStore:
-    """The worker's side of ``embq.producer.protocol``; one per worker process."""
+    """The worker's side of ``embq.producer.protocol``; one per worker process. ``worker`` names the
+    heartbeat hash whose ``stored`` count follows the model's ``texts``."""
 
-    def __init__(self, cache: CacheClient, model: str, ttl: int) -> None:
+    def __init__(self, cache: CacheClient, model: str, ttl: int, worker: str = "") -> None:
         self.cache = cache
         self.ttl = ttl
         self.stats = keys.stats_key(model)
+        self.worker = keys.worker_key(worker) if worker else ""
 
     def store(
         self,
@@ -104,6 +114,8 @@ class ResultStore:
         for field, amount in (*counts, ("abandoned", abandoned)):
             commands.append(("HINCRBY", self.stats, field, amount))
         commands.append(("EXPIRE", self.stats, keys.STATS_TTL))
+        if self.worker and stored:
+            commands.append(("EVAL", COUNT_STORED, 1, self.worker, stored))
         if not is_cluster(self.cache):
             sets = pack_sets(done[:stored], values, width, self.ttl) if stored else b""
             return send_packed(self.cache, sets, stored, commands)[:stored]  # type: ignore[arg-type]
