@@ -98,27 +98,7 @@ class Admission:
             return
         looked = [d for _, _, _, digests in pieces for d in digests]
         values = yield Look(looked)
-        matrix, valid = unpack_many(values, self.dim)
-        add, position = self.entries.add, 0
-        for call, rows, texts, digests in pieces:
-            found: list[int] = []
-            picks: list[int] = []
-            for row, digest, text in zip(rows, digests, texts, strict=True):
-                if valid[position]:
-                    found.append(row)
-                    picks.append(position)
-                elif add(digest, text, call.instruction, call, row):
-                    fresh.append(digest)
-                position += 1
-            if found:
-                vectors = matrix[picks]
-                hits = [looked[pick] for pick in picks]
-                if self.l1 is not None:
-                    self.l1.put(hits, vectors)
-                distinct = len(set(hits))
-                call.place(found, vectors, "cached", distinct)
-                self.unreported_hits += distinct
-        self._learn_hit_rate(int(valid.sum()), len(looked))
+        self._place_cached(pieces, looked, values, fresh)
         yield from self._claim(fresh, count=True)
 
     def _look_cut(self: Dispatcher, pieces: list[Piece], fresh: list[str]) -> Generator[Op, Any, list[Piece]]:
@@ -131,13 +111,22 @@ class Admission:
         whole = [keys.text_digests(self.model, self.namespace, call.instruction, texts) for call, _, texts, _ in cut]
         looked = [d for _, _, _, digests in cut for d in digests]
         values = yield Look(looked + [d for digests in whole for d in digests])
+        self._place_cached(cut, looked, values, fresh)
+        return [piece for piece in pieces if not piece[0].truncate]
+
+    def _place_cached(
+        self: Dispatcher, pieces: list[Piece], looked: list[str], values: list[Any], fresh: list[str]
+    ) -> None:
+        """Place the rows whose vector ``values`` holds (read for ``looked``, and, past those, for a second key
+        of each, which serves where the first has none); the others wait in entries, and those no entry had
+        yet join ``fresh``. Cached vectors go into the L1 under their first key."""
         matrix, valid = unpack_many(values, self.dim)
-        add, position, hits = self.entries.add, 0, 0
-        for call, rows, texts, digests in cut:
+        add, position, hits, second = self.entries.add, 0, 0, len(values) > len(looked)
+        for call, rows, texts, digests in pieces:
             found: list[int] = []
             picks: list[int] = []
             for row, digest, text in zip(rows, digests, texts, strict=True):
-                pick = position if valid[position] else position + len(looked)
+                pick = position + len(looked) if second and not valid[position] else position
                 if valid[pick]:
                     found.append(row)
                     picks.append(pick)
@@ -146,15 +135,14 @@ class Admission:
                 position += 1
             if found:
                 vectors = matrix[picks]
-                cut_hits = [looked[pick % len(looked)] for pick in picks]
+                cached = [looked[pick % len(looked)] for pick in picks]
                 if self.l1 is not None:
-                    self.l1.put(cut_hits, vectors)
-                distinct = len(set(cut_hits))
+                    self.l1.put(cached, vectors)
+                distinct = len(set(cached))
                 call.place(found, vectors, "cached", distinct)
                 self.unreported_hits += distinct
                 hits += len(found)
         self._learn_hit_rate(hits, len(looked))
-        return [piece for piece in pieces if not piece[0].truncate]
 
     def _from_l1(self: Dispatcher, call: Call, rows: range | list[int], texts: list[str], digests: list[str]) -> Piece:
         """Place the rows the L1 holds (``self.l1``); the piece of the rest, for Redis."""
