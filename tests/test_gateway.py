@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -32,6 +34,7 @@ def gateway(redis_server: LocalRedis) -> Iterator[LocalGateway]:
         "EMBQ_MAX_REQUEST_TEXTS": str(MAX_TEXTS),
         "EMBQ_MAX_REQUEST_BYTES": str(MAX_BYTES),
         "EMBQ_MAX_TEXT_BYTES": str(MAX_TEXT_BYTES),
+        "EMBQ_UNKNOWN_MODEL_GRACE": "1",  # a mistyped model is a 404 after 1 s, not the default 10
     }
     server = LocalGateway(redis_server.url, models=(NAMED,), env=env).start()
     yield server
@@ -121,6 +124,19 @@ def test_models_lists_named_and_online_models(api: openai.OpenAI, start_worker: 
     np.testing.assert_array_equal(rows(out), expected(["hello"]))
     worker.stop()
     assert "hash/arrives" not in {m.id for m in api.models.list()}
+
+
+def test_a_request_waits_for_the_first_worker_of_its_model_to_start(
+    redis_server: LocalRedis, start_worker: Callable[..., LocalWorker]
+) -> None:
+    """Gateway and worker started together (the quickstart, a rollout): the first request is not a 404."""
+    with LocalGateway(redis_server.url) as gateway, ThreadPoolExecutor(1) as pool:
+        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = pool.submit(api.embeddings.create, model="hash/starting", input=["early"])
+        time.sleep(0.5)
+        start_worker("hash/starting", wait=False)
+        np.testing.assert_array_equal(rows(answer.result(timeout=120)), expected(["early"]))
+        api.close()
 
 
 def test_an_unknown_model_is_404(api: openai.OpenAI) -> None:

@@ -46,6 +46,8 @@ PRIORITY_HEADER = "X-Embq-Priority"
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 #: Seconds each connection gets to close at shutdown.
 CLOSE_TIMEOUT = 2.0
+#: Seconds between two looks for the worker of a model not served yet (``Gateway._wait_for_worker``).
+MODEL_LOOK_SECONDS = 0.25
 
 
 class Gateway:
@@ -87,17 +89,32 @@ class Gateway:
 
     async def require_model(self, model: str) -> None:
         try:
-            served = await self.catalog.serves(model)
+            served = await self.catalog.serves(model) or await self._wait_for_worker(model)
         except REDIS_ERRORS as e:
             raise unreachable(e) from e
         if not served:
             raise APIError(
                 404,
-                f"The model {model!r} does not exist: no worker serves it nor has served it; "
-                "GET /v1/models lists the models served.",
+                f"The model {model!r} does not exist: no worker serves it nor has served it (waited "
+                f"{self._model_grace():g}s, EMBQ_UNKNOWN_MODEL_GRACE, for one to start); GET /v1/models lists "
+                "the models served.",
                 code="model_not_found",
                 param="model",
             )
+
+    def _model_grace(self) -> float:
+        return self.settings.unknown_model_grace or self.limits.request_timeout
+
+    async def _wait_for_worker(self, model: str) -> bool:
+        """A model nobody has served yet may have its first worker starting (started beside the gateway, it
+        announces itself a second or two later, before it loads): its requests wait for it, as a client's
+        calls do, ``EMBQ_UNKNOWN_MODEL_GRACE`` seconds (the request timeout if 0) before the 404."""
+        deadline = asyncio.get_running_loop().time() + self._model_grace()
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(MODEL_LOOK_SECONDS)
+            if await self.catalog.serves(model):
+                return True
+        return False
 
     async def embeddings(self, request: Request) -> Response:
         body = await read_body(request, self.limits.max_request_bytes)
