@@ -251,3 +251,23 @@ def test_a_model_in_the_hugging_face_cache_is_found_there_without_the_hub(
     log = worker.log_path.read_text()
     assert f"from {repo / 'snapshots' / commit}" in log
     assert "Retrying" not in log and "huggingface.co" not in log and "ERROR" not in log
+
+
+@pytest.mark.parametrize(("sent", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_worker_loading_its_model_without_waiting_for_the_load(
+    redis_url: str, sent: signal.Signals, status: int
+) -> None:
+    """A model takes minutes to load on a GPU: a shutdown (a rollout, a Ctrl-C) interrupts the load."""
+    process = worker_process("--engine", "sentence-transformers", EMBQ_REDIS_URL=redis_url)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:  # until it starts loading
+        seen.append(line)
+        if "loading engine" in line:
+            break
+    process.send_signal(sent)
+    code, rest = finish(process, 30)
+    log = "".join(seen) + rest
+    assert code == status, log
+    assert f"{sent.name} while starting: stopped before the engine was ready" in log, log
+    assert "engine ready" not in log and "Traceback" not in log, log

@@ -101,6 +101,8 @@ class Runtime:
         self.bulk_slots = BulkSlots(settings.shared.queues[1], settings.bulk_task_limit)
         #: Texts per second of engine time, as last measured (0 before any): the ``speed`` of the heartbeat.
         self._speed = 0.0
+        #: True while the main thread starts the worker (``engine_step``): a signal then interrupts the start.
+        self.starting = False
 
     def start(self) -> None:
         """Load the engine once; idempotent, so a second ``worker_init`` is harmless."""
@@ -483,6 +485,16 @@ def same_server(a: redis.Redis, b: redis.Redis) -> bool:
     return bool(a.info("server").get("run_id") == b.info("server").get("run_id"))
 
 
+class StoppedWhileStarting(BaseException):
+    """Raised in the main thread by SIGTERM or Ctrl-C while the worker starts (waits for Redis, loads its
+    engine): a start that takes minutes on a GPU must not hold a shutdown. A ``BaseException``, so that
+    no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
     """A worker bootstep that loads the engine after logging is set up and before the consumer starts."""
 
@@ -490,8 +502,13 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
         requires = ("celery.worker.components:Pool",)
 
         def start(self, worker: Any) -> None:
+            runtime.starting = True
             try:
                 runtime.start()
+            except StoppedWhileStarting as e:
+                runtime.exit_code = EXIT_INTERRUPTED if e.signal_name == "SIGINT" else 0
+                log.warning("%s while starting: stopped before the engine was ready", e.signal_name)
+                raise SystemExit(runtime.exit_code) from None
             except EmbqError as e:  # says what to do: no traceback
                 log.critical("worker cannot start: %s", e)
                 runtime.exit_code = EXIT_START_FAILED
@@ -504,6 +521,8 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
                 log.critical("worker cannot start: its engine did not load", exc_info=True)
                 runtime.exit_code = EXIT_START_FAILED
                 raise SystemExit(EXIT_START_FAILED) from None
+            finally:
+                runtime.starting = False
 
     return EngineStep
 
@@ -616,7 +635,9 @@ def create_app(settings: WorkerSettings) -> Celery:
         if runtime.holdings is not None and getattr(sender, "app", None) is app:
             runtime.holdings.left(task_id)
 
-    def on_shutting_down(**_: Any) -> None:
+    def on_shutting_down(sig: str = "SIGTERM", **_: Any) -> None:
+        if runtime.starting and threading.current_thread() is threading.main_thread():
+            raise StoppedWhileStarting(sig)  # out of Celery's signal handler, into the start it interrupts
         # Warm shutdown: Celery waits for the running tasks. Bulk tasks still wholly in the backlog
         # (up to EMBQ_BACKLOG_SECONDS of engine work) go back to the queue now, for other workers.
         # On a thread of its own: this runs in the signal handler, which must never wait for a lock.

@@ -174,7 +174,9 @@ class SentenceTransformersEngine:
         try:
             import torch
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
 
+            transformers_logging.disable_progress_bar()  # a worker's stderr is its log: bars read as WARNINGs
             kwargs: dict[str, Any] = {}
             if self.dtype and self.dtype != "auto":
                 kwargs["torch_dtype"] = getattr(torch, self.dtype)
