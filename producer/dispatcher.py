@@ -46,7 +46,7 @@ from embq.producer.backend import BACKEND_ERRORS
 from embq.producer.call import Call
 from embq.producer.contract import signature_dimension
 from embq.producer.errors import BackendUnavailableError, EmbqError
-from embq.producer.fleet import WorkerTracking
+from embq.producer.fleet import START_TASK_TEXTS, WorkerTracking
 from embq.producer.keys import BULK
 from embq.producer.l1 import L1Cache
 from embq.producer.ops import Look, Op, Pause, PerText, Read, Redis, Send, Wait
@@ -118,7 +118,7 @@ class Dispatcher(Admission, Replies, Recovery, WorkerTracking):
         self.said_unknown = False  # the wait for an unknown model is logged once, not at each call
         self.said_no_worker = False
         #: Texts per bulk task: what the model's slowest worker embeds in ``task_seconds``.
-        self.bulk_task_texts = settings.task_max_texts
+        self.bulk_task_texts = min(START_TASK_TEXTS, settings.task_max_texts)
         #: Texts each worker of the model had embedded at the last look: a worker that embeds is progress.
         self.worker_texts: dict[str, int] = {}
 

@@ -23,6 +23,10 @@ log = logging.getLogger("embq.producer.dispatcher")
 #: Fewest texts in a bulk task, however slow the model's workers: a task costs a worker a few
 #: Celery round trips, which must stay small beside its texts.
 MIN_TASK_TEXTS = 16
+#: Texts in a bulk task before any worker of the model has published its rate (one just started, still
+#: loading): a fraction of a second on a GPU, seconds on a CPU, so that the first tasks of a job spread
+#: over the workers that start with it rather than wait behind a few large ones.
+START_TASK_TEXTS = 128
 #: What a producer reads of a worker's heartbeat (``embq.worker.heartbeat``); ``model`` first.
 WORKER_FIELDS = ("model", "namespace", "ready", "speed", "texts")
 

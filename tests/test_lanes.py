@@ -211,6 +211,17 @@ def test_tasks_shrink_to_a_slow_worker(make_client: Client, start_worker: Start,
     assert sent >= expected / 2, f"{sent} tasks for 600 texts at {speed():.0f} texts/s: not sized to 0.5 s"
 
 
+def test_bulk_tasks_are_small_until_a_worker_has_published_its_rate(
+    make_client: Client, start_worker: Start, r: redis.Redis
+) -> None:
+    """A job that starts with its workers spreads over them: no 1,024-text tasks while no rate is known."""
+    model = "hash/unmeasured"
+    start_worker(model)
+    tasks = stat(r, model, "tasks")
+    make_client(model=model).embed([f"unmeasured {i}" for i in range(1024)], priority=keys.BULK, timeout=120)
+    assert stat(r, model, "tasks") - tasks >= 8, "tasks of at most 128 texts before any rate is published"
+
+
 def test_no_stall_warning_while_a_worker_embeds_a_long_task(
     make_client: Client, start_worker: Start, caplog: pytest.LogCaptureFixture
 ) -> None:

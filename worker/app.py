@@ -514,7 +514,13 @@ def engine_step(runtime: Runtime) -> type[bootsteps.StartStopStep]:
                 runtime.exit_code = EXIT_START_FAILED
                 raise SystemExit(EXIT_START_FAILED) from None
             except redis.exceptions.RedisError as e:
-                log.critical("worker cannot start: the cache Redis failed: %s", refusal(e))
+                shared = runtime.settings.shared
+                log.critical(
+                    "worker cannot start: the cache Redis at %s (from %s) failed: %s",
+                    redact(shared.cache),
+                    shared.origin("cache"),
+                    refusal(e),
+                )
                 runtime.exit_code = EXIT_START_FAILED
                 raise SystemExit(EXIT_START_FAILED) from None
             except Exception:
