@@ -54,9 +54,10 @@ class EmbeddingClient:
         settings: Settings | None = None,
         before_first_task: Callable[[], None] | None = None,
     ) -> None:
-        """``before_first_task`` runs once, on the dispatcher thread, before this client first sends a task
-        (``embq embed`` starts its private worker there, so that a fully cached input loads no model); what it
-        raises fails the calls that wait."""
+        """``before_first_task`` runs once, on a thread of its own, when this client first sends a task
+        (``embq embed`` starts its private worker there, so that a fully cached input loads no model); the
+        dispatcher goes on meanwhile (the cached rows of the next texts are found while the model loads), and
+        an ``EmbqError`` it raises fails the calls that wait."""
         self.settings = Settings.for_client(
             redis_url, model=model, broker_url=broker_url, cache_url=cache_url, settings=settings
         )
@@ -217,6 +218,8 @@ class ThreadDriver:
         self.broker = connect(settings.broker)
         self.cond = threading.Condition()
         self.woken = False
+        #: What ``before_first_task`` raised, for the dispatcher to raise at its next step.
+        self._hook_failed: EmbqError | None = None
         self._celery: Celery | None = None
         self.thread = threading.Thread(target=self._run, name="embq-dispatcher", daemon=True)
         self.thread.start()
@@ -311,6 +314,9 @@ class ThreadDriver:
                 error = e
 
     def execute(self, op: Op) -> Any:
+        failed, self._hook_failed = self._hook_failed, None
+        if failed is not None:
+            raise failed
         if isinstance(op, Redis):
             return self._redis(op)
         if isinstance(op, PerText | Look):
@@ -320,7 +326,7 @@ class ThreadDriver:
         if isinstance(op, Send):
             if self.before_first_task is not None and op.tasks:
                 hook, self.before_first_task = self.before_first_task, None
-                hook()
+                threading.Thread(target=self._run_hook, args=(hook,), name="embq-first-task", daemon=True).start()
             return send_tasks(self._app(), op)
         if isinstance(op, Wait):
             with self.cond:
@@ -333,9 +339,20 @@ class ThreadDriver:
     def _redis(self, op: Redis) -> list[Any]:
         return run_commands(self.cache if op.target == "cache" else self.broker, op)
 
+    def _run_hook(self, hook: Callable[[], None]) -> None:
+        """``before_first_task``, off the dispatcher's thread; its failure wakes the dispatcher to raise it."""
+        try:
+            hook()
+        except Exception as e:
+            if not isinstance(e, EmbqError):
+                log.exception("before the first task")
+            self._hook_failed = e if isinstance(e, EmbqError) else EmbqError(f"before the first task: {e!r}")
+            self.poke()
+
     def _check_wanted(self) -> bool:
-        """A hit asked for a look at the L1's epoch (``L1Cache.check_wanted``): the dispatcher must not sleep."""
-        return self.l1 is not None and self.l1.check_wanted
+        """A hit asked for a look at the L1's epoch (``L1Cache.check_wanted``), or ``before_first_task``
+        failed: the dispatcher must not sleep."""
+        return self._hook_failed is not None or (self.l1 is not None and self.l1.check_wanted)
 
     def _read(self, op: Read) -> Any:
         with self.cond:

@@ -367,6 +367,19 @@ def test_ctrl_c_while_embedding_stops_everything(tmp_path: Path) -> None:
     assert not output.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_private_worker_that_cannot_start_ends_the_job_in_one_line(tmp_path: Path) -> None:
+    """The worker starts beside the job (which goes on finding cached rows): its failure still ends the job."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    tmp.mkdir()
+    source = write_input(tmp_path / "in.txt", [f"never embedded {i}" for i in range(3000)])
+    env = private_env(home, tmp) | {"EMBQ_HASH_DEVICE": "no-such-device"}
+    job = Embed(tmp_path, str(source), "-o", str(tmp_path / "out.npy"), "--engine", "hash", env=env)
+    assert job.wait(60) == 2, job.text()
+    assert "worker cannot start: EMBQ_HASH_DEVICE='no-such-device'" in job.text(), job.text()
+    assert_nothing_left(job, home, "hash", tmp)
+    assert not (tmp_path / "out.npy").exists()
+
+
 def test_ctrl_c_stops_a_producer_that_waits_for_absent_workers(tmp_path: Path, redis_url: str, r: redis.Redis) -> None:
     source = write_input(tmp_path / "in.txt", [f"nobody embeds {i}" for i in range(5000)])
     output = tmp_path / "out.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from embq.producer import EmbeddingClient
 from embq.producer.files import embed_file
+from embq.worker import progress as progress_module
 from embq.worker.progress import Progress
 from tests.conftest import HASH_MODEL
 from tests.files_support import clean_env, embq, read_output, write_input
@@ -239,7 +241,7 @@ def test_quiet_and_no_progress(tmp_path: Path, redis_url: str) -> None:
     assert "row/s]" not in plain.stderr  # no bar
     assert "3,000 rows in" in plain.stderr and f"0 failed -> {tmp_path / 'p.parquet'}" in plain.stderr
     bar = embq("embed", str(path), "-o", str(tmp_path / "b.parquet"), env=env_for(redis_url))
-    assert "3000/3000 rows" in bar.stderr and "row/s]" in bar.stderr
+    assert "3000/3000 rows" in bar.stderr and "nothing left]" in bar.stderr  # cached at once: no rate to tell
     assert "\r" not in bar.stderr  # off a terminal, lines: no redraws for log lines to break
     again = embq("embed", str(path), "-o", str(tmp_path / "c.parquet"), env=env_for(redis_url))
     assert "3000/3000 rows" in again.stderr and "3,000 cached, nothing left" in again.stderr, again.stderr
@@ -258,6 +260,23 @@ def test_progress_counts_cached_rows_at_once_and_times_only_computed_ones() -> N
     assert "time left unknown" not in progress.line()
     progress.close()
     assert lines[0].startswith("0/5000 rows") and lines[-1].startswith("1580/5000 rows")  # at the start, the end
+
+
+def test_progress_off_a_terminal_says_a_line_while_rows_come_slowly_and_never_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows come a task at a time: between two whole percents, a line every LINE_EVERY seconds all the same;
+    and the last line, said at each percent and again at the end, once."""
+    monkeypatch.setattr(progress_module, "LINE_EVERY", 0.2)
+    monkeypatch.setattr(progress_module, "LINE_GAP", 0.05)
+    lines: list[str] = []
+    progress = Progress(48, say=lines.append, shown=True, stream=io.StringIO())
+    time.sleep(2.5)  # nothing done: the job is still going, and says so (a line a second: lines say seconds)
+    assert len(lines) >= 3 and all(line.startswith("0/48 rows") for line in lines), lines
+    progress.rows("computed", 48)  # one batch: no rate to tell, and none made up
+    progress.close()
+    assert lines[-1].startswith("48/48 rows") and "nothing left]" in lines[-1] and "row/s" not in lines[-1], lines
+    assert len([line for line in lines if line.startswith("48/48")]) == 1, lines
 
 
 @pytest.mark.parametrize("out", [".jsonl", ".npy"])

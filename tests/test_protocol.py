@@ -7,7 +7,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -173,6 +173,47 @@ def test_embed_iter_streams_in_order_with_failures_and_progress(make_client: Cli
     assert list(info.value.failures) == [123]
     again = client.embed_iter(texts[:100], batch=64)
     assert sum(len(block) for _, block in again) == 100 and again.cached == 100
+
+
+def read_slowly(texts: list[str], every: int) -> Iterator[str]:
+    """Texts as a file gives them: a pause every ``every``, so that calls reach the client one by one."""
+    for i, text in enumerate(texts):
+        if i % every == 0:
+            time.sleep(0.05)
+        yield text
+
+
+def test_cached_rows_are_found_while_the_first_task_waits_for_its_worker_to_start(
+    redis_url: str, start_worker: Start
+) -> None:
+    """``embq embed`` starts its private worker at the first task; while the model loads, the client goes on
+    finding the cached rows of the texts after it (a resumed job shows them at once)."""
+    model = "hash/first-task"
+    texts = [f"first task {i}" for i in range(1000)]
+    with EmbeddingClient(redis_url, model=model) as warm:
+        worker = start_worker(model)
+        warm.embed(texts[::2], timeout=60)  # every other row cached, as a killed job leaves them
+        worker.stop()
+    loading, loaded = threading.Event(), threading.Event()
+
+    def load_worker() -> None:
+        loading.set()
+        loaded.wait(60)
+        start_worker(model)
+
+    found: dict[str, int] = {"cached": 0}
+    record = lambda how, n: found.__setitem__(how, found.get(how, 0) + n)  # noqa: E731
+    settings = Settings(redis_url=redis_url, model=model, l1_bytes=0)
+    with EmbeddingClient(settings=settings, before_first_task=load_worker) as client:
+        stream = client.embed_iter(read_slowly(texts, 100), batch=100, window=10, on_rows=record)
+        result: list[np.ndarray] = []
+        reader = threading.Thread(target=lambda: result.extend(block for _, block in stream), daemon=True)
+        reader.start()
+        assert loading.wait(30)
+        wait_until(lambda: found["cached"] == 500, 10, "every cached row found while the worker loads")
+        loaded.set()
+        reader.join(60)
+    np.testing.assert_array_equal(np.vstack(result), expected(texts))
 
 
 def test_a_client_used_again_after_fork_gets_its_own_dispatcher(hash_worker: LocalWorker, make_client: Client) -> None:

@@ -2,9 +2,9 @@
 the time left from the rate of computed rows only (cached rows come at once, and would make it a guess).
 
 On a terminal, a bar redrawn every ``REDRAW`` seconds, whose log lines go through tqdm's writer so that
-they never break it; elsewhere (a log file, a pipe), no redraws: a line at the start and at each whole
-percent done, at most one every ``LINE_GAP`` seconds (every ``LINE_EVERY`` seconds when the total is not known), and one
-at the end.
+they never break it; elsewhere (a log file, a pipe), no redraws: a line at the start, at each whole
+percent done (at most one every ``LINE_GAP`` seconds), at least one every ``LINE_EVERY`` seconds while
+rows come slowly, and one at the end; never the same line twice in a row.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tqdm import tqdm
 #: Seconds between redraws of the bar: rows found while nothing else happens (cached rows while the
 #: private worker loads its model) show within this long.
 REDRAW = 0.5
-#: Seconds between progress lines off a terminal when the number of rows is not known.
+#: Most seconds between two progress lines off a terminal.
 LINE_EVERY = 10.0
 #: Fewest seconds between two progress lines off a terminal (at most about 100 lines a job).
 LINE_GAP = 1.0
@@ -51,16 +51,16 @@ class Progress:
             mininterval=REDRAW,
         )
         self._lock = threading.Lock()
-        #: Off a terminal: the percent done at the last line, and when it was said.
+        #: Off a terminal: the percent done at the last line, when it was said, and the line.
         self._said_percent = -1
         self._said_at = 0.0
+        self._said = ""
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="embq-progress", daemon=True)
         if shown:
             self._ticker.start()
         if shown and not self.terminal:  # the first line at once: the job has started
-            self._said_percent, self._said_at = 0, time.monotonic()
-            self.say(self.line())
+            self._say_line()
 
     def rows(self, how: str, count: int) -> None:
         """``count`` rows found ``how``: ``cached``, ``computed``, ``waited`` (computed for another producer) or
@@ -70,11 +70,6 @@ class Progress:
             if how != "cached" and self.computing_since is None:
                 self.computing_since, self.first_computed = time.monotonic(), count
             self.bar.update(count)
-            if self.shown and not self.terminal and self.total:
-                percent = 100 * sum(self.counts.values()) // self.total
-                if percent > self._said_percent and time.monotonic() - self._said_at >= LINE_GAP:
-                    self._said_percent, self._said_at = percent, time.monotonic()
-                    self.say(self.line())
 
     def describe(self) -> str:
         """``1,478 cached, 2:31 left at 12 row/s``: the rate and the time left are of computed rows only."""
@@ -91,7 +86,8 @@ class Progress:
         else:
             seconds = int(max(0, self.total - done) / rate)
             left = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
-        return f"{cached:,} cached, {left} at {rate:,.1f} row/s"
+        # No rate before two batches of computed rows have come: the first one's time is the wait for them.
+        return f"{cached:,} cached, {left}" + (f" at {rate:,.1f} row/s" if rate else "")
 
     def line(self) -> str:
         done = sum(self.counts.values())
@@ -99,9 +95,13 @@ class Progress:
         return f"{of} rows [{tqdm.format_interval(time.monotonic() - self.started)}, {self.describe()}]"
 
     def _tick(self) -> None:
-        while not self._stop.wait(REDRAW if self.terminal else LINE_EVERY):
-            if self.terminal or not self.total:  # with a total, lines come by percent (``rows``)
+        while not self._stop.wait(REDRAW if self.terminal else LINE_GAP):
+            if self.terminal or time.monotonic() - self._said_at >= LINE_EVERY or self._percent() > self._said_percent:
                 self._show()
+
+    def _percent(self) -> int:
+        """Whole percent of the rows done (-1 when the total is not known)."""
+        return 100 * sum(self.counts.values()) // self.total if self.total else -1
 
     def _show(self) -> None:
         with self._lock:
@@ -109,7 +109,14 @@ class Progress:
                 self.bar.set_postfix_str(self.describe(), refresh=False)
                 self.bar.refresh()
             elif self.shown:
-                self.say(self.line())
+                self._say_line()
+
+    def _say_line(self) -> None:
+        """A line off a terminal, unless it would say again what the last one said (lock held)."""
+        line, self._said_at, self._said_percent = self.line(), time.monotonic(), self._percent()
+        if line != self._said:
+            self._said = line
+            self.say(line)
 
     def close(self) -> None:
         self._stop.set()
