@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from embq.producer import EmbeddingClient
+from embq.worker.cli import build_parser
 from embq.worker.engines.hash import hash_vector
 from embq.worker.local import wait_until
 from tests.conftest import HASH_MODEL, alive
@@ -267,3 +269,21 @@ def test_flower_without_its_extra_is_one_line(tmp_path: Path, redis_url: str) ->
     done = embq("flower", env=clean_env(EMBQ_REDIS_URL=redis_url, PYTHONPATH=str(tmp_path)), timeout=60)
     assert done.returncode == 2, done.stderr
     assert "pip install 'embq[flower]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_every_command_has_a_description_and_every_option_a_help() -> None:
+    """``embq X --help`` tells a newcomer what X does and what each of its flags is for."""
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        if not parser.description:
+            missing.append(f"{name}: no description")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(subparser, f"{name} {sub}")
+            elif not action.help:
+                missing.append(f"{name}: {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "embq")
+    assert not missing, missing

@@ -25,6 +25,7 @@ from embq.worker.local import free_port
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def blocks(language: str) -> list[tuple[Path, str]]:
@@ -154,3 +155,26 @@ def test_every_python_module_the_docs_run_exists() -> None:
             seen += 1
             assert importlib.util.find_spec(module) is not None, f"{page.name}: python -m {module}"
     assert seen >= 3
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings (those outside code blocks)."""
+    text = FENCE.sub("", page.read_text())
+    found = set()
+    for heading in re.findall(r"^#+ +(.+?) *$", text, re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return found
+
+
+def test_every_link_in_the_docs_leads_somewhere() -> None:
+    """Relative links name a file that exists and, after ``#``, a heading of that file."""
+    broken = []
+    for page in [*PAGES, ROOT / "k8s" / "README.md"]:
+        for target in LINK.findall(FENCE.sub("", page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (anchor and anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken

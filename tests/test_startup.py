@@ -19,7 +19,7 @@ import pytest
 
 from embq.producer import BackendUnavailableError, ConfigurationError, EmbeddingClient, Settings
 from embq.worker.engines.hash import hash_vector
-from embq.worker.local import LocalRedis, LocalWorker, free_port, wait_until
+from embq.worker.local import LocalGateway, LocalRedis, LocalWorker, free_port, wait_until
 from tests.conftest import alive
 from tests.files_support import clean_env
 
@@ -271,3 +271,12 @@ def test_a_signal_stops_a_worker_loading_its_model_without_waiting_for_the_load(
     assert code == status, log
     assert f"{sent.name} while starting: stopped before the engine was ready" in log, log
     assert "engine ready" not in log and "Traceback" not in log, log
+
+
+def test_a_gateway_without_its_redis_says_so_at_start_and_how_to_start_one() -> None:
+    port = free_port()
+    with LocalGateway(f"redis://127.0.0.1:{port}/0") as gateway:
+        wait_until(lambda: "does not answer" in gateway.log_text(), 30, "the gateway to look at its Redis")
+        said = gateway.log_text()
+    assert f"broker Redis at redis://127.0.0.1:{port}/0 (from EMBQ_REDIS_URL) does not answer" in said, said
+    assert f"embq redis --port {port}" in said and "requests get 503 until it does" in said, said

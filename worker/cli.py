@@ -77,11 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-max-texts", type=int, help="texts per engine call")
     w.add_argument("--batch-wait-ms", type=float, help="wait for more texts before calling an idle engine")
     w.add_argument("--device", help="torch device for sentence-transformers (cpu, cuda, cuda:1)")
-    w.add_argument("--cache-dtype", choices=["float32", "float16"])
+    w.add_argument(
+        "--cache-dtype",
+        choices=["float32", "float16"],
+        help="how vectors are stored in the cache (float16: half the memory; default float32)",
+    )
     w.add_argument("--ready-file", help="created once the engine is loaded and the worker consumes")
     w.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: none; default 9808)")
     w.add_argument("--dtype", help="weights dtype (auto, bfloat16, float16)")
-    w.add_argument("--trust-remote-code", action="store_true", default=None)
+    w.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="run the model repository's own Python code"
+    )
     w.add_argument(
         "--truncate",
         action="store_true",
@@ -92,15 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--engine-call-timeout", type=float, help="seconds before a silent engine is declared dead")
     g = w.add_argument_group("sglang engine")
     g.add_argument("--mem-fraction-static", type=float, help="GPU memory share for weights and KV cache")
-    g.add_argument("--max-running-requests", type=int)
-    g.add_argument("--chunked-prefill-size", type=int)
-    g.add_argument("--context-length", type=int)
+    g.add_argument("--max-running-requests", type=int, help="texts SGLang runs at once (default: its own)")
+    g.add_argument("--chunked-prefill-size", type=int, help="tokens per prefill chunk (default: its own)")
+    g.add_argument("--context-length", type=int, help="longest text in tokens (default: the model's)")
     g.add_argument("--tp-size", type=int, help="GPUs per engine (tensor parallel)")
     g.add_argument("--load-format", help="auto, or dummy for random weights")
     g.add_argument("--engine-inflight-calls", type=int, help="engine calls kept in flight")
     g.add_argument("--sglang-args", help="other sglang.Engine keywords as a JSON object")
     w.add_argument("--hostname", help="Celery node name (default embq-ENGINE@HOST)")
-    w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
 
     r = sub.add_parser(
         "redis",
@@ -109,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         "persistent (append-only file) and without eviction, so that broker and cache may share it. For production, "
         "run two Redis: a persistent broker and an LRU cache (docs/operations.md).",
     )
-    r.add_argument("--port", type=int, default=6379)
+    r.add_argument("--port", type=int, default=6379, help="port to listen on (default 6379)")
     r.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     r.add_argument("--dir", type=Path, help="its data (default: EMBQ_HOME/redis-PORT)")
-    r.add_argument("-q", "--quiet", action="store_true")
+    r.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
     e = sub.add_parser(
         "embed",
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded defaults, or the cache keys of the given Redis (SCAN and UNLINK; never FLUSHALL, never a queue).",
         parents=[connects],
     )
-    clear.add_argument("-q", "--quiet", action="store_true")
+    clear.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
     v = sub.add_parser(
         "serve",
@@ -182,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[connects],
     )
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     v.add_argument(
         "--model",
         action="append",
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='cut texts over the context for requests without the field "truncate" (default: EMBQ_TRUNCATE or no)',
     )
     v.add_argument("--access-log", action="store_true", help="log every request (one line each)")
-    v.add_argument("-q", "--quiet", action="store_true")
+    v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
     s = sub.add_parser(
         "status",
@@ -206,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[connects],
     )
-    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
     f = sub.add_parser(
         "flower",
@@ -215,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         "FLOWER_BASIC_AUTH=user:password to ask for a password.",
         parents=[connects],
     )
-    f.add_argument("--port", type=int, default=5555)
+    f.add_argument("--port", type=int, default=5555, help="port to listen on (default 5555)")
     f.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     f.add_argument("flower_args", nargs=argparse.REMAINDER, help="more Flower options, e.g. --basic-auth=u:p")
-    f.add_argument("-q", "--quiet", action="store_true")
+    f.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
 

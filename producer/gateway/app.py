@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from embq.producer import keys, sentinel
 from embq.producer.aio import AsyncEmbeddingClient
+from embq.producer.backend import redact, start_hint
 from embq.producer.errors import EmbqError
 from embq.producer.gateway.auth import ApiKeys, BearerAuth
 from embq.producer.gateway.catalog import ModelCatalog, ModelInfo
@@ -172,6 +173,24 @@ class Gateway:
         }
         return JSON(body, status_code=200 if healthy else 503)
 
+    async def check_redis(self) -> None:
+        """At start: a Redis that does not answer is said at once, with what to do, not first in a request's
+        log line; the gateway starts all the same (``/health`` says unavailable until it answers)."""
+        for role, client in (("broker", self.broker), ("cache", self.cache)):
+            if role == "cache" and client is self.broker:
+                continue
+            why = await ping(client)
+            if why is not None:
+                url = getattr(self.settings, role)
+                log.warning(
+                    "%s Redis at %s (from %s) does not answer (%s): %s; requests get 503 until it does",
+                    role,
+                    redact(url),
+                    self.settings.origin(role),
+                    why,
+                    start_hint(url) if "refused" in why or "not known" in why else "start it",
+                )
+
     async def live(self, request: Request) -> Response:
         """The process answers. Independent of Redis: an outage must not make an orchestrator restart gateways."""
         return JSON({"status": "ok"})
@@ -292,6 +311,7 @@ def create_app(settings: Settings, limits: GatewaySettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.check_redis()
         stop = asyncio.Event()
         watcher = asyncio.create_task(gateway.watch_workers(stop))
         try:
