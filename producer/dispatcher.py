@@ -225,7 +225,8 @@ class Dispatcher(Admission, Replies, Recovery, WorkerTracking):
     # -- ticks: liveness, takeovers, lost tasks ---------------------------------------------
 
     def _open(self) -> Generator[Op, Any, None]:
-        """Create our reply stream and our liveness key; workers add to the stream without creating it."""
+        """Create our reply stream and our liveness key; workers add to the stream without creating it. Learn
+        the workers' rates at once: a new client's first bulk tasks are sized as later ones."""
         issued = time.monotonic()
         last_id, _, _, signature, generation = yield Redis(
             "cache",
@@ -239,6 +240,7 @@ class Dispatcher(Admission, Replies, Recovery, WorkerTracking):
         )
         self.last_id = last_id
         self._observe(signature, generation, issued)
+        self._learn_from_workers((yield from self._look_at_workers()))
 
     def _check_l1(self) -> Generator[Op, Any, None]:
         """Read the L1's epoch (the model's signature, the cache generation) again; report its hits."""

@@ -23,9 +23,11 @@ log = logging.getLogger("embq.producer.dispatcher")
 #: Fewest texts in a bulk task, however slow the model's workers: a task costs a worker a few
 #: Celery round trips, which must stay small beside its texts.
 MIN_TASK_TEXTS = 16
-#: Texts in a bulk task before any worker of the model has published its rate (one just started, still
-#: loading): a fraction of a second on a GPU, seconds on a CPU, so that the first tasks of a job spread
-#: over the workers that start with it rather than wait behind a few large ones.
+#: Texts in a bulk task while no worker of the model is ready (they start with the job, loading): a
+#: fraction of a second on a GPU, seconds on a CPU, so that the first tasks of a job spread over the
+#: workers as they come up rather than wait behind a few large ones. Ready workers that have measured no
+#: rate yet get the largest tasks: a backfill that starts on an idle fleet must not fill the broker with
+#: small tasks that a later job's tasks would wait behind.
 START_TASK_TEXTS = 128
 #: What a producer reads of a worker's heartbeat (``embq.worker.heartbeat``); ``model`` first.
 WORKER_FIELDS = ("model", "namespace", "ready", "speed", "texts")
@@ -77,12 +79,17 @@ class WorkerTracking:
         return worker["model"] == self.model and (worker["namespace"] or keys.DEFAULT_NAMESPACE) == self.namespace
 
     def _learn_from_workers(self: Dispatcher, workers: list[dict[str, str]]) -> None:
-        """Bulk tasks sized to the slowest worker's rate; a worker that embedded since the last look is progress."""
+        """Bulk tasks sized to the slowest worker's rate (the largest while the ready workers have measured none,
+        ``START_TASK_TEXTS`` while none is ready); a worker that embedded since the last look is progress."""
         mine = [w for w in workers if self._serves(w)]
         speeds = [float(w["speed"]) for w in mine if w["fresh"] and w["speed"] and float(w["speed"]) > 0]
         if speeds:
             texts = int(self.settings.task_seconds * min(speeds))
             self.bulk_task_texts = max(MIN_TASK_TEXTS, min(self.settings.task_max_texts, texts))
+        elif any(w["ready"] == "1" for w in mine):
+            self.bulk_task_texts = self.settings.task_max_texts
+        else:
+            self.bulk_task_texts = min(START_TASK_TEXTS, self.settings.task_max_texts)
         seen = {w["name"]: int(w["texts"] or 0) for w in mine}
         if any(count > self.worker_texts.get(name, count) for name, count in seen.items()):
             self.last_progress = time.monotonic()

@@ -248,7 +248,9 @@ def test_sigterm_stops_the_private_redis_and_worker(tmp_path: Path, sglang: SGLa
         return [int(p) for p in re.findall(r"started (?:redis-server|worker) pid=(\d+)", log.read_text())]
 
     try:
-        wait_until(lambda: len(started()) == 2 and "row/s" in log.read_text(), 120, "the job to start embedding")
+        wait_until(
+            lambda: len(started()) == 2 and "worker ready in" in log.read_text(), 120, "the job to start embedding"
+        )
         process.terminate()
         assert process.wait(5) == 128 + 15, log.read_text()  # the engine hangs: the worker is not waited for
     finally:

@@ -24,6 +24,7 @@ import redis
 
 from embq.producer import EmbeddingClient, EmbqTimeoutError, ModelNotServedError, keys
 from embq.producer.broker import UNACKED_KEY
+from embq.producer.fleet import START_TASK_TEXTS
 from embq.producer.langchain import EmbqEmbeddings
 from embq.worker.batcher import Batcher
 from embq.worker.engines.hash import HashEngine, hash_vector
@@ -170,7 +171,8 @@ def test_a_producer_stopped_by_ctrl_c_leaves_its_queued_texts_to_be_skipped(
     producer = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     try:
         bulk = keys.queue_name(model, lane=keys.BULK)
-        wait_until(lambda: r.llen(bulk) == 2, 60, "the producer's two tasks in the bulk queue")
+        tasks = -(-2000 // START_TASK_TEXTS)  # no worker has published a rate: tasks of the starting size
+        wait_until(lambda: r.llen(bulk) == tasks, 60, "the producer's tasks in the bulk queue")
         status = subprocess.run(
             [sys.executable, "-m", "embq", "status"],
             env={**env, "EMBQ_REDIS_URL": redis_url},
@@ -211,15 +213,23 @@ def test_tasks_shrink_to_a_slow_worker(make_client: Client, start_worker: Start,
     assert sent >= expected / 2, f"{sent} tasks for 600 texts at {speed():.0f} texts/s: not sized to 0.5 s"
 
 
-def test_bulk_tasks_are_small_until_a_worker_has_published_its_rate(
+def test_bulk_tasks_are_small_while_no_worker_is_ready(
     make_client: Client, start_worker: Start, r: redis.Redis
 ) -> None:
-    """A job that starts with its workers spreads over them: no 1,024-text tasks while no rate is known."""
+    """A job sent while its workers start (none ready, no rate known) is cut into tasks of START_TASK_TEXTS, which
+    spread over the workers as they come up, not into a few of 1,024 texts."""
     model = "hash/unmeasured"
+    start_worker(model).stop()  # served before: the job's tasks are queued while no worker is online
+    texts = [f"unmeasured {i}" for i in range(1024)]
+    client = make_client(model=model)
+    job = threading.Thread(target=client.embed, args=(texts,), kwargs={"priority": keys.BULK, "timeout": 120})
+    job.start()
+    bulk = keys.queue_name(model, lane=keys.BULK)
+    wait_until(lambda: r.llen(bulk) >= 1024 // START_TASK_TEXTS, 60, "the job's tasks, of the starting size")
     start_worker(model)
-    tasks = stat(r, model, "tasks")
-    make_client(model=model).embed([f"unmeasured {i}" for i in range(1024)], priority=keys.BULK, timeout=120)
-    assert stat(r, model, "tasks") - tasks >= 8, "tasks of at most 128 texts before any rate is published"
+    job.join(120)
+    assert not job.is_alive()
+    np.testing.assert_array_equal(client.embed(texts, timeout=30), [hash_vector(t, 384) for t in texts])
 
 
 def test_no_stall_warning_while_a_worker_embeds_a_long_task(
