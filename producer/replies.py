@@ -46,7 +46,9 @@ class Replies:
                 picks.append(j)
                 distinct.add(digest)
         for (call, kind), (rows, picks, distinct) in placed.items():
-            everything = len(picks) == len(matrix) and picks[0] == 0 and picks[-1] == len(picks) - 1
+            # The whole matrix in order, or a gather: a text two rows wait for is picked twice, so that the
+            # length and the ends alone would take a matrix with a vector missing for one in order.
+            everything = len(picks) == len(matrix) and picks == list(range(len(picks)))
             call.place(rows, matrix if everything else matrix[picks], kind, len(distinct))
         if placed:
             self.last_progress = time.monotonic()
