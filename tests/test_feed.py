@@ -145,7 +145,7 @@ def test_a_worker_on_a_simulated_gpu_holds_a_deep_backlog_and_forms_near_equal_p
 ) -> None:
     port = free_port()
     start_worker(MODEL, env={"EMBQ_HASH_DEVICE": "rate=150000,overhead=0.002", "EMBQ_METRICS_PORT": str(port)})
-    texts = make_texts(6000, seed=12)
+    texts = make_texts(12000, seed=12)  # enough that the backlog forms even when a loaded machine sends slowly
     before = scrape(port)
     with Sampler(port, r) as sampler:
         vectors = producers(make_client, texts)

@@ -88,17 +88,19 @@ class Gateway:
             log.info("serving model %s", model)
         return found
 
-    async def require_model(self, model: str) -> None:
+    async def require_model(self, model: str, wait: bool = True) -> None:
+        """A 404 for a model no worker serves nor has served; ``wait``: after giving its first worker the
+        time to start (a request to embed), not at once (a question about the models)."""
         try:
-            served = await self.catalog.serves(model) or await self._wait_for_worker(model)
+            served = await self.catalog.serves(model) or (wait and await self._wait_for_worker(model))
         except REDIS_ERRORS as e:
             raise unreachable(e) from e
         if not served:
             raise APIError(
                 404,
-                f"The model {model!r} does not exist: no worker serves it nor has served it (waited "
-                f"{self._model_grace():g}s, EMBQ_UNKNOWN_MODEL_GRACE, for one to start); GET /v1/models lists "
-                "the models served.",
+                f"The model {model!r} does not exist: no worker serves it nor has served it"
+                + (f" (waited {self._model_grace():g}s, EMBQ_UNKNOWN_MODEL_GRACE, for one to start)" if wait else "")
+                + "; GET /v1/models lists the models served.",
                 code="model_not_found",
                 param="model",
             )
@@ -149,7 +151,7 @@ class Gateway:
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        await self.require_model(name)
+        await self.require_model(name, wait=False)
         try:
             listed = {m.id: m for m in await self.catalog.listed()}
         except REDIS_ERRORS as e:
