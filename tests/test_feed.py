@@ -23,6 +23,8 @@ from embq.worker.local import LocalWorker, free_port, wait_until
 from tests.test_status import status
 
 MODEL = "hash/simulated"
+#: Texts per task of the bounded-backlog test: many small tasks, so that some must wait in the broker.
+TASK_TEXTS = 64
 
 
 class Tokens:
@@ -176,17 +178,18 @@ def test_the_backlog_is_bounded_in_seconds_of_the_engines_work(
     start_worker(MODEL, env=env)
     texts = make_texts(3000, seed=13)
     with Sampler(port, r) as sampler:
-        vectors = make_client(MODEL, task_max_texts=256).embed(texts, timeout=300)
+        # Many small tasks: the gate closes after a few, before a loaded machine could have fetched them all.
+        vectors = make_client(MODEL, task_max_texts=TASK_TEXTS).embed(texts, timeout=300)
     np.testing.assert_array_equal(vectors[-1], hash_vector(texts[-1], 384))
     working = [(m, queued) for m, queued in sampler.samples if m[("embq_engine_busy_seconds_total", "")] > 0]
     targets = {m[("embq_backlog_target_tokens", "")] for m, _ in working}
     assert SIMULATED_PASS_TOKENS in targets, "half a second of this device is less than a pass: one pass"
     assert any(queued > 0 for _, queued in working), "tasks waited in the broker while the worker had enough"
     # Once the texts taken before the rate was known are down to the target, the backlog stays near it: past it
-    # by at most the tasks taken just before it was reached (a few of 256 texts).
+    # by at most the tasks taken just before it was reached (a few of TASK_TEXTS texts).
     held = [(m[("embq_backlog_tokens", keys.BULK)], m[("embq_backlog_target_tokens", "")]) for m, _ in working]
     steady = held[next(i for i, (tokens, target) in enumerate(held) if tokens <= target) :]
-    task_tokens = 256 * sum(estimate_tokens(t) for t in texts) / len(texts)
+    task_tokens = TASK_TEXTS * sum(estimate_tokens(t) for t in texts) / len(texts)
     assert max(tokens - target for tokens, target in steady) <= 8 * task_tokens, (steady, task_tokens)
 
 
