@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from embq.producer import keys, sentinel
 from embq.producer.aio import AsyncEmbeddingClient
-from embq.producer.backend import redact, start_hint
+from embq.producer.backend import nothing_listens, redact, start_hint
 from embq.producer.errors import EmbqError
 from embq.producer.gateway.auth import ApiKeys, BearerAuth
 from embq.producer.gateway.catalog import ModelCatalog, ModelInfo
@@ -166,7 +166,7 @@ class Gateway:
             if healthy:
                 log.info("broker and cache Redis reachable")
             else:
-                log.warning("not ready: broker Redis %s; cache Redis %s", broker or "ok", cache or "ok")
+                log.warning("not ready: broker Redis %s; cache Redis %s", said(broker), said(cache))
             self._healthy = healthy
         body = {
             "status": "ok" if healthy else "unavailable",
@@ -181,16 +181,16 @@ class Gateway:
         for role, client in (("broker", self.broker), ("cache", self.cache)):
             if role == "cache" and client is self.broker:
                 continue
-            why = await ping(client)
-            if why is not None:
+            error = await ping(client)
+            if error is not None:
                 url = getattr(self.settings, role)
                 log.warning(
                     "%s Redis at %s (from %s) does not answer (%s): %s; requests get 503 until it does",
                     role,
                     redact(url),
                     self.settings.origin(role),
-                    why,
-                    start_hint(url) if "refused" in why or "not known" in why else "start it",
+                    said(error),
+                    start_hint(url) if nothing_listens(error) else "start it",
                 )
 
     async def live(self, request: Request) -> Response:
@@ -249,14 +249,19 @@ def unreachable(error: BaseException) -> APIError:
     )  # fmt: skip
 
 
-async def ping(client: aioredis.Redis) -> str | None:
-    """None when ``client``'s Redis answers PING in time, else why not."""
+async def ping(client: aioredis.Redis) -> Exception | None:
+    """None when ``client``'s Redis answers PING in time, else the error."""
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT):
             await client.ping()
     except REDIS_ERRORS as e:
-        return str(e) or type(e).__name__
+        return e
     return None
+
+
+def said(error: Exception | None) -> str:
+    """A ``ping`` result, for a log line."""
+    return "ok" if error is None else str(error) or type(error).__name__
 
 
 async def read_body(request: Request, limit: int) -> bytes:
