@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,7 @@ from embq.producer import EmbeddingClient, ItemFailedError
 from embq.producer.codec import unpack
 from embq.producer.keys import DEFAULT_NAMESPACE, text_digest, vector_key
 from embq.producer.settings import DEFAULT_MODEL
-from embq.worker.engines.sentence_transformers import resolve_model_path
+from embq.worker.engines.sentence_transformers import SentenceTransformersEngine, resolve_model_path
 from embq.worker.local import LocalWorker
 
 pytestmark = pytest.mark.model
@@ -81,6 +82,33 @@ def test_a_text_over_the_context_fails_alone_with_its_token_count(
         assert "truncate=True" in failures[index] and "--truncate" in failures[index], failures[index]
     want = reference.encode(["first", FITS], normalize_embeddings=True)  # type: ignore[attr-defined]
     assert (info.value.vectors[[0, 2]] * want).sum(axis=1).min() >= 0.999  # type: ignore[index]
+
+
+def test_two_tasks_preparing_at_once_each_get_their_own_cut() -> None:
+    """One task's thread cuts its texts while another's refuses long ones, on one engine: a fast tokenizer
+    keeps its truncation in its backend, so on a shared one each thread's setting leaks into the other's
+    call (a text to be cut came back at 257 or all of its tokens, seconds apart on two threads)."""
+    engine = SentenceTransformersEngine(DEFAULT_MODEL, device="cpu")
+    engine.load()
+    limit = engine.max_tokens
+    cut_wrong: list[int] = []
+    refused_wrong: list[int] = []
+    stop = time.monotonic() + 5
+
+    def cutting() -> None:
+        while time.monotonic() < stop:
+            cut_wrong.extend(t for t in engine.prepare([LONG, FITS], truncate=True).tokens if t > limit)
+
+    def refusing() -> None:
+        while time.monotonic() < stop:
+            errors = engine.prepare(["x " * 20_000, LONG], truncate=False).errors
+            if sorted(errors) != [0, 1] or "(20002 tokens)" not in errors[0]:  # counted whole, specials too
+                refused_wrong.append(len(errors))
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(cutting), pool.submit(refusing)]:
+            done.result()
+    assert cut_wrong == [] and refused_wrong == []
 
 
 def test_one_worker_serves_calls_that_cut_and_calls_that_do_not_at_once(

@@ -30,6 +30,7 @@ the SGLang engine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -141,6 +142,8 @@ class SentenceTransformersEngine:
         self.max_tokens = 0
         self._model: Any = None
         self._tokenizer: Any = None
+        #: A copy of the tokenizer per cut (``_tokenize``), keyed by the most tokens kept (None: all).
+        self._tokenizers: dict[int | None, Any] = {}
         #: Upper bound of tokens per UTF-8 byte of a text, and tokens any text gets on top (see ``load``).
         self._tokens_per_byte = 1.0
         self._extra_tokens = 0
@@ -194,6 +197,12 @@ class SentenceTransformersEngine:
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self._pad_left = getattr(self._tokenizer, "padding_side", "right") == "left"
         self._extra_inputs = [n for n in ("token_type_ids",) if n in getattr(self._tokenizer, "model_input_names", ())]
+        # A fast tokenizer holds its truncation in its backend and sets it at each call that differs: two
+        # tasks' threads with different cuts on one tokenizer swap them (a text to be cut came back whole).
+        # So one copy per cut, each set here once and never changed.
+        for cap in (self.max_tokens, self.max_tokens + 1, None):
+            self._tokenizers[cap] = copy.deepcopy(self._tokenizer)
+            self._tokenize([""], cap)
         self._cuda = self._model.device.type == "cuda"
         if self._model.device.type != "cpu":
             # Two runners: one pads and copies the next pass while the device computes this one.
@@ -238,17 +247,23 @@ class SentenceTransformersEngine:
         so a pass may hold cut and uncut texts."""
         limit = self.max_tokens
         # One token past the limit tells a text that is too long without keeping all of its tokens.
-        ids = self._tokenizer(
-            texts, add_special_tokens=True, truncation=True, max_length=limit if truncate else limit + 1,
-            return_attention_mask=False, return_token_type_ids=False, verbose=False,
-        )["input_ids"]  # fmt: skip
+        ids = self._tokenize(texts, limit if truncate else limit + 1)
         errors: dict[int, str] = {}
         if not truncate:
             long = [i for i, tokens in enumerate(ids) if len(tokens) > limit]
             if long:
-                full = self._tokenizer([texts[i] for i in long], add_special_tokens=True, verbose=False)["input_ids"]
+                full = self._tokenize([texts[i] for i in long], None)
                 errors = {i: too_long(len(tokens), limit) for i, tokens in zip(long, full, strict=True)}
         return Prepared([len(tokens) for tokens in ids], ids, errors)
+
+    def _tokenize(self, texts: list[str], cap: int | None) -> list[list[int]]:
+        """Token ids with the special tokens, at most ``cap`` of them (None: every one), from the copy of the
+        tokenizer kept for that cut (see ``load``)."""
+        cut: dict[str, Any] = {"truncation": True, "max_length": cap} if cap is not None else {}
+        return self._tokenizers[cap](  # type: ignore[no-any-return]
+            texts, add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False, verbose=False,
+            **cut,
+        )["input_ids"]  # fmt: skip
 
     def encode_prepared(self, inputs: list[Any]) -> np.ndarray:
         return self._encode_padded(inputs) if self.pads else self._encode_packed(inputs)
@@ -408,7 +423,7 @@ class SentenceTransformersEngine:
         ]
         if not suspects:
             return
-        ids = self._tokenizer([texts[i] for i in suspects], add_special_tokens=True, verbose=False)["input_ids"]
+        ids = self._tokenize([texts[i] for i in suspects], None)
         refused = {
             i: too_long(len(tokens), limit) for i, tokens in zip(suspects, ids, strict=True) if len(tokens) > limit
         }
