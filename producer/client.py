@@ -178,6 +178,12 @@ class EmbeddingClient:
             self._dimension = signature_dimension(raw)  # type: ignore[arg-type]
         return self._dimension
 
+    def connect(self) -> None:
+        """Reach Redis now rather than at the first call: one that is not there fails here, with what to do
+        about it (``BackendUnavailableError``)."""
+        with backend_errors("cache", self.settings.cache, self.settings.origin("cache")):
+            self.driver().cache  # noqa: B018 (the property connects)
+
     def driver(self) -> ThreadDriver:
         """This process's dispatcher; a forked child gets its own (threads and sockets do not survive fork)."""
         with self._lock:

@@ -84,7 +84,7 @@ def test_an_http_url_says_which_schemes_a_redis_url_takes() -> None:
 
 
 def test_a_redis_that_refuses_connections_says_which_url_from_where_and_how_to_start_one(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """Nothing listens: the call fails at its first contact, without the retries that ride out restarts,
     naming the URL, where it came from and a command that starts a Redis there; and nothing else is logged."""
@@ -110,6 +110,22 @@ def test_a_redis_that_refuses_connections_says_which_url_from_where_and_how_to_s
     )
     assert code == 2 and f"{url} (from EMBQ_REDIS_URL)" in out and f"redis-server --port {port}" in out, out
     assert "could not close" not in out and "Traceback" not in out
+    with EmbeddingClient(url, model="hash/down") as client, pytest.raises(BackendUnavailableError):
+        client.connect()  # before any call
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n")
+    code, out = finish(
+        subprocess.Popen(
+            [sys.executable, "-m", "embq", "embed", str(texts), "--redis-url", url],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+        60,
+    )
+    [line] = out.splitlines()  # the error alone: no progress line of a job that never started
+    assert code == 2 and f"{url} (from --redis-url)" in line and f"embq redis --port {port}" in line, out
 
 
 def test_a_unix_socket_url_serves_broker_and_cache(tmp_path: Path) -> None:

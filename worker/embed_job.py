@@ -145,6 +145,7 @@ class Job:
         # No L1: a file's texts are each read once, and an L1 would only copy every vector and hold its bytes.
         settings = settings.with_overrides(l1_bytes=0)
         client = stack.enter_context(EmbeddingClient(settings=settings, before_first_task=start_worker))
+        client.connect()  # a Redis that is not there fails before any progress is shown
         if private is not None:  # an unfinished job's worker goes before the client closes: one still loading
             stack.callback(lambda: None if self.done else private.stop_worker(fast=True))  # holds the client up
         progress = Progress(rows, say=self.say, shown=bar)
