@@ -374,6 +374,32 @@ def test_a_killed_workers_tasks_go_to_another_worker_in_seconds(
     assert int(r.hget(keys.stats_key(model), "texts") or 0) <= 6000 + 200, "a task computed by two live workers"
 
 
+def test_a_long_task_hands_over_its_rows_as_they_are_done_and_a_kill_loses_only_the_last_ones(
+    start_worker: Start, make_client: Client, r: redis.Redis
+) -> None:
+    """One task of 1,024 texts in passes of 64 takes its worker seconds: the rows done are cached and
+    delivered while the task still runs, so a SIGKILL mid-task loses at most the last seconds' rows,
+    and the worker that takes the task over computes only what was not stored (no text stored twice)."""
+    model = "hash/hands-over"
+    slow = {"EMBQ_HASH_SECONDS_PER_TEXT": "0.008", "EMBQ_BATCH_MAX_TEXTS": "64"}  # 125 texts/s: 8 s a task
+    doomed = start_worker(model, env=slow)
+    texts = [f"handed over {i}" for i in range(1024)]
+    computed: list[int] = []
+    chunks: list[np.ndarray] = []
+    client = make_client(model=model, task_max_texts=1024)
+    stream = client.embed_iter(texts, batch=1024, timeout=300, on_rows=lambda how, n: computed.append(n))
+    reader = threading.Thread(target=lambda: chunks.extend(vectors for _, vectors in stream))
+    reader.start()
+    wait_until(lambda: len(computed) >= 2, 30, "two hand-overs of the running task")
+    doomed.kill()
+    assert sum(computed) < len(texts), computed  # delivered while the task ran, in several notices
+    start_worker(model)  # takes the dead worker's task once its lease lapses
+    reader.join(120)
+    assert not reader.is_alive()
+    np.testing.assert_array_equal(np.concatenate(chunks), hashed(texts))
+    assert int(r.hget(keys.stats_key(model), "texts") or 0) == len(texts)  # each text stored once
+
+
 def test_a_worker_declared_dead_exits_rather_than_compute_what_went_to_another(
     start_worker: Start, r: redis.Redis
 ) -> None:

@@ -65,6 +65,10 @@ INTERACTIVE_SHARE = 0.5
 FAIR_LAG_PASSES = 2.0
 #: Seconds between a waiting task's looks at whether its texts are still wanted (``Batcher.embed``).
 WANTED_RECHECK = 1.0
+#: Seconds a task waits before it hands over the rows done so far, and between two hand-overs: passes are
+#: formed across every task a worker holds (a deep backlog, by length), so a task may finish tens of
+#: seconds after its first rows; until then they would be lost with the worker, and unseen by its caller.
+HAND_OVER_EVERY = 2.0
 #: After an engine call, the share of its duration (at most ``LINGER_MAX`` seconds) that the next call
 #: waits for company: the callers the last call answered come back within moments, and without the wait
 #: a steady load splits into two halves that alternate in half-full calls.
@@ -121,12 +125,15 @@ class Job:
     inputs: list[Any] = field(default_factory=list)
     #: Rows not yet in a pass, and the first row that may be one of them.
     waiting: np.ndarray = field(init=False)
+    #: Rows done and handed over before the task ended (``Batcher.embed``'s ``hand_over``).
+    handed: np.ndarray = field(init=False)
     untaken: int = 0
     first: int = 0
 
     def __post_init__(self) -> None:
         self.ok = np.zeros(len(self.texts), dtype=bool)
         self.waiting = np.zeros(len(self.texts), dtype=bool)
+        self.handed = np.zeros(len(self.texts), dtype=bool)
         self.remaining = len(self.texts)
         if not self.texts:
             self.done.set()
@@ -243,6 +250,7 @@ class Batcher:
         unwanted: Callable[[list[int]], list[int]] | None = None,
         owner: str = "",
         truncate: bool = False,
+        hand_over: Callable[[list[int], np.ndarray], None] | None = None,
     ) -> Job:
         """Embed ``texts`` (formatted for the engine); blocks until every one is done or failed.
 
@@ -253,6 +261,8 @@ class Batcher:
         of the rows not yet in a pass nobody waits for any more, or are cached already: those are withdrawn
         (``Job.dropped``). ``owner``: the producer that sent them; bulk passes serve producers in turn.
         ``truncate`` has the engine cut texts over its context (in ``Engine.prepare``) rather than refuse them.
+        ``hand_over(rows, vectors)`` takes the rows done while the task still waits, every ``HAND_OVER_EVERY``
+        seconds, on this thread (they are marked in ``Job.handed``); one that fails leaves them to the end.
         """
         job = Job(texts, alone, task=task, origin=origin, lane=lane, owner=owner)
         with self._cond:
@@ -276,8 +286,14 @@ class Batcher:
                 self._queued_tokens += sum(job.tokens[r] for r in rows)
                 self._cond.notify_all()
                 self._check_depth()
-        while not job.done.wait(WANTED_RECHECK if unwanted is not None else None):
-            self._withdraw_unwanted(job, unwanted)  # type: ignore[arg-type]
+        look = WANTED_RECHECK if unwanted is not None or hand_over is not None else None
+        handed_at = job.arrived
+        while not job.done.wait(look):
+            if unwanted is not None:
+                self._withdraw_unwanted(job, unwanted)
+            if hand_over is not None and time.monotonic() - handed_at >= HAND_OVER_EVERY:
+                handed_at = time.monotonic()
+                self._hand_over(job, hand_over)
         if job.aborted:
             raise BatcherStopped(job.aborted)
         return job
@@ -301,6 +317,20 @@ class Batcher:
                 self._jobs = deque(j for j in self._jobs if j.untaken)
                 self._check_depth()
         return len(shed)
+
+    def _hand_over(self, job: Job, hand_over: Callable[[list[int], np.ndarray], None]) -> None:
+        with self._cond:
+            rows = np.flatnonzero(job.ok & ~job.handed)
+            if not len(rows) or job.matrix is None:
+                return
+            vectors = job.matrix[rows]  # a copy: the runners go on filling the matrix
+            job.handed[rows] = True
+        try:
+            hand_over(rows.tolist(), vectors)
+        except Exception as e:  # Redis away a moment: the rows go with the task's end
+            log.debug("could not hand over %d rows done so far: %s", len(rows), e)
+            with self._cond:
+                job.handed[rows] = False
 
     def _withdraw_unwanted(self, job: Job, unwanted: Callable[[list[int]], list[int]]) -> None:
         with self._cond:

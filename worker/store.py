@@ -1,4 +1,5 @@
 """Writing a task's results in one round trip: the vectors over their claims, then the owner's notice.
+(A task that waits long hands over the rows done so far the same way, a round trip each: ``HAND_OVER_EVERY``.)
 
 Every vector is written with ``SET key value EX ttl GET``: the value it replaces
 is the text's claim, whose flag says whether another producer watches it. The

@@ -136,6 +136,16 @@ def run_embed(
         became_cached.update(now_cached)
         return [row for row, digest in zip(rows, digests, strict=True) if digest in gone or digest in now_cached]
 
+    lane = payload_lane(payload)
+    handed_over: set[str] = set()  # digests stored while the task waited (``hand_over``)
+
+    def hand_over(rows: list[int], vectors: np.ndarray) -> None:
+        """Rows done while the task waits for others: cached, and their owner told, at once."""
+        values, width = pack_rows(vectors, settings.cache_dtype)
+        digests = [todo[row][0] for row in rows]
+        store.store(reply, digests, values, width, {}, task=task, lane=lane)
+        handed_over.update(digests)
+
     try:
         alone = bool(payload.get("alone")) or engine_deaths > 0
         job = batcher.embed(
@@ -143,10 +153,11 @@ def run_embed(
             alone=alone,
             task=task,
             origin=[row for _, _, row in todo],
-            lane=payload_lane(payload),
+            lane=lane,
             unwanted=unwanted if owner else None,
             owner=owner,
             truncate=payload_truncates(payload),
+            hand_over=hand_over,
         )
         dropped = {todo[row][0] for row in job.dropped}
         abandoned |= dropped - became_cached
@@ -155,14 +166,14 @@ def run_embed(
         metrics.TEXTS_ABANDONED.inc(len(abandoned))
         if abandoned:
             log.info("skipped %d of %d texts nobody waits for any more", len(abandoned), len(texts))
-        embedded = np.flatnonzero(job.ok)
+        embedded = np.flatnonzero(job.ok & ~job.handed)  # the rows handed over are stored already
         values: bytes | memoryview = b""
         width = 0
         if job.matrix is not None and len(embedded):
             rows = job.matrix if len(embedded) == len(todo) else job.matrix[embedded]
             values, width = pack_rows(rows, settings.cache_dtype)
         done = [todo[i][0] for i in embedded]
-        if len(done) + len(job.dropped) < len(todo):
+        if len(done) + len(handed_over) + len(job.dropped) < len(todo):
             dropped = set(job.dropped)
             for row in np.flatnonzero(~job.ok).tolist():
                 if row not in dropped:
@@ -176,7 +187,7 @@ def run_embed(
             cached=sorted(cached),
             task=task,
             abandoned=len(abandoned),
-            lane=payload_lane(payload),
+            lane=lane,
         )
     except (BatcherStopped, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         raise  # the message goes back to the queue or is retried: producers keep waiting
@@ -185,14 +196,16 @@ def run_embed(
         reason = f"worker error: {type(e).__name__}: {e}"
         metrics.ERRORS.labels(metrics.WORKER).inc()
         try:
-            store.store(reply, [], b"", 0, {d: reason for d, _, _ in todo} | failures, task=task)
+            unstored = {d: reason for d, _, _ in todo if d not in handed_over}
+            store.store(reply, [], b"", 0, unstored | failures, task=task)
         except Exception as again:
             log.error("could not report the failure of %d texts either: %s", len(todo), again)
         raise
     if failures:
         metrics.ERRORS.labels(metrics.ITEM).inc(len(failures))
         log.warning("%d of %d texts failed in this task", len(failures), len(texts))
-    return {"embedded": len(done), "cached": len(cached), "failed": len(failures), "skipped": len(abandoned)}
+    embedded_count = len(done) + len(handed_over)
+    return {"embedded": embedded_count, "cached": len(cached), "failed": len(failures), "skipped": len(abandoned)}
 
 
 def split_suspects(payload: Any, suspected: list[int], split: Callable[[EmbedPayload, int], None]) -> dict[str, int]:
