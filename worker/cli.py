@@ -238,8 +238,9 @@ One row per model (model@namespace off the default cache namespace):
   bulk        bulk tasks queued (files, backfills, embed_iter)
   workers     workers online for the model; "0 (!)": tasks queued and none online
   tasks       tasks finished; a task carries up to EMBQ_TASK_MAX_TEXTS texts of one call
-  texts       texts embedded and stored, counted as each task finishes (bulk texts: those
-              of bulk tasks); the sum of the worker rows' texts, plus those of workers gone
+  texts       texts embedded and stored, counted as they are stored (at a task's end, and
+              every 2 s of a long one; bulk texts: those of bulk tasks); the sum of the
+              worker rows' texts, plus those of workers gone
   failed      texts that could not be embedded (over the context, refused)
   dropped     texts skipped because nobody waited for them any more
   hit rate    share of the texts producers asked for that were already cached
@@ -247,8 +248,11 @@ Counts cover the last 7 days of activity (they expire a week after the last).
 
 Then one row per worker: its name, model, engine, ready or loading, texts it
 embedded and stored since it started (counted with the model row's, in the same
-round trip), uptime and metrics port; under it, its rate over the last heartbeat
-(10 s) and the texts it holds waiting for a pass; and the cache's size and memory."""
+round trip), uptime and metrics port; under it, the passes its engine forms
+(packed, or padded and why), its rate over the last heartbeat (10 s) and the
+texts it holds waiting for a pass. Last, the cache Redis: its keys (vectors,
+claims and embq's own), memory, eviction policy, and Redis's own keyspace hit
+rate (every lookup, not only vectors: the model rows' hit rate is embq's)."""
 
 
 def redis_flags() -> argparse.ArgumentParser:

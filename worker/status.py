@@ -175,7 +175,7 @@ def render_status(settings: Settings) -> str:
     keyspace = {"hits": info.get("keyspace_hits", 0), "misses": info.get("keyspace_misses", 0)}
     lines += [
         "",
-        f"cache: {size} keys, {memory.get('used_memory_human', '?')} used, "
+        f"cache: {size:,} keys (vectors, claims, embq's own), {memory.get('used_memory_human', '?')} used, "
         f"policy {memory.get('maxmemory_policy', '?')}, Redis keyspace hit rate {hit_rate(keyspace)} "
         "(every key lookup of this Redis, not only vectors)",
         "",

@@ -116,7 +116,7 @@ class SentenceTransformersEngine:
         self.packed = packed
         #: One line on the passes this engine runs and, when packed ones were asked for and it pads, why:
         #: the worker publishes it in its heartbeat for ``embq status``.
-        self.passes_note = "padded passes"
+        self.passes_note = "padded passes (texts padded to each pass's longest; EMBQ_PACKED_PASSES=1 packs them)"
         self._pooling = ""
         #: Whether packed passes run on flex attention (CUDA) with a document block mask of ours, and
         #: whether the model's attention is causal (the mask then is too).
