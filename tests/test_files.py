@@ -247,19 +247,24 @@ def test_quiet_and_no_progress(tmp_path: Path, redis_url: str) -> None:
     assert "3000/3000 rows" in again.stderr and "3,000 cached, nothing left" in again.stderr, again.stderr
 
 
-def test_progress_counts_cached_rows_at_once_and_times_only_computed_ones() -> None:
+def test_progress_counts_cached_rows_at_once_and_times_only_computed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resumed job: its cached rows show as soon as they are found, as cached, and give no rate or time
-    left (they came at once); computed rows do."""
+    left (they came at once); computed rows do, once they have come for ``RATE_AFTER`` seconds; at the end
+    the line gives no rate (the summary does), and says it once."""
     lines: list[str] = []
     progress = Progress(5000, say=lines.append, shown=True, stream=io.StringIO())
     progress.rows("cached", 1478)
     assert progress.line().startswith("1478/5000 rows [") and "1,478 cached, time left unknown" in progress.line()
     progress.rows("computed", 100)  # the first computed rows start the clock of the rate
     progress.rows("failed", 2)
+    assert "1580/5000 rows" in progress.line() and "time left unknown]" in progress.line()  # two notices at once
+    monkeypatch.setattr(progress_module, "RATE_AFTER", 0.0)
     assert "1580/5000 rows" in progress.line() and " left at " in progress.line()
     assert "time left unknown" not in progress.line()
+    progress.rows("computed", 3420)
     progress.close()
-    assert lines[0].startswith("0/5000 rows") and lines[-1].startswith("1580/5000 rows")  # at the start, the end
+    assert lines[0].startswith("0/5000 rows") and lines[-1].startswith("5000/5000 rows")  # at the start, the end
+    assert lines[-1].endswith("1,478 cached, nothing left]"), lines
 
 
 def test_progress_off_a_terminal_says_a_line_while_rows_come_slowly_and_never_twice(

@@ -274,12 +274,12 @@ class LocalWorker:
         except OSError:
             return ""
 
-    def stop(self, grace: float = 60.0) -> int | None:
-        """Warm shutdown (SIGTERM), SIGKILL after ``grace``; returns the exit status."""
+    def stop(self, grace: float = 60.0, hurried: bool = False) -> int | None:
+        """Warm shutdown (SIGTERM), SIGKILL after ``grace`` (``hurried``: as planned); returns the exit status."""
         code = None
         process, self.process = self.process, None  # taken first: another thread may stop it at once
         if process is not None:
-            code = stop_process(process, grace=grace)
+            code = stop_process(process, grace=grace, hurried=hurried)
             log.info("stopped worker pid=%d (exit %s)", process.pid, code)
         output, self._log = self._log, None
         if output is not None:
@@ -381,14 +381,20 @@ class LocalGateway:
         self.cleanup()
 
 
-def stop_process(process: subprocess.Popen[bytes], grace: float) -> int:
-    """SIGTERM, wait ``grace`` seconds, then SIGKILL. Only ``process`` itself is signalled."""
+def stop_process(process: subprocess.Popen[bytes], grace: float, hurried: bool = False) -> int:
+    """SIGTERM, wait ``grace`` seconds, then SIGKILL. Only ``process`` itself is signalled. ``hurried``: the
+    kill is the plan (a user's Ctrl-C leaves the worker a moment, not its warm shutdown), not a fault."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(grace)
         except subprocess.TimeoutExpired:
-            log.warning("pid %d ignored SIGTERM for %.0fs; killing it", process.pid, grace)
+            if hurried:
+                log.info(
+                    "pid %d still stopping %.0fs after SIGTERM; killing it, as a hurried stop does", process.pid, grace
+                )
+            else:
+                log.warning("pid %d ignored SIGTERM for %.0fs; killing it", process.pid, grace)
             process.kill()
             process.wait()
     return process.returncode

@@ -147,7 +147,7 @@ class PrivateStack:
             worker, self.worker = self.worker, None
         try:
             if worker is not None:
-                worker.stop(grace=(FAST_GRACE if fast else GRACE)[0])
+                worker.stop(grace=(FAST_GRACE if fast else GRACE)[0], hurried=fast)
         finally:
             self._keeper_done.set()
 

@@ -4,7 +4,8 @@ the time left from the rate of computed rows only (cached rows come at once, and
 On a terminal, a bar redrawn every ``REDRAW`` seconds, whose log lines go through tqdm's writer so that
 they never break it; elsewhere (a log file, a pipe), no redraws: a line at the start, at each whole
 percent done (at most one every ``LINE_GAP`` seconds), at least one every ``LINE_EVERY`` seconds while
-rows come slowly, and one at the end; never the same line twice in a row.
+rows come slowly, and one at the end; never the same count of rows twice at the end. No rate until computed
+rows have come for ``RATE_AFTER`` seconds, and none once all rows are done (the job's summary gives it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ REDRAW = 0.5
 LINE_EVERY = 10.0
 #: Fewest seconds between two progress lines off a terminal (at most about 100 lines a job).
 LINE_GAP = 1.0
+#: Seconds of computed rows before a rate is shown: rows come a notice at a time, several at once, and the
+#: first moments' rate says more of how notices bunch than of the engine.
+RATE_AFTER = 3.0
 
 
 class Progress:
@@ -51,10 +55,11 @@ class Progress:
             mininterval=REDRAW,
         )
         self._lock = threading.Lock()
-        #: Off a terminal: the percent done at the last line, when it was said, and the line.
+        #: Off a terminal: the percent done at the last line, when it was said, the line, and the rows it counted.
         self._said_percent = -1
         self._said_at = 0.0
         self._said = ""
+        self._said_rows = -1
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="embq-progress", daemon=True)
         if shown:
@@ -75,19 +80,18 @@ class Progress:
         """``1,478 cached, 2:31 left at 12 row/s``: the rate and the time left are of computed rows only."""
         cached = self.counts["cached"]
         computed = self.counts["computed"] + self.counts["waited"] + self.counts["failed"]
-        rate = 0.0
-        if self.computing_since is not None:
-            rate = (computed - self.first_computed) / max(time.monotonic() - self.computing_since, 1e-3)
         done = cached + computed
         if self.total is not None and done >= self.total:
-            left = "nothing left"
-        elif self.total is None or not rate:
-            left = "time left unknown"
-        else:
-            seconds = int(max(0, self.total - done) / rate)
-            left = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
-        # No rate before two batches of computed rows have come: the first one's time is the wait for them.
-        return f"{cached:,} cached, {left}" + (f" at {rate:,.1f} row/s" if rate else "")
+            return f"{cached:,} cached, nothing left"  # the summary that follows gives the job's rate
+        rate = 0.0
+        computing = time.monotonic() - self.computing_since if self.computing_since is not None else 0.0
+        if computing >= RATE_AFTER:  # not from the first notice: its time is the wait for the model and a pass
+            rate = (computed - self.first_computed) / computing
+        at = f" at {rate:,.1f} row/s" if rate else ""
+        if self.total is None or not rate:
+            return f"{cached:,} cached, time left unknown{at}"
+        seconds = int(max(0, self.total - done) / rate)
+        return f"{cached:,} cached, {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left{at}"
 
     def line(self) -> str:
         done = sum(self.counts.values())
@@ -115,13 +119,13 @@ class Progress:
         """A line off a terminal, unless it would say again what the last one said (lock held)."""
         line, self._said_at, self._said_percent = self.line(), time.monotonic(), self._percent()
         if line != self._said:
-            self._said = line
+            self._said, self._said_rows = line, sum(self.counts.values())
             self.say(line)
 
     def close(self) -> None:
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join()
-        if self.shown:
+        if self.terminal or (self.shown and sum(self.counts.values()) != self._said_rows):  # the end, said once
             self._show()
         self.bar.close()
