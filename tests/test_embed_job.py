@@ -130,6 +130,8 @@ def assert_nothing_left(job: Embed, home: Path, engine: str, tmp: Path) -> None:
         (["batch.jsonl", "-o", "o.parquet"], "answered with OpenAI Batch output lines; name a .jsonl output"),
         (["batch.jsonl", "--field", "body"], "is an OpenAI Batch file"),
         (["in.txt", "--input-format", "csv", "--field", "nope"], "no column 'nope'"),
+        (["program.dat"], "program.dat is not a text file: a NUL byte at offset 4"),
+        (["utf16.txt"], "(UTF-16 text? convert it to UTF-8)"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_anything_starts(tmp_path: Path, args: list[str], says: str) -> None:
@@ -137,6 +139,8 @@ def test_bad_arguments_fail_in_one_line_before_anything_starts(tmp_path: Path, a
         write_input(tmp_path / f"in{suffix}", ["one", "two"], ids=None if suffix == ".txt" else [1, 2])
     request = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
     (tmp_path / "batch.jsonl").write_text(json.dumps(request) + "\n")
+    (tmp_path / "program.dat").write_bytes(b"\x7fELF\x00\x01\x02 junk\nmore\n")
+    (tmp_path / "utf16.txt").write_text("one\ntwo\n", encoding="utf-16")
     home = tmp_path / "home"
     done = subprocess.run(
         [sys.executable, "-m", "embq", "embed", *args],

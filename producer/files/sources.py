@@ -448,6 +448,24 @@ class BatchSource(Source):
         return super().where(chunk, offset)
 
 
+#: Bytes of a text input looked at for a NUL, which no text file holds.
+SNIFF_BYTES = 8192
+
+
+def refuse_binary(file: Path) -> None:
+    """A binary file read as lines would give junk texts and fail on bytes that are not UTF-8, after the
+    model loaded: refuse it before any work."""
+    with open(file, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    at = head.find(b"\x00")
+    if at >= 0:
+        utf16 = " (UTF-16 text? convert it to UTF-8)" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise InvalidInputError(
+            f"{file} is not a text file: a NUL byte at offset {at}{utf16}. embq embed reads UTF-8 text, one text "
+            "per line, or .jsonl, .csv and .parquet files (--input-format names the format of another suffix)"
+        )
+
+
 def open_source(
     path: str | Path,
     *,
@@ -485,6 +503,8 @@ def open_source(
                 f"{path}: a text input is one text per line, with no fields; "
                 "--field and --id-field need a .jsonl, .csv or .parquet input (or --input-format)"
             )
+        if file is not None:
+            refuse_binary(file)
         return TextSource(file, Lines(file, stream), name)
     if kind == "csv":
         return CsvSource(file, field or "text", id_field, stream, name)
