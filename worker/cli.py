@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["txt", "jsonl", "csv", "parquet"],
         help="read INPUT as this format (default: by suffix; txt for standard input)",
     )
-    e.add_argument("--model", help="default: EMBQ_MODEL")
+    e.add_argument(
+        "--model",
+        help="default: EMBQ_MODEL or sentence-transformers/all-MiniLM-L6-v2 (hash/default with --engine hash)",
+    )
     e.add_argument(
         "--engine",
         choices=list(ENGINES),

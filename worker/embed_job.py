@@ -171,12 +171,12 @@ class Job:
         split = ""
         if summary.cached + summary.computed:  # rows; a client that keeps no counters leaves them 0
             split = f", {summary.cached:,} cached, {summary.computed:,} computed"
+        for where, why in summary.failures:
+            log.error("%s failed: %s", where, why)
         self.say(
             f"{summary.rows:,} rows in {seconds:.1f}s ({summary.rows / max(seconds, 1e-9):,.0f} rows/s){split}, "
             f"{summary.failed:,} failed -> {output}"
         )
-        for where, why in summary.failures:
-            log.error("%s failed: %s", where, why)
         if isinstance(self.sink, BatchSink):
             if self.sink.failed_requests:
                 log.error(
@@ -188,11 +188,11 @@ class Job:
                 return EXIT_ROWS_FAILED
         elif summary.failed:
             where = (
-                "NaN in it (the reasons of the first ones are above)"
+                "their rows are NaN (the first ones' reasons are above)"
                 if output_format(output) == "npy"
-                else "null in it, each with its reason in the error field"
+                else "their vectors are null, each with its reason in the error field"
             )
-            log.error("%d of %d rows failed; their vectors in %s are %s", summary.failed, summary.rows, output, where)
+            log.error("%d of %d rows failed; in %s %s", summary.failed, summary.rows, output, where)
             return EXIT_ROWS_FAILED
         return 0
 
