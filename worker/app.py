@@ -36,7 +36,15 @@ from embq.producer.backend import (
     will_not_heal,
 )
 from embq.producer.cluster import CacheClient, cluster_enabled, connect_cache, connect_cache_once, is_cluster, pipeline
-from embq.producer.contract import TASK_EMBED, EmbedPayload, make_celery, payload_lane, payload_queue, split_task_id
+from embq.producer.contract import (
+    TASK_EMBED,
+    EmbedPayload,
+    make_celery,
+    payload_lane,
+    payload_queue,
+    root_task_id,
+    split_task_id,
+)
 from embq.producer.errors import BackendUnavailableError, ConfigurationError, EmbqError
 from embq.worker import kombu_fixes, metrics
 from embq.worker.batcher import Batcher, BatcherStopped, Call
@@ -293,7 +301,8 @@ class Runtime:
                 self.store,
                 engine_deaths=deaths,
                 suspects=suspects,
-                redelivered=starts > 1,
+                # A part split from a task that came back is a redelivery too: rows of it may be stored already.
+                redelivered=starts > 1 or task_id != root_task_id(task_id),
                 split=split,
                 task=task_id,
             )

@@ -55,10 +55,12 @@ class ResultStore:
         task: str = "",
         abandoned: int = 0,
         lane: str = keys.INTERACTIVE,
+        ends_task: bool = True,
     ) -> int:
         """Write the vectors of ``done`` (``values``: their packed vectors end to end, ``width`` bytes each),
         report ``failures``, tell the owner (``reply``, for its ``task``) and the watchers; ``cached``
-        digests needed no work and are reported as done. Returns the number of watchers told."""
+        digests needed no work and are reported as done. ``ends_task``: false for the rows a task hands over
+        while it runs (the model's task count moves once a task). Returns the number of watchers told."""
         stored = len(done)
         if cached:
             known = set(done)
@@ -75,7 +77,7 @@ class ResultStore:
                 owner = reply[len(keys.REPLY) :] if reply else ""
                 released = release(self.cache, owner, list(failed))
                 told = protocol.watchers_of(released, list(failed))
-            old = self._write(reply, task, done, values, width, stored, failed, abandoned, lane)
+            old = self._write(reply, task, done, values, width, stored, failed, abandoned, lane, ends_task)
         except redis.exceptions.ResponseError as e:
             # The server's reason only: the arguments (vectors) never reach a message or a log.
             raise BackendUnavailableError(f"the cache Redis refused the results: {refusal(e)}") from None
@@ -104,6 +106,7 @@ class ResultStore:
         failed: dict[str, str],
         abandoned: int = 0,
         lane: str = keys.INTERACTIVE,
+        ends_task: bool = True,
     ) -> list[Any]:
         """One round trip: the SETs, the owner's notice, the counters. Returns what the SETs replaced.
         On a cluster, one round trip per node for the SETs, then the notice and the counters."""
@@ -111,7 +114,7 @@ class ResultStore:
         if reply:
             fields = protocol.notice_fields(done, values, failed, task=task)
             commands.append(("XADD", reply, "NOMKSTREAM", "*", *protocol.flat(fields)))
-        counts = (("tasks", 1), ("texts", stored), (f"texts_{lane}", stored), ("failed", len(failed)))
+        counts = (("tasks", int(ends_task)), ("texts", stored), (f"texts_{lane}", stored), ("failed", len(failed)))
         for field, amount in (*counts, ("abandoned", abandoned)):
             commands.append(("HINCRBY", self.stats, field, amount))
         commands.append(("EXPIRE", self.stats, keys.STATS_TTL))

@@ -143,7 +143,7 @@ def run_embed(
         """Rows done while the task waits for others: cached, and their owner told, at once."""
         values, width = pack_rows(vectors, settings.cache_dtype)
         digests = [todo[row][0] for row in rows]
-        store.store(reply, digests, values, width, {}, task=task, lane=lane)
+        store.store(reply, digests, values, width, {}, task=task, lane=lane, ends_task=False)
         handed_over.update(digests)
 
     try:
