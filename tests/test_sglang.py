@@ -11,6 +11,7 @@ outside the worker is real too: a real Redis, real worker processes.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from embq.producer.broker import UNACKED_KEY
 from embq.worker.local import LocalWorker, wait_until
 from embq.worker.tasks import MAX_ENGINE_DEATHS
 from tests.conftest import Background, alive, embed_in_background
-from tests.sglang_support import CONTEXT, SGLangCpu, front_pids, pids_in_log
+from tests.sglang_support import CONTEXT, SGLangCpu, front_pids, logged_pids, pids_in_log
 
 Start = Callable[..., LocalWorker]
 Client = Callable[..., EmbeddingClient]
@@ -102,6 +103,22 @@ def test_an_unknown_engine_keyword_stops_the_worker_at_start(start_worker: Start
         start_sglang(start_worker, sglang, env=sglang.env({"not_an_option": 1}))
     assert "refused its options: Unexpected keyword argument 'not_an_option'" in str(info.value)
     assert "Traceback" not in str(info.value)
+
+
+def test_sglangs_sigquit_is_handled_whichever_thread_of_the_host_takes_it(
+    start_worker: Start, sglang: SGLangCpu
+) -> None:
+    """SGLang's children SIGQUIT the host when they fail, and the kernel may hand the signal to any of its
+    threads; Python runs the handler on the main thread, once it runs Python. An idle worker's host must not
+    sit blocked on its pipe meanwhile: the engine is marked dead within moments, not at the next call."""
+    worker = start_sglang(start_worker, sglang)
+    [host] = logged_pids(worker, "SGLang host process") or []
+    threads = [int(tid) for tid in os.listdir(f"/proc/{host}/task") if int(tid) != host]
+    assert threads, "the host runs SGLang's threads beside its main one"
+    tgkill = 234  # x86_64's syscall number: a signal to one thread of another process
+    assert ctypes.CDLL(None, use_errno=True).syscall(tgkill, host, threads[-1], signal.SIGQUIT) == 0
+    said = "an SGLang child process failed (SIGQUIT)"
+    wait_until(lambda: said in worker.log_path.read_text(), 15, "the host to handle the SIGQUIT")
 
 
 def test_vectors_instructions_dims_and_long_texts(start_worker: Start, make_client: Client, sglang: SGLangCpu) -> None:

@@ -53,6 +53,10 @@ CLOSE_TIMEOUT = 60.0
 CHILD_EXIT_TIMEOUT = 10.0
 #: ``prctl`` option that signals a process when its parent dies (Linux).
 PR_SET_PDEATHSIG = 1
+#: Most seconds the host's main thread blocks on its pipe: a signal the kernel hands to another of its
+#: threads (SGLang's SIGQUIT, any of them may take it) runs its Python handler only once the main thread
+#: runs Python again, and after the last call of a worker that waits for its answers, none would come.
+SIGNAL_LOOK = 0.5
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/sglang-host] %(name)s: %(message)s"
 
 
@@ -334,6 +338,8 @@ def answer_calls(engine: SGLangEngine, connection: multiprocessing.connection.Co
     try:
         while True:
             try:
+                if not connection.poll(SIGNAL_LOOK):
+                    continue  # back in Python: a pending SIGQUIT's handler runs now
                 kind, call, inputs = connection.recv()
             except (EOFError, OSError):
                 log.warning("the worker closed its pipe: stopping")
